@@ -1,0 +1,249 @@
+//! Expansion: check the function's shape and emit a plain `#[test] fn` that
+//! makes one call into the runtime.
+
+use std::path::PathBuf;
+
+use proc_macro2::TokenStream;
+use quote::{quote, quote_spanned};
+use syn::spanned::Spanned;
+use syn::{Attribute, FnArg, ItemFn};
+
+use crate::args::{Args, Migrations, RawArgs};
+
+/// The attribute's entry point: the expansion, or the function unchanged
+/// plus the errors (so that rust-analyzer keeps seeing it).
+pub(crate) fn pg_test(args: TokenStream, item: TokenStream) -> TokenStream {
+    let manifest_dir = std::env::var_os("CARGO_MANIFEST_DIR").map(PathBuf::from);
+    match expand(args, item.clone(), manifest_dir) {
+        Ok(tokens) => tokens,
+        Err(error) => {
+            let errors = error.to_compile_error();
+            quote! { #item #errors }
+        }
+    }
+}
+
+/// Expands `#[pg_test(args)] item`. Relative migration directories are
+/// checked against `manifest_dir` when it is known.
+pub(crate) fn expand(args: TokenStream, item: TokenStream, manifest_dir: Option<PathBuf>) -> syn::Result<TokenStream> {
+    let function: ItemFn = syn::parse2(item)?;
+    let mut raw = RawArgs::default();
+    let parser = syn::meta::parser(|meta| raw.parse(meta));
+    let args = syn::parse::Parser::parse2(parser, args).and_then(|()| raw.build(manifest_dir.as_deref()));
+    let shape = check_function(&function);
+    let args = match (args, shape) {
+        (Ok(args), Ok(())) => args,
+        (Err(mut first), Err(second)) => {
+            first.combine(second);
+            return Err(first);
+        }
+        (Err(error), _) | (_, Err(error)) => return Err(error),
+    };
+    if function.sig.inputs.is_empty() {
+        if let Some(span) = args.any_database_key {
+            return Err(syn::Error::new(
+                span,
+                "this test takes no database, so this argument has no effect; add a \
+                 `pool: PgPool` argument or remove it",
+            ));
+        }
+    }
+    Ok(emit(&function, &args))
+}
+
+/// Rejects what the runtime cannot call, each error on its own token.
+fn check_function(function: &ItemFn) -> syn::Result<()> {
+    let mut errors: Vec<syn::Error> = Vec::new();
+    for attribute in &function.attrs {
+        if is_test_attribute(attribute) {
+            errors.push(syn::Error::new(
+                attribute.span(),
+                "#[pg_test] already makes this fn a test: remove this attribute, or the test \
+                 would run twice",
+            ));
+        }
+    }
+    let sig = &function.sig;
+    if sig.asyncness.is_none() && !sig.inputs.is_empty() {
+        errors.push(syn::Error::new(
+            sig.fn_token.span,
+            "a #[pg_test] fn that takes a database must be `async fn`",
+        ));
+    }
+    if !sig.generics.params.is_empty() || sig.generics.where_clause.is_some() {
+        errors.push(syn::Error::new(sig.generics.span(), "a #[pg_test] fn cannot be generic"));
+    }
+    if let Some(variadic) = &sig.variadic {
+        errors.push(syn::Error::new(variadic.span(), "a #[pg_test] fn cannot be variadic"));
+    }
+    for input in &sig.inputs {
+        if let FnArg::Receiver(receiver) = input {
+            errors.push(syn::Error::new(receiver.span(), "a #[pg_test] fn cannot take `self`"));
+        }
+    }
+    let mut errors = errors.into_iter();
+    match errors.next() {
+        None => Ok(()),
+        Some(mut first) => {
+            errors.for_each(|error| first.combine(error));
+            Err(first)
+        }
+    }
+}
+
+/// `#[test]`, `#[tokio::test]`, `#[sqlx::test]`, `#[pg_test]` and the like.
+fn is_test_attribute(attribute: &Attribute) -> bool {
+    let path = attribute.path();
+    path.segments
+        .last()
+        .is_some_and(|last| last.ident == "test" || last.ident == "pg_test")
+}
+
+fn emit(function: &ItemFn, args: &Args) -> TokenStream {
+    let ItemFn { attrs, vis, sig, block } = function;
+    let name = &sig.ident;
+    let test_attribute = quote_spanned! { sig.ident.span() => #[::core::prelude::v1::test] };
+    if sig.asyncness.is_none() {
+        return quote! { #(#attrs)* #test_attribute #vis #sig #block };
+    }
+    let krate = &args.krate;
+    let inputs = sig.inputs.iter().map(|input| match input {
+        FnArg::Typed(typed) => &*typed.ty,
+        FnArg::Receiver(_) => unreachable!("check_function rejects receivers"),
+    });
+    let migrations = match &args.migrations {
+        Migrations::Default => quote! { #krate::__private::MigrationSource::Default },
+        Migrations::Dir(dir) => quote! { #krate::__private::MigrationSource::Dir(#dir) },
+        Migrations::Migrator(path) => quote! { #krate::__private::MigrationSource::Migrator(&#path) },
+        Migrations::None => quote! { #krate::__private::MigrationSource::None },
+    };
+    let max_connections = args.max_connections;
+    let role = match &args.role {
+        Some(role) => quote! { ::core::option::Option::Some(#role) },
+        None => quote! { ::core::option::Option::None },
+    };
+    let seeds = args.seeds.iter().map(|seed| {
+        quote! { #krate::__private::Seed { path: #seed, sql: ::core::include_str!(#seed) } }
+    });
+    quote! {
+        #(#attrs)*
+        #test_attribute
+        #vis fn #name() {
+            #sig #block
+            let test: fn(#(#inputs),*) -> _ = #name;
+            #krate::__private::run(
+                #krate::__private::TestSpec {
+                    name: ::core::concat!(::core::module_path!(), "::", ::core::stringify!(#name)),
+                    package: ::core::env!("CARGO_PKG_NAME"),
+                    manifest_dir: ::core::env!("CARGO_MANIFEST_DIR"),
+                    migrations: #migrations,
+                    max_connections: #max_connections,
+                    role: #role,
+                    seeds: &[#(#seeds),*],
+                },
+                test,
+            )
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use proc_macro2::TokenStream;
+    use quote::quote;
+
+    use super::expand;
+
+    fn manifest_dir() -> Option<PathBuf> {
+        Some(PathBuf::from(env!("CARGO_MANIFEST_DIR")))
+    }
+
+    fn pretty(args: TokenStream, item: TokenStream) -> String {
+        let tokens = expand(args, item, manifest_dir()).expect("expands");
+        prettyplease::unparse(&syn::parse2(tokens).expect("expansion is a file"))
+    }
+
+    fn error(args: TokenStream, item: TokenStream) -> String {
+        match expand(args, item, manifest_dir()) {
+            Ok(tokens) => panic!("expected an error, got {tokens}"),
+            Err(error) => error.into_iter().map(|e| e.to_string()).collect::<Vec<_>>().join("\n"),
+        }
+    }
+
+    #[test]
+    fn a_pool_and_tenant_test_expands_to_one_runtime_call() {
+        insta::assert_snapshot!(pretty(
+            quote!(),
+            quote! {
+                /// Counts rows.
+                async fn counts(pool: PgPool, tenant: Tenant) -> anyhow::Result<()> { Ok(()) }
+            }
+        ));
+    }
+
+    #[test]
+    fn every_argument_reaches_the_spec() {
+        insta::assert_snapshot!(pretty(
+            quote!(migrations = "src", max_connections = 2, role = "app_user", seed = "a.sql", seed = "b.sql", crate = "::renamed"),
+            quote! {
+                #[ignore]
+                async fn seeded(ctx: TestContext) {}
+            }
+        ));
+    }
+
+    #[test]
+    fn a_migrator_and_no_migrations_are_spelled_out() {
+        let migrator = pretty(quote!(migrator = "crate::MIGRATOR"), quote!(async fn m(pool: PgPool) {}));
+        assert!(migrator.contains("MigrationSource::Migrator(&crate::MIGRATOR)"), "{migrator}");
+        let none = pretty(quote!(migrations = false), quote!(async fn n(pool: PgPool) {}));
+        assert!(none.contains("MigrationSource::None"), "{none}");
+    }
+
+    #[test]
+    fn a_sync_fn_without_arguments_is_a_plain_test() {
+        insta::assert_snapshot!(pretty(quote!(), quote!(fn plain() { assert!(true) })));
+    }
+
+    #[test]
+    fn an_unknown_key_lists_the_valid_ones() {
+        let message = error(quote!(migration = "x"), quote!(async fn t(pool: PgPool) {}));
+        assert!(message.contains("unknown #[pg_test] argument `migration`"), "{message}");
+        assert!(message.contains("migrations, migrator, max_connections, seed, role, crate"), "{message}");
+    }
+
+    #[test]
+    fn a_repeated_key_is_an_error_but_seed_repeats() {
+        let message = error(quote!(max_connections = 2, max_connections = 3), quote!(async fn t(pool: PgPool) {}));
+        assert!(message.contains("`max_connections` is given twice"), "{message}");
+        pretty(quote!(seed = "a.sql", seed = "b.sql"), quote!(async fn t(pool: PgPool) {}));
+    }
+
+    #[test]
+    fn shape_errors_are_all_reported_with_argument_errors() {
+        let message = error(quote!(bogus = 1), quote!(#[test] fn t<T>(pool: PgPool) {}));
+        for part in ["unknown #[pg_test] argument", "remove this attribute", "must be `async fn`", "cannot be generic"] {
+            assert!(message.contains(part), "{part} missing from {message}");
+        }
+    }
+
+    #[test]
+    fn a_missing_migrations_directory_is_an_error() {
+        let message = error(quote!(migrations = "no/such/dir"), quote!(async fn t(pool: PgPool) {}));
+        assert!(message.contains("no migrations directory at"), "{message}");
+    }
+
+    #[test]
+    fn database_arguments_on_a_test_without_database_are_an_error() {
+        let message = error(quote!(max_connections = 2), quote!(async fn t() {}));
+        assert!(message.contains("takes no database"), "{message}");
+    }
+
+    #[test]
+    fn migrations_and_migrator_exclude_each_other() {
+        let message = error(quote!(migrations = "src", migrator = "crate::M"), quote!(async fn t(pool: PgPool) {}));
+        assert!(message.contains("cannot both be given"), "{message}");
+    }
+}

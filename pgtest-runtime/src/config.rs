@@ -1,0 +1,121 @@
+//! Configuration: where the server is and how long to wait, from the
+//! environment, a `.env` file and defaults, resolved once per test.
+
+use std::env;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::Error;
+
+/// The variable that names pgtest's server, read before `DATABASE_URL`.
+pub(crate) const URL_VAR: &str = "PGTEST_DATABASE_URL";
+/// The variable sqlx users already set.
+pub(crate) const FALLBACK_URL_VAR: &str = "DATABASE_URL";
+/// How long to wait for a server to accept a connection, in seconds.
+const CONNECT_TIMEOUT_VAR: &str = "PGTEST_CONNECT_TIMEOUT";
+/// How long to wait for another process to build the shared database.
+const BOOTSTRAP_TIMEOUT_VAR: &str = "PGTEST_BOOTSTRAP_TIMEOUT";
+
+const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+const DEFAULT_BOOTSTRAP_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// Where the server URL came from, so that messages name the right knob.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub(crate) enum UrlOrigin {
+    /// A variable of the process environment.
+    Env(&'static str),
+    /// A variable in a `.env` file.
+    DotEnv(&'static str, PathBuf),
+}
+
+impl fmt::Display for UrlOrigin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Env(var) => write!(f, "{var}"),
+            Self::DotEnv(var, path) => write!(f, "{var} in {}", path.display()),
+        }
+    }
+}
+
+/// The resolved configuration of one test process. Holds a secret (the
+/// URL): it has no `Debug` and is never printed.
+pub(crate) struct Config {
+    pub(crate) url: String,
+    pub(crate) origin: UrlOrigin,
+    pub(crate) connect_timeout: Duration,
+    pub(crate) bootstrap_timeout: Duration,
+}
+
+impl Config {
+    /// Reads the configuration for a test of the package at `manifest_dir`.
+    pub(crate) fn load(manifest_dir: &Path) -> Result<Self, Error> {
+        let (url, origin) = server_url(manifest_dir)?.ok_or(Error::NoServer)?;
+        Ok(Self {
+            url,
+            origin,
+            connect_timeout: seconds(CONNECT_TIMEOUT_VAR, DEFAULT_CONNECT_TIMEOUT)?,
+            bootstrap_timeout: seconds(BOOTSTRAP_TIMEOUT_VAR, DEFAULT_BOOTSTRAP_TIMEOUT)?,
+        })
+    }
+}
+
+/// `PGTEST_DATABASE_URL`, else `DATABASE_URL`, each first from the process
+/// environment, then from the nearest `.env` file at or above `manifest_dir`.
+fn server_url(manifest_dir: &Path) -> Result<Option<(String, UrlOrigin)>, Error> {
+    let dotenv = find_dotenv(manifest_dir);
+    for var in [URL_VAR, FALLBACK_URL_VAR] {
+        if let Some(url) = non_empty_var(var) {
+            return Ok(Some((url, UrlOrigin::Env(var))));
+        }
+        if let Some(path) = &dotenv {
+            if let Some(url) = dotenv_var(path, var)? {
+                return Ok(Some((url, UrlOrigin::DotEnv(var, path.clone()))));
+            }
+        }
+    }
+    Ok(None)
+}
+
+fn non_empty_var(var: &str) -> Option<String> {
+    env::var(var).ok().filter(|value| !value.trim().is_empty())
+}
+
+fn find_dotenv(start: &Path) -> Option<PathBuf> {
+    start.ancestors().map(|dir| dir.join(".env")).find(|path| path.is_file())
+}
+
+/// One variable of a `.env` file, read without touching the process
+/// environment (setting variables is unsound while tests run on threads).
+fn dotenv_var(path: &Path, var: &str) -> Result<Option<String>, Error> {
+    let unreadable = |error: dotenvy::Error| Error::DotEnv {
+        path: path.to_owned(),
+        reason: match error {
+            // The line itself may hold a password: say where, not what.
+            dotenvy::Error::LineParse(_, at) => format!("a line cannot be parsed (at character {at})"),
+            other => other.to_string(),
+        },
+    };
+    let entries = dotenvy::from_path_iter(path).map_err(unreadable)?;
+    for entry in entries {
+        let (key, value) = entry.map_err(unreadable)?;
+        if key == var && !value.trim().is_empty() {
+            return Ok(Some(value));
+        }
+    }
+    Ok(None)
+}
+
+fn seconds(var: &'static str, default: Duration) -> Result<Duration, Error> {
+    let Some(value) = non_empty_var(var) else {
+        return Ok(default);
+    };
+    match value.trim().parse::<f64>() {
+        Ok(secs) if secs.is_finite() && secs > 0.0 => Ok(Duration::from_secs_f64(secs)),
+        _ => Err(Error::InvalidSetting {
+            var,
+            value,
+            expected: "a positive number of seconds",
+        }),
+    }
+}

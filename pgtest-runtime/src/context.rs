@@ -1,0 +1,65 @@
+//! What a test receives: its pool, its tenant and where they point.
+
+use sqlx::PgPool;
+
+use crate::Tenant;
+
+/// Everything pgtest prepared for one test.
+///
+/// Take it as the only argument of a `#[pg_test]` fn when the test needs
+/// more than the pool and the tenant:
+///
+/// ```no_run
+/// use pgtest::{TestContext, pg_test};
+///
+/// #[pg_test(migrations = false)]
+/// async fn knows_where_it_runs(ctx: TestContext) {
+///     assert!(ctx.database().starts_with("pgtest_"));
+///     assert!(ctx.test_name().ends_with("knows_where_it_runs"));
+///     let one: i32 = sqlx::query_scalar("select 1").fetch_one(ctx.pool()).await.unwrap();
+///     assert_eq!(one, 1);
+/// }
+/// ```
+#[derive(Debug)]
+pub struct TestContext {
+    pool: PgPool,
+    tenant: Tenant,
+    database: String,
+    test_name: &'static str,
+}
+
+impl TestContext {
+    pub(crate) fn new(pool: PgPool, tenant: Tenant, database: String, test_name: &'static str) -> Self {
+        Self {
+            pool,
+            tenant,
+            database,
+            test_name,
+        }
+    }
+
+    /// The test's own pool. Every connection carries the tenant.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// The test's tenant.
+    pub fn tenant(&self) -> Tenant {
+        self.tenant
+    }
+
+    /// The name of the database the pool points at.
+    pub fn database(&self) -> &str {
+        &self.database
+    }
+
+    /// The test's full path, such as `my_crate::tests::lists_projects`.
+    pub fn test_name(&self) -> &'static str {
+        self.test_name
+    }
+
+    /// Takes the pool out of the context.
+    pub fn into_pool(self) -> PgPool {
+        self.pool
+    }
+}

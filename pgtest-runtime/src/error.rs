@@ -1,0 +1,240 @@
+//! The one error type. Each message says what happened and what to do, and
+//! none shows a password: URLs are redacted before they get here.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use sqlx::postgres::PgDatabaseError;
+
+/// Why pgtest could not prepare a test.
+///
+/// The runner turns it into the test's panic message, prefixed with the
+/// test's name. Every message names the next step; none contains a password.
+///
+/// ```
+/// let error = pgtest_runtime::Error::NoServer;
+/// assert!(error.to_string().contains("PGTEST_DATABASE_URL"));
+/// ```
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// No server URL is configured.
+    #[error(
+        "no PostgreSQL server is configured. Set PGTEST_DATABASE_URL (or DATABASE_URL, which is \
+         also read from a .env file) to a server URL, for example \
+         postgres://postgres@localhost:5432/postgres"
+    )]
+    NoServer,
+
+    /// The server URL does not parse.
+    #[error(
+        "{origin} is not a usable PostgreSQL URL ({url}): {reason}. Write it as \
+         postgres://USER:PASSWORD@HOST:PORT/DATABASE"
+    )]
+    InvalidUrl {
+        /// Where the URL came from.
+        origin: String,
+        /// The URL, redacted.
+        url: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+
+    /// A `.env` file exists but cannot be read.
+    #[error("cannot read {}: {reason}. Fix the file or remove it", path.display())]
+    DotEnv {
+        /// The file.
+        path: PathBuf,
+        /// What went wrong, without the file's contents.
+        reason: String,
+    },
+
+    /// A pgtest setting has a value it cannot use.
+    #[error("{var}={value:?} is not valid: expected {expected}. Fix or unset {var}")]
+    InvalidSetting {
+        /// The variable.
+        var: &'static str,
+        /// Its value.
+        value: String,
+        /// What it should be.
+        expected: &'static str,
+    },
+
+    /// Nothing answers at the server's address.
+    #[error(
+        "cannot reach PostgreSQL at {url}: {reason}. Start the server, or point {origin} at one \
+         that is running"
+    )]
+    Unreachable {
+        /// The URL, redacted.
+        url: String,
+        /// Where the URL came from.
+        origin: String,
+        /// The operating system's words.
+        reason: String,
+    },
+
+    /// The server did not accept a connection in time.
+    #[error(
+        "PostgreSQL at {url} did not accept a connection within {:.1} s. Check the host and port \
+         in {origin}; set PGTEST_CONNECT_TIMEOUT (seconds) to wait longer",
+        after.as_secs_f64()
+    )]
+    ConnectTimeout {
+        /// The URL, redacted.
+        url: String,
+        /// Where the URL came from.
+        origin: String,
+        /// How long pgtest waited.
+        after: Duration,
+    },
+
+    /// The server refused the login.
+    #[error(
+        "PostgreSQL at {url} refused the login of role \"{user}\": {message}. Check the user and \
+         password in {origin}"
+    )]
+    AuthFailed {
+        /// The URL, redacted.
+        url: String,
+        /// Where the URL came from.
+        origin: String,
+        /// The role that tried to log in.
+        user: String,
+        /// The server's words.
+        message: String,
+    },
+
+    /// The role lacks a privilege pgtest needs.
+    #[error(
+        "role \"{user}\" may not {action} on {url}: {message}. {remedy}, or point {origin} at a \
+         role that may"
+    )]
+    Privilege {
+        /// The URL, redacted.
+        url: String,
+        /// Where the URL came from.
+        origin: String,
+        /// The role.
+        user: String,
+        /// What pgtest tried to do.
+        action: &'static str,
+        /// The server's words.
+        message: String,
+        /// How to grant what is missing.
+        remedy: String,
+    },
+
+    /// The test asked for a role its connections cannot take.
+    #[error(
+        "the test's connections cannot act as role \"{role}\": {message}. Create the role (for \
+         example in a migration) and grant it to the login role: GRANT \"{role}\" TO \"{user}\""
+    )]
+    Role {
+        /// The role the test asked for.
+        role: String,
+        /// The login role.
+        user: String,
+        /// The server's words.
+        message: String,
+    },
+
+    /// The migrations cannot be read.
+    #[error("cannot read the migrations in {origin}: {reason}. Fix the migration files")]
+    Migrations {
+        /// The directory or migrator.
+        origin: String,
+        /// What went wrong.
+        reason: String,
+    },
+
+    /// A migration failed while the shared database was built.
+    #[error(
+        "migration {version} ({description}) from {origin} failed while building the shared \
+         database {database}: {message}. Fix the migration: the next run builds the database \
+         again from scratch"
+    )]
+    MigrationFailed {
+        /// The migration's version.
+        version: i64,
+        /// The migration's description.
+        description: String,
+        /// The directory or migrator.
+        origin: String,
+        /// The database being built.
+        database: String,
+        /// The server's words.
+        message: String,
+    },
+
+    /// A database of the shared database's name exists, but pgtest did not
+    /// make it.
+    #[error(
+        "database {database} exists but was not made by pgtest, so pgtest will neither use nor \
+         drop it. Drop or rename it yourself: DROP DATABASE \"{database}\""
+    )]
+    ForeignDatabase {
+        /// The database.
+        database: String,
+    },
+
+    /// Another process held the bootstrap lock for too long.
+    #[error(
+        "waited {:.0} s for another process to build the shared database {database} (the lock is \
+         held by: {holders}). If that process hangs, stop it; set PGTEST_BOOTSTRAP_TIMEOUT \
+         (seconds) to wait longer",
+        after.as_secs_f64()
+    )]
+    BootstrapTimeout {
+        /// The database being built.
+        database: String,
+        /// How long pgtest waited.
+        after: Duration,
+        /// Who holds the lock, from `pg_stat_activity`.
+        holders: String,
+    },
+
+    /// A seed script failed.
+    #[error("seed script {path} failed: {message}. Fix the script")]
+    Seed {
+        /// The script, as written in the attribute.
+        path: &'static str,
+        /// The server's words.
+        message: String,
+    },
+
+    /// Any other query pgtest runs failed.
+    #[error("{action} failed on {url}: {message}")]
+    Query {
+        /// What pgtest was doing.
+        action: String,
+        /// The URL, redacted.
+        url: String,
+        /// The server's words.
+        message: String,
+    },
+}
+
+/// A database error's message with its SQLSTATE, detail and hint; any other
+/// error's own words. Server messages never contain the password.
+pub(crate) fn describe(error: &sqlx::Error) -> String {
+    let Some(db) = error.as_database_error() else {
+        return error.to_string();
+    };
+    let Some(pg) = db.try_downcast_ref::<PgDatabaseError>() else {
+        return db.message().to_owned();
+    };
+    let mut text = format!("{} (SQLSTATE {})", pg.message(), pg.code());
+    if let Some(detail) = pg.detail() {
+        text.push_str(&format!("; {detail}"));
+    }
+    if let Some(hint) = pg.hint() {
+        text.push_str(&format!("; hint: {hint}"));
+    }
+    text
+}
+
+/// The SQLSTATE of a database error.
+pub(crate) fn sqlstate(error: &sqlx::Error) -> Option<String> {
+    error.as_database_error()?.code().map(|code| code.into_owned())
+}

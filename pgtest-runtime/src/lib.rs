@@ -1,0 +1,27 @@
+//! The runtime behind pgtest's `#[pg_test]`.
+//!
+//! Users depend on the `pgtest` crate, which re-exports what they need from
+//! here. Everything that runs lives in this crate: configuration, the
+//! server connection, the shared database bootstrap, tenants, errors.
+//! Generated code calls [`__private::run`] and nothing else.
+
+mod bootstrap;
+mod config;
+mod context;
+mod error;
+mod migrations;
+mod redact;
+mod runner;
+mod server;
+mod tenant;
+
+pub use context::TestContext;
+pub use error::Error;
+pub use tenant::Tenant;
+
+/// Items used by the code that `#[pg_test]` generates. Not a public API.
+#[doc(hidden)]
+pub mod __private {
+    pub use crate::migrations::MigrationSource;
+    pub use crate::runner::{Seed, TestFn, TestSpec, TestTermination, run};
+}

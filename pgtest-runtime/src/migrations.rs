@@ -1,0 +1,108 @@
+//! The migration set: where it comes from, and the hash that names the
+//! shared database built from it.
+
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+use sqlx::migrate::Migrator;
+
+use crate::Error;
+
+/// Where a test's migrations come from, as the attribute said.
+#[derive(Clone, Copy, Debug)]
+pub enum MigrationSource {
+    /// `./migrations` of the test's package when that directory exists,
+    /// else none (what `#[sqlx::test]` does).
+    Default,
+    /// A directory, relative to the test's package, read at run time.
+    Dir(&'static str),
+    /// A migrator built by `sqlx::migrate!`.
+    Migrator(&'static Migrator),
+    /// `migrations = false`: an empty schema.
+    None,
+}
+
+/// A resolved migration set.
+pub(crate) struct Migrations {
+    migrator: Resolved,
+    /// Where they came from, for messages.
+    pub(crate) origin: String,
+    /// Hex SHA-256 of every migration's version, kind and checksum.
+    pub(crate) hash: String,
+}
+
+impl Migrations {
+    /// Resolves `source` for the package at `manifest_dir`. A directory is
+    /// read now, so an edited migration is picked up without a rebuild.
+    pub(crate) async fn load(source: MigrationSource, manifest_dir: &Path) -> Result<Self, Error> {
+        let default_dir = manifest_dir.join("migrations");
+        let (migrator, origin) = match source {
+            MigrationSource::Default if default_dir.is_dir() => (read_dir(&default_dir).await?, default_dir),
+            MigrationSource::Dir(dir) => {
+                let dir = manifest_dir.join(dir);
+                (read_dir(&dir).await?, dir)
+            }
+            MigrationSource::Migrator(migrator) => {
+                (Resolved::Static(migrator), PathBuf::from("the test's migrator"))
+            }
+            MigrationSource::Default | MigrationSource::None => {
+                (Resolved::Read(Migrator::with_migrations(Vec::new())), PathBuf::from("no migrations"))
+            }
+        };
+        let hash = hash(migrator.get());
+        Ok(Self {
+            migrator,
+            origin: origin.display().to_string(),
+            hash,
+        })
+    }
+
+    pub(crate) fn migrator(&self) -> &Migrator {
+        self.migrator.get()
+    }
+
+    /// The description of the migration with this version.
+    pub(crate) fn description(&self, version: i64) -> String {
+        self.migrator()
+            .iter()
+            .find(|migration| migration.version == version)
+            .map_or_else(|| "unknown".to_owned(), |migration| migration.description.to_string())
+    }
+}
+
+/// A migrator read at run time, or the test's own `static` one.
+enum Resolved {
+    Read(Migrator),
+    Static(&'static Migrator),
+}
+
+impl Resolved {
+    fn get(&self) -> &Migrator {
+        match self {
+            Self::Read(migrator) => migrator,
+            Self::Static(migrator) => migrator,
+        }
+    }
+}
+
+async fn read_dir(dir: &Path) -> Result<Resolved, Error> {
+    Migrator::new(dir).await.map(Resolved::Read).map_err(|error| Error::Migrations {
+        origin: dir.display().to_string(),
+        reason: error.to_string(),
+    })
+}
+
+fn hash(migrator: &Migrator) -> String {
+    let mut hasher = Sha256::new();
+    for migration in migrator.iter() {
+        hasher.update(migration.version.to_le_bytes());
+        hasher.update(format!("{:?}", migration.migration_type));
+        hasher.update([u8::from(migration.no_tx)]);
+        hasher.update(&*migration.checksum);
+    }
+    hasher
+        .finalize()
+        .iter()
+        .map(|byte| format!("{byte:02x}"))
+        .collect()
+}
