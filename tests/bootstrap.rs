@@ -1,0 +1,169 @@
+//! The shared database is built once per migration set, however many
+//! processes arrive together, and reused without admin connections.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Cluster, assert_passed, finish, fixture, run, text};
+use pgtest::{PgPool, Tenant, pg_test};
+use sqlx::types::Uuid;
+
+const NOTES_MIGRATION_MARKER: &str = "pgtest fixture: the notes migration ran";
+
+#[pg_test(migrations = "tests/fixtures/notes", seed = "fixtures/seeds/note.sql")]
+#[ignore = "a fixture, run in its own processes by the tests of this file"]
+async fn fixture_notes(pool: PgPool, tenant: Tenant) -> Result<(), sqlx::Error> {
+    assert_one_seeded_note(pool, tenant).await
+}
+
+async fn assert_one_seeded_note(pool: PgPool, tenant: Tenant) -> Result<(), sqlx::Error> {
+    let mine: i64 = sqlx::query_scalar("select count(*) from notes where tenant_id = $1")
+        .bind(tenant.id())
+        .fetch_one(&pool)
+        .await?;
+    assert_eq!(mine, 1, "the seed inserted one note for this tenant");
+    Ok(())
+}
+
+macro_rules! threaded_fixtures {
+    ($($name:ident),*) => {$(
+        #[pg_test(migrations = "tests/fixtures/notes", seed = "fixtures/seeds/note.sql")]
+        #[ignore = "a fixture, run on threads of one process by the tests of this file"]
+        async fn $name(pool: PgPool, tenant: Tenant) -> Result<(), sqlx::Error> {
+            assert_one_seeded_note(pool, tenant).await
+        }
+    )*};
+}
+threaded_fixtures!(fixture_thread_a, fixture_thread_b, fixture_thread_c, fixture_thread_d);
+
+/// Inserts a second note, waits until `PGTEST_FIXTURE_PEERS` tenants have
+/// notes (so that the peers really run at the same time), then checks that
+/// its tenant-scoped view holds its own two notes only.
+#[pg_test(migrations = "tests/fixtures/notes", seed = "fixtures/seeds/note.sql")]
+#[ignore = "a fixture, run in its own processes by the tests of this file"]
+async fn fixture_tenant_sees_only_its_rows(pool: PgPool, tenant: Tenant) -> Result<(), sqlx::Error> {
+    let peers: i64 = std::env::var("PGTEST_FIXTURE_PEERS").unwrap().parse().unwrap();
+    sqlx::query("insert into notes (body) values ('written by the test')")
+        .execute(&pool)
+        .await?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let tenants: i64 = sqlx::query_scalar("select count(distinct tenant_id) from notes")
+            .fetch_one(&pool)
+            .await?;
+        if tenants >= peers {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "only {tenants} of {peers} peers wrote notes");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let seen: Vec<(Uuid, String)> = sqlx::query_as(
+        "select tenant_id, body from notes where tenant_id = current_setting('pgtest.tenant_id')::uuid order by body",
+    )
+    .fetch_all(&pool)
+    .await?;
+    let bodies: Vec<&str> = seen.iter().map(|(_, body)| body.as_str()).collect();
+    assert_eq!(bodies, ["seeded for this tenant", "written by the test"]);
+    assert!(seen.iter().all(|(owner, _)| *owner == tenant.id()));
+    Ok(())
+}
+
+#[pg_test(migrations = "tests/fixtures/slow")]
+#[ignore = "a fixture, run in its own processes by the tests of this file"]
+async fn fixture_slow(pool: PgPool) -> Result<(), sqlx::Error> {
+    sqlx::query("insert into slow values (1)").execute(&pool).await?;
+    Ok(())
+}
+
+fn count(haystack: &str, needle: &str) -> usize {
+    haystack.matches(needle).count()
+}
+
+#[test]
+fn thirty_two_cold_processes_migrate_once_and_all_pass() {
+    let cluster = Cluster::start(&[("log_statement", "all"), ("max_connections", "100")]);
+    let children: Vec<_> = (0..32)
+        .map(|_| fixture("fixture_notes", &cluster.url()).arg("--exact").spawn().expect("start a fixture"))
+        .collect();
+    for child in children {
+        assert_passed(&finish(child, Duration::from_secs(120)), 1);
+    }
+    assert_eq!(count(&cluster.log(), NOTES_MIGRATION_MARKER), 1, "the migration ran exactly once");
+    let databases = cluster.pgtest_databases();
+    assert_eq!(databases.len(), 1, "one shared database and no unfinished copy: {databases:?}");
+    assert!(databases[0].starts_with("pgtest_pgtest_"), "{databases:?}");
+    let notes = cluster.psql_in(&databases[0], "select count(distinct tenant_id) from notes");
+    assert_eq!(notes, "32", "each process wrote its seed note under its own tenant");
+}
+
+#[test]
+fn tests_on_threads_of_one_process_share_one_bootstrap() {
+    let cluster = Cluster::start(&[("log_statement", "all")]);
+    let output = run(fixture("fixture_thread_", &cluster.url()).arg("--test-threads=4"));
+    assert_passed(&output, 4);
+    assert_eq!(count(&cluster.log(), NOTES_MIGRATION_MARKER), 1, "the migration ran exactly once");
+}
+
+#[test]
+fn a_warm_run_opens_no_admin_connection() {
+    let cluster = Cluster::start(&[]);
+    assert_passed(&run(fixture("fixture_notes", &cluster.url()).arg("--exact")), 1);
+    let cold_log_len = cluster.log().len();
+    assert_passed(&run(fixture("fixture_notes", &cluster.url()).arg("--exact")), 1);
+
+    let warm_log = cluster.log()[cold_log_len..].to_owned();
+    let connections: Vec<&str> = warm_log.lines().filter(|line| line.contains("connection authorized")).collect();
+    let shared = cluster.pgtest_databases().remove(0);
+    assert!(
+        connections.iter().any(|line| line.contains(&format!("database={shared}"))),
+        "the warm run connected to the shared database: {connections:#?}"
+    );
+    let elsewhere: Vec<&&str> = connections
+        .iter()
+        .filter(|line| !line.contains(&format!("database={shared}")))
+        .collect();
+    assert!(elsewhere.is_empty(), "the warm run connected elsewhere: {elsewhere:#?}");
+}
+
+#[test]
+fn a_bootstrap_killed_midway_is_rebuilt_by_the_next_run() {
+    let cluster = Cluster::start(&[]);
+    cluster.psql("alter role postgres set pgtest_fixture.slow = 'on'");
+    let mut doomed = fixture("fixture_slow", &cluster.url()).arg("--exact").spawn().expect("start a fixture");
+    cluster.wait_until(
+        "select exists (select from pg_stat_activity where query like '%pg_sleep%' \
+         and datname like 'pgtest%_building' and pid <> pg_backend_pid())",
+        Duration::from_secs(60),
+    );
+    doomed.kill().expect("SIGKILL the bootstrapping process");
+    let _ = doomed.wait();
+
+    cluster.psql("alter role postgres reset pgtest_fixture.slow");
+    let output = run(fixture("fixture_slow", &cluster.url()).arg("--exact"));
+    assert_passed(&output, 1);
+    let databases = cluster.pgtest_databases();
+    assert_eq!(databases.len(), 1, "the unfinished copy is gone: {databases:?}");
+    assert!(!databases[0].ends_with("_building"), "{databases:?}");
+    assert_eq!(cluster.psql_in(&databases[0], "select count(*) from slow"), "1");
+}
+
+#[test]
+fn parallel_tests_with_different_tenants_never_see_each_others_rows() {
+    let cluster = Cluster::start(&[]);
+    let peers = 4;
+    let children: Vec<_> = (0..peers)
+        .map(|_| {
+            fixture("fixture_tenant_sees_only_its_rows", &cluster.url())
+                .arg("--exact")
+                .env("PGTEST_FIXTURE_PEERS", peers.to_string())
+                .spawn()
+                .expect("start a fixture")
+        })
+        .collect();
+    for child in children {
+        let output = finish(child, Duration::from_secs(120));
+        assert_passed(&output, 1);
+        assert!(!text(&output).contains(common::PASSWORD));
+    }
+}

@@ -1,0 +1,270 @@
+//! The integration tests' harness: a real PostgreSQL cluster per test,
+//! started with `pg_ctl` as an unprivileged user, and a way to run this
+//! binary's own `#[ignore]`d fixture tests as separate processes against it.
+
+#![allow(dead_code, unreachable_pub)]
+
+use std::env;
+use std::fs;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// The password of the `postgres` role over TCP. Tests assert that it never
+/// appears in any output.
+pub const PASSWORD: &str = "Sup3r-Secret-pw";
+
+/// The user that runs the server when the tests run as root.
+const SERVER_USER: &str = "postgres";
+
+/// A throwaway cluster: its own data directory, port and unix socket, a
+/// scram password for TCP logins and trust on the socket (for the harness's
+/// own `psql`). Stopped when dropped.
+pub struct Cluster {
+    dir: tempfile::TempDir,
+    bin: PathBuf,
+    port: u16,
+}
+
+impl Cluster {
+    /// Starts a cluster with extra `postgres -c` settings.
+    pub fn start(settings: &[(&str, &str)]) -> Self {
+        let bin = pg_bin();
+        let dir = tempfile::Builder::new()
+            .prefix("pgtest-it-")
+            .tempdir_in("/tmp")
+            .expect("create a cluster directory");
+        let data = dir.path().join("data");
+        if running_as_root() {
+            let status = Command::new("chown")
+                .args([SERVER_USER, &dir.path().display().to_string()])
+                .status()
+                .expect("run chown");
+            assert!(status.success(), "chown the cluster directory to {SERVER_USER}");
+        }
+        let password_file = dir.path().join("pw");
+        fs::write(&password_file, PASSWORD).expect("write the password file");
+        if running_as_root() {
+            Command::new("chown").args([SERVER_USER, &password_file.display().to_string()]).status().expect("chown");
+        }
+        run_as_server_user(
+            Command::new(bin.join("initdb"))
+                .arg("-D")
+                .arg(&data)
+                .args(["-U", "postgres", "--auth-local=trust", "--auth-host=scram-sha-256", "--no-sync"])
+                .arg(format!("--pwfile={}", password_file.display())),
+        );
+        let port = free_port();
+        let mut options = format!(
+            "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c log_connections=on",
+            dir.path().display()
+        );
+        for (name, value) in settings {
+            options.push_str(&format!(" -c {name}={value}"));
+        }
+        run_as_server_user(
+            Command::new(bin.join("pg_ctl"))
+                .arg("-D")
+                .arg(&data)
+                .arg("-l")
+                .arg(dir.path().join("log"))
+                .args(["-o", &options, "-w", "-t", "60", "start"]),
+        );
+        Self { dir, bin, port }
+    }
+
+    /// A URL for the `postgres` superuser over TCP, with its password.
+    pub fn url(&self) -> String {
+        self.url_for("postgres", PASSWORD, "postgres")
+    }
+
+    /// A URL for any role, password and database over TCP.
+    pub fn url_for(&self, user: &str, password: &str, database: &str) -> String {
+        format!("postgres://{user}:{password}@127.0.0.1:{}/{database}", self.port)
+    }
+
+    /// Runs SQL as the superuser over the socket; returns the unaligned
+    /// output rows.
+    pub fn psql(&self, sql: &str) -> String {
+        self.psql_in("postgres", sql)
+    }
+
+    /// Runs SQL in `database`.
+    pub fn psql_in(&self, database: &str, sql: &str) -> String {
+        let output = Command::new(self.bin.join("psql"))
+            .args(["-X", "-At", "-v", "ON_ERROR_STOP=1", "-U", "postgres", "-d", database])
+            .arg("-h")
+            .arg(self.dir.path())
+            .args(["-p", &self.port.to_string(), "-c", sql])
+            .output()
+            .expect("run psql");
+        assert!(output.status.success(), "psql failed: {}", String::from_utf8_lossy(&output.stderr));
+        String::from_utf8(output.stdout).expect("utf-8").trim().to_owned()
+    }
+
+    /// The names of the databases pgtest made (or is making).
+    pub fn pgtest_databases(&self) -> Vec<String> {
+        let names = self.psql("select datname from pg_database where datname like 'pgtest%' order by 1");
+        names.lines().map(str::to_owned).collect()
+    }
+
+    /// The server's log so far.
+    pub fn log(&self) -> String {
+        fs::read_to_string(self.dir.path().join("log")).unwrap_or_default()
+    }
+
+    /// Waits until `sql` returns `t`, at most `limit`; panics with the last
+    /// answer and the log's tail when it never does.
+    pub fn wait_until(&self, sql: &str, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        loop {
+            let answer = self.psql(sql);
+            if answer == "t" {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "waited {limit:?} for `{sql}`, last answer {answer:?}; server log tail:\n{}",
+                tail(&self.log(), 20)
+            );
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let mut command = Command::new(self.bin.join("pg_ctl"));
+        command.arg("-D").arg(self.dir.path().join("data")).args(["-m", "immediate", "-w", "stop"]);
+        let _ = as_server_user(&mut command).output();
+    }
+}
+
+/// This test binary, ready to run one or more of its `#[ignore]`d fixture
+/// tests against `url`, with no other server variable inherited.
+pub fn fixture(filter: &str, url: &str) -> Command {
+    let mut command = Command::new(env::current_exe().expect("the test binary"));
+    command
+        .args([filter, "--ignored", "--nocapture"])
+        .env_remove("DATABASE_URL")
+        .env("PGTEST_DATABASE_URL", url)
+        .env("RUST_BACKTRACE", "0")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    command
+}
+
+/// Waits for a child, at most `limit`, killing it when it takes longer.
+pub fn finish(mut child: Child, limit: Duration) -> Output {
+    let deadline = Instant::now() + limit;
+    while child.try_wait().expect("poll the child").is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let output = child.wait_with_output().expect("collect the child");
+            panic!("the fixture ran longer than {limit:?}; it printed:\n{}", text(&output));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().expect("collect the child")
+}
+
+/// Runs a fixture to the end (at most a minute) and returns its output.
+pub fn run(command: &mut Command) -> Output {
+    finish(command.spawn().expect("start the fixture"), Duration::from_secs(60))
+}
+
+/// Stdout and stderr together.
+pub fn text(output: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr))
+}
+
+/// Asserts the fixture passed exactly `count` tests.
+pub fn assert_passed(output: &Output, count: usize) {
+    let text = text(output);
+    assert!(
+        output.status.success() && text.contains(&format!("test result: ok. {count} passed")),
+        "expected {count} passing test(s), got:\n{text}"
+    );
+}
+
+/// Asserts the fixture failed and returns what it printed, checking that
+/// the password does not appear in it.
+pub fn assert_failed_without_password(output: &Output) -> String {
+    let text = text(output);
+    assert!(!output.status.success(), "expected the fixture to fail, got:\n{text}");
+    assert!(!text.contains(PASSWORD), "the password appears in the output:\n{text}");
+    text
+}
+
+pub fn tail(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// A port nothing listens on right now.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .expect("bind a free port")
+        .port()
+}
+
+/// The newest PostgreSQL binaries: `PGTEST_PG_BIN`, `pg_config --bindir`,
+/// then `/usr/lib/postgresql/*/bin`.
+fn pg_bin() -> PathBuf {
+    if let Some(dir) = env::var_os("PGTEST_PG_BIN") {
+        return PathBuf::from(dir);
+    }
+    if let Ok(output) = Command::new("pg_config").arg("--bindir").output() {
+        let dir = PathBuf::from(String::from_utf8_lossy(&output.stdout).trim());
+        if dir.join("initdb").is_file() {
+            return dir;
+        }
+    }
+    let mut versions: Vec<(u32, PathBuf)> = fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| {
+            let version = entry.file_name().to_str()?.parse().ok()?;
+            let bin = entry.path().join("bin");
+            bin.join("initdb").is_file().then_some((version, bin))
+        })
+        .collect();
+    versions.sort();
+    versions
+        .pop()
+        .map(|(_, bin)| bin)
+        .expect("no PostgreSQL binaries: install them (apt-get install postgresql) or set PGTEST_PG_BIN")
+}
+
+fn running_as_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|output| String::from_utf8_lossy(&output.stdout).trim() == "0")
+        .unwrap_or(false)
+}
+
+/// `initdb` and `postgres` refuse to run as root: run them as `postgres`.
+fn as_server_user(command: &mut Command) -> Command {
+    if !running_as_root() {
+        let mut same = Command::new(command.get_program());
+        same.args(command.get_args());
+        return same;
+    }
+    let mut wrapped = Command::new("runuser");
+    wrapped.args(["-u", SERVER_USER, "--"]).arg(command.get_program()).args(command.get_args());
+    wrapped
+}
+
+fn run_as_server_user(command: &mut Command) {
+    let output = as_server_user(command).output().expect("run a PostgreSQL program");
+    assert!(output.status.success(), "{:?} failed:\n{}", command.get_program(), text(&output));
+}
+
+/// The directory of this package's test fixtures.
+pub fn fixtures_dir() -> &'static Path {
+    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures"))
+}
