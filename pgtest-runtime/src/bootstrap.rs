@@ -73,7 +73,17 @@ pub(crate) async fn ensure(
             tracing::debug!(database, "shared database is ready (warm path)");
             return Ok(());
         }
-        build(server, database, migrations).await
+        build(server, database, migrations).await?;
+        // Connect as the test will, so that a connection problem of the
+        // test's own (its role, say) is explained here too.
+        match is_ready(server, pool, database, role).await? {
+            true => Ok(()),
+            false => Err(Error::Query {
+                action: format!("using the shared database {database} just built"),
+                url: server.url().to_owned(),
+                message: "its ready marker is gone: something other than pgtest changed it".to_owned(),
+            }),
+        }
     })
     .await
     .map(|_| ())

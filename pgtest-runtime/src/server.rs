@@ -59,6 +59,11 @@ impl Server {
         })
     }
 
+    /// The redacted URL, for messages.
+    pub(crate) fn url(&self) -> &str {
+        &self.url
+    }
+
     /// The role pgtest logs in as.
     pub(crate) fn user(&self) -> &str {
         self.options.get_username()

@@ -1,0 +1,160 @@
+//! Every failure a user can hit names the test, says what happened and
+//! what to do, comes in bounded time, and never shows the password.
+
+mod common;
+
+use common::{Cluster, PASSWORD, assert_failed_without_password, fixture, free_port, run};
+use pgtest::{PgPool, pg_test};
+
+#[pg_test(migrations = "tests/fixtures/notes")]
+#[ignore = "a fixture, run in its own processes by the tests of this file"]
+async fn fixture_plain(pool: PgPool) -> Result<(), sqlx::Error> {
+    sqlx::query("select 1").execute(&pool).await?;
+    Ok(())
+}
+
+#[pg_test(migrations = "tests/fixtures/broken")]
+#[ignore = "a fixture, run in its own processes by the tests of this file"]
+async fn fixture_broken_migration(pool: PgPool) {
+    let _ = pool;
+}
+
+#[pg_test(migrations = "tests/fixtures/notes", seed = "fixtures/seeds/broken.sql")]
+#[ignore = "a fixture, run in its own processes by the tests of this file"]
+async fn fixture_broken_seed(pool: PgPool) {
+    let _ = pool;
+}
+
+#[pg_test(migrations = "tests/fixtures/notes", role = "no_such_role")]
+#[ignore = "a fixture, run in its own processes by the tests of this file"]
+async fn fixture_missing_role(pool: PgPool) -> Result<(), sqlx::Error> {
+    sqlx::query("select 1").execute(&pool).await?;
+    Ok(())
+}
+
+/// Runs a fixture against `url` and returns what it printed, checking that
+/// it failed, named itself and kept the password out.
+fn failure(test: &str, url: &str) -> String {
+    let output = run(fixture(test, url).arg("--exact"));
+    let text = assert_failed_without_password(&output);
+    assert!(
+        text.contains(&format!("pgtest: test `errors::{test}` could not start")),
+        "the message names the test:\n{text}"
+    );
+    text
+}
+
+fn assert_contains(text: &str, parts: &[&str]) {
+    for part in parts {
+        assert!(text.contains(part), "expected {part:?} in:\n{text}");
+    }
+}
+
+#[test]
+fn an_unreachable_server_is_reported_at_once() {
+    let port = free_port();
+    let text = failure("fixture_plain", &format!("postgres://app:{PASSWORD}@127.0.0.1:{port}/postgres"));
+    assert_contains(
+        &text,
+        &[
+            &format!("cannot reach PostgreSQL at postgres://app:***@127.0.0.1:{port}/postgres"),
+            "Start the server, or point PGTEST_DATABASE_URL at one that is running",
+        ],
+    );
+}
+
+#[test]
+fn a_wrong_password_is_reported_as_a_refused_login() {
+    let cluster = Cluster::start(&[]);
+    let text = failure("fixture_plain", &cluster.url_for("postgres", "not-the-password", "postgres"));
+    assert!(!text.contains("not-the-password"), "{text}");
+    assert_contains(
+        &text,
+        &[
+            "refused the login of role \"postgres\"",
+            "password authentication failed",
+            "Check the user and password in PGTEST_DATABASE_URL",
+        ],
+    );
+}
+
+#[test]
+fn a_malformed_url_is_reported_with_the_password_masked() {
+    let url = format!("postgres://app:{PASSWORD}@127.0.0.1:notaport/postgres");
+    let text = failure("fixture_plain", &url);
+    assert_contains(
+        &text,
+        &[
+            "PGTEST_DATABASE_URL is not a usable PostgreSQL URL",
+            "invalid port number",
+            "postgres://USER:PASSWORD@HOST:PORT/DATABASE",
+        ],
+    );
+}
+
+#[test]
+fn a_url_of_another_database_kind_is_refused() {
+    let text = failure("fixture_plain", &format!("mysql://app:{PASSWORD}@127.0.0.1/app"));
+    assert_contains(&text, &["the scheme is \"mysql\"", "pgtest needs postgres://"]);
+}
+
+#[test]
+fn no_server_at_all_says_which_variable_to_set() {
+    let output = run(fixture("fixture_plain", "").arg("--exact").env_remove("PGTEST_DATABASE_URL"));
+    let text = assert_failed_without_password(&output);
+    assert_contains(
+        &text,
+        &["test `errors::fixture_plain`", "no PostgreSQL server is configured", "Set PGTEST_DATABASE_URL"],
+    );
+}
+
+#[test]
+fn a_role_that_may_not_create_databases_is_told_how_to_grant_it() {
+    let cluster = Cluster::start(&[]);
+    cluster.psql(&format!("create role lowly login password '{PASSWORD}'"));
+    let text = failure("fixture_plain", &cluster.url_for("lowly", PASSWORD, "postgres"));
+    assert_contains(
+        &text,
+        &[
+            "role \"lowly\" may not create databases",
+            "permission denied to create database",
+            "ALTER ROLE \"lowly\" CREATEDB",
+        ],
+    );
+}
+
+#[test]
+fn a_failing_migration_is_named_with_the_sql_error() {
+    let cluster = Cluster::start(&[]);
+    let text = failure("fixture_broken_migration", &cluster.url());
+    assert_contains(
+        &text,
+        &[
+            "migration 20250102000000 (broken table) from",
+            "tests/fixtures/broken failed while building the shared database pgtest_pgtest_",
+            "syntax error at or near \"tabel\"",
+            "Fix the migration",
+        ],
+    );
+    assert!(cluster.pgtest_databases().is_empty(), "the unfinished copy was dropped");
+}
+
+#[test]
+fn a_failing_seed_is_named_with_the_sql_error() {
+    let cluster = Cluster::start(&[]);
+    let text = failure("fixture_broken_seed", &cluster.url());
+    assert_contains(
+        &text,
+        &["seed script fixtures/seeds/broken.sql failed", "relation \"no_such_table\" does not exist"],
+    );
+}
+
+#[test]
+fn a_missing_role_says_how_to_create_and_grant_it() {
+    let cluster = Cluster::start(&[]);
+    let text = failure("fixture_missing_role", &cluster.url());
+    assert_contains(
+        &text,
+        &["cannot act as role \"no_such_role\"", "GRANT \"no_such_role\" TO \"postgres\""],
+    );
+}
