@@ -35,15 +35,26 @@ macro_rules! threaded_fixtures {
         }
     )*};
 }
-threaded_fixtures!(fixture_thread_a, fixture_thread_b, fixture_thread_c, fixture_thread_d);
+threaded_fixtures!(
+    fixture_thread_a,
+    fixture_thread_b,
+    fixture_thread_c,
+    fixture_thread_d
+);
 
 /// Inserts a second note, waits until `PGTEST_FIXTURE_PEERS` tenants have
 /// notes (so that the peers really run at the same time), then checks that
 /// its tenant-scoped view holds its own two notes only.
 #[pg_test(migrations = "tests/fixtures/notes", seed = "fixtures/seeds/note.sql")]
 #[ignore = "a fixture, run in its own processes by the tests of this file"]
-async fn fixture_tenant_sees_only_its_rows(pool: PgPool, tenant: Tenant) -> Result<(), sqlx::Error> {
-    let peers: i64 = std::env::var("PGTEST_FIXTURE_PEERS").unwrap().parse().unwrap();
+async fn fixture_tenant_sees_only_its_rows(
+    pool: PgPool,
+    tenant: Tenant,
+) -> Result<(), sqlx::Error> {
+    let peers: i64 = std::env::var("PGTEST_FIXTURE_PEERS")
+        .unwrap()
+        .parse()
+        .unwrap();
     sqlx::query("insert into notes (body) values ('written by the test')")
         .execute(&pool)
         .await?;
@@ -55,7 +66,10 @@ async fn fixture_tenant_sees_only_its_rows(pool: PgPool, tenant: Tenant) -> Resu
         if tenants >= peers {
             break;
         }
-        assert!(tokio::time::Instant::now() < deadline, "only {tenants} of {peers} peers wrote notes");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "only {tenants} of {peers} peers wrote notes"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let seen: Vec<(Uuid, String)> = sqlx::query_as(
@@ -72,7 +86,9 @@ async fn fixture_tenant_sees_only_its_rows(pool: PgPool, tenant: Tenant) -> Resu
 #[pg_test(migrations = "tests/fixtures/slow")]
 #[ignore = "a fixture, run in its own processes by the tests of this file"]
 async fn fixture_slow(pool: PgPool) -> Result<(), sqlx::Error> {
-    sqlx::query("insert into slow values (1)").execute(&pool).await?;
+    sqlx::query("insert into slow values (1)")
+        .execute(&pool)
+        .await?;
     Ok(())
 }
 
@@ -84,17 +100,33 @@ fn count(haystack: &str, needle: &str) -> usize {
 fn thirty_two_cold_processes_migrate_once_and_all_pass() {
     let cluster = Cluster::start(&[("log_statement", "all"), ("max_connections", "100")]);
     let children: Vec<_> = (0..32)
-        .map(|_| fixture("fixture_notes", &cluster.url()).arg("--exact").spawn().expect("start a fixture"))
+        .map(|_| {
+            fixture("fixture_notes", &cluster.url())
+                .arg("--exact")
+                .spawn()
+                .expect("start a fixture")
+        })
         .collect();
     for child in children {
         assert_passed(&finish(child, Duration::from_secs(120)), 1);
     }
-    assert_eq!(count(&cluster.log(), NOTES_MIGRATION_MARKER), 1, "the migration ran exactly once");
+    assert_eq!(
+        count(&cluster.log(), NOTES_MIGRATION_MARKER),
+        1,
+        "the migration ran exactly once"
+    );
     let databases = cluster.pgtest_databases();
-    assert_eq!(databases.len(), 1, "one shared database and no unfinished copy: {databases:?}");
+    assert_eq!(
+        databases.len(),
+        1,
+        "one shared database and no unfinished copy: {databases:?}"
+    );
     assert!(databases[0].starts_with("pgtest_pgtest_"), "{databases:?}");
     let notes = cluster.psql_in(&databases[0], "select count(distinct tenant_id) from notes");
-    assert_eq!(notes, "32", "each process wrote its seed note under its own tenant");
+    assert_eq!(
+        notes, "32",
+        "each process wrote its seed note under its own tenant"
+    );
 }
 
 #[test]
@@ -102,35 +134,56 @@ fn tests_on_threads_of_one_process_share_one_bootstrap() {
     let cluster = Cluster::start(&[("log_statement", "all")]);
     let output = run(fixture("fixture_thread_", &cluster.url()).arg("--test-threads=4"));
     assert_passed(&output, 4);
-    assert_eq!(count(&cluster.log(), NOTES_MIGRATION_MARKER), 1, "the migration ran exactly once");
+    assert_eq!(
+        count(&cluster.log(), NOTES_MIGRATION_MARKER),
+        1,
+        "the migration ran exactly once"
+    );
 }
 
 #[test]
 fn a_warm_run_opens_no_admin_connection() {
     let cluster = Cluster::start(&[]);
-    assert_passed(&run(fixture("fixture_notes", &cluster.url()).arg("--exact")), 1);
+    assert_passed(
+        &run(fixture("fixture_notes", &cluster.url()).arg("--exact")),
+        1,
+    );
     let cold_log_len = cluster.log().len();
-    assert_passed(&run(fixture("fixture_notes", &cluster.url()).arg("--exact")), 1);
+    assert_passed(
+        &run(fixture("fixture_notes", &cluster.url()).arg("--exact")),
+        1,
+    );
 
     let warm_log = cluster.log()[cold_log_len..].to_owned();
-    let connections: Vec<&str> = warm_log.lines().filter(|line| line.contains("connection authorized")).collect();
+    let connections: Vec<&str> = warm_log
+        .lines()
+        .filter(|line| line.contains("connection authorized"))
+        .collect();
     let shared = cluster.pgtest_databases().remove(0);
     assert!(
-        connections.iter().any(|line| line.contains(&format!("database={shared}"))),
+        connections
+            .iter()
+            .any(|line| line.contains(&format!("database={shared}"))),
         "the warm run connected to the shared database: {connections:#?}"
     );
     let elsewhere: Vec<&&str> = connections
         .iter()
         .filter(|line| !line.contains(&format!("database={shared}")))
         .collect();
-    assert!(elsewhere.is_empty(), "the warm run connected elsewhere: {elsewhere:#?}");
+    assert!(
+        elsewhere.is_empty(),
+        "the warm run connected elsewhere: {elsewhere:#?}"
+    );
 }
 
 #[test]
 fn a_bootstrap_killed_midway_is_rebuilt_by_the_next_run() {
     let cluster = Cluster::start(&[]);
     cluster.psql("alter role postgres set pgtest_fixture.slow = 'on'");
-    let mut doomed = fixture("fixture_slow", &cluster.url()).arg("--exact").spawn().expect("start a fixture");
+    let mut doomed = fixture("fixture_slow", &cluster.url())
+        .arg("--exact")
+        .spawn()
+        .expect("start a fixture");
     cluster.wait_until(
         "select exists (select from pg_stat_activity where query like '%pg_sleep%' \
          and datname like 'pgtest%_building' and pid <> pg_backend_pid())",
@@ -143,9 +196,16 @@ fn a_bootstrap_killed_midway_is_rebuilt_by_the_next_run() {
     let output = run(fixture("fixture_slow", &cluster.url()).arg("--exact"));
     assert_passed(&output, 1);
     let databases = cluster.pgtest_databases();
-    assert_eq!(databases.len(), 1, "the unfinished copy is gone: {databases:?}");
+    assert_eq!(
+        databases.len(),
+        1,
+        "the unfinished copy is gone: {databases:?}"
+    );
     assert!(!databases[0].ends_with("_building"), "{databases:?}");
-    assert_eq!(cluster.psql_in(&databases[0], "select count(*) from slow"), "1");
+    assert_eq!(
+        cluster.psql_in(&databases[0], "select count(*) from slow"),
+        "1"
+    );
 }
 
 #[test]

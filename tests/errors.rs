@@ -19,7 +19,10 @@ async fn fixture_broken_migration(pool: PgPool) {
     let _ = pool;
 }
 
-#[pg_test(migrations = "tests/fixtures/notes", seed = "fixtures/seeds/broken.sql")]
+#[pg_test(
+    migrations = "tests/fixtures/notes",
+    seed = "fixtures/seeds/broken.sql"
+)]
 #[ignore = "a fixture, run in its own processes by the tests of this file"]
 async fn fixture_broken_seed(pool: PgPool) {
     let _ = pool;
@@ -53,7 +56,10 @@ fn assert_contains(text: &str, parts: &[&str]) {
 #[test]
 fn an_unreachable_server_is_reported_at_once() {
     let port = free_port();
-    let text = failure("fixture_plain", &format!("postgres://app:{PASSWORD}@127.0.0.1:{port}/postgres"));
+    let text = failure(
+        "fixture_plain",
+        &format!("postgres://app:{PASSWORD}@127.0.0.1:{port}/postgres"),
+    );
     assert_contains(
         &text,
         &[
@@ -66,7 +72,10 @@ fn an_unreachable_server_is_reported_at_once() {
 #[test]
 fn a_wrong_password_is_reported_as_a_refused_login() {
     let cluster = Cluster::start(&[]);
-    let text = failure("fixture_plain", &cluster.url_for("postgres", "not-the-password", "postgres"));
+    let text = failure(
+        "fixture_plain",
+        &cluster.url_for("postgres", "not-the-password", "postgres"),
+    );
     assert!(!text.contains("not-the-password"), "{text}");
     assert_contains(
         &text,
@@ -94,17 +103,29 @@ fn a_malformed_url_is_reported_with_the_password_masked() {
 
 #[test]
 fn a_url_of_another_database_kind_is_refused() {
-    let text = failure("fixture_plain", &format!("mysql://app:{PASSWORD}@127.0.0.1/app"));
-    assert_contains(&text, &["the scheme is \"mysql\"", "pgtest needs postgres://"]);
+    let text = failure(
+        "fixture_plain",
+        &format!("mysql://app:{PASSWORD}@127.0.0.1/app"),
+    );
+    assert_contains(
+        &text,
+        &["the scheme is \"mysql\"", "pgtest needs postgres://"],
+    );
 }
 
 #[test]
 fn no_server_at_all_says_which_variable_to_set() {
-    let output = run(fixture("fixture_plain", "").arg("--exact").env_remove("PGTEST_DATABASE_URL"));
+    let output = run(fixture("fixture_plain", "")
+        .arg("--exact")
+        .env_remove("PGTEST_DATABASE_URL"));
     let text = assert_failed_without_password(&output);
     assert_contains(
         &text,
-        &["test `errors::fixture_plain`", "no PostgreSQL server is configured", "Set PGTEST_DATABASE_URL"],
+        &[
+            "test `errors::fixture_plain`",
+            "no PostgreSQL server is configured",
+            "Set PGTEST_DATABASE_URL",
+        ],
     );
 }
 
@@ -112,7 +133,10 @@ fn no_server_at_all_says_which_variable_to_set() {
 fn a_role_that_may_not_create_databases_is_told_how_to_grant_it() {
     let cluster = Cluster::start(&[]);
     cluster.psql(&format!("create role lowly login password '{PASSWORD}'"));
-    let text = failure("fixture_plain", &cluster.url_for("lowly", PASSWORD, "postgres"));
+    let text = failure(
+        "fixture_plain",
+        &cluster.url_for("lowly", PASSWORD, "postgres"),
+    );
     assert_contains(
         &text,
         &[
@@ -136,7 +160,10 @@ fn a_failing_migration_is_named_with_the_sql_error() {
             "Fix the migration",
         ],
     );
-    assert!(cluster.pgtest_databases().is_empty(), "the unfinished copy was dropped");
+    assert!(
+        cluster.pgtest_databases().is_empty(),
+        "the unfinished copy was dropped"
+    );
 }
 
 #[test]
@@ -145,7 +172,10 @@ fn a_failing_seed_is_named_with_the_sql_error() {
     let text = failure("fixture_broken_seed", &cluster.url());
     assert_contains(
         &text,
-        &["seed script fixtures/seeds/broken.sql failed", "relation \"no_such_table\" does not exist"],
+        &[
+            "seed script fixtures/seeds/broken.sql failed",
+            "relation \"no_such_table\" does not exist",
+        ],
     );
 }
 
@@ -155,6 +185,9 @@ fn a_missing_role_says_how_to_create_and_grant_it() {
     let text = failure("fixture_missing_role", &cluster.url());
     assert_contains(
         &text,
-        &["cannot act as role \"no_such_role\"", "GRANT \"no_such_role\" TO \"postgres\""],
+        &[
+            "cannot act as role \"no_such_role\"",
+            "GRANT \"no_such_role\" TO \"postgres\"",
+        ],
     );
 }

@@ -49,12 +49,21 @@ pub(crate) struct RawArgs {
 impl RawArgs {
     /// Parses one `key = value`; meant for `syn::meta::parser`.
     pub(crate) fn parse(&mut self, meta: ParseNestedMeta<'_>) -> syn::Result<()> {
-        let key = meta.path.get_ident().map(ToString::to_string).unwrap_or_default();
+        let key = meta
+            .path
+            .get_ident()
+            .map(ToString::to_string)
+            .unwrap_or_default();
         let span = meta.path.span();
         match key.as_str() {
             "migrations" => set_once(&mut self.migrations, &meta, span, meta.value()?.parse()?),
             "migrator" => set_once(&mut self.migrator, &meta, span, meta.value()?.parse()?),
-            "max_connections" => set_once(&mut self.max_connections, &meta, span, meta.value()?.parse()?),
+            "max_connections" => set_once(
+                &mut self.max_connections,
+                &meta,
+                span,
+                meta.value()?.parse()?,
+            ),
             "role" => set_once(&mut self.role, &meta, span, meta.value()?.parse()?),
             "crate" => set_once(&mut self.krate, &meta, span, meta.value()?.parse()?),
             "seed" => {
@@ -90,14 +99,22 @@ impl RawArgs {
                 ));
             }
             (None, Some((_, path))) => Migrations::Migrator(path.parse().map_err(|_| {
-                syn::Error::new(path.span(), "`migrator` takes a path such as \"crate::MIGRATOR\"")
+                syn::Error::new(
+                    path.span(),
+                    "`migrator` takes a path such as \"crate::MIGRATOR\"",
+                )
             })?),
             (None, None) => Migrations::Default,
         };
         let max_connections = match &self.max_connections {
             Some((_, lit)) => match lit.base10_parse::<u32>() {
                 Ok(n) if n >= 1 => n,
-                _ => return Err(syn::Error::new(lit.span(), "`max_connections` must be at least 1")),
+                _ => {
+                    return Err(syn::Error::new(
+                        lit.span(),
+                        "`max_connections` must be at least 1",
+                    ));
+                }
             },
             None => DEFAULT_MAX_CONNECTIONS,
         };
@@ -107,10 +124,10 @@ impl RawArgs {
             })?,
             None => syn::parse_quote!(::pgtest),
         };
-        if let Some((_, role)) = &self.role {
-            if role.value().is_empty() {
-                return Err(syn::Error::new(role.span(), "`role` must name a role"));
-            }
+        if let Some((_, role)) = &self.role
+            && role.value().is_empty()
+        {
+            return Err(syn::Error::new(role.span(), "`role` must name a role"));
         }
         let any_database_key = [
             self.max_connections.as_ref().map(|(span, _)| *span),
@@ -131,7 +148,12 @@ impl RawArgs {
     }
 }
 
-fn set_once<T>(slot: &mut Option<(Span, T)>, meta: &ParseNestedMeta<'_>, span: Span, value: T) -> syn::Result<()> {
+fn set_once<T>(
+    slot: &mut Option<(Span, T)>,
+    meta: &ParseNestedMeta<'_>,
+    span: Span,
+    value: T,
+) -> syn::Result<()> {
     if slot.is_some() {
         return Err(meta.error(format_args!(
             "`{}` is given twice; give it once",

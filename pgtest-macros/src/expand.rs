@@ -25,11 +25,16 @@ pub(crate) fn pg_test(args: TokenStream, item: TokenStream) -> TokenStream {
 
 /// Expands `#[pg_test(args)] item`. Relative migration directories are
 /// checked against `manifest_dir` when it is known.
-pub(crate) fn expand(args: TokenStream, item: TokenStream, manifest_dir: Option<PathBuf>) -> syn::Result<TokenStream> {
+pub(crate) fn expand(
+    args: TokenStream,
+    item: TokenStream,
+    manifest_dir: Option<PathBuf>,
+) -> syn::Result<TokenStream> {
     let function: ItemFn = syn::parse2(item)?;
     let mut raw = RawArgs::default();
     let parser = syn::meta::parser(|meta| raw.parse(meta));
-    let args = syn::parse::Parser::parse2(parser, args).and_then(|()| raw.build(manifest_dir.as_deref()));
+    let args =
+        syn::parse::Parser::parse2(parser, args).and_then(|()| raw.build(manifest_dir.as_deref()));
     let shape = check_function(&function);
     let args = match (args, shape) {
         (Ok(args), Ok(())) => args,
@@ -39,14 +44,14 @@ pub(crate) fn expand(args: TokenStream, item: TokenStream, manifest_dir: Option<
         }
         (Err(error), _) | (_, Err(error)) => return Err(error),
     };
-    if function.sig.inputs.is_empty() {
-        if let Some(span) = args.any_database_key {
-            return Err(syn::Error::new(
-                span,
-                "this test takes no database, so this argument has no effect; add a \
-                 `pool: PgPool` argument or remove it",
-            ));
-        }
+    if function.sig.inputs.is_empty()
+        && let Some(span) = args.any_database_key
+    {
+        return Err(syn::Error::new(
+            span,
+            "this test takes no database, so this argument has no effect; add a \
+             `pool: PgPool` argument or remove it",
+        ));
     }
     Ok(emit(&function, &args))
 }
@@ -56,8 +61,8 @@ fn check_function(function: &ItemFn) -> syn::Result<()> {
     let mut errors: Vec<syn::Error> = Vec::new();
     for attribute in &function.attrs {
         if is_test_attribute(attribute) {
-            errors.push(syn::Error::new(
-                attribute.span(),
+            errors.push(syn::Error::new_spanned(
+                attribute,
                 "#[pg_test] already makes this fn a test: remove this attribute, or the test \
                  would run twice",
             ));
@@ -71,14 +76,23 @@ fn check_function(function: &ItemFn) -> syn::Result<()> {
         ));
     }
     if !sig.generics.params.is_empty() || sig.generics.where_clause.is_some() {
-        errors.push(syn::Error::new(sig.generics.span(), "a #[pg_test] fn cannot be generic"));
+        errors.push(syn::Error::new(
+            sig.generics.span(),
+            "a #[pg_test] fn cannot be generic",
+        ));
     }
     if let Some(variadic) = &sig.variadic {
-        errors.push(syn::Error::new(variadic.span(), "a #[pg_test] fn cannot be variadic"));
+        errors.push(syn::Error::new(
+            variadic.span(),
+            "a #[pg_test] fn cannot be variadic",
+        ));
     }
     for input in &sig.inputs {
         if let FnArg::Receiver(receiver) = input {
-            errors.push(syn::Error::new(receiver.span(), "a #[pg_test] fn cannot take `self`"));
+            errors.push(syn::Error::new(
+                receiver.span(),
+                "a #[pg_test] fn cannot take `self`",
+            ));
         }
     }
     let mut errors = errors.into_iter();
@@ -100,7 +114,12 @@ fn is_test_attribute(attribute: &Attribute) -> bool {
 }
 
 fn emit(function: &ItemFn, args: &Args) -> TokenStream {
-    let ItemFn { attrs, vis, sig, block } = function;
+    let ItemFn {
+        attrs,
+        vis,
+        sig,
+        block,
+    } = function;
     let name = &sig.ident;
     let test_attribute = quote_spanned! { sig.ident.span() => #[::core::prelude::v1::test] };
     if sig.asyncness.is_none() {
@@ -114,7 +133,9 @@ fn emit(function: &ItemFn, args: &Args) -> TokenStream {
     let migrations = match &args.migrations {
         Migrations::Default => quote! { #krate::__private::MigrationSource::Default },
         Migrations::Dir(dir) => quote! { #krate::__private::MigrationSource::Dir(#dir) },
-        Migrations::Migrator(path) => quote! { #krate::__private::MigrationSource::Migrator(&#path) },
+        Migrations::Migrator(path) => {
+            quote! { #krate::__private::MigrationSource::Migrator(&#path) }
+        }
         Migrations::None => quote! { #krate::__private::MigrationSource::None },
     };
     let max_connections = args.max_connections;
@@ -168,7 +189,11 @@ mod tests {
     fn error(args: TokenStream, item: TokenStream) -> String {
         match expand(args, item, manifest_dir()) {
             Ok(tokens) => panic!("expected an error, got {tokens}"),
-            Err(error) => error.into_iter().map(|e| e.to_string()).collect::<Vec<_>>().join("\n"),
+            Err(error) => error
+                .into_iter()
+                .map(|e| e.to_string())
+                .collect::<Vec<_>>()
+                .join("\n"),
         }
     }
 
@@ -186,7 +211,14 @@ mod tests {
     #[test]
     fn every_argument_reaches_the_spec() {
         insta::assert_snapshot!(pretty(
-            quote!(migrations = "src", max_connections = 2, role = "app_user", seed = "a.sql", seed = "b.sql", crate = "::renamed"),
+            quote!(
+                migrations = "src",
+                max_connections = 2,
+                role = "app_user",
+                seed = "a.sql",
+                seed = "b.sql",
+                crate = "::renamed"
+            ),
             quote! {
                 #[ignore]
                 async fn seeded(ctx: TestContext) {}
@@ -196,54 +228,124 @@ mod tests {
 
     #[test]
     fn a_migrator_and_no_migrations_are_spelled_out() {
-        let migrator = pretty(quote!(migrator = "crate::MIGRATOR"), quote!(async fn m(pool: PgPool) {}));
-        assert!(migrator.contains("MigrationSource::Migrator(&crate::MIGRATOR)"), "{migrator}");
-        let none = pretty(quote!(migrations = false), quote!(async fn n(pool: PgPool) {}));
+        let migrator = pretty(
+            quote!(migrator = "crate::MIGRATOR"),
+            quote!(
+                async fn m(pool: PgPool) {}
+            ),
+        );
+        assert!(
+            migrator.contains("MigrationSource::Migrator(&crate::MIGRATOR)"),
+            "{migrator}"
+        );
+        let none = pretty(
+            quote!(migrations = false),
+            quote!(
+                async fn n(pool: PgPool) {}
+            ),
+        );
         assert!(none.contains("MigrationSource::None"), "{none}");
     }
 
     #[test]
     fn a_sync_fn_without_arguments_is_a_plain_test() {
-        insta::assert_snapshot!(pretty(quote!(), quote!(fn plain() { assert!(true) })));
+        insta::assert_snapshot!(pretty(
+            quote!(),
+            quote!(
+                fn plain() {
+                    assert!(true)
+                }
+            )
+        ));
     }
 
     #[test]
     fn an_unknown_key_lists_the_valid_ones() {
-        let message = error(quote!(migration = "x"), quote!(async fn t(pool: PgPool) {}));
-        assert!(message.contains("unknown #[pg_test] argument `migration`"), "{message}");
-        assert!(message.contains("migrations, migrator, max_connections, seed, role, crate"), "{message}");
+        let message = error(
+            quote!(migration = "x"),
+            quote!(
+                async fn t(pool: PgPool) {}
+            ),
+        );
+        assert!(
+            message.contains("unknown #[pg_test] argument `migration`"),
+            "{message}"
+        );
+        assert!(
+            message.contains("migrations, migrator, max_connections, seed, role, crate"),
+            "{message}"
+        );
     }
 
     #[test]
     fn a_repeated_key_is_an_error_but_seed_repeats() {
-        let message = error(quote!(max_connections = 2, max_connections = 3), quote!(async fn t(pool: PgPool) {}));
-        assert!(message.contains("`max_connections` is given twice"), "{message}");
-        pretty(quote!(seed = "a.sql", seed = "b.sql"), quote!(async fn t(pool: PgPool) {}));
+        let message = error(
+            quote!(max_connections = 2, max_connections = 3),
+            quote!(
+                async fn t(pool: PgPool) {}
+            ),
+        );
+        assert!(
+            message.contains("`max_connections` is given twice"),
+            "{message}"
+        );
+        pretty(
+            quote!(seed = "a.sql", seed = "b.sql"),
+            quote!(
+                async fn t(pool: PgPool) {}
+            ),
+        );
     }
 
     #[test]
     fn shape_errors_are_all_reported_with_argument_errors() {
-        let message = error(quote!(bogus = 1), quote!(#[test] fn t<T>(pool: PgPool) {}));
-        for part in ["unknown #[pg_test] argument", "remove this attribute", "must be `async fn`", "cannot be generic"] {
+        let message = error(
+            quote!(bogus = 1),
+            quote!(
+                #[test]
+                fn t<T>(pool: PgPool) {}
+            ),
+        );
+        for part in [
+            "unknown #[pg_test] argument",
+            "remove this attribute",
+            "must be `async fn`",
+            "cannot be generic",
+        ] {
             assert!(message.contains(part), "{part} missing from {message}");
         }
     }
 
     #[test]
     fn a_missing_migrations_directory_is_an_error() {
-        let message = error(quote!(migrations = "no/such/dir"), quote!(async fn t(pool: PgPool) {}));
+        let message = error(
+            quote!(migrations = "no/such/dir"),
+            quote!(
+                async fn t(pool: PgPool) {}
+            ),
+        );
         assert!(message.contains("no migrations directory at"), "{message}");
     }
 
     #[test]
     fn database_arguments_on_a_test_without_database_are_an_error() {
-        let message = error(quote!(max_connections = 2), quote!(async fn t() {}));
+        let message = error(
+            quote!(max_connections = 2),
+            quote!(
+                async fn t() {}
+            ),
+        );
         assert!(message.contains("takes no database"), "{message}");
     }
 
     #[test]
     fn migrations_and_migrator_exclude_each_other() {
-        let message = error(quote!(migrations = "src", migrator = "crate::M"), quote!(async fn t(pool: PgPool) {}));
+        let message = error(
+            quote!(migrations = "src", migrator = "crate::M"),
+            quote!(
+                async fn t(pool: PgPool) {}
+            ),
+        );
         assert!(message.contains("cannot both be given"), "{message}");
     }
 }

@@ -45,7 +45,13 @@ pub(crate) fn shared_database_name(package: &str, hash: &str) -> String {
     let room = MAX_NAME_LEN - BUILDING_SUFFIX.len() - "pgtest__".len() - HASH_LEN;
     let package: String = package
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '_'
+            }
+        })
         .take(room)
         .collect();
     format!("pgtest_{package}_{}", &hash[..HASH_LEN])
@@ -66,7 +72,11 @@ pub(crate) async fn ensure(
     let cell = {
         let mut ready = READY.lock().unwrap_or_else(PoisonError::into_inner);
         let key = format!("{}/{database}", server.identity());
-        ready.get_or_insert_with(HashMap::new).entry(key).or_default().clone()
+        ready
+            .get_or_insert_with(HashMap::new)
+            .entry(key)
+            .or_default()
+            .clone()
     };
     cell.get_or_try_init(|| async {
         if is_ready(server, pool, database, role).await? {
@@ -81,7 +91,8 @@ pub(crate) async fn ensure(
             false => Err(Error::Query {
                 action: format!("using the shared database {database} just built"),
                 url: server.url().to_owned(),
-                message: "its ready marker is gone: something other than pgtest changed it".to_owned(),
+                message: "its ready marker is gone: something other than pgtest changed it"
+                    .to_owned(),
             }),
         }
     })
@@ -91,7 +102,12 @@ pub(crate) async fn ensure(
 
 /// Whether the database exists and carries the ready marker, asked through
 /// the test's pool.
-async fn is_ready(server: &Server, pool: &PgPool, database: &str, role: Option<&str>) -> Result<bool, Error> {
+async fn is_ready(
+    server: &Server,
+    pool: &PgPool,
+    database: &str,
+    role: Option<&str>,
+) -> Result<bool, Error> {
     let mut connection = match first_connection(server, pool, database, role).await {
         Ok(connection) => connection,
         Err(FirstConnection::Missing) => return Ok(false),
@@ -217,11 +233,13 @@ async fn lock(server: &Server, admin: &mut PgConnection, database: &str) -> Resu
         .await;
     match locked {
         Ok(_) => Ok(()),
-        Err(error) if sqlstate(&error).as_deref() == Some("55P03") => Err(Error::BootstrapTimeout {
-            database: database.to_owned(),
-            after: server.bootstrap_timeout,
-            holders: lock_holders(admin, database).await,
-        }),
+        Err(error) if sqlstate(&error).as_deref() == Some("55P03") => {
+            Err(Error::BootstrapTimeout {
+                database: database.to_owned(),
+                after: server.bootstrap_timeout,
+                holders: lock_holders(admin, database).await,
+            })
+        }
         Err(error) => Err(server.query_error("taking the bootstrap lock", &error)),
     }
 }
@@ -247,13 +265,17 @@ async fn lock_holders(admin: &mut PgConnection, database: &str) -> String {
 
 fn lock_key(database: &str) -> i32 {
     // FNV-1a: stable across processes and versions, unlike std's hasher.
-    let hash = database
-        .bytes()
-        .fold(0x811c_9dc5_u32, |hash, byte| (hash ^ u32::from(byte)).wrapping_mul(0x0100_0193));
+    let hash = database.bytes().fold(0x811c_9dc5_u32, |hash, byte| {
+        (hash ^ u32::from(byte)).wrapping_mul(0x0100_0193)
+    });
     i32::from_ne_bytes(hash.to_ne_bytes())
 }
 
-async fn marker(server: &Server, admin: &mut PgConnection, database: &str) -> Result<Option<String>, Error> {
+async fn marker(
+    server: &Server,
+    admin: &mut PgConnection,
+    database: &str,
+) -> Result<Option<String>, Error> {
     sqlx::query_scalar::<_, Option<String>>(
         "select shobj_description(oid, 'pg_database') from pg_database where datname = $1",
     )
@@ -272,13 +294,24 @@ async fn exists(server: &Server, admin: &mut PgConnection, database: &str) -> Re
         .map_err(|error| server.query_error("looking up the shared database", &error))
 }
 
-async fn create_database(server: &Server, admin: &mut PgConnection, database: &str) -> Result<(), Error> {
+async fn create_database(
+    server: &Server,
+    admin: &mut PgConnection,
+    database: &str,
+) -> Result<(), Error> {
     let name = quote_ident(database);
     // Two statements: CREATE DATABASE cannot run inside a transaction block.
-    let created = match admin.execute(sqlx::raw_sql(sqlx::AssertSqlSafe(format!("create database {name}")))).await {
+    let created = match admin
+        .execute(sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+            "create database {name}"
+        ))))
+        .await
+    {
         Ok(_) => {
             let comment = format!("comment on database {name} is '{BUILDING_MARKER}'");
-            admin.execute(sqlx::raw_sql(sqlx::AssertSqlSafe(comment))).await
+            admin
+                .execute(sqlx::raw_sql(sqlx::AssertSqlSafe(comment)))
+                .await
         }
         Err(error) => Err(error),
     };
@@ -287,14 +320,24 @@ async fn create_database(server: &Server, admin: &mut PgConnection, database: &s
         Err(error) if sqlstate(&error).as_deref() == Some("42501") => Err(server.privilege_error(
             "create databases",
             describe(&error),
-            format!("Grant it as a superuser: ALTER ROLE \"{}\" CREATEDB", server.user()),
+            format!(
+                "Grant it as a superuser: ALTER ROLE \"{}\" CREATEDB",
+                server.user()
+            ),
         )),
         Err(error) => Err(server.query_error(format!("creating database {database}"), &error)),
     }
 }
 
-async fn drop_database(server: &Server, admin: &mut PgConnection, database: &str) -> Result<(), Error> {
-    let statement = format!("drop database if exists {} with (force)", quote_ident(database));
+async fn drop_database(
+    server: &Server,
+    admin: &mut PgConnection,
+    database: &str,
+) -> Result<(), Error> {
+    let statement = format!(
+        "drop database if exists {} with (force)",
+        quote_ident(database)
+    );
     admin
         .execute(sqlx::raw_sql(sqlx::AssertSqlSafe(statement)))
         .await
@@ -302,7 +345,12 @@ async fn drop_database(server: &Server, admin: &mut PgConnection, database: &str
         .map_err(|error| server.query_error(format!("dropping database {database}"), &error))
 }
 
-async fn migrate(server: &Server, building: &str, database: &str, migrations: &Migrations) -> Result<(), Error> {
+async fn migrate(
+    server: &Server,
+    building: &str,
+    database: &str,
+    migrations: &Migrations,
+) -> Result<(), Error> {
     let mut connection = server.connect(building).await?;
     let result = migrations.migrator().run(&mut connection).await;
     let _ = connection.close().await;
@@ -345,8 +393,14 @@ mod tests {
 
     #[test]
     fn lock_keys_differ_between_databases_and_are_stable() {
-        assert_eq!(lock_key("pgtest_a_000000000000"), lock_key("pgtest_a_000000000000"));
-        assert_ne!(lock_key("pgtest_a_000000000000"), lock_key("pgtest_a_000000000001"));
+        assert_eq!(
+            lock_key("pgtest_a_000000000000"),
+            lock_key("pgtest_a_000000000000")
+        );
+        assert_ne!(
+            lock_key("pgtest_a_000000000000"),
+            lock_key("pgtest_a_000000000001")
+        );
     }
 
     #[test]

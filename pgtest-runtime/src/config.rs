@@ -50,7 +50,7 @@ pub(crate) struct Config {
 impl Config {
     /// Reads the configuration for a test of the package at `manifest_dir`.
     pub(crate) fn load(manifest_dir: &Path) -> Result<Self, Error> {
-        let (url, origin) = server_url(manifest_dir)?.ok_or(Error::NoServer)?;
+        let (url, origin) = server_url(manifest_dir, non_empty_var)?.ok_or(Error::NoServer)?;
         Ok(Self {
             url,
             origin,
@@ -62,16 +62,19 @@ impl Config {
 
 /// `PGTEST_DATABASE_URL`, else `DATABASE_URL`, each first from the process
 /// environment, then from the nearest `.env` file at or above `manifest_dir`.
-fn server_url(manifest_dir: &Path) -> Result<Option<(String, UrlOrigin)>, Error> {
+fn server_url(
+    manifest_dir: &Path,
+    env_var: impl Fn(&str) -> Option<String>,
+) -> Result<Option<(String, UrlOrigin)>, Error> {
     let dotenv = find_dotenv(manifest_dir);
     for var in [URL_VAR, FALLBACK_URL_VAR] {
-        if let Some(url) = non_empty_var(var) {
+        if let Some(url) = env_var(var) {
             return Ok(Some((url, UrlOrigin::Env(var))));
         }
-        if let Some(path) = &dotenv {
-            if let Some(url) = dotenv_var(path, var)? {
-                return Ok(Some((url, UrlOrigin::DotEnv(var, path.clone()))));
-            }
+        if let Some(path) = &dotenv
+            && let Some(url) = dotenv_var(path, var)?
+        {
+            return Ok(Some((url, UrlOrigin::DotEnv(var, path.clone()))));
         }
     }
     Ok(None)
@@ -82,7 +85,10 @@ fn non_empty_var(var: &str) -> Option<String> {
 }
 
 fn find_dotenv(start: &Path) -> Option<PathBuf> {
-    start.ancestors().map(|dir| dir.join(".env")).find(|path| path.is_file())
+    start
+        .ancestors()
+        .map(|dir| dir.join(".env"))
+        .find(|path| path.is_file())
 }
 
 /// One variable of a `.env` file, read without touching the process
@@ -92,7 +98,9 @@ fn dotenv_var(path: &Path, var: &str) -> Result<Option<String>, Error> {
         path: path.to_owned(),
         reason: match error {
             // The line itself may hold a password: say where, not what.
-            dotenvy::Error::LineParse(_, at) => format!("a line cannot be parsed (at character {at})"),
+            dotenvy::Error::LineParse(_, at) => {
+                format!("a line cannot be parsed (at character {at})")
+            }
             other => other.to_string(),
         },
     };
@@ -117,5 +125,105 @@ fn seconds(var: &'static str, default: Duration) -> Result<Duration, Error> {
             value,
             expected: "a positive number of seconds",
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::fs;
+
+    use super::*;
+
+    fn env_of(pairs: &'static [(&'static str, &'static str)]) -> impl Fn(&str) -> Option<String> {
+        move |var| {
+            pairs
+                .iter()
+                .find(|(key, _)| *key == var)
+                .map(|(_, value)| (*value).to_owned())
+        }
+    }
+
+    #[test]
+    fn pgtest_database_url_wins_over_database_url() {
+        let dir = tempfile::tempdir().unwrap();
+        let env = env_of(&[
+            ("DATABASE_URL", "postgres://b"),
+            ("PGTEST_DATABASE_URL", "postgres://a"),
+        ]);
+        let (url, origin) = server_url(dir.path(), env).unwrap().unwrap();
+        assert_eq!(
+            (url.as_str(), origin),
+            ("postgres://a", UrlOrigin::Env(URL_VAR))
+        );
+    }
+
+    #[test]
+    fn a_dotenv_file_above_the_package_is_read() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(
+            dir.path().join(".env"),
+            "OTHER=1\nDATABASE_URL=postgres://from-file/app\n",
+        )
+        .unwrap();
+        let package = dir.path().join("crates/app");
+        fs::create_dir_all(&package).unwrap();
+        let (url, origin) = server_url(&package, env_of(&[])).unwrap().unwrap();
+        assert_eq!(url, "postgres://from-file/app");
+        assert_eq!(
+            origin.to_string(),
+            format!("DATABASE_URL in {}", dir.path().join(".env").display())
+        );
+    }
+
+    #[test]
+    fn the_environment_wins_over_the_dotenv_file_for_the_same_variable() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(
+            dir.path().join(".env"),
+            "PGTEST_DATABASE_URL=postgres://file\n",
+        )
+        .unwrap();
+        let (url, _) = server_url(
+            dir.path(),
+            env_of(&[("PGTEST_DATABASE_URL", "postgres://env")]),
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(url, "postgres://env");
+    }
+
+    #[test]
+    fn pgtest_database_url_in_dotenv_wins_over_database_url_in_the_environment() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(
+            dir.path().join(".env"),
+            "PGTEST_DATABASE_URL=postgres://file\n",
+        )
+        .unwrap();
+        let (url, _) = server_url(dir.path(), env_of(&[("DATABASE_URL", "postgres://env")]))
+            .unwrap()
+            .unwrap();
+        assert_eq!(url, "postgres://file");
+    }
+
+    #[test]
+    fn nothing_configured_is_none() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(server_url(dir.path(), env_of(&[])).unwrap().is_none());
+    }
+
+    #[test]
+    fn a_broken_dotenv_line_is_reported_without_its_contents() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(
+            dir.path().join(".env"),
+            "DATABASE_URL='postgres://u:s3cret@h/db\n",
+        )
+        .unwrap();
+        let error = server_url(dir.path(), env_of(&[])).unwrap_err().to_string();
+        assert!(
+            error.contains("cannot read") && !error.contains("s3cret"),
+            "{error}"
+        );
     }
 }

@@ -29,7 +29,12 @@ pub struct TestContext {
 }
 
 impl TestContext {
-    pub(crate) fn new(pool: PgPool, tenant: Tenant, database: String, test_name: &'static str) -> Self {
+    pub(crate) fn new(
+        pool: PgPool,
+        tenant: Tenant,
+        database: String,
+        test_name: &'static str,
+    ) -> Self {
         Self {
             pool,
             tenant,

@@ -236,5 +236,8 @@ pub(crate) fn describe(error: &sqlx::Error) -> String {
 
 /// The SQLSTATE of a database error.
 pub(crate) fn sqlstate(error: &sqlx::Error) -> Option<String> {
-    error.as_database_error()?.code().map(|code| code.into_owned())
+    error
+        .as_database_error()?
+        .code()
+        .map(|code| code.into_owned())
 }

@@ -5,6 +5,9 @@
 //! server connection, the shared database bootstrap, tenants, errors.
 //! Generated code calls [`__private::run`] and nothing else.
 
+// An error ends a test: its size on the stack does not matter.
+#![allow(clippy::result_large_err)]
+
 mod bootstrap;
 mod config;
 mod context;

@@ -37,17 +37,21 @@ impl Migrations {
     pub(crate) async fn load(source: MigrationSource, manifest_dir: &Path) -> Result<Self, Error> {
         let default_dir = manifest_dir.join("migrations");
         let (migrator, origin) = match source {
-            MigrationSource::Default if default_dir.is_dir() => (read_dir(&default_dir).await?, default_dir),
+            MigrationSource::Default if default_dir.is_dir() => {
+                (read_dir(&default_dir).await?, default_dir)
+            }
             MigrationSource::Dir(dir) => {
                 let dir = manifest_dir.join(dir);
                 (read_dir(&dir).await?, dir)
             }
-            MigrationSource::Migrator(migrator) => {
-                (Resolved::Static(migrator), PathBuf::from("the test's migrator"))
-            }
-            MigrationSource::Default | MigrationSource::None => {
-                (Resolved::Read(Migrator::with_migrations(Vec::new())), PathBuf::from("no migrations"))
-            }
+            MigrationSource::Migrator(migrator) => (
+                Resolved::Static(migrator),
+                PathBuf::from("the test's migrator"),
+            ),
+            MigrationSource::Default | MigrationSource::None => (
+                Resolved::Read(Migrator::with_migrations(Vec::new())),
+                PathBuf::from("no migrations"),
+            ),
         };
         let hash = hash(migrator.get());
         Ok(Self {
@@ -66,7 +70,10 @@ impl Migrations {
         self.migrator()
             .iter()
             .find(|migration| migration.version == version)
-            .map_or_else(|| "unknown".to_owned(), |migration| migration.description.to_string())
+            .map_or_else(
+                || "unknown".to_owned(),
+                |migration| migration.description.to_string(),
+            )
     }
 }
 
@@ -86,10 +93,13 @@ impl Resolved {
 }
 
 async fn read_dir(dir: &Path) -> Result<Resolved, Error> {
-    Migrator::new(dir).await.map(Resolved::Read).map_err(|error| Error::Migrations {
-        origin: dir.display().to_string(),
-        reason: error.to_string(),
-    })
+    Migrator::new(dir)
+        .await
+        .map(Resolved::Read)
+        .map_err(|error| Error::Migrations {
+            origin: dir.display().to_string(),
+            reason: error.to_string(),
+        })
 }
 
 fn hash(migrator: &Migrator) -> String {

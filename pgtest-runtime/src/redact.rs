@@ -5,13 +5,13 @@ use url::Url;
 const MASK: &str = "***";
 
 /// The URL with any password (in the user info or as a `password=` query
-/// parameter) replaced by `***`. A string that does not parse as a URL keeps
-/// only its scheme and what follows the last `@`, so that a password in a
+/// parameter) replaced by `***`. A string that does not parse as a URL with
+/// a host keeps only its scheme and what follows the last `@`, so that a password in a
 /// malformed URL is not shown either.
 pub(crate) fn redact_url(raw: &str) -> String {
     match Url::parse(raw) {
-        Ok(url) => redact_parsed(url),
-        Err(_) => redact_unparsed(raw),
+        Ok(url) if url.has_host() => redact_parsed(url),
+        _ => redact_unparsed(raw),
     }
 }
 
@@ -24,7 +24,11 @@ fn redact_parsed(mut url: Url) -> String {
         let pairs: Vec<(String, String)> = url
             .query_pairs()
             .map(|(key, value)| {
-                let value = if key == "password" { MASK.to_owned() } else { value.into_owned() };
+                let value = if key == "password" {
+                    MASK.to_owned()
+                } else {
+                    value.into_owned()
+                };
                 (key.into_owned(), value)
             })
             .collect();
@@ -60,14 +64,18 @@ mod tests {
 
     #[test]
     fn a_password_query_parameter_is_masked() {
-        let shown = redact_url("postgres://db.example/app?user=app&password=s3cret&sslmode=require");
+        let shown =
+            redact_url("postgres://db.example/app?user=app&password=s3cret&sslmode=require");
         assert!(!shown.contains("s3cret"), "{shown}");
         assert!(shown.contains("sslmode=require"), "{shown}");
     }
 
     #[test]
     fn a_url_without_password_is_shown_as_is() {
-        assert_eq!(redact_url("postgres://app@localhost/app"), "postgres://app@localhost/app");
+        assert_eq!(
+            redact_url("postgres://app@localhost/app"),
+            "postgres://app@localhost/app"
+        );
     }
 
     #[test]
@@ -79,7 +87,10 @@ mod tests {
             "postgres://host/app?password=s3cret&x=%zz",
         ] {
             let shown = redact_url(raw);
-            assert!(!shown.contains("s3cret") && !shown.contains("ret@"), "{raw} -> {shown}");
+            assert!(
+                !shown.contains("s3cret") && !shown.contains("ret@"),
+                "{raw} -> {shown}"
+            );
         }
     }
 }

@@ -139,7 +139,12 @@ pub fn run<F: TestFn>(spec: TestSpec, test: F) {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .unwrap_or_else(|error| panic!("pgtest: test `{}`: cannot start a tokio runtime: {error}", spec.name));
+        .unwrap_or_else(|error| {
+            panic!(
+                "pgtest: test `{}`: cannot start a tokio runtime: {error}",
+                spec.name
+            )
+        });
     runtime.block_on(async {
         let context = if F::NEEDS_DATABASE {
             match prepare(&spec).await {
@@ -211,7 +216,13 @@ fn application_name(test: &str) -> String {
     test[start..].to_owned()
 }
 
-fn seed_error(server: &Server, seed: &Seed, database: &str, role: Option<&str>, error: sqlx::Error) -> Error {
+fn seed_error(
+    server: &Server,
+    seed: &Seed,
+    database: &str,
+    role: Option<&str>,
+    error: sqlx::Error,
+) -> Error {
     match error {
         sqlx::Error::Database(_) => Error::Seed {
             path: seed.path,

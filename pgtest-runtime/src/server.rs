@@ -43,8 +43,8 @@ impl Server {
                 parsed.scheme()
             )));
         }
-        let options = PgConnectOptions::from_str(&config.url)
-            .map_err(|e| invalid(e.to_string()))?;
+        let options =
+            PgConnectOptions::from_str(&config.url).map_err(|e| invalid(e.to_string()))?;
         let admin_database = options
             .get_database()
             .unwrap_or(DEFAULT_ADMIN_DATABASE)
@@ -72,7 +72,10 @@ impl Server {
     /// Names this server within the process (host, port, socket, role),
     /// without the password.
     pub(crate) fn identity(&self) -> String {
-        let socket = self.options.get_socket().map(|path| path.display().to_string());
+        let socket = self
+            .options
+            .get_socket()
+            .map(|path| path.display().to_string());
         format!(
             "{}@{}:{}{}",
             self.user(),
@@ -100,7 +103,8 @@ impl Server {
             .options_for(database)
             .application_name(ADMIN_APPLICATION_NAME)
             .disable_statement_logging();
-        match tokio::time::timeout(self.connect_timeout, PgConnection::connect_with(&options)).await {
+        match tokio::time::timeout(self.connect_timeout, PgConnection::connect_with(&options)).await
+        {
             Ok(Ok(connection)) => Ok(connection),
             Ok(Err(error)) => Err(self.connect_error(error, database, None)),
             Err(_) => Err(self.timeout_error()),
@@ -117,7 +121,12 @@ impl Server {
 
     /// Explains a failed connection to `database`, made as `role` when the
     /// test asked for one.
-    pub(crate) fn connect_error(&self, error: sqlx::Error, database: &str, role: Option<&str>) -> Error {
+    pub(crate) fn connect_error(
+        &self,
+        error: sqlx::Error,
+        database: &str,
+        role: Option<&str>,
+    ) -> Error {
         let message = describe(&error);
         if let Some(role) = role.filter(|role| message.contains(&format!("\"{role}\""))) {
             return Error::Role {
@@ -142,13 +151,21 @@ impl Server {
             (_, Some("42501")) => self.privilege_error(
                 "connect to this database",
                 message,
-                format!("Grant it as a superuser: GRANT CONNECT ON DATABASE \"{database}\" TO \"{}\"", self.user()),
+                format!(
+                    "Grant it as a superuser: GRANT CONNECT ON DATABASE \"{database}\" TO \"{}\"",
+                    self.user()
+                ),
             ),
             _ => self.query_error(format!("connecting to database {database}"), &error),
         }
     }
 
-    pub(crate) fn privilege_error(&self, action: &'static str, message: String, remedy: String) -> Error {
+    pub(crate) fn privilege_error(
+        &self,
+        action: &'static str,
+        message: String,
+        remedy: String,
+    ) -> Error {
         Error::Privilege {
             url: self.url.clone(),
             origin: self.origin.clone(),

@@ -6,9 +6,11 @@
 
 use std::env;
 use std::fs;
+use std::io::Read;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
+use std::thread;
 use std::time::{Duration, Instant};
 
 /// The password of the `postgres` role over TCP. Tests assert that it never
@@ -41,18 +43,30 @@ impl Cluster {
                 .args([SERVER_USER, &dir.path().display().to_string()])
                 .status()
                 .expect("run chown");
-            assert!(status.success(), "chown the cluster directory to {SERVER_USER}");
+            assert!(
+                status.success(),
+                "chown the cluster directory to {SERVER_USER}"
+            );
         }
         let password_file = dir.path().join("pw");
         fs::write(&password_file, PASSWORD).expect("write the password file");
         if running_as_root() {
-            Command::new("chown").args([SERVER_USER, &password_file.display().to_string()]).status().expect("chown");
+            Command::new("chown")
+                .args([SERVER_USER, &password_file.display().to_string()])
+                .status()
+                .expect("chown");
         }
         run_as_server_user(
             Command::new(bin.join("initdb"))
                 .arg("-D")
                 .arg(&data)
-                .args(["-U", "postgres", "--auth-local=trust", "--auth-host=scram-sha-256", "--no-sync"])
+                .args([
+                    "-U",
+                    "postgres",
+                    "--auth-local=trust",
+                    "--auth-host=scram-sha-256",
+                    "--no-sync",
+                ])
                 .arg(format!("--pwfile={}", password_file.display())),
         );
         let port = free_port();
@@ -81,7 +95,10 @@ impl Cluster {
 
     /// A URL for any role, password and database over TCP.
     pub fn url_for(&self, user: &str, password: &str, database: &str) -> String {
-        format!("postgres://{user}:{password}@127.0.0.1:{}/{database}", self.port)
+        format!(
+            "postgres://{user}:{password}@127.0.0.1:{}/{database}",
+            self.port
+        )
     }
 
     /// Runs SQL as the superuser over the socket; returns the unaligned
@@ -93,19 +110,36 @@ impl Cluster {
     /// Runs SQL in `database`.
     pub fn psql_in(&self, database: &str, sql: &str) -> String {
         let output = Command::new(self.bin.join("psql"))
-            .args(["-X", "-At", "-v", "ON_ERROR_STOP=1", "-U", "postgres", "-d", database])
+            .args([
+                "-X",
+                "-At",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-U",
+                "postgres",
+                "-d",
+                database,
+            ])
             .arg("-h")
             .arg(self.dir.path())
             .args(["-p", &self.port.to_string(), "-c", sql])
             .output()
             .expect("run psql");
-        assert!(output.status.success(), "psql failed: {}", String::from_utf8_lossy(&output.stderr));
-        String::from_utf8(output.stdout).expect("utf-8").trim().to_owned()
+        assert!(
+            output.status.success(),
+            "psql failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8(output.stdout)
+            .expect("utf-8")
+            .trim()
+            .to_owned()
     }
 
     /// The names of the databases pgtest made (or is making).
     pub fn pgtest_databases(&self) -> Vec<String> {
-        let names = self.psql("select datname from pg_database where datname like 'pgtest%' order by 1");
+        let names =
+            self.psql("select datname from pg_database where datname like 'pgtest%' order by 1");
         names.lines().map(str::to_owned).collect()
     }
 
@@ -136,7 +170,10 @@ impl Cluster {
 impl Drop for Cluster {
     fn drop(&mut self) {
         let mut command = Command::new(self.bin.join("pg_ctl"));
-        command.arg("-D").arg(self.dir.path().join("data")).args(["-m", "immediate", "-w", "stop"]);
+        command
+            .arg("-D")
+            .arg(self.dir.path().join("data"))
+            .args(["-m", "immediate", "-w", "stop"]);
         let _ = as_server_user(&mut command).output();
     }
 }
@@ -156,27 +193,59 @@ pub fn fixture(filter: &str, url: &str) -> Command {
 }
 
 /// Waits for a child, at most `limit`, killing it when it takes longer.
+/// Its output is read while it runs, so that a full pipe cannot stall it.
 pub fn finish(mut child: Child, limit: Duration) -> Output {
+    let stdout = drain(child.stdout.take());
+    let stderr = drain(child.stderr.take());
     let deadline = Instant::now() + limit;
-    while child.try_wait().expect("poll the child").is_none() {
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("poll the child") {
+            break status;
+        }
         if Instant::now() > deadline {
             let _ = child.kill();
-            let output = child.wait_with_output().expect("collect the child");
-            panic!("the fixture ran longer than {limit:?}; it printed:\n{}", text(&output));
+            let _ = child.wait();
+            let printed = format!("{}{}", collect(stdout), collect(stderr));
+            panic!("the child ran longer than {limit:?}; it printed:\n{printed}");
         }
         std::thread::sleep(Duration::from_millis(20));
+    };
+    Output {
+        status,
+        stdout: collect(stdout).into_bytes(),
+        stderr: collect(stderr).into_bytes(),
     }
-    child.wait_with_output().expect("collect the child")
+}
+
+fn drain(pipe: Option<impl Read + Send + 'static>) -> thread::JoinHandle<Vec<u8>> {
+    thread::spawn(move || {
+        let mut bytes = Vec::new();
+        if let Some(mut pipe) = pipe {
+            let _ = pipe.read_to_end(&mut bytes);
+        }
+        bytes
+    })
+}
+
+fn collect(reader: thread::JoinHandle<Vec<u8>>) -> String {
+    String::from_utf8_lossy(&reader.join().unwrap_or_default()).into_owned()
 }
 
 /// Runs a fixture to the end (at most a minute) and returns its output.
 pub fn run(command: &mut Command) -> Output {
-    finish(command.spawn().expect("start the fixture"), Duration::from_secs(60))
+    finish(
+        command.spawn().expect("start the fixture"),
+        Duration::from_secs(60),
+    )
 }
 
 /// Stdout and stderr together.
 pub fn text(output: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr))
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
 }
 
 /// Asserts the fixture passed exactly `count` tests.
@@ -192,8 +261,14 @@ pub fn assert_passed(output: &Output, count: usize) {
 /// the password does not appear in it.
 pub fn assert_failed_without_password(output: &Output) -> String {
     let text = text(output);
-    assert!(!output.status.success(), "expected the fixture to fail, got:\n{text}");
-    assert!(!text.contains(PASSWORD), "the password appears in the output:\n{text}");
+    assert!(
+        !output.status.success(),
+        "expected the fixture to fail, got:\n{text}"
+    );
+    assert!(
+        !text.contains(PASSWORD),
+        "the password appears in the output:\n{text}"
+    );
     text
 }
 
@@ -233,10 +308,9 @@ fn pg_bin() -> PathBuf {
         })
         .collect();
     versions.sort();
-    versions
-        .pop()
-        .map(|(_, bin)| bin)
-        .expect("no PostgreSQL binaries: install them (apt-get install postgresql) or set PGTEST_PG_BIN")
+    versions.pop().map(|(_, bin)| bin).expect(
+        "no PostgreSQL binaries: install them (apt-get install postgresql) or set PGTEST_PG_BIN",
+    )
 }
 
 fn running_as_root() -> bool {
@@ -255,13 +329,23 @@ fn as_server_user(command: &mut Command) -> Command {
         return same;
     }
     let mut wrapped = Command::new("runuser");
-    wrapped.args(["-u", SERVER_USER, "--"]).arg(command.get_program()).args(command.get_args());
+    wrapped
+        .args(["-u", SERVER_USER, "--"])
+        .arg(command.get_program())
+        .args(command.get_args());
     wrapped
 }
 
 fn run_as_server_user(command: &mut Command) {
-    let output = as_server_user(command).output().expect("run a PostgreSQL program");
-    assert!(output.status.success(), "{:?} failed:\n{}", command.get_program(), text(&output));
+    let output = as_server_user(command)
+        .output()
+        .expect("run a PostgreSQL program");
+    assert!(
+        output.status.success(),
+        "{:?} failed:\n{}",
+        command.get_program(),
+        text(&output)
+    );
 }
 
 /// The directory of this package's test fixtures.

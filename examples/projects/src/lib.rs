@@ -70,5 +70,7 @@ pub async fn active_projects(pool: &PgPool, org_id: Uuid) -> sqlx::Result<Vec<Pr
 /// Every project the connection may see: with row-level security, only the
 /// current organisation's.
 pub async fn visible_projects(pool: &PgPool) -> sqlx::Result<Vec<Project>> {
-    sqlx::query_as("select * from projects order by name").fetch_all(pool).await
+    sqlx::query_as("select * from projects order by name")
+        .fetch_all(pool)
+        .await
 }

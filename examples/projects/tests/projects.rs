@@ -2,7 +2,9 @@
 //! keeps to its own organisation, the test's tenant.
 
 use pgtest::{PgPool, Tenant, TestContext, pg_test};
-use pgtest_example_projects::{active_projects, add_project, archive_project, create_org, visible_projects};
+use pgtest_example_projects::{
+    active_projects, add_project, archive_project, create_org, visible_projects,
+};
 
 #[pg_test]
 async fn a_new_org_has_no_projects(pool: PgPool, tenant: Tenant) -> anyhow::Result<()> {
@@ -39,7 +41,10 @@ async fn archived_projects_are_not_active(pool: PgPool, tenant: Tenant) -> anyho
 #[pg_test(seed = "fixtures/acme.sql")]
 async fn a_project_name_is_unique_within_its_org(pool: PgPool, tenant: Tenant) {
     let error = add_project(&pool, tenant.id(), "anvils").await.unwrap_err();
-    let code = error.as_database_error().and_then(|e| e.code()).map(|code| code.into_owned());
+    let code = error
+        .as_database_error()
+        .and_then(|e| e.code())
+        .map(|code| code.into_owned());
     assert_eq!(code.as_deref(), Some("23505"), "{error}");
 }
 
@@ -49,12 +54,19 @@ async fn a_project_name_is_unique_within_its_org(pool: PgPool, tenant: Tenant) {
 async fn row_level_security_hides_other_orgs(ctx: TestContext) -> anyhow::Result<()> {
     let projects = visible_projects(ctx.pool()).await?;
     assert_eq!(projects.len(), 2, "{projects:?}");
-    assert!(projects.iter().all(|project| project.org_id == ctx.tenant().id()));
+    assert!(
+        projects
+            .iter()
+            .all(|project| project.org_id == ctx.tenant().id())
+    );
     Ok(())
 }
 
 #[pg_test(role = "app_user")]
-async fn row_level_security_refuses_rows_for_another_org(pool: PgPool, tenant: Tenant) -> anyhow::Result<()> {
+async fn row_level_security_refuses_rows_for_another_org(
+    pool: PgPool,
+    tenant: Tenant,
+) -> anyhow::Result<()> {
     create_org(&pool, tenant.id(), "acme").await?;
     let other = Tenant::new();
     create_org(&pool, other.id(), "globex").await?;
