@@ -114,22 +114,6 @@ fn a_url_of_another_database_kind_is_refused() {
 }
 
 #[test]
-fn no_server_at_all_says_which_variable_to_set() {
-    let output = run(fixture("fixture_plain", "")
-        .arg("--exact")
-        .env_remove("PGTEST_DATABASE_URL"));
-    let text = assert_failed_without_password(&output);
-    assert_contains(
-        &text,
-        &[
-            "test `errors::fixture_plain`",
-            "no PostgreSQL server is configured",
-            "Set PGTEST_DATABASE_URL",
-        ],
-    );
-}
-
-#[test]
 fn a_role_that_may_not_create_databases_is_told_how_to_grant_it() {
     let cluster = Cluster::start(&[]);
     cluster.psql(&format!("create role lowly login password '{PASSWORD}'"));

@@ -19,6 +19,7 @@ const BOOTSTRAP_TIMEOUT_VAR: &str = "PGTEST_BOOTSTRAP_TIMEOUT";
 
 const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const DEFAULT_BOOTSTRAP_TIMEOUT: Duration = Duration::from_secs(300);
+const DEFAULT_EMBEDDED_IDLE: Duration = Duration::from_secs(60);
 
 /// Where the server URL came from, so that messages name the right knob.
 #[derive(Clone, PartialEq, Eq, Debug)]
@@ -38,24 +39,41 @@ impl fmt::Display for UrlOrigin {
     }
 }
 
-/// The resolved configuration of one test process. Holds a secret (the
-/// URL): it has no `Debug` and is never printed.
+/// The value of `PGTEST_DATABASE_URL` that asks for the embedded server
+/// even when `DATABASE_URL` names another.
+pub(crate) const EMBEDDED: &str = "embedded";
+
+/// Which server the tests use.
+pub(crate) enum Target {
+    /// A server at a URL. The URL may hold a password: never print it.
+    Url { url: String, origin: UrlOrigin },
+    /// The embedded server.
+    Embedded,
+}
+
+/// The resolved configuration of one test process. It has no `Debug`, as a
+/// URL may hold a password.
 pub(crate) struct Config {
-    pub(crate) url: String,
-    pub(crate) origin: UrlOrigin,
+    pub(crate) target: Target,
     pub(crate) connect_timeout: Duration,
     pub(crate) bootstrap_timeout: Duration,
+    /// How long the embedded server may sit without a client.
+    pub(crate) embedded_idle: Duration,
 }
 
 impl Config {
     /// Reads the configuration for a test of the package at `manifest_dir`.
     pub(crate) fn load(manifest_dir: &Path) -> Result<Self, Error> {
-        let (url, origin) = server_url(manifest_dir, non_empty_var)?.ok_or(Error::NoServer)?;
+        let target = match server_url(manifest_dir, non_empty_var)? {
+            Some((url, _)) if url.trim().eq_ignore_ascii_case(EMBEDDED) => Target::Embedded,
+            Some((url, origin)) => Target::Url { url, origin },
+            None => Target::Embedded,
+        };
         Ok(Self {
-            url,
-            origin,
+            target,
             connect_timeout: seconds(CONNECT_TIMEOUT_VAR, DEFAULT_CONNECT_TIMEOUT)?,
             bootstrap_timeout: seconds(BOOTSTRAP_TIMEOUT_VAR, DEFAULT_BOOTSTRAP_TIMEOUT)?,
+            embedded_idle: seconds(crate::embedded::IDLE_VAR, DEFAULT_EMBEDDED_IDLE)?,
         })
     }
 }

@@ -12,19 +12,51 @@ use sqlx::postgres::PgDatabaseError;
 /// test's name. Every message names the next step; none contains a password.
 ///
 /// ```
-/// let error = pgtest_runtime::Error::NoServer;
+/// let error = pgtest_runtime::Error::NoServerUser;
 /// assert!(error.to_string().contains("PGTEST_DATABASE_URL"));
 /// ```
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
-    /// No server URL is configured.
+    /// No PostgreSQL binaries for the embedded server.
     #[error(
-        "no PostgreSQL server is configured. Set PGTEST_DATABASE_URL (or DATABASE_URL, which is \
-         also read from a .env file) to a server URL, for example \
-         postgres://postgres@localhost:5432/postgres"
+        "no PostgreSQL server binaries for the embedded server (looked in: {searched}). Install \
+         them (apt-get install postgresql, or brew install postgresql@17), set PGTEST_PG_BIN to \
+         the directory that holds initdb, pg_ctl and postgres, or set PGTEST_DATABASE_URL to a \
+         running server"
     )]
-    NoServer,
+    NoBinaries {
+        /// Where pgtest looked.
+        searched: String,
+    },
+
+    /// Running as root with no user to run the embedded server as.
+    #[error(
+        "pgtest runs as root, which initdb and postgres refuse, and there is neither a `postgres` \
+         nor a `nobody` user to run the embedded server as. Create one (useradd --system \
+         postgres) or set PGTEST_DATABASE_URL to a running server"
+    )]
+    NoServerUser,
+
+    /// The embedded server failed.
+    #[error(
+        "the embedded PostgreSQL server in {} could not {action}: {reason}. {remedy}Remove that \
+         directory to start afresh, or set PGTEST_DATABASE_URL to a running server. The server \
+         log ends with:\n{log_tail}",
+        dir.display()
+    )]
+    Embedded {
+        /// What pgtest tried to do.
+        action: String,
+        /// What went wrong.
+        reason: String,
+        /// What to do first, as a sentence ending in ". ", or empty.
+        remedy: String,
+        /// The cluster's directory.
+        dir: PathBuf,
+        /// The last lines of the server's log.
+        log_tail: String,
+    },
 
     /// The server URL does not parse.
     #[error(

@@ -11,6 +11,7 @@
 mod bootstrap;
 mod config;
 mod context;
+mod embedded;
 mod error;
 mod migrations;
 mod redact;

@@ -7,7 +7,8 @@ use sqlx::postgres::{PgConnectOptions, PgConnection};
 use sqlx::{ConnectOptions, Connection};
 
 use crate::Error;
-use crate::config::Config;
+use crate::config::{Config, Target, URL_VAR, UrlOrigin};
+use crate::embedded;
 use crate::error::{describe, sqlstate};
 use crate::redact::redact_url;
 
@@ -15,6 +16,23 @@ use crate::redact::redact_url;
 const DEFAULT_ADMIN_DATABASE: &str = "postgres";
 /// The `application_name` of pgtest's own connections.
 pub(crate) const ADMIN_APPLICATION_NAME: &str = "pgtest bootstrap";
+
+/// Connect options from a URL, which must be a `postgres://` one.
+fn parse_url(url: &str, origin: &UrlOrigin) -> Result<PgConnectOptions, Error> {
+    let invalid = |reason: String| Error::InvalidUrl {
+        origin: origin.to_string(),
+        url: redact_url(url),
+        reason,
+    };
+    let parsed = url::Url::parse(url).map_err(|e| invalid(e.to_string()))?;
+    if !matches!(parsed.scheme(), "postgres" | "postgresql") {
+        return Err(invalid(format!(
+            "the scheme is {:?}, and pgtest needs postgres:// or postgresql://",
+            parsed.scheme()
+        )));
+    }
+    PgConnectOptions::from_str(url).map_err(|e| invalid(e.to_string()))
+}
 
 /// A PostgreSQL server and the role pgtest logs in as. Holds the password:
 /// it has no `Debug`, and only its redacted URL is ever shown.
@@ -29,22 +47,16 @@ pub(crate) struct Server {
 
 impl Server {
     pub(crate) fn new(config: Config) -> Result<Self, Error> {
-        let url = redact_url(&config.url);
-        let origin = config.origin.to_string();
-        let invalid = |reason: String| Error::InvalidUrl {
-            origin: origin.clone(),
-            url: url.clone(),
-            reason,
+        let (options, url, origin) = match config.target {
+            Target::Url { url, origin } => {
+                let options = parse_url(&url, &origin)?;
+                (options, redact_url(&url), origin.to_string())
+            }
+            Target::Embedded => {
+                let embedded = embedded::ensure(config.embedded_idle)?;
+                (embedded.options, embedded.description, URL_VAR.to_owned())
+            }
         };
-        let parsed = url::Url::parse(&config.url).map_err(|e| invalid(e.to_string()))?;
-        if !matches!(parsed.scheme(), "postgres" | "postgresql") {
-            return Err(invalid(format!(
-                "the scheme is {:?}, and pgtest needs postgres:// or postgresql://",
-                parsed.scheme()
-            )));
-        }
-        let options =
-            PgConnectOptions::from_str(&config.url).map_err(|e| invalid(e.to_string()))?;
         let admin_database = options
             .get_database()
             .unwrap_or(DEFAULT_ADMIN_DATABASE)

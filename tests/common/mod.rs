@@ -323,16 +323,22 @@ fn running_as_root() -> bool {
 
 /// `initdb` and `postgres` refuse to run as root: run them as `postgres`.
 fn as_server_user(command: &mut Command) -> Command {
-    if !running_as_root() {
-        let mut same = Command::new(command.get_program());
-        same.args(command.get_args());
-        return same;
+    let mut wrapped = if running_as_root() {
+        let mut runuser = Command::new("runuser");
+        runuser
+            .args(["-u", SERVER_USER, "--"])
+            .arg(command.get_program());
+        runuser
+    } else {
+        Command::new(command.get_program())
+    };
+    wrapped.args(command.get_args());
+    for (key, value) in command.get_envs() {
+        match value {
+            Some(value) => wrapped.env(key, value),
+            None => wrapped.env_remove(key),
+        };
     }
-    let mut wrapped = Command::new("runuser");
-    wrapped
-        .args(["-u", SERVER_USER, "--"])
-        .arg(command.get_program())
-        .args(command.get_args());
     wrapped
 }
 
@@ -351,4 +357,81 @@ fn run_as_server_user(command: &mut Command) {
 /// The directory of this package's test fixtures.
 pub fn fixtures_dir() -> &'static Path {
     Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures"))
+}
+
+/// A `PGTEST_HOME` of its own for tests of the embedded server, traversable
+/// by the server user. Whatever server runs in it is stopped when dropped.
+pub struct EmbeddedHome {
+    dir: tempfile::TempDir,
+}
+
+impl EmbeddedHome {
+    pub fn new() -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("pgtest-home-")
+            .tempdir_in("/tmp")
+            .expect("create a home");
+        fs::set_permissions(
+            dir.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .expect("chmod the home");
+        Self { dir }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The cluster directory of the newest binaries.
+    pub fn cluster(&self) -> PathBuf {
+        let major = pg_bin()
+            .parent()
+            .and_then(|dir| dir.file_name())
+            .map(|name| name.to_string_lossy().into_owned());
+        self.path().join(format!(
+            "pg{}",
+            major.expect("a versioned binary directory")
+        ))
+    }
+
+    /// This test binary, ready to run fixtures with no server URL at all.
+    pub fn fixture(&self, filter: &str) -> Command {
+        let mut command = fixture(filter, "");
+        command
+            .env_remove("PGTEST_DATABASE_URL")
+            .env("PGTEST_HOME", self.path());
+        command
+    }
+
+    /// The server's log.
+    pub fn server_log(&self) -> String {
+        fs::read_to_string(self.cluster().join("server.log")).unwrap_or_default()
+    }
+
+    /// The pid of the running postmaster, if any.
+    pub fn postmaster_pid(&self) -> Option<u32> {
+        let text = fs::read_to_string(self.cluster().join("data/postmaster.pid")).ok()?;
+        text.lines().next()?.trim().parse().ok()
+    }
+}
+
+impl Drop for EmbeddedHome {
+    fn drop(&mut self) {
+        if self.postmaster_pid().is_some() {
+            let mut command = Command::new(pg_bin().join("pg_ctl"));
+            command.arg("-D").arg(self.cluster().join("data")).args([
+                "-m",
+                "immediate",
+                "-w",
+                "stop",
+            ]);
+            let _ = as_server_user(&mut command).output();
+        }
+    }
+}
+
+/// Runs a command as the server user when the tests run as root.
+pub fn server_user_command(command: &mut Command) -> Option<Command> {
+    running_as_root().then(|| as_server_user(command))
 }

@@ -1,0 +1,97 @@
+//! Finding the PostgreSQL server binaries installed on the machine.
+
+use std::env;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use crate::Error;
+
+/// Where a user points pgtest at binaries explicitly.
+pub(crate) const BIN_VAR: &str = "PGTEST_PG_BIN";
+
+/// A directory holding `initdb`, `pg_ctl` and `postgres`, and their major
+/// version.
+#[derive(Clone, Debug)]
+pub(crate) struct Binaries {
+    pub(crate) dir: PathBuf,
+    pub(crate) major: u32,
+}
+
+impl Binaries {
+    pub(crate) fn program(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+}
+
+/// `PGTEST_PG_BIN` if set (and then nothing else), else `pg_config
+/// --bindir`, `PATH`, and `/usr/lib/postgresql/*/bin`, newest major first.
+pub(crate) fn find() -> Result<Binaries, Error> {
+    if let Some(dir) = env::var_os(BIN_VAR).filter(|dir| !dir.is_empty()) {
+        let dir = PathBuf::from(dir);
+        return usable(&dir).ok_or_else(|| Error::NoBinaries {
+            searched: format!("{BIN_VAR}={}", dir.display()),
+        });
+    }
+    let path = env::var_os("PATH").unwrap_or_default();
+    pg_config_bindir()
+        .into_iter()
+        .chain(env::split_paths(&path))
+        .find_map(|dir| usable(&dir))
+        .or_else(newest_debian)
+        .ok_or_else(|| Error::NoBinaries {
+            searched: "pg_config --bindir, PATH, /usr/lib/postgresql/*/bin".to_owned(),
+        })
+}
+
+fn pg_config_bindir() -> Option<PathBuf> {
+    let output = Command::new("pg_config").arg("--bindir").output().ok()?;
+    output
+        .status
+        .success()
+        .then(|| PathBuf::from(String::from_utf8_lossy(&output.stdout).trim()))
+}
+
+/// The newest `/usr/lib/postgresql/<major>/bin` (Debian and Ubuntu, which
+/// do not put the server binaries on `PATH`).
+fn newest_debian() -> Option<Binaries> {
+    fs::read_dir("/usr/lib/postgresql")
+        .ok()?
+        .flatten()
+        .filter_map(|entry| usable(&entry.path().join("bin")))
+        .max_by_key(|binaries| binaries.major)
+}
+
+/// The directory's binaries when it has all pgtest needs.
+fn usable(dir: &Path) -> Option<Binaries> {
+    let complete = ["initdb", "pg_ctl", "postgres"]
+        .iter()
+        .all(|name| dir.join(name).is_file());
+    if !complete {
+        return None;
+    }
+    Some(Binaries {
+        dir: dir.to_owned(),
+        major: major_version(dir)?,
+    })
+}
+
+/// The major version, from a Debian-style path or from `postgres --version`
+/// ("postgres (PostgreSQL) 15.18 (Debian ...)").
+fn major_version(dir: &Path) -> Option<u32> {
+    let from_path = dir
+        .parent()
+        .and_then(|versioned| versioned.file_name()?.to_str()?.parse().ok());
+    if from_path.is_some() {
+        return from_path;
+    }
+    let output = Command::new(dir.join("postgres"))
+        .arg("--version")
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&output.stdout);
+    let version = text
+        .split_whitespace()
+        .find(|word| word.starts_with(|c: char| c.is_ascii_digit()))?;
+    version.split(['.', 'b', 'r']).next()?.parse().ok()
+}

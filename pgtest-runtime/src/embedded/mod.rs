@@ -1,0 +1,144 @@
+//! The embedded server: when no URL is configured, a cluster of the
+//! machine's own PostgreSQL binaries, one per user and major version, kept
+//! in a cache directory between runs, started by the first test process
+//! that needs it and reused by every later one.
+
+mod binaries;
+mod cluster;
+mod watchdog;
+
+use std::env;
+use std::fs::{File, TryLockError};
+use std::path::PathBuf;
+use std::sync::{Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use nix::unistd::Uid;
+use sqlx::postgres::PgConnectOptions;
+
+use self::cluster::{Cluster, PORT, State};
+use crate::Error;
+
+/// Where the clusters live, overriding the default.
+pub(crate) const HOME_VAR: &str = "PGTEST_HOME";
+/// Seconds without a client after which the server stops itself.
+pub(crate) const IDLE_VAR: &str = "PGTEST_EMBEDDED_IDLE";
+/// How long a process may wait for another to finish starting the server.
+const LOCK_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// A running embedded server, as this process sees it.
+#[derive(Clone)]
+pub(crate) struct Embedded {
+    pub(crate) options: PgConnectOptions,
+    /// Names the server in messages: version, directory, log.
+    pub(crate) description: String,
+}
+
+/// This process's use of the server: its description, and the shared lock
+/// that tells the watchdog the server is in use while the process lives.
+struct InUse {
+    embedded: Embedded,
+    _clients: File,
+}
+
+/// Starts the embedded server or finds it running. Once per process: later
+/// calls reuse the answer.
+pub(crate) fn ensure(idle: Duration) -> Result<Embedded, Error> {
+    static IN_USE: Mutex<Option<InUse>> = Mutex::new(None);
+    let mut in_use = IN_USE.lock().unwrap_or_else(PoisonError::into_inner);
+    if let Some(in_use) = in_use.as_ref() {
+        return Ok(in_use.embedded.clone());
+    }
+    let binaries = binaries::find()?;
+    let cluster = Cluster::prepare(binaries, &base_dir())?;
+    let started = Instant::now();
+    let start_lock = cluster.lock_file("start.lock")?;
+    wait_for_lock(&cluster, &start_lock, "start.lock", |file| file.try_lock())?;
+    let clients = cluster.lock_file("clients.lock")?;
+    wait_for_lock(&cluster, &clients, "clients.lock", |file| {
+        file.try_lock_shared()
+    })?;
+    if cluster.settle()? == State::Stopped {
+        cluster.init()?;
+        cluster.start()?;
+        tracing::debug!(elapsed = ?started.elapsed(), "embedded server started");
+    }
+    watchdog::ensure(&cluster, idle);
+    drop(start_lock);
+    let embedded = Embedded {
+        options: PgConnectOptions::new_without_pgpass()
+            .socket(cluster.dir())
+            .port(PORT)
+            .username("postgres")
+            .database("postgres"),
+        description: format!(
+            "the embedded PostgreSQL {} server in {} (log: {})",
+            cluster.binaries().major,
+            cluster.dir().display(),
+            cluster.log().display()
+        ),
+    };
+    *in_use = Some(InUse {
+        embedded: embedded.clone(),
+        _clients: clients,
+    });
+    Ok(embedded)
+}
+
+/// Takes a file lock, waiting at most `LOCK_TIMEOUT` for its holder.
+fn wait_for_lock(
+    cluster: &Cluster,
+    file: &File,
+    name: &str,
+    try_lock: impl Fn(&File) -> Result<(), TryLockError>,
+) -> Result<(), Error> {
+    let deadline = Instant::now() + LOCK_TIMEOUT;
+    loop {
+        match try_lock(file) {
+            Ok(()) => return Ok(()),
+            Err(TryLockError::WouldBlock) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(TryLockError::WouldBlock) => {
+                return Err(cluster.failure(
+                    &format!(
+                        "be shared: another process held {name} for {} s",
+                        LOCK_TIMEOUT.as_secs()
+                    ),
+                    "that process may hang".to_owned(),
+                    format!(
+                        "Find it with `fuser {}/{name}` and stop it",
+                        cluster.dir().display()
+                    ),
+                ));
+            }
+            Err(TryLockError::Error(error)) => {
+                return Err(cluster.failure(
+                    &format!("lock {name}"),
+                    error.to_string(),
+                    String::new(),
+                ));
+            }
+        }
+    }
+}
+
+/// `PGTEST_HOME`, else a per-user cache directory: `$XDG_CACHE_HOME/pgtest`
+/// or `~/.cache/pgtest`. As root it is `/var/tmp/pgtest-root`, since the
+/// server runs as another user who cannot enter `/root`.
+fn base_dir() -> PathBuf {
+    if let Some(home) = env::var_os(HOME_VAR).filter(|home| !home.is_empty()) {
+        return PathBuf::from(home);
+    }
+    if Uid::effective().is_root() {
+        return PathBuf::from("/var/tmp/pgtest-root");
+    }
+    let cache = env::var_os("XDG_CACHE_HOME")
+        .filter(|dir| !dir.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| env::var_os("HOME").map(|home| PathBuf::from(home).join(".cache")));
+    match cache {
+        Some(cache) => cache.join("pgtest"),
+        None => env::temp_dir().join(format!("pgtest-{}", Uid::effective())),
+    }
+}
