@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Cluster, assert_passed, finish, fixture, run, text};
+use common::{Cluster, assert_passed, fixture, run, run_together, text};
 use pgtest::{PgPool, Tenant, pg_test};
 use sqlx::types::Uuid;
 
@@ -99,16 +99,13 @@ fn count(haystack: &str, needle: &str) -> usize {
 #[test]
 fn thirty_two_cold_processes_migrate_once_and_all_pass() {
     let cluster = Cluster::start(&[("log_statement", "all"), ("max_connections", "100")]);
-    let children: Vec<_> = (0..32)
-        .map(|_| {
-            fixture("fixture_notes", &cluster.url())
-                .arg("--exact")
-                .spawn()
-                .expect("start a fixture")
-        })
-        .collect();
-    for child in children {
-        assert_passed(&finish(child, Duration::from_secs(120)), 1);
+    let outputs = run_together(32, || {
+        let mut command = cluster.fixture("fixture_notes");
+        command.arg("--exact");
+        command
+    });
+    for output in &outputs {
+        assert_passed(output, 1);
     }
     assert_eq!(
         count(&cluster.log(), NOTES_MIGRATION_MARKER),
@@ -132,7 +129,7 @@ fn thirty_two_cold_processes_migrate_once_and_all_pass() {
 #[test]
 fn tests_on_threads_of_one_process_share_one_bootstrap() {
     let cluster = Cluster::start(&[("log_statement", "all")]);
-    let output = run(fixture("fixture_thread_", &cluster.url()).arg("--test-threads=4"));
+    let output = run(cluster.fixture("fixture_thread_").arg("--test-threads=4"));
     assert_passed(&output, 4);
     assert_eq!(
         count(&cluster.log(), NOTES_MIGRATION_MARKER),
@@ -144,15 +141,9 @@ fn tests_on_threads_of_one_process_share_one_bootstrap() {
 #[test]
 fn a_warm_run_opens_no_admin_connection() {
     let cluster = Cluster::start(&[]);
-    assert_passed(
-        &run(fixture("fixture_notes", &cluster.url()).arg("--exact")),
-        1,
-    );
+    assert_passed(&run(cluster.fixture("fixture_notes").arg("--exact")), 1);
     let cold_log_len = cluster.log().len();
-    assert_passed(
-        &run(fixture("fixture_notes", &cluster.url()).arg("--exact")),
-        1,
-    );
+    assert_passed(&run(cluster.fixture("fixture_notes").arg("--exact")), 1);
 
     let warm_log = cluster.log()[cold_log_len..].to_owned();
     let connections: Vec<&str> = warm_log
@@ -180,7 +171,8 @@ fn a_warm_run_opens_no_admin_connection() {
 fn a_bootstrap_killed_midway_is_rebuilt_by_the_next_run() {
     let cluster = Cluster::start(&[]);
     cluster.psql("alter role postgres set pgtest_fixture.slow = 'on'");
-    let mut doomed = fixture("fixture_slow", &cluster.url())
+    let mut doomed = cluster
+        .fixture("fixture_slow")
         .arg("--exact")
         .spawn()
         .expect("start a fixture");
@@ -193,7 +185,7 @@ fn a_bootstrap_killed_midway_is_rebuilt_by_the_next_run() {
     let _ = doomed.wait();
 
     cluster.psql("alter role postgres reset pgtest_fixture.slow");
-    let output = run(fixture("fixture_slow", &cluster.url()).arg("--exact"));
+    let output = run(cluster.fixture("fixture_slow").arg("--exact"));
     assert_passed(&output, 1);
     let databases = cluster.pgtest_databases();
     assert_eq!(
@@ -212,18 +204,15 @@ fn a_bootstrap_killed_midway_is_rebuilt_by_the_next_run() {
 fn parallel_tests_with_different_tenants_never_see_each_others_rows() {
     let cluster = Cluster::start(&[]);
     let peers = 4;
-    let children: Vec<_> = (0..peers)
-        .map(|_| {
-            fixture("fixture_tenant_sees_only_its_rows", &cluster.url())
-                .arg("--exact")
-                .env("PGTEST_FIXTURE_PEERS", peers.to_string())
-                .spawn()
-                .expect("start a fixture")
-        })
-        .collect();
-    for child in children {
-        let output = finish(child, Duration::from_secs(120));
-        assert_passed(&output, 1);
-        assert!(!text(&output).contains(common::PASSWORD));
+    let outputs = run_together(peers, || {
+        let mut command = cluster.fixture("fixture_tenant_sees_only_its_rows");
+        command
+            .arg("--exact")
+            .env("PGTEST_FIXTURE_PEERS", peers.to_string());
+        command
+    });
+    for output in &outputs {
+        assert_passed(output, 1);
+        assert!(!text(output).contains(common::PASSWORD));
     }
 }

@@ -9,8 +9,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{
-    EmbeddedHome, assert_failed_without_password, assert_passed, finish, run, server_user_command,
-    text,
+    EmbeddedHome, assert_failed_without_password, assert_passed, finish, run, run_together,
+    server_user_command, text,
 };
 use pgtest::{PgPool, pg_test};
 
@@ -40,16 +40,13 @@ fn wait_for(what: &str, limit: Duration, done: impl Fn() -> bool) {
 #[test]
 fn with_no_url_many_processes_start_exactly_one_server() {
     let home = EmbeddedHome::new();
-    let children: Vec<_> = (0..16)
-        .map(|_| {
-            home.fixture("fixture_embedded")
-                .arg("--exact")
-                .spawn()
-                .expect("start a fixture")
-        })
-        .collect();
-    for child in children {
-        assert_passed(&finish(child, Duration::from_secs(120)), 1);
+    let outputs = run_together(16, || {
+        let mut command = home.fixture("fixture_embedded");
+        command.arg("--exact");
+        command
+    });
+    for output in &outputs {
+        assert_passed(output, 1);
     }
     assert_eq!(
         home.server_log().matches(READY).count(),

@@ -10,16 +10,17 @@
 //! copy, which the next build drops.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, LazyLock, Mutex, PoisonError};
 
 use sqlx::postgres::{PgConnection, PgPool};
 use sqlx::{Connection, Executor};
 use tokio::sync::OnceCell;
 
 use crate::Error;
+use crate::budget::Budget;
 use crate::error::{describe, sqlstate};
 use crate::migrations::Migrations;
-use crate::server::Server;
+use crate::server::{REFUSED_RETRY, Server, is_refused_for_slots};
 
 /// The longest database name PostgreSQL keeps (NAMEDATALEN - 1).
 const MAX_NAME_LEN: usize = 63;
@@ -62,25 +63,43 @@ pub(crate) fn shared_database_name(package: &str, hash: &str) -> String {
 /// the check's connection serves the test afterwards.
 pub(crate) async fn ensure(
     server: &Server,
+    budget: &Budget,
     pool: &PgPool,
     database: &str,
     migrations: &Migrations,
     role: Option<&str>,
 ) -> Result<(), Error> {
     // Tests on threads of one process check and build once between them.
-    static READY: Mutex<Option<HashMap<String, Arc<OnceCell<()>>>>> = Mutex::new(None);
+    static READY: LazyLock<Mutex<HashMap<String, Arc<OnceCell<()>>>>> =
+        LazyLock::new(Default::default);
     let cell = {
         let mut ready = READY.lock().unwrap_or_else(PoisonError::into_inner);
         let key = format!("{}/{database}", server.identity());
-        ready
-            .get_or_insert_with(HashMap::new)
-            .entry(key)
-            .or_default()
-            .clone()
+        ready.entry(key).or_default().clone()
     };
     cell.get_or_try_init(|| async {
         if is_ready(server, pool, database, role).await? {
             tracing::debug!(database, "shared database is ready (warm path)");
+            return Ok(());
+        }
+        // One process per machine goes on to the server's lock; the others
+        // wait here without an admin connection, then find the work done.
+        let lock_name = format!("bootstrap-{database}.lock");
+        let Some(_machine_lock) = budget
+            .exclusive(&lock_name, server.bootstrap_timeout)
+            .await?
+        else {
+            return Err(Error::BootstrapTimeout {
+                database: database.to_owned(),
+                after: server.bootstrap_timeout,
+                holders: format!("another test process on this machine ({lock_name})"),
+            });
+        };
+        if is_ready(server, pool, database, role).await? {
+            tracing::debug!(
+                database,
+                "another process on this machine built the shared database"
+            );
             return Ok(());
         }
         build(server, database, migrations).await?;
@@ -152,16 +171,29 @@ async fn first_connection(
         () = tokio::time::sleep(DIAGNOSE_AFTER) => {}
     }
     tracing::debug!(database, "first connection is slow; diagnosing");
+    let started = std::time::Instant::now();
     let options = pool.connect_options();
+    let mut refused = false;
     match tokio::time::timeout(server.connect_timeout, PgConnection::connect_with(&options)).await {
         Ok(Ok(probe)) => {
             let _ = probe.close().await;
         }
+        // Full: the pool keeps retrying, as it should.
+        Ok(Err(error)) if is_refused_for_slots(&error) => refused = true,
         Ok(Err(error)) => return Err(explain(error)),
         Err(_) => return Err(FirstConnection::Failed(server.timeout_error())),
     }
-    match tokio::time::timeout(server.connect_timeout, acquire).await {
-        Ok(result) => result.map_err(explain),
+    let limit = if refused {
+        REFUSED_RETRY
+    } else {
+        server.connect_timeout
+    };
+    match tokio::time::timeout(limit, acquire).await {
+        Ok(Ok(connection)) => Ok(connection),
+        Ok(Err(sqlx::Error::PoolTimedOut)) | Err(_) if refused => Err(FirstConnection::Failed(
+            server.too_many_clients(started.elapsed()).await,
+        )),
+        Ok(Err(error)) => Err(explain(error)),
         Err(_) => Err(FirstConnection::Failed(server.timeout_error())),
     }
 }

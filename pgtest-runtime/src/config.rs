@@ -20,6 +20,7 @@ const BOOTSTRAP_TIMEOUT_VAR: &str = "PGTEST_BOOTSTRAP_TIMEOUT";
 const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const DEFAULT_BOOTSTRAP_TIMEOUT: Duration = Duration::from_secs(300);
 const DEFAULT_EMBEDDED_IDLE: Duration = Duration::from_secs(60);
+const DEFAULT_BUDGET_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// Where the server URL came from, so that messages name the right knob.
 #[derive(Clone, PartialEq, Eq, Debug)]
@@ -59,6 +60,8 @@ pub(crate) struct Config {
     pub(crate) bootstrap_timeout: Duration,
     /// How long the embedded server may sit without a client.
     pub(crate) embedded_idle: Duration,
+    /// How long a test may wait for connection slots.
+    pub(crate) budget_timeout: Duration,
 }
 
 impl Config {
@@ -74,6 +77,7 @@ impl Config {
             connect_timeout: seconds(CONNECT_TIMEOUT_VAR, DEFAULT_CONNECT_TIMEOUT)?,
             bootstrap_timeout: seconds(BOOTSTRAP_TIMEOUT_VAR, DEFAULT_BOOTSTRAP_TIMEOUT)?,
             embedded_idle: seconds(crate::embedded::IDLE_VAR, DEFAULT_EMBEDDED_IDLE)?,
+            budget_timeout: seconds(crate::budget::TIMEOUT_VAR, DEFAULT_BUDGET_TIMEOUT)?,
         })
     }
 }

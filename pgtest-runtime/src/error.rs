@@ -226,6 +226,64 @@ pub enum Error {
         holders: String,
     },
 
+    /// A test asks for more connections than the whole budget.
+    #[error(
+        "the test's pool may open {needed} connections, but the suite may use only {capacity} on \
+         this server. Lower the test's max_connections, raise the server's max_connections, or \
+         set PGTEST_MAX_CONNECTIONS"
+    )]
+    BudgetTooSmall {
+        /// Slots the test needs.
+        needed: u32,
+        /// Slots there are.
+        capacity: u32,
+    },
+
+    /// Other tests held the connection slots for too long.
+    #[error(
+        "waited {:.0} s for {needed} of the {capacity} connection slots on this server; they are \
+         held by: {holders}. If one of those hangs, stop it; set PGTEST_BUDGET_TIMEOUT (seconds) \
+         to wait longer",
+        after.as_secs_f64()
+    )]
+    BudgetTimeout {
+        /// Slots the test needs.
+        needed: u32,
+        /// Slots there are.
+        capacity: u32,
+        /// How long pgtest waited.
+        after: Duration,
+        /// Who holds slots.
+        holders: String,
+    },
+
+    /// The budget's lock files cannot be used.
+    #[error("cannot use the connection budget's file {}: {reason}. Check the temporary directory", path.display())]
+    BudgetFiles {
+        /// The file.
+        path: PathBuf,
+        /// What went wrong.
+        reason: String,
+    },
+
+    /// The server refused connections for want of slots until the deadline.
+    #[error(
+        "PostgreSQL at {url} refused connections (too many clients) for {:.0} s: it allows \
+         {allowed}, held by: {holders}. Other clients share this server: stop them, raise \
+         max_connections, or lower PGTEST_MAX_CONNECTIONS",
+        after.as_secs_f64()
+    )]
+    TooManyClients {
+        /// The URL, redacted.
+        url: String,
+        /// How long pgtest retried.
+        after: Duration,
+        /// What the server allows, if it could be asked.
+        allowed: String,
+        /// Connections by application name, if they could be listed.
+        holders: String,
+    },
+
     /// A seed script failed.
     #[error("seed script {path} failed: {message}. Fix the script")]
     Seed {

@@ -9,6 +9,7 @@
 #![allow(clippy::result_large_err)]
 
 mod bootstrap;
+mod budget;
 mod config;
 mod context;
 mod embedded;

@@ -14,6 +14,7 @@ use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
 
 use crate::bootstrap::{self, shared_database_name};
+use crate::budget::{Budget, Slots};
 use crate::config::Config;
 use crate::migrations::{MigrationSource, Migrations};
 use crate::server::Server;
@@ -146,19 +147,20 @@ pub fn run<F: TestFn>(spec: TestSpec, test: F) {
             )
         });
     runtime.block_on(async {
-        let context = if F::NEEDS_DATABASE {
+        let (context, slots) = if F::NEEDS_DATABASE {
             match prepare(&spec).await {
-                Ok(context) => Some(context),
+                Ok((context, slots)) => (Some(context), Some(slots)),
                 Err(error) => panic!("pgtest: test `{}` could not start: {error}", spec.name),
             }
         } else {
-            None
+            (None, None)
         };
         let pool = context.as_ref().map(|context| context.pool().clone());
         let outcome = CatchUnwind(test.call(context)).await;
         if let Some(pool) = pool {
             let _ = tokio::time::timeout(CLOSE_TIMEOUT, pool.close()).await;
         }
+        drop(slots);
         match outcome {
             Ok(returned) => {
                 if let Err(error) = returned.into_result() {
@@ -170,14 +172,22 @@ pub fn run<F: TestFn>(spec: TestSpec, test: F) {
     });
 }
 
-async fn prepare(spec: &TestSpec) -> Result<TestContext, Error> {
+/// Prepares the test's database and pool, after taking the connection
+/// slots the pool may use; the slots go back when dropped, after the pool
+/// is closed.
+async fn prepare(spec: &TestSpec) -> Result<(TestContext, Slots), Error> {
     let manifest_dir = Path::new(spec.manifest_dir);
-    let server = Server::new(Config::load(manifest_dir)?)?;
+    let config = Config::load(manifest_dir)?;
+    let budget_timeout = config.budget_timeout;
+    let server = Server::new(config)?;
+    let budget = Budget::of(&server, budget_timeout).await?;
+    // A cold bootstrap holds an admin and a migration connection at once.
+    let slots = budget.take(spec.max_connections.max(2), spec.name).await?;
     let migrations = Migrations::load(spec.migrations, manifest_dir).await?;
     let database = shared_database_name(spec.package, &migrations.hash);
     let tenant = Tenant::new();
     let pool = test_pool(&server, &database, tenant, spec);
-    bootstrap::ensure(&server, &pool, &database, &migrations, spec.role).await?;
+    bootstrap::ensure(&server, &budget, &pool, &database, &migrations, spec.role).await?;
     for seed in spec.seeds {
         sqlx::raw_sql(sqlx::AssertSqlSafe(seed.sql))
             .execute(&pool)
@@ -185,7 +195,7 @@ async fn prepare(spec: &TestSpec) -> Result<TestContext, Error> {
             .map_err(|error| seed_error(&server, seed, &database, spec.role, error))?;
     }
     tracing::debug!(test = spec.name, %database, %tenant, "test prepared");
-    Ok(TestContext::new(pool, tenant, database, spec.name))
+    Ok((TestContext::new(pool, tenant, database, spec.name), slots))
 }
 
 /// A lazy pool: it opens connections only when the test uses them, each

@@ -1,7 +1,7 @@
 //! The server: how to reach it, and what its refusals mean.
 
 use std::str::FromStr;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use sqlx::postgres::{PgConnectOptions, PgConnection};
 use sqlx::{ConnectOptions, Connection};
@@ -34,6 +34,16 @@ fn parse_url(url: &str, origin: &UrlOrigin) -> Result<PgConnectOptions, Error> {
     PgConnectOptions::from_str(url).map_err(|e| invalid(e.to_string()))
 }
 
+/// How long a server that refuses connections for want of slots is retried.
+pub(crate) const REFUSED_RETRY: Duration = Duration::from_secs(60);
+
+/// Whether the server refused a connection for want of slots (SQLSTATE
+/// 53300, "too many clients" or "remaining connection slots are
+/// reserved"), or because it is starting or stopping (57P03).
+pub(crate) fn is_refused_for_slots(error: &sqlx::Error) -> bool {
+    matches!(sqlstate(error).as_deref(), Some("53300" | "57P03"))
+}
+
 /// A PostgreSQL server and the role pgtest logs in as. Holds the password:
 /// it has no `Debug`, and only its redacted URL is ever shown.
 pub(crate) struct Server {
@@ -41,20 +51,29 @@ pub(crate) struct Server {
     admin_database: String,
     url: String,
     origin: String,
+    /// What the server takes from non-superuser clients, when known without
+    /// asking it (the embedded server's own settings).
+    known_capacity: Option<u32>,
     pub(crate) connect_timeout: Duration,
     pub(crate) bootstrap_timeout: Duration,
 }
 
 impl Server {
     pub(crate) fn new(config: Config) -> Result<Self, Error> {
-        let (options, url, origin) = match config.target {
+        let (options, url, origin, known_capacity) = match config.target {
             Target::Url { url, origin } => {
                 let options = parse_url(&url, &origin)?;
-                (options, redact_url(&url), origin.to_string())
+                (options, redact_url(&url), origin.to_string(), None)
             }
             Target::Embedded => {
                 let embedded = embedded::ensure(config.embedded_idle)?;
-                (embedded.options, embedded.description, URL_VAR.to_owned())
+                let capacity = Some(embedded.client_connections);
+                (
+                    embedded.options,
+                    embedded.description,
+                    URL_VAR.to_owned(),
+                    capacity,
+                )
             }
         };
         let admin_database = options
@@ -66,6 +85,7 @@ impl Server {
             admin_database,
             url,
             origin,
+            known_capacity,
             connect_timeout: config.connect_timeout,
             bootstrap_timeout: config.bootstrap_timeout,
         })
@@ -81,20 +101,39 @@ impl Server {
         self.options.get_username()
     }
 
-    /// Names this server within the process (host, port, socket, role),
-    /// without the password.
+    /// Where the server is (host and port, or socket), without the role.
+    pub(crate) fn address(&self) -> String {
+        match self.options.get_socket() {
+            Some(socket) => format!("{}:{}", socket.display(), self.options.get_port()),
+            None => format!("{}:{}", self.options.get_host(), self.options.get_port()),
+        }
+    }
+
+    /// Names this server and role within the process, without the password.
     pub(crate) fn identity(&self) -> String {
-        let socket = self
-            .options
-            .get_socket()
-            .map(|path| path.display().to_string());
-        format!(
-            "{}@{}:{}{}",
-            self.user(),
-            self.options.get_host(),
-            self.options.get_port(),
-            socket.unwrap_or_default()
+        format!("{}@{}", self.user(), self.address())
+    }
+
+    /// The connections the server takes from non-superuser clients, when
+    /// known without asking it.
+    pub(crate) fn known_capacity(&self) -> Option<u32> {
+        self.known_capacity
+    }
+
+    /// Asks the server for `max_connections` less
+    /// `superuser_reserved_connections`.
+    pub(crate) async fn max_client_connections(&self) -> Result<u32, Error> {
+        let mut admin = self.connect(self.admin_database()).await?;
+        let asked = sqlx::query_scalar::<_, i32>(
+            "select current_setting('max_connections')::int \
+                  - current_setting('superuser_reserved_connections')::int",
         )
+        .fetch_one(&mut admin)
+        .await;
+        let _ = admin.close().await;
+        let connections =
+            asked.map_err(|error| self.query_error("reading max_connections", &error))?;
+        Ok(u32::try_from(connections).unwrap_or(1).max(1))
     }
 
     /// Options that connect to `database` on this server.
@@ -108,18 +147,69 @@ impl Server {
         &self.admin_database
     }
 
-    /// One connection to `database` for pgtest's own work, bounded by the
-    /// connect timeout.
+    /// One connection to `database` for pgtest's own work. Each try is
+    /// bounded by the connect timeout; a server that refuses for want of
+    /// slots (53300) is retried with backoff until `REFUSED_RETRY` has passed.
     pub(crate) async fn connect(&self, database: &str) -> Result<PgConnection, Error> {
         let options = self
             .options_for(database)
             .application_name(ADMIN_APPLICATION_NAME)
             .disable_statement_logging();
-        match tokio::time::timeout(self.connect_timeout, PgConnection::connect_with(&options)).await
-        {
-            Ok(Ok(connection)) => Ok(connection),
-            Ok(Err(error)) => Err(self.connect_error(error, database, None)),
-            Err(_) => Err(self.timeout_error()),
+        let started = Instant::now();
+        let mut pause = Duration::from_millis(10);
+        loop {
+            match tokio::time::timeout(self.connect_timeout, PgConnection::connect_with(&options))
+                .await
+            {
+                Ok(Ok(connection)) => return Ok(connection),
+                Ok(Err(error)) if is_refused_for_slots(&error) => {
+                    if started.elapsed() > REFUSED_RETRY {
+                        return Err(self.too_many_clients(started.elapsed()).await);
+                    }
+                    tracing::debug!(database, "the server has no free connection; retrying");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(1));
+                }
+                Ok(Err(error)) => return Err(self.connect_error(error, database, None)),
+                Err(_) => return Err(self.timeout_error()),
+            }
+        }
+    }
+
+    /// The error for a server that kept refusing connections: what it
+    /// allows and who holds its connections, when it can still be asked.
+    pub(crate) async fn too_many_clients(&self, after: Duration) -> Error {
+        let options = self
+            .options_for(&self.admin_database)
+            .application_name(ADMIN_APPLICATION_NAME)
+            .disable_statement_logging();
+        let asked = async {
+            let mut connection = PgConnection::connect_with(&options).await?;
+            let allowed: String = sqlx::query_scalar("select current_setting('max_connections')")
+                .fetch_one(&mut connection)
+                .await?;
+            let holders: Vec<String> = sqlx::query_scalar(
+                "select format('%s × %s', count(*), coalesce(nullif(application_name, ''), 'unnamed')) \
+                 from pg_stat_activity where backend_type = 'client backend' \
+                 group by application_name order by count(*) desc limit 20",
+            )
+            .fetch_all(&mut connection)
+            .await?;
+            let _ = connection.close().await;
+            Ok::<_, sqlx::Error>((allowed, holders.join(", ")))
+        };
+        let (allowed, holders) = match tokio::time::timeout(self.connect_timeout, asked).await {
+            Ok(Ok((allowed, holders))) => (format!("{allowed} connections"), holders),
+            _ => (
+                "an unknown number of connections".to_owned(),
+                "unknown (the server refused this question too)".to_owned(),
+            ),
+        };
+        Error::TooManyClients {
+            url: self.url.clone(),
+            after,
+            allowed,
+            holders,
         }
     }
 

@@ -88,6 +88,16 @@ impl Cluster {
         Self { dir, bin, port }
     }
 
+    /// This test binary, ready to run fixtures against this cluster, with a
+    /// temporary directory (and so a connection budget) of the cluster's own.
+    pub fn fixture(&self, filter: &str) -> Command {
+        let tmp = self.dir.path().join("tmp");
+        fs::create_dir_all(&tmp).expect("create the cluster's temporary directory");
+        let mut command = fixture(filter, &self.url());
+        command.env("TMPDIR", tmp);
+        command
+    }
+
     /// A URL for the `postgres` superuser over TCP, with its password.
     pub fn url(&self) -> String {
         self.url_for("postgres", PASSWORD, "postgres")
@@ -229,6 +239,18 @@ fn drain(pipe: Option<impl Read + Send + 'static>) -> thread::JoinHandle<Vec<u8>
 
 fn collect(reader: thread::JoinHandle<Vec<u8>>) -> String {
     String::from_utf8_lossy(&reader.join().unwrap_or_default()).into_owned()
+}
+
+/// Starts `count` commands at once and waits for them all (at most two
+/// minutes each), returning their outputs.
+pub fn run_together(count: usize, make: impl Fn() -> Command) -> Vec<Output> {
+    let children: Vec<Child> = (0..count)
+        .map(|_| make().spawn().expect("start a fixture"))
+        .collect();
+    children
+        .into_iter()
+        .map(|child| finish(child, Duration::from_secs(120)))
+        .collect()
 }
 
 /// Runs a fixture to the end (at most a minute) and returns its output.

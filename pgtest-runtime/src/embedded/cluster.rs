@@ -275,8 +275,7 @@ impl Cluster {
     }
 
     fn settings(&self) -> String {
-        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
-        let max_connections = 100 + 25 * cores;
+        let max_connections = max_connections();
         format!(
             "# Written by pgtest at every start.\n\
              listen_addresses = ''\n\
@@ -325,6 +324,21 @@ impl Cluster {
             log_tail: lines[lines.len().saturating_sub(15)..].join("\n"),
         }
     }
+}
+
+/// The server's `max_connections`: 100, and 25 more per core.
+pub(crate) fn max_connections() -> u32 {
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    100 + 25
+        * u32::try_from(cores)
+            .unwrap_or(u32::MAX / 50)
+            .min(u32::MAX / 50)
+}
+
+/// The connections clients other than superusers may use: the server keeps
+/// `superuser_reserved_connections` (3 by default, untouched here) back.
+pub(crate) fn client_connections() -> u32 {
+    max_connections() - 3
 }
 
 /// `postgres` (else `nobody`) when pgtest runs as root, since `initdb` and

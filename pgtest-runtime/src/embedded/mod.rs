@@ -32,6 +32,8 @@ pub(crate) struct Embedded {
     pub(crate) options: PgConnectOptions,
     /// Names the server in messages: version, directory, log.
     pub(crate) description: String,
+    /// The connections it takes from clients other than superusers.
+    pub(crate) client_connections: u32,
 }
 
 /// This process's use of the server: its description, and the shared lock
@@ -77,6 +79,7 @@ pub(crate) fn ensure(idle: Duration) -> Result<Embedded, Error> {
             cluster.dir().display(),
             cluster.log().display()
         ),
+        client_connections: cluster::client_connections(),
     };
     *in_use = Some(InUse {
         embedded: embedded.clone(),

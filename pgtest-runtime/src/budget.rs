@@ -1,0 +1,283 @@
+//! The connection budget: one slot per server connection, shared by every
+//! test process of this user on the machine through file locks, so that a
+//! suite stays inside the server's `max_connections` whatever the number
+//! of processes and threads.
+//!
+//! A test takes all the slots its pool may use before it opens a
+//! connection, all at once or none (it never holds some while waiting for
+//! more, so two tests cannot deadlock), and gives them back when it ends.
+//! A slot is a locked file: a panicking test drops its guard, a killed
+//! process has its locks released by the operating system.
+
+use std::env;
+use std::fs::{self, File, OpenOptions, TryLockError};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime};
+
+use sha2::{Digest, Sha256};
+
+use crate::Error;
+use crate::server::Server;
+
+/// Overrides the number of connections the suite may use.
+pub(crate) const MAX_CONNECTIONS_VAR: &str = "PGTEST_MAX_CONNECTIONS";
+/// How long a test may wait for slots.
+pub(crate) const TIMEOUT_VAR: &str = "PGTEST_BUDGET_TIMEOUT";
+/// How long a learned capacity is trusted before it is asked again.
+const CAPACITY_TTL: Duration = Duration::from_secs(600);
+
+/// The slots of one server.
+pub(crate) struct Budget {
+    dir: PathBuf,
+    capacity: u32,
+    timeout: Duration,
+}
+
+/// Slots taken by one test; dropping them gives them back.
+#[derive(Debug)]
+pub(crate) struct Slots {
+    _locked: Vec<File>,
+}
+
+impl Budget {
+    /// The budget of `server`, its capacity from `PGTEST_MAX_CONNECTIONS`,
+    /// the embedded server's settings, or (asked once in a while per
+    /// machine) the server itself.
+    pub(crate) async fn of(server: &Server, timeout: Duration) -> Result<Self, Error> {
+        let dir = budget_dir(&server.address());
+        fs::create_dir_all(&dir).map_err(|error| budget_io(&dir, &error))?;
+        let capacity = match configured_capacity()? {
+            Some(capacity) => capacity,
+            None => match server.known_capacity() {
+                Some(max_connections) => usable(max_connections),
+                None => learned_capacity(server, &dir).await?,
+            },
+        };
+        Ok(Self {
+            dir,
+            capacity,
+            timeout,
+        })
+    }
+
+    /// Takes `count` slots for `holder` (a test's name), waiting while
+    /// other tests hold them, at most the budget timeout.
+    pub(crate) async fn take(&self, count: u32, holder: &str) -> Result<Slots, Error> {
+        if count > self.capacity {
+            return Err(Error::BudgetTooSmall {
+                needed: count,
+                capacity: self.capacity,
+            });
+        }
+        let started = Instant::now();
+        let mut pause = Duration::from_millis(2);
+        loop {
+            if let Some(slots) = self.try_take(count, holder)? {
+                if started.elapsed() > Duration::from_millis(100) {
+                    tracing::debug!(waited = ?started.elapsed(), count, "took connection slots");
+                }
+                return Ok(slots);
+            }
+            if started.elapsed() > self.timeout {
+                return Err(Error::BudgetTimeout {
+                    needed: count,
+                    capacity: self.capacity,
+                    after: self.timeout,
+                    holders: self.holders(),
+                });
+            }
+            tokio::time::sleep(jitter(pause)).await;
+            pause = (pause * 2).min(Duration::from_millis(50));
+        }
+    }
+
+    /// `count` free slots, or none at all.
+    fn try_take(&self, count: u32, holder: &str) -> Result<Option<Slots>, Error> {
+        let start = std::process::id() % self.capacity;
+        let mut locked = Vec::new();
+        for offset in 0..self.capacity {
+            let path = self.slot((start + offset) % self.capacity);
+            let file = open(&path)?;
+            match file.try_lock() {
+                Ok(()) => {
+                    note_holder(&file, holder);
+                    locked.push(file);
+                    if locked.len() == count as usize {
+                        return Ok(Some(Slots { _locked: locked }));
+                    }
+                }
+                Err(TryLockError::WouldBlock) => {}
+                Err(TryLockError::Error(error)) => return Err(budget_io(&path, &error)),
+            }
+        }
+        Ok(None)
+    }
+
+    /// A machine-wide lock named `name`, held until the file is dropped;
+    /// waits at most `timeout` for its holder.
+    pub(crate) async fn exclusive(
+        &self,
+        name: &str,
+        timeout: Duration,
+    ) -> Result<Option<File>, Error> {
+        let path = self.dir.join(name);
+        let file = open(&path)?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            match file.try_lock() {
+                Ok(()) => return Ok(Some(file)),
+                Err(TryLockError::WouldBlock) if Instant::now() < deadline => {
+                    tokio::time::sleep(jitter(Duration::from_millis(10))).await;
+                }
+                Err(TryLockError::WouldBlock) => return Ok(None),
+                Err(TryLockError::Error(error)) => return Err(budget_io(&path, &error)),
+            }
+        }
+    }
+
+    fn slot(&self, index: u32) -> PathBuf {
+        self.dir.join(format!("slot-{index}"))
+    }
+
+    /// Who holds slots now, for the timeout message.
+    fn holders(&self) -> String {
+        let mut holders: Vec<String> = (0..self.capacity)
+            .map(|index| self.slot(index))
+            .filter(|path| {
+                open(path)
+                    .is_ok_and(|file| matches!(file.try_lock(), Err(TryLockError::WouldBlock)))
+            })
+            .filter_map(|path| fs::read_to_string(path).ok())
+            .map(|holder| holder.trim().to_owned())
+            .collect();
+        holders.sort();
+        holders.dedup();
+        holders.join("; ")
+    }
+}
+
+/// The server's connections less a margin for other clients (psql, a
+/// monitoring agent): 5%, at least 3.
+fn usable(connections: u32) -> u32 {
+    connections.saturating_sub((connections / 20).max(3)).max(1)
+}
+
+fn configured_capacity() -> Result<Option<u32>, Error> {
+    let Ok(value) = env::var(MAX_CONNECTIONS_VAR) else {
+        return Ok(None);
+    };
+    match value.trim().parse::<u32>() {
+        Ok(capacity) if capacity >= 1 => Ok(Some(capacity)),
+        _ => Err(Error::InvalidSetting {
+            var: MAX_CONNECTIONS_VAR,
+            value,
+            expected: "a whole number of connections, at least 1",
+        }),
+    }
+}
+
+/// Asks the server how many connections it takes (`max_connections` less
+/// `superuser_reserved_connections`), once per `CAPACITY_TTL` on this
+/// machine: one process asks while the others wait for its answer.
+async fn learned_capacity(server: &Server, dir: &Path) -> Result<u32, Error> {
+    let file = dir.join("capacity");
+    if let Some(capacity) = fresh_capacity(&file) {
+        return Ok(capacity);
+    }
+    let lock = open(&dir.join("capacity.lock"))?;
+    let deadline = Instant::now() + server.connect_timeout * 3;
+    loop {
+        match lock.try_lock() {
+            Ok(()) => break,
+            Err(TryLockError::WouldBlock) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            Err(TryLockError::WouldBlock) => return Err(server.timeout_error()),
+            Err(TryLockError::Error(error)) => return Err(budget_io(dir, &error)),
+        }
+    }
+    if let Some(capacity) = fresh_capacity(&file) {
+        return Ok(capacity);
+    }
+    let connections = server.max_client_connections().await?;
+    let written = fs::write(file.with_extension("new"), connections.to_string())
+        .and_then(|()| fs::rename(file.with_extension("new"), &file));
+    written.map_err(|error| budget_io(&file, &error))?;
+    Ok(usable(connections))
+}
+
+fn fresh_capacity(file: &Path) -> Option<u32> {
+    let age = fs::metadata(file).ok()?.modified().ok()?;
+    if SystemTime::now().duration_since(age).unwrap_or_default() > CAPACITY_TTL {
+        return None;
+    }
+    fs::read_to_string(file)
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+        .map(usable)
+}
+
+/// `$TMPDIR/pgtest-budget-<uid>/<hash of the server's address>`: per user,
+/// since another user's locks may not be shared (the retry on refused
+/// connections covers what this cannot).
+fn budget_dir(address: &str) -> PathBuf {
+    let hash: String = Sha256::digest(address.as_bytes())
+        .iter()
+        .take(8)
+        .map(|byte| format!("{byte:02x}"))
+        .collect();
+    env::temp_dir()
+        .join(format!("pgtest-budget-{}", nix::unistd::Uid::effective()))
+        .join(hash)
+}
+
+fn open(path: &Path) -> Result<File, Error> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .map_err(|error| budget_io(path, &error))
+}
+
+/// Writes who holds a slot into it, for others' timeout messages.
+fn note_holder(file: &File, holder: &str) {
+    let mut file = file;
+    let _ = file
+        .set_len(0)
+        .and_then(|()| writeln!(file, "pid {} ({holder})", std::process::id()));
+}
+
+fn budget_io(path: &Path, error: &std::io::Error) -> Error {
+    Error::BudgetFiles {
+        path: path.to_owned(),
+        reason: error.to_string(),
+    }
+}
+
+/// `pause` give or take a quarter, so that waiting processes spread out.
+fn jitter(pause: Duration) -> Duration {
+    let nanos = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default()
+        .subsec_nanos();
+    let spread = pause / 2;
+    pause - pause / 4 + spread.mul_f64(f64::from(nanos % 1000) / 1000.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::usable;
+
+    #[test]
+    fn the_margin_is_five_percent_and_at_least_three() {
+        assert_eq!(usable(97), 93);
+        assert_eq!(usable(497), 473);
+        assert_eq!(usable(17), 14);
+        assert_eq!(usable(2), 1);
+    }
+}

@@ -1,0 +1,157 @@
+//! The connection budget keeps a suite inside the server's connection
+//! limit however many processes run, and gives slots back whatever way a
+//! test ends.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Cluster, assert_failed_without_password, assert_passed, run, run_together};
+use pgtest::{PgPool, pg_test};
+
+/// Holds all four connections of its pool at once for a moment, as a busy
+/// test may.
+#[pg_test(migrations = false, max_connections = 4)]
+#[ignore = "a fixture, run in its own processes by the tests of this file"]
+async fn fixture_budget_four_connections(pool: PgPool) -> Result<(), sqlx::Error> {
+    let sleep = || sqlx::query("select pg_sleep(0.1)").execute(&pool);
+    let (a, b, c, d) = tokio::join!(sleep(), sleep(), sleep(), sleep());
+    for done in [a, b, c, d] {
+        done?;
+    }
+    Ok(())
+}
+
+#[pg_test(migrations = false, max_connections = 4)]
+#[ignore = "a fixture, run by the tests of this file"]
+#[should_panic(expected = "panicked while holding every slot")]
+async fn fixture_budget_1_panics_holding_every_slot(pool: PgPool) {
+    let _held = pool.acquire().await.unwrap();
+    panic!("panicked while holding every slot");
+}
+
+#[pg_test(migrations = false, max_connections = 4)]
+#[ignore = "a fixture, run by the tests of this file"]
+async fn fixture_budget_2_needs_every_slot(pool: PgPool) -> Result<(), sqlx::Error> {
+    sqlx::query("select 1").execute(&pool).await?;
+    Ok(())
+}
+
+#[pg_test(migrations = false, max_connections = 4)]
+#[ignore = "a fixture, run by the tests of this file"]
+async fn fixture_budget_holds_every_slot(pool: PgPool) -> Result<(), sqlx::Error> {
+    sqlx::query("select pg_sleep(600)").execute(&pool).await?;
+    Ok(())
+}
+
+fn refusals(log: &str) -> usize {
+    log.matches("too many clients").count()
+        + log
+            .matches("remaining connection slots are reserved")
+            .count()
+}
+
+#[test]
+fn sixty_four_processes_fit_a_server_of_twenty_connections() {
+    let cluster = Cluster::start(&[("max_connections", "20")]);
+    let outputs = run_together(64, || {
+        let mut command = cluster.fixture("fixture_budget_four_connections");
+        command.arg("--exact");
+        command
+    });
+    for output in &outputs {
+        assert_passed(output, 1);
+    }
+    assert_eq!(
+        refusals(&cluster.log()),
+        0,
+        "the server refused no connection"
+    );
+}
+
+#[test]
+fn two_runners_without_a_shared_budget_still_finish() {
+    let cluster = Cluster::start(&[("max_connections", "20")]);
+    let other_tmp = tempfile::tempdir().unwrap();
+    let outputs = run_together(48, || {
+        let mut command = cluster.fixture("fixture_budget_four_connections");
+        command.arg("--exact");
+        if rand_half() {
+            // A second runner: a budget of its own, unaware of the first.
+            command.env("TMPDIR", other_tmp.path());
+        }
+        command
+    });
+    for output in &outputs {
+        assert_passed(output, 1);
+    }
+    // Each runner let 3 tests of 4 connections run on a server that takes
+    // 17: the server refused some, and the retry carried them.
+    assert!(
+        refusals(&cluster.log()) > 0,
+        "the runners never overcommitted the server"
+    );
+}
+
+/// Alternates, so that half the processes belong to each runner.
+fn rand_half() -> bool {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    NEXT.fetch_add(1, Ordering::Relaxed) % 2 == 0
+}
+
+#[test]
+fn a_panicking_test_gives_its_slots_back() {
+    let cluster = Cluster::start(&[]);
+    let output = run(cluster
+        .fixture("fixture_budget_")
+        .args([
+            "--skip",
+            "holds",
+            "--skip",
+            "four_connections",
+            "--test-threads=1",
+        ])
+        .env("PGTEST_MAX_CONNECTIONS", "4")
+        .env("PGTEST_BUDGET_TIMEOUT", "5"));
+    assert_passed(&output, 2);
+}
+
+#[test]
+fn a_killed_process_gives_its_slots_back_and_a_waiter_is_told_who_holds_them() {
+    let cluster = Cluster::start(&[]);
+    let with_four_slots = |test: &str| {
+        let mut command = cluster.fixture(test);
+        command.arg("--exact").env("PGTEST_MAX_CONNECTIONS", "4");
+        command
+    };
+    let mut holder = with_four_slots("fixture_budget_holds_every_slot")
+        .spawn()
+        .unwrap();
+    cluster.wait_until(
+        "select exists (select from pg_stat_activity where application_name like '%fixture_budget_holds_every_slot' \
+         and query like '%pg_sleep%')",
+        Duration::from_secs(60),
+    );
+
+    let refused =
+        run(with_four_slots("fixture_budget_2_needs_every_slot").env("PGTEST_BUDGET_TIMEOUT", "1"));
+    let text = assert_failed_without_password(&refused);
+    for part in [
+        "waited 1 s for 4 of the 4 connection slots",
+        &format!(
+            "pid {} (budget::fixture_budget_holds_every_slot)",
+            holder.id()
+        ),
+        "PGTEST_BUDGET_TIMEOUT",
+    ] {
+        assert!(text.contains(part), "expected {part:?} in:\n{text}");
+    }
+
+    holder.kill().expect("SIGKILL the holder");
+    let _ = holder.wait();
+    let output = run(
+        with_four_slots("fixture_budget_2_needs_every_slot").env("PGTEST_BUDGET_TIMEOUT", "20")
+    );
+    assert_passed(&output, 1);
+}
