@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Cluster, assert_passed, fixture, run, run_together, text};
+use common::{Cluster, assert_passed, run, run_together, text};
 use pgtest::{PgPool, Tenant, pg_test};
 use sqlx::types::Uuid;
 
@@ -111,6 +111,20 @@ fn thirty_two_cold_processes_migrate_once_and_all_pass() {
         count(&cluster.log(), NOTES_MIGRATION_MARKER),
         1,
         "the migration ran exactly once"
+    );
+    let admin_connections = cluster
+        .log()
+        .lines()
+        .filter(|line| {
+            line.contains("connection authorized")
+                && line.contains("database=postgres ")
+                && line.contains("application_name=pgtest bootstrap")
+        })
+        .count();
+    assert!(
+        (1..=2).contains(&admin_connections),
+        "one process per machine asked the server's capacity and one built the database; the \
+         others waited without an admin connection: {admin_connections} admin connections"
     );
     let databases = cluster.pgtest_databases();
     assert_eq!(
