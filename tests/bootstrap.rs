@@ -99,7 +99,7 @@ fn count(haystack: &str, needle: &str) -> usize {
 #[test]
 fn thirty_two_cold_processes_migrate_once_and_all_pass() {
     let cluster = Cluster::start(&[("log_statement", "all"), ("max_connections", "100")]);
-    let outputs = run_together(32, || {
+    let outputs = run_together(32, |_| {
         let mut command = cluster.fixture("fixture_notes");
         command.arg("--exact");
         command
@@ -218,7 +218,7 @@ fn a_bootstrap_killed_midway_is_rebuilt_by_the_next_run() {
 fn parallel_tests_with_different_tenants_never_see_each_others_rows() {
     let cluster = Cluster::start(&[]);
     let peers = 4;
-    let outputs = run_together(peers, || {
+    let outputs = run_together(peers, |_| {
         let mut command = cluster.fixture("fixture_tenant_sees_only_its_rows");
         command
             .arg("--exact")

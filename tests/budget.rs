@@ -54,7 +54,7 @@ fn refusals(log: &str) -> usize {
 #[test]
 fn sixty_four_processes_fit_a_server_of_twenty_connections() {
     let cluster = Cluster::start(&[("max_connections", "20")]);
-    let outputs = run_together(64, || {
+    let outputs = run_together(64, |_| {
         let mut command = cluster.fixture("fixture_budget_four_connections");
         command.arg("--exact");
         command
@@ -73,10 +73,10 @@ fn sixty_four_processes_fit_a_server_of_twenty_connections() {
 fn two_runners_without_a_shared_budget_still_finish() {
     let cluster = Cluster::start(&[("max_connections", "20")]);
     let other_tmp = tempfile::tempdir().unwrap();
-    let outputs = run_together(48, || {
+    let outputs = run_together(48, |index| {
         let mut command = cluster.fixture("fixture_budget_four_connections");
         command.arg("--exact");
-        if rand_half() {
+        if index.is_multiple_of(2) {
             // A second runner: a budget of its own, unaware of the first.
             command.env("TMPDIR", other_tmp.path());
         }
@@ -91,13 +91,6 @@ fn two_runners_without_a_shared_budget_still_finish() {
         refusals(&cluster.log()) > 0,
         "the runners never overcommitted the server"
     );
-}
-
-/// Alternates, so that half the processes belong to each runner.
-fn rand_half() -> bool {
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    static NEXT: AtomicUsize = AtomicUsize::new(0);
-    NEXT.fetch_add(1, Ordering::Relaxed) % 2 == 0
 }
 
 #[test]

@@ -40,7 +40,7 @@ fn wait_for(what: &str, limit: Duration, done: impl Fn() -> bool) {
 #[test]
 fn with_no_url_many_processes_start_exactly_one_server() {
     let home = EmbeddedHome::new();
-    let outputs = run_together(16, || {
+    let outputs = run_together(16, |_| {
         let mut command = home.fixture("fixture_embedded");
         command.arg("--exact");
         command

@@ -241,11 +241,11 @@ fn collect(reader: thread::JoinHandle<Vec<u8>>) -> String {
     String::from_utf8_lossy(&reader.join().unwrap_or_default()).into_owned()
 }
 
-/// Starts `count` commands at once and waits for them all (at most two
-/// minutes each), returning their outputs.
-pub fn run_together(count: usize, make: impl Fn() -> Command) -> Vec<Output> {
+/// Starts `count` commands at once (`make` gets each one's index) and waits
+/// for them all (at most two minutes each), returning their outputs.
+pub fn run_together(count: usize, make: impl Fn(usize) -> Command) -> Vec<Output> {
     let children: Vec<Child> = (0..count)
-        .map(|_| make().spawn().expect("start a fixture"))
+        .map(|index| make(index).spawn().expect("start a fixture"))
         .collect();
     children
         .into_iter()
