@@ -1,0 +1,275 @@
+//! Runs one generated suite as `#[pg_test]`, `#[sqlx::test]` and plain
+//! `#[tokio::test]` with a pre-migrated database, under `cargo nextest run
+//! -j J` and `cargo test -- --test-threads=J`, against a server started with
+//! `max_connections = 100`, and prints a markdown table of medians.
+//!
+//! ```text
+//! cargo run -p pgtest-bench --release -- [--tests 200] [--binaries 8] [--jobs 16,64] [--runs 3] [--cargo-test]
+//! cargo run -p pgtest-bench -- --smoke
+//! ```
+
+mod server;
+mod suite;
+
+use std::path::Path;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use sqlx::migrate::Migrator;
+use sqlx::{Connection, PgConnection};
+use tokio::process::Command;
+
+use crate::server::Server;
+use crate::suite::FLAVOURS;
+
+struct Options {
+    tests: usize,
+    binaries: usize,
+    jobs: Vec<usize>,
+    runs: usize,
+    cargo_test: bool,
+}
+
+/// One flavour's run.
+struct Sample {
+    wall: Duration,
+    passed: usize,
+    failed: usize,
+    peak: i64,
+    refusals: usize,
+    connections: usize,
+    leftover: i64,
+}
+
+fn parse_options() -> anyhow::Result<Options> {
+    let mut options = Options {
+        tests: 200,
+        binaries: 8,
+        jobs: vec![16],
+        runs: 3,
+        cargo_test: false,
+    };
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        let mut value = || args.next().context("a value is missing");
+        match arg.as_str() {
+            "--tests" => options.tests = value()?.parse()?,
+            "--binaries" => options.binaries = value()?.parse()?,
+            "--jobs" => options.jobs = value()?.split(',').map(str::parse).collect::<Result<_, _>>()?,
+            "--runs" => options.runs = value()?.parse()?,
+            "--cargo-test" => options.cargo_test = true,
+            "--smoke" => {
+                options = Options {
+                    tests: 4,
+                    binaries: 2,
+                    jobs: vec![4],
+                    runs: 1,
+                    cargo_test: true,
+                }
+            }
+            other => bail!("unknown argument {other}; see the doc comment of benches/harness/src/main.rs"),
+        }
+    }
+    Ok(options)
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> anyhow::Result<()> {
+    let options = parse_options()?;
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize()?;
+    let work = repo.join("target/pgtest-bench");
+    let suite_dir = work.join("suite");
+    eprintln!("generating {} tests per flavour in {}", options.tests, suite_dir.display());
+    suite::write(&suite_dir, &repo, options.tests, options.binaries)?;
+    std::fs::copy(repo.join("Cargo.lock"), suite_dir.join("Cargo.lock"))?;
+
+    eprintln!("building the suite (the first time compiles its dependencies)");
+    let build = cargo(&suite_dir, &work, &["test", "--no-run", "--quiet"]).status().await?;
+    anyhow::ensure!(build.success(), "the generated suite does not build");
+
+    let server = Server::start(&work.join("server"), 20000 + (std::process::id() % 20000) as u16)?;
+    let mut admin = PgConnection::connect(&server.url("postgres")).await?;
+    sqlx::query("create database bench_plain").execute(&mut admin).await?;
+    let mut plain = PgConnection::connect(&server.url("bench_plain")).await?;
+    Migrator::new(suite::migrations_dir(&suite_dir)).await?.run(&mut plain).await?;
+    plain.close().await?;
+
+    let mut rows = Vec::new();
+    let runners: &[&str] = if options.cargo_test { &["nextest", "cargo test"] } else { &["nextest"] };
+    for &jobs in &options.jobs {
+        for &runner in runners {
+            let mut samples: Vec<Vec<Sample>> = FLAVOURS.iter().map(|_| Vec::new()).collect();
+            for run in 0..options.runs {
+                for (index, flavour) in FLAVOURS.iter().enumerate() {
+                    let sample = measure(&server, &mut admin, &suite_dir, &work, flavour, runner, jobs).await?;
+                    eprintln!(
+                        "{runner} -j {jobs} run {run} {flavour}: {:.2} s, {} passed, {} failed",
+                        sample.wall.as_secs_f64(),
+                        sample.passed,
+                        sample.failed
+                    );
+                    samples[index].push(sample);
+                }
+            }
+            rows.push((runner, jobs, samples));
+        }
+    }
+    print_table(&options, &rows);
+    Ok(())
+}
+
+fn cargo(suite_dir: &Path, work: &Path, args: &[&str]) -> Command {
+    let mut command = Command::new(env!("CARGO"));
+    command
+        .args(args)
+        .current_dir(suite_dir)
+        .env("CARGO_TARGET_DIR", work.join("target"))
+        .env_remove("DATABASE_URL")
+        .env_remove("PGTEST_DATABASE_URL");
+    command
+}
+
+async fn measure(
+    server: &Server,
+    admin: &mut PgConnection,
+    suite_dir: &Path,
+    work: &Path,
+    flavour: &str,
+    runner: &str,
+    jobs: usize,
+) -> anyhow::Result<Sample> {
+    let log_before = server.log().len();
+    let jobs_arg = jobs.to_string();
+    let pattern = format!("{flavour}_*");
+    let mut command = match runner {
+        "nextest" => {
+            let filter = format!("binary(/^{flavour}_/)");
+            let mut command = cargo(suite_dir, work, &["nextest", "run", "--no-fail-fast", "-j", &jobs_arg, "-E", &filter]);
+            command.arg("--status-level=none").arg("--final-status-level=none");
+            command
+        }
+        _ => cargo(
+            suite_dir,
+            work,
+            &["test", "--no-fail-fast", "--test", &pattern, "--", "--test-threads", &jobs_arg],
+        ),
+    };
+    command
+        .env("DATABASE_URL", server.url("postgres"))
+        .env("PGTEST_DATABASE_URL", server.url("postgres"))
+        .env("PLAIN_DATABASE_URL", server.url("bench_plain"))
+        .env("TMPDIR", work.join("tmp"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    std::fs::create_dir_all(work.join("tmp"))?;
+
+    let peak = Arc::new(AtomicI64::new(0));
+    let sampler = tokio::spawn(sample_connections(server.url("postgres"), peak.clone()));
+    let started = Instant::now();
+    let output = command.output().await?;
+    let wall = started.elapsed();
+    sampler.abort();
+
+    let printed = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+    let (passed, failed) = counts(&printed);
+    let log = server.log();
+    let log = &log[log_before..];
+    let leftover: i64 = sqlx::query_scalar("select count(*) from pg_database where datname like '\\_sqlx\\_test%'")
+        .fetch_one(&mut *admin)
+        .await?;
+    Ok(Sample {
+        wall,
+        passed,
+        failed,
+        peak: peak.load(Ordering::Relaxed),
+        refusals: log.matches("too many clients").count() + log.matches("remaining connection slots").count(),
+        // Less the sampler's own connection.
+        connections: log.matches("connection authorized").count().saturating_sub(1),
+        leftover,
+    })
+}
+
+/// Samples the number of client connections every 10 ms.
+async fn sample_connections(url: String, peak: Arc<AtomicI64>) -> anyhow::Result<()> {
+    let mut connection = PgConnection::connect(&url).await?;
+    loop {
+        let now: i64 = sqlx::query_scalar(
+            "select count(*) - 1 from pg_stat_activity where backend_type = 'client backend'",
+        )
+        .fetch_one(&mut connection)
+        .await?;
+        peak.fetch_max(now, Ordering::Relaxed);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Passed and failed tests, from nextest's summary or libtest's lines.
+fn counts(printed: &str) -> (usize, usize) {
+    let mut passed = 0;
+    let mut failed = 0;
+    for line in printed.lines() {
+        let line = line.trim();
+        if line.starts_with("Summary [") {
+            let tally = line.split_once("run: ").map_or("", |(_, tally)| tally);
+            let number = |word: &str| {
+                tally
+                    .split(", ")
+                    .find_map(|part| part.strip_suffix(word)?.trim().parse().ok())
+                    .unwrap_or(0)
+            };
+            return (number("passed"), number("failed"));
+        }
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            let field = |word: &str| -> usize {
+                rest.split(&[';', '.'][..])
+                    .find_map(|part| part.trim().strip_suffix(word)?.trim().parse().ok())
+                    .unwrap_or(0)
+            };
+            passed += field("passed");
+            failed += field("failed");
+        }
+    }
+    (passed, failed)
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    let middle = values.len() / 2;
+    if values.len() % 2 == 1 { values[middle] } else { (values[middle - 1] + values[middle]) / 2.0 }
+}
+
+#[allow(clippy::type_complexity)]
+fn print_table(options: &Options, rows: &[(&str, usize, Vec<Vec<Sample>>)]) {
+    println!(
+        "\n{} tests per flavour in {} binaries, max_connections = 100, medians of {} runs\n",
+        options.tests, options.binaries, options.runs
+    );
+    println!("| runner | -j | flavour | wall (s) | failed | peak conns | refused | conns opened/test | leftover dbs |");
+    println!("|---|---:|---|---:|---:|---:|---:|---:|---:|");
+    for (runner, jobs, samples) in rows {
+        let mut walls = Vec::new();
+        for (flavour, runs) in FLAVOURS.iter().zip(samples) {
+            let wall = median(runs.iter().map(|s| s.wall.as_secs_f64()).collect());
+            walls.push(wall);
+            let worst = |f: fn(&Sample) -> f64| runs.iter().map(f).fold(0.0, f64::max);
+            let per_test = median(
+                runs.iter().map(|s| s.connections as f64 / (s.passed + s.failed).max(1) as f64).collect(),
+            );
+            println!(
+                "| {runner} | {jobs} | {flavour} | {wall:.2} | {} | {} | {} | {per_test:.1} | {} |",
+                worst(|s| s.failed as f64),
+                worst(|s| s.peak as f64),
+                worst(|s| s.refusals as f64),
+                worst(|s| s.leftover as f64),
+            );
+        }
+        println!(
+            "| {runner} | {jobs} | **ratios** | pgtest/plain {:.2}, sqlx/pgtest {:.2} | | | | | |",
+            walls[0] / walls[2],
+            walls[1] / walls[0]
+        );
+    }
+}

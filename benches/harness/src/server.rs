@@ -1,0 +1,93 @@
+//! The benchmark's own PostgreSQL server: started with `pg_ctl` (as the
+//! `postgres` user when run as root) with `max_connections = 100` and
+//! default durability, logging connections and refusals.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, bail};
+
+pub(crate) struct Server {
+    dir: PathBuf,
+    bin: PathBuf,
+    pub(crate) port: u16,
+}
+
+impl Server {
+    pub(crate) fn start(dir: &Path, port: u16) -> anyhow::Result<Self> {
+        let bin = pg_bin()?;
+        let _ = fs::remove_dir_all(dir);
+        fs::create_dir_all(dir)?;
+        let server = Self {
+            dir: dir.to_owned(),
+            bin,
+            port,
+        };
+        if is_root() {
+            run(Command::new("chown").arg("postgres").arg(dir))?;
+        }
+        server.as_server_user(&["initdb", "-D", "data", "-U", "postgres", "--auth=trust", "--no-sync"])?;
+        let options = format!(
+            "-p {port} -k {} -c listen_addresses=127.0.0.1 -c max_connections=100 -c log_connections=on",
+            dir.display()
+        );
+        server.as_server_user(&["pg_ctl", "-D", "data", "-l", "log", "-w", "-o", &options, "start"])?;
+        Ok(server)
+    }
+
+    pub(crate) fn url(&self, database: &str) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/{database}", self.port)
+    }
+
+    pub(crate) fn log(&self) -> String {
+        fs::read_to_string(self.dir.join("log")).unwrap_or_default()
+    }
+
+    fn as_server_user(&self, args: &[&str]) -> anyhow::Result<()> {
+        let program = self.bin.join(args[0]);
+        let mut command = if is_root() {
+            let mut command = Command::new("runuser");
+            command.args(["-u", "postgres", "--"]).arg(program);
+            command
+        } else {
+            Command::new(program)
+        };
+        command.args(&args[1..]).current_dir(&self.dir);
+        run(&mut command)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.as_server_user(&["pg_ctl", "-D", "data", "-m", "immediate", "-w", "stop"]);
+    }
+}
+
+fn run(command: &mut Command) -> anyhow::Result<()> {
+    let output = command.output().with_context(|| format!("running {command:?}"))?;
+    if !output.status.success() {
+        bail!("{command:?} failed: {}", String::from_utf8_lossy(&output.stderr));
+    }
+    Ok(())
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|output| String::from_utf8_lossy(&output.stdout).trim() == "0")
+}
+
+fn pg_bin() -> anyhow::Result<PathBuf> {
+    if let Some(dir) = std::env::var_os("PGTEST_PG_BIN") {
+        return Ok(dir.into());
+    }
+    let mut found: Vec<(u32, PathBuf)> = fs::read_dir("/usr/lib/postgresql")
+        .context("no /usr/lib/postgresql: set PGTEST_PG_BIN")?
+        .flatten()
+        .filter_map(|entry| Some((entry.file_name().to_str()?.parse().ok()?, entry.path().join("bin"))))
+        .collect();
+    found.sort();
+    found.pop().map(|(_, bin)| bin).context("no PostgreSQL binaries: set PGTEST_PG_BIN")
+}

@@ -1,0 +1,171 @@
+//! The generated suite: a realistic schema and the same test bodies in three
+//! flavours, written under `target/` (never committed).
+
+use std::fmt::Write as _;
+use std::fs;
+use std::path::Path;
+
+/// The three ways of writing the same tests.
+pub(crate) const FLAVOURS: [&str; 3] = ["pgtest", "sqlx", "plain"];
+
+const MIGRATIONS: [(&str, &str); 6] = [
+    (
+        "0001_orgs_and_users.sql",
+        "create type plan as enum ('free', 'team', 'enterprise');
+create table orgs (id uuid primary key, name text not null, plan plan not null default 'free',
+    created_at timestamptz not null default now());
+create table users (id bigint generated always as identity primary key,
+    org_id uuid not null references orgs (id) on delete cascade, email text not null,
+    name text not null, unique (org_id, email));
+create index users_org on users (org_id);",
+    ),
+    (
+        "0002_projects.sql",
+        "create table projects (id bigint generated always as identity primary key,
+    org_id uuid not null references orgs (id) on delete cascade, name text not null,
+    owner_id bigint references users (id), archived boolean not null default false,
+    unique (org_id, name));
+create table project_members (project_id bigint not null references projects (id) on delete cascade,
+    user_id bigint not null references users (id) on delete cascade, role text not null,
+    primary key (project_id, user_id));",
+    ),
+    (
+        "0003_tasks.sql",
+        "create table tasks (id bigint generated always as identity primary key,
+    project_id bigint not null references projects (id) on delete cascade, title text not null,
+    assignee_id bigint references users (id), done boolean not null default false,
+    updated_at timestamptz not null default now());
+create index tasks_project on tasks (project_id);
+create index tasks_assignee on tasks (assignee_id) where not done;
+create table task_comments (id bigint generated always as identity primary key,
+    task_id bigint not null references tasks (id) on delete cascade,
+    author_id bigint not null references users (id), body text not null);
+create table labels (id bigint generated always as identity primary key,
+    org_id uuid not null references orgs (id) on delete cascade, name text not null);
+create table task_labels (task_id bigint not null references tasks (id) on delete cascade,
+    label_id bigint not null references labels (id) on delete cascade, primary key (task_id, label_id));",
+    ),
+    (
+        "0004_audit.sql",
+        "create table audit_log (id bigint generated always as identity primary key, org_id uuid not null,
+    entity text not null, entity_id bigint not null, action text not null,
+    at timestamptz not null default now());
+create index audit_org on audit_log (org_id, at);
+create function touch_task() returns trigger language plpgsql as $$
+begin
+    new.updated_at := now();
+    insert into audit_log (org_id, entity, entity_id, action)
+    select p.org_id, 'task', new.id, tg_op from projects p where p.id = new.project_id;
+    return new;
+end $$;
+create trigger tasks_touch before insert or update on tasks for each row execute function touch_task();",
+    ),
+    (
+        "0005_billing.sql",
+        "create table invoices (id bigint generated always as identity primary key,
+    org_id uuid not null references orgs (id) on delete cascade, amount_cents bigint not null,
+    issued_on date not null default current_date);
+create table payments (id bigint generated always as identity primary key,
+    invoice_id bigint not null references invoices (id) on delete cascade, amount_cents bigint not null);
+create table api_keys (id bigint generated always as identity primary key,
+    org_id uuid not null references orgs (id) on delete cascade, prefix text not null unique,
+    created_by bigint references users (id));",
+    ),
+    (
+        "0006_settings.sql",
+        "create table org_settings (org_id uuid primary key references orgs (id) on delete cascade,
+    timezone text not null default 'UTC', weekly_digest boolean not null default true);
+create table webhooks (id bigint generated always as identity primary key,
+    org_id uuid not null references orgs (id) on delete cascade, url text not null);
+create table webhook_deliveries (id bigint generated always as identity primary key,
+    webhook_id bigint not null references webhooks (id) on delete cascade, status int not null);
+create index deliveries_webhook on webhook_deliveries (webhook_id);",
+    ),
+];
+
+/// The body every flavour runs, with `pool` and `org` (a `Uuid`) in scope:
+/// sequential inserts scoped by the org, then reads back.
+const BODY: &str = r#"
+    sqlx::query("insert into orgs (id, name, plan) values ($1, 'acme', 'team')").bind(org).execute(&pool).await.unwrap();
+    let mut users = Vec::new();
+    for name in ["ada", "grace", "linus"] {
+        let id: i64 = sqlx::query_scalar("insert into users (org_id, email, name) values ($1, $2, $3) returning id")
+            .bind(org).bind(format!("{name}@example.com")).bind(name).fetch_one(&pool).await.unwrap();
+        users.push(id);
+    }
+    let project: i64 = sqlx::query_scalar("insert into projects (org_id, name, owner_id) values ($1, 'launch', $2) returning id")
+        .bind(org).bind(users[0]).fetch_one(&pool).await.unwrap();
+    for (title, who) in [("design", users[1]), ("build", users[2]), ("ship", users[0])] {
+        sqlx::query("insert into tasks (project_id, title, assignee_id) values ($1, $2, $3)")
+            .bind(project).bind(title).bind(who).execute(&pool).await.unwrap();
+    }
+    let open: i64 = sqlx::query_scalar(
+        "select count(*) from tasks t join projects p on p.id = t.project_id where p.org_id = $1 and not t.done")
+        .bind(org).fetch_one(&pool).await.unwrap();
+    assert_eq!(open, 3);
+    let audited: i64 = sqlx::query_scalar("select count(*) from audit_log where org_id = $1")
+        .bind(org).fetch_one(&pool).await.unwrap();
+    assert_eq!(audited, 3);
+"#;
+
+/// Writes the suite's crate into `dir`: `tests` tests per flavour, spread
+/// over `binaries` test binaries each.
+pub(crate) fn write(dir: &Path, pgtest: &Path, tests: usize, binaries: usize) -> anyhow::Result<()> {
+    let _ = fs::remove_dir_all(dir.join("tests"));
+    fs::create_dir_all(dir.join("tests"))?;
+    fs::create_dir_all(dir.join("src"))?;
+    fs::create_dir_all(dir.join("migrations"))?;
+    fs::write(dir.join("src/lib.rs"), "")?;
+    for (name, sql) in MIGRATIONS {
+        fs::write(dir.join("migrations").join(name), sql)?;
+    }
+    fs::write(
+        dir.join("Cargo.toml"),
+        format!(
+            r#"[package]
+name = "bench-suite"
+version = "0.0.0"
+edition = "2024"
+publish = false
+
+[dev-dependencies]
+pgtest = {{ path = "{pgtest}" }}
+sqlx = {{ version = "0.9", default-features = false, features = ["postgres", "runtime-tokio", "migrate", "macros", "uuid"] }}
+tokio = {{ version = "1", features = ["macros", "rt"] }}
+
+[workspace]
+"#,
+            pgtest = pgtest.display()
+        ),
+    )?;
+    for binary in 0..binaries {
+        let count = tests / binaries + usize::from(binary < tests % binaries);
+        for flavour in FLAVOURS {
+            let mut file = String::from("use sqlx::PgPool;\nuse sqlx::types::Uuid;\n");
+            for test in 0..count {
+                let name = format!("case_{binary}_{test}");
+                match flavour {
+                    "pgtest" => write!(
+                        file,
+                        "\n#[pgtest::pg_test(migrations = \"./migrations\")]\nasync fn {name}(pool: PgPool, tenant: pgtest::Tenant) {{\n    let org: Uuid = tenant.id();{BODY}}}\n"
+                    )?,
+                    "sqlx" => write!(
+                        file,
+                        "\n#[sqlx::test(migrations = \"./migrations\")]\nasync fn {name}(pool: PgPool) {{\n    let org = Uuid::new_v4();{BODY}}}\n"
+                    )?,
+                    _ => write!(
+                        file,
+                        "\n#[tokio::test]\nasync fn {name}() {{\n    let pool = PgPool::connect(&std::env::var(\"PLAIN_DATABASE_URL\").unwrap()).await.unwrap();\n    let org = Uuid::new_v4();{BODY}    pool.close().await;\n}}\n"
+                    )?,
+                }
+            }
+            fs::write(dir.join("tests").join(format!("{flavour}_{binary}.rs")), file)?;
+        }
+    }
+    Ok(())
+}
+
+/// The migrations, for migrating the plain flavour's database.
+pub(crate) fn migrations_dir(dir: &Path) -> std::path::PathBuf {
+    dir.join("migrations")
+}
