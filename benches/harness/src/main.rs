@@ -31,6 +31,7 @@ struct Options {
     jobs: Vec<usize>,
     runs: usize,
     cargo_test: bool,
+    flavours: Vec<&'static str>,
 }
 
 /// One flavour's run.
@@ -51,6 +52,7 @@ fn parse_options() -> anyhow::Result<Options> {
         jobs: vec![16],
         runs: 3,
         cargo_test: false,
+        flavours: FLAVOURS.to_vec(),
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -58,9 +60,21 @@ fn parse_options() -> anyhow::Result<Options> {
         match arg.as_str() {
             "--tests" => options.tests = value()?.parse()?,
             "--binaries" => options.binaries = value()?.parse()?,
-            "--jobs" => options.jobs = value()?.split(',').map(str::parse).collect::<Result<_, _>>()?,
+            "--jobs" => {
+                options.jobs = value()?
+                    .split(',')
+                    .map(str::parse)
+                    .collect::<Result<_, _>>()?
+            }
             "--runs" => options.runs = value()?.parse()?,
             "--cargo-test" => options.cargo_test = true,
+            "--flavours" => {
+                let wanted = value()?;
+                options.flavours = FLAVOURS
+                    .into_iter()
+                    .filter(|f| wanted.split(',').any(|w| w == *f))
+                    .collect();
+            }
             "--smoke" => {
                 options = Options {
                     tests: 4,
@@ -68,9 +82,12 @@ fn parse_options() -> anyhow::Result<Options> {
                     jobs: vec![4],
                     runs: 1,
                     cargo_test: true,
+                    flavours: FLAVOURS.to_vec(),
                 }
             }
-            other => bail!("unknown argument {other}; see the doc comment of benches/harness/src/main.rs"),
+            other => bail!(
+                "unknown argument {other}; see the doc comment of benches/harness/src/main.rs"
+            ),
         }
     }
     Ok(options)
@@ -79,32 +96,56 @@ fn parse_options() -> anyhow::Result<Options> {
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     let options = parse_options()?;
-    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize()?;
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()?;
     let work = repo.join("target/pgtest-bench");
     let suite_dir = work.join("suite");
-    eprintln!("generating {} tests per flavour in {}", options.tests, suite_dir.display());
+    eprintln!(
+        "generating {} tests per flavour in {}",
+        options.tests,
+        suite_dir.display()
+    );
     suite::write(&suite_dir, &repo, options.tests, options.binaries)?;
     std::fs::copy(repo.join("Cargo.lock"), suite_dir.join("Cargo.lock"))?;
 
     eprintln!("building the suite (the first time compiles its dependencies)");
-    let build = cargo(&suite_dir, &work, &["test", "--no-run", "--quiet"]).status().await?;
+    let build = cargo(&suite_dir, &work, &["test", "--no-run", "--quiet"])
+        .status()
+        .await?;
     anyhow::ensure!(build.success(), "the generated suite does not build");
 
-    let server = Server::start(&work.join("server"), 20000 + (std::process::id() % 20000) as u16)?;
+    let server = Server::start(
+        &work.join("server"),
+        20000 + (std::process::id() % 20000) as u16,
+    )?;
     let mut admin = PgConnection::connect(&server.url("postgres")).await?;
-    sqlx::query("create database bench_plain").execute(&mut admin).await?;
+    sqlx::query("create database bench_plain")
+        .execute(&mut admin)
+        .await?;
     let mut plain = PgConnection::connect(&server.url("bench_plain")).await?;
-    Migrator::new(suite::migrations_dir(&suite_dir)).await?.run(&mut plain).await?;
+    Migrator::new(suite::migrations_dir(&suite_dir))
+        .await?
+        .run(&mut plain)
+        .await?;
     plain.close().await?;
 
     let mut rows = Vec::new();
-    let runners: &[&str] = if options.cargo_test { &["nextest", "cargo test"] } else { &["nextest"] };
+    let runners: &[&str] = if options.cargo_test {
+        &["nextest", "cargo test"]
+    } else {
+        &["nextest"]
+    };
     for &jobs in &options.jobs {
         for &runner in runners {
-            let mut samples: Vec<Vec<Sample>> = FLAVOURS.iter().map(|_| Vec::new()).collect();
+            let mut samples: Vec<Vec<Sample>> =
+                options.flavours.iter().map(|_| Vec::new()).collect();
             for run in 0..options.runs {
-                for (index, flavour) in FLAVOURS.iter().enumerate() {
-                    let sample = measure(&server, &mut admin, &suite_dir, &work, flavour, runner, jobs).await?;
+                for (index, flavour) in options.flavours.iter().enumerate() {
+                    let sample = measure(
+                        &server, &mut admin, &suite_dir, &work, flavour, runner, jobs,
+                    )
+                    .await?;
                     eprintln!(
                         "{runner} -j {jobs} run {run} {flavour}: {:.2} s, {} passed, {} failed",
                         sample.wall.as_secs_f64(),
@@ -147,14 +188,36 @@ async fn measure(
     let mut command = match runner {
         "nextest" => {
             let filter = format!("binary(/^{flavour}_/)");
-            let mut command = cargo(suite_dir, work, &["nextest", "run", "--no-fail-fast", "-j", &jobs_arg, "-E", &filter]);
-            command.arg("--status-level=none").arg("--final-status-level=none");
+            let mut command = cargo(
+                suite_dir,
+                work,
+                &[
+                    "nextest",
+                    "run",
+                    "--no-fail-fast",
+                    "-j",
+                    &jobs_arg,
+                    "-E",
+                    &filter,
+                ],
+            );
+            command
+                .arg("--status-level=none")
+                .arg("--final-status-level=none");
             command
         }
         _ => cargo(
             suite_dir,
             work,
-            &["test", "--no-fail-fast", "--test", &pattern, "--", "--test-threads", &jobs_arg],
+            &[
+                "test",
+                "--no-fail-fast",
+                "--test",
+                &pattern,
+                "--",
+                "--test-threads",
+                &jobs_arg,
+            ],
         ),
     };
     command
@@ -173,21 +236,30 @@ async fn measure(
     let wall = started.elapsed();
     sampler.abort();
 
-    let printed = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+    let printed = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
     let (passed, failed) = counts(&printed);
     let log = server.log();
     let log = &log[log_before..];
-    let leftover: i64 = sqlx::query_scalar("select count(*) from pg_database where datname like '\\_sqlx\\_test%'")
-        .fetch_one(&mut *admin)
-        .await?;
+    let leftover: i64 =
+        sqlx::query_scalar("select count(*) from pg_database where datname like '\\_sqlx\\_test%'")
+            .fetch_one(&mut *admin)
+            .await?;
     Ok(Sample {
         wall,
         passed,
         failed,
         peak: peak.load(Ordering::Relaxed),
-        refusals: log.matches("too many clients").count() + log.matches("remaining connection slots").count(),
+        refusals: log.matches("too many clients").count()
+            + log.matches("remaining connection slots").count(),
         // Less the sampler's own connection.
-        connections: log.matches("connection authorized").count().saturating_sub(1),
+        connections: log
+            .matches("connection authorized")
+            .count()
+            .saturating_sub(1),
         leftover,
     })
 }
@@ -238,7 +310,11 @@ fn counts(printed: &str) -> (usize, usize) {
 fn median(mut values: Vec<f64>) -> f64 {
     values.sort_by(f64::total_cmp);
     let middle = values.len() / 2;
-    if values.len() % 2 == 1 { values[middle] } else { (values[middle - 1] + values[middle]) / 2.0 }
+    if values.len() % 2 == 1 {
+        values[middle]
+    } else {
+        (values[middle - 1] + values[middle]) / 2.0
+    }
 }
 
 #[allow(clippy::type_complexity)]
@@ -247,16 +323,20 @@ fn print_table(options: &Options, rows: &[(&str, usize, Vec<Vec<Sample>>)]) {
         "\n{} tests per flavour in {} binaries, max_connections = 100, medians of {} runs\n",
         options.tests, options.binaries, options.runs
     );
-    println!("| runner | -j | flavour | wall (s) | failed | peak conns | refused | conns opened/test | leftover dbs |");
+    println!(
+        "| runner | -j | flavour | wall (s) | failed | peak conns | refused | conns opened/test | leftover dbs |"
+    );
     println!("|---|---:|---|---:|---:|---:|---:|---:|---:|");
     for (runner, jobs, samples) in rows {
-        let mut walls = Vec::new();
-        for (flavour, runs) in FLAVOURS.iter().zip(samples) {
+        let mut walls = std::collections::HashMap::new();
+        for (flavour, runs) in options.flavours.iter().zip(samples) {
             let wall = median(runs.iter().map(|s| s.wall.as_secs_f64()).collect());
-            walls.push(wall);
+            walls.insert(*flavour, wall);
             let worst = |f: fn(&Sample) -> f64| runs.iter().map(f).fold(0.0, f64::max);
             let per_test = median(
-                runs.iter().map(|s| s.connections as f64 / (s.passed + s.failed).max(1) as f64).collect(),
+                runs.iter()
+                    .map(|s| s.connections as f64 / (s.passed + s.failed).max(1) as f64)
+                    .collect(),
             );
             println!(
                 "| {runner} | {jobs} | {flavour} | {wall:.2} | {} | {} | {} | {per_test:.1} | {} |",
@@ -266,10 +346,14 @@ fn print_table(options: &Options, rows: &[(&str, usize, Vec<Vec<Sample>>)]) {
                 worst(|s| s.leftover as f64),
             );
         }
+        let ratio = |a: &str, b: &str| match (walls.get(a), walls.get(b)) {
+            (Some(a), Some(b)) => format!("{:.2}", a / b),
+            _ => "-".to_owned(),
+        };
         println!(
-            "| {runner} | {jobs} | **ratios** | pgtest/plain {:.2}, sqlx/pgtest {:.2} | | | | | |",
-            walls[0] / walls[2],
-            walls[1] / walls[0]
+            "| {runner} | {jobs} | **ratios** | pgtest/plain {}, sqlx/pgtest {} | | | | | |",
+            ratio("pgtest", "plain"),
+            ratio("sqlx", "pgtest")
         );
     }
 }

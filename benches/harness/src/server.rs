@@ -27,12 +27,22 @@ impl Server {
         if is_root() {
             run(Command::new("chown").arg("postgres").arg(dir))?;
         }
-        server.as_server_user(&["initdb", "-D", "data", "-U", "postgres", "--auth=trust", "--no-sync"])?;
+        server.as_server_user(&[
+            "initdb",
+            "-D",
+            "data",
+            "-U",
+            "postgres",
+            "--auth=trust",
+            "--no-sync",
+        ])?;
         let options = format!(
             "-p {port} -k {} -c listen_addresses=127.0.0.1 -c max_connections=100 -c log_connections=on",
             dir.display()
         );
-        server.as_server_user(&["pg_ctl", "-D", "data", "-l", "log", "-w", "-o", &options, "start"])?;
+        server.as_server_user(&[
+            "pg_ctl", "-D", "data", "-l", "log", "-w", "-o", &options, "start",
+        ])?;
         Ok(server)
     }
 
@@ -65,9 +75,14 @@ impl Drop for Server {
 }
 
 fn run(command: &mut Command) -> anyhow::Result<()> {
-    let output = command.output().with_context(|| format!("running {command:?}"))?;
+    let output = command
+        .output()
+        .with_context(|| format!("running {command:?}"))?;
     if !output.status.success() {
-        bail!("{command:?} failed: {}", String::from_utf8_lossy(&output.stderr));
+        bail!(
+            "{command:?} failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
     }
     Ok(())
 }
@@ -86,8 +101,16 @@ fn pg_bin() -> anyhow::Result<PathBuf> {
     let mut found: Vec<(u32, PathBuf)> = fs::read_dir("/usr/lib/postgresql")
         .context("no /usr/lib/postgresql: set PGTEST_PG_BIN")?
         .flatten()
-        .filter_map(|entry| Some((entry.file_name().to_str()?.parse().ok()?, entry.path().join("bin"))))
+        .filter_map(|entry| {
+            Some((
+                entry.file_name().to_str()?.parse().ok()?,
+                entry.path().join("bin"),
+            ))
+        })
         .collect();
     found.sort();
-    found.pop().map(|(_, bin)| bin).context("no PostgreSQL binaries: set PGTEST_PG_BIN")
+    found
+        .pop()
+        .map(|(_, bin)| bin)
+        .context("no PostgreSQL binaries: set PGTEST_PG_BIN")
 }

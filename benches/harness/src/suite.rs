@@ -110,7 +110,12 @@ const BODY: &str = r#"
 
 /// Writes the suite's crate into `dir`: `tests` tests per flavour, spread
 /// over `binaries` test binaries each.
-pub(crate) fn write(dir: &Path, pgtest: &Path, tests: usize, binaries: usize) -> anyhow::Result<()> {
+pub(crate) fn write(
+    dir: &Path,
+    pgtest: &Path,
+    tests: usize,
+    binaries: usize,
+) -> anyhow::Result<()> {
     let _ = fs::remove_dir_all(dir.join("tests"));
     fs::create_dir_all(dir.join("tests"))?;
     fs::create_dir_all(dir.join("src"))?;
@@ -159,7 +164,10 @@ tokio = {{ version = "1", features = ["macros", "rt"] }}
                     )?,
                 }
             }
-            fs::write(dir.join("tests").join(format!("{flavour}_{binary}.rs")), file)?;
+            fs::write(
+                dir.join("tests").join(format!("{flavour}_{binary}.rs")),
+                file,
+            )?;
         }
     }
     Ok(())
