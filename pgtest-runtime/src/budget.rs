@@ -63,6 +63,9 @@ impl Budget {
 
     /// Takes `count` slots for `holder` (a test's name), waiting while
     /// other tests hold them, at most the budget timeout.
+    ///
+    /// Waiters queue on a lock file, so that only the first of them polls
+    /// the slots while the others sleep in the kernel.
     pub(crate) async fn take(&self, count: u32, holder: &str) -> Result<Slots, Error> {
         if count > self.capacity {
             return Err(Error::BudgetTooSmall {
@@ -70,48 +73,49 @@ impl Budget {
                 capacity: self.capacity,
             });
         }
+        let slots: Vec<(PathBuf, File)> = (0..self.capacity)
+            .map(|index| {
+                let path = self.slot(index);
+                open(&path).map(|file| (path, file))
+            })
+            .collect::<Result<_, _>>()?;
+        let mut slots = match try_take(slots, count, holder)? {
+            Ok(taken) => return Ok(taken),
+            Err(slots) => slots,
+        };
         let started = Instant::now();
-        let mut pause = Duration::from_millis(2);
+        let timeout = || self.timeout_error(count);
+        let queue = open(&self.dir.join("queue.lock"))?;
+        let queued = tokio::task::spawn_blocking(move || queue.lock().map(|()| queue));
+        let _queue = match tokio::time::timeout(self.timeout, queued).await {
+            Ok(Ok(Ok(queue))) => queue,
+            Ok(Ok(Err(error))) => return Err(budget_io(&self.dir.join("queue.lock"), &error)),
+            Ok(Err(_)) | Err(_) => return Err(timeout()),
+        };
+        let mut pause = Duration::from_millis(1);
         loop {
-            if let Some(slots) = self.try_take(count, holder)? {
-                if started.elapsed() > Duration::from_millis(100) {
+            slots = match try_take(slots, count, holder)? {
+                Ok(taken) => {
                     tracing::debug!(waited = ?started.elapsed(), count, "took connection slots");
+                    return Ok(taken);
                 }
-                return Ok(slots);
-            }
+                Err(slots) => slots,
+            };
             if started.elapsed() > self.timeout {
-                return Err(Error::BudgetTimeout {
-                    needed: count,
-                    capacity: self.capacity,
-                    after: self.timeout,
-                    holders: self.holders(),
-                });
+                return Err(timeout());
             }
             tokio::time::sleep(jitter(pause)).await;
-            pause = (pause * 2).min(Duration::from_millis(50));
+            pause = (pause * 2).min(Duration::from_millis(20));
         }
     }
 
-    /// `count` free slots, or none at all.
-    fn try_take(&self, count: u32, holder: &str) -> Result<Option<Slots>, Error> {
-        let start = std::process::id() % self.capacity;
-        let mut locked = Vec::new();
-        for offset in 0..self.capacity {
-            let path = self.slot((start + offset) % self.capacity);
-            let file = open(&path)?;
-            match file.try_lock() {
-                Ok(()) => {
-                    note_holder(&file, holder);
-                    locked.push(file);
-                    if locked.len() == count as usize {
-                        return Ok(Some(Slots { _locked: locked }));
-                    }
-                }
-                Err(TryLockError::WouldBlock) => {}
-                Err(TryLockError::Error(error)) => return Err(budget_io(&path, &error)),
-            }
+    fn timeout_error(&self, count: u32) -> Error {
+        Error::BudgetTimeout {
+            needed: count,
+            capacity: self.capacity,
+            after: self.timeout,
+            holders: self.holders(),
         }
-        Ok(None)
     }
 
     /// A machine-wide lock named `name`, held until the file is dropped;
@@ -155,6 +159,46 @@ impl Budget {
         holders.dedup();
         holders.join("; ")
     }
+}
+
+/// `count` of the slot files locked, starting at a place that differs
+/// between processes; or, when fewer are free, none locked and the files
+/// back for another try.
+#[allow(clippy::type_complexity)]
+fn try_take(
+    mut slots: Vec<(PathBuf, File)>,
+    count: u32,
+    holder: &str,
+) -> Result<Result<Slots, Vec<(PathBuf, File)>>, Error> {
+    let start = std::process::id() as usize % slots.len();
+    slots.rotate_left(start);
+    let mut locked = Vec::new();
+    for (index, (path, file)) in slots.iter().enumerate() {
+        match file.try_lock() {
+            Ok(()) => {
+                locked.push(index);
+                if locked.len() == count as usize {
+                    break;
+                }
+            }
+            Err(TryLockError::WouldBlock) => {}
+            Err(TryLockError::Error(error)) => return Err(budget_io(path, &error)),
+        }
+    }
+    if locked.len() < count as usize {
+        for index in locked {
+            let _ = slots[index].1.unlock();
+        }
+        return Ok(Err(slots));
+    }
+    let mut taken = Vec::new();
+    for (index, (_, file)) in slots.into_iter().enumerate() {
+        if locked.contains(&index) {
+            note_holder(&file, holder);
+            taken.push(file);
+        }
+    }
+    Ok(Ok(Slots { _locked: taken }))
 }
 
 /// The server's connections less a margin for other clients (psql, a

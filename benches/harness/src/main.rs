@@ -183,6 +183,7 @@ async fn measure(
     jobs: usize,
 ) -> anyhow::Result<Sample> {
     let log_before = server.log().len();
+    let leftover_before = sqlx_databases(admin).await?;
     let jobs_arg = jobs.to_string();
     let pattern = format!("{flavour}_*");
     let mut command = match runner {
@@ -244,10 +245,7 @@ async fn measure(
     let (passed, failed) = counts(&printed);
     let log = server.log();
     let log = &log[log_before..];
-    let leftover: i64 =
-        sqlx::query_scalar("select count(*) from pg_database where datname like '\\_sqlx\\_test%'")
-            .fetch_one(&mut *admin)
-            .await?;
+    let leftover = sqlx_databases(admin).await? - leftover_before;
     Ok(Sample {
         wall,
         passed,
@@ -262,6 +260,15 @@ async fn measure(
             .saturating_sub(1),
         leftover,
     })
+}
+
+/// How many databases `#[sqlx::test]` has left on the server.
+async fn sqlx_databases(admin: &mut PgConnection) -> anyhow::Result<i64> {
+    let count =
+        sqlx::query_scalar("select count(*) from pg_database where datname like '\\_sqlx\\_test%'")
+            .fetch_one(admin)
+            .await?;
+    Ok(count)
 }
 
 /// Samples the number of client connections every 10 ms.
