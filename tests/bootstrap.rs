@@ -99,11 +99,7 @@ fn count(haystack: &str, needle: &str) -> usize {
 #[test]
 fn thirty_two_cold_processes_migrate_once_and_all_pass() {
     let cluster = Cluster::start(&[("log_statement", "all"), ("max_connections", "100")]);
-    let outputs = run_together(32, |_| {
-        let mut command = cluster.fixture("fixture_notes");
-        command.arg("--exact");
-        command
-    });
+    let outputs = run_together(32, |_| cluster.exact("fixture_notes"));
     for output in &outputs {
         assert_passed(output, 1);
     }
@@ -155,9 +151,9 @@ fn tests_on_threads_of_one_process_share_one_bootstrap() {
 #[test]
 fn a_warm_run_opens_no_admin_connection() {
     let cluster = Cluster::start(&[]);
-    assert_passed(&run(cluster.fixture("fixture_notes").arg("--exact")), 1);
+    assert_passed(&run(cluster.exact("fixture_notes")), 1);
     let cold_log_len = cluster.log().len();
-    assert_passed(&run(cluster.fixture("fixture_notes").arg("--exact")), 1);
+    assert_passed(&run(cluster.exact("fixture_notes")), 1);
 
     let warm_log = cluster.log()[cold_log_len..].to_owned();
     let connections: Vec<&str> = warm_log
@@ -186,8 +182,7 @@ fn a_bootstrap_killed_midway_is_rebuilt_by_the_next_run() {
     let cluster = Cluster::start(&[]);
     cluster.psql("alter role postgres set pgtest_fixture.slow = 'on'");
     let mut doomed = cluster
-        .fixture("fixture_slow")
-        .arg("--exact")
+        .exact("fixture_slow")
         .spawn()
         .expect("start a fixture");
     cluster.wait_until(
@@ -199,7 +194,7 @@ fn a_bootstrap_killed_midway_is_rebuilt_by_the_next_run() {
     let _ = doomed.wait();
 
     cluster.psql("alter role postgres reset pgtest_fixture.slow");
-    let output = run(cluster.fixture("fixture_slow").arg("--exact"));
+    let output = run(cluster.exact("fixture_slow"));
     assert_passed(&output, 1);
     let databases = cluster.pgtest_databases();
     assert_eq!(

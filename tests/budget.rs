@@ -54,11 +54,7 @@ fn refusals(log: &str) -> usize {
 #[test]
 fn sixty_four_processes_fit_a_server_of_twenty_connections() {
     let cluster = Cluster::start(&[("max_connections", "20")]);
-    let outputs = run_together(64, |_| {
-        let mut command = cluster.fixture("fixture_budget_four_connections");
-        command.arg("--exact");
-        command
-    });
+    let outputs = run_together(64, |_| cluster.exact("fixture_budget_four_connections"));
     for output in &outputs {
         assert_passed(output, 1);
     }

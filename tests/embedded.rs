@@ -40,11 +40,7 @@ fn wait_for(what: &str, limit: Duration, done: impl Fn() -> bool) {
 #[test]
 fn with_no_url_many_processes_start_exactly_one_server() {
     let home = EmbeddedHome::new();
-    let outputs = run_together(16, |_| {
-        let mut command = home.fixture("fixture_embedded");
-        command.arg("--exact");
-        command
-    });
+    let outputs = run_together(16, |_| home.exact("fixture_embedded"));
     for output in &outputs {
         assert_passed(output, 1);
     }
@@ -56,7 +52,7 @@ fn with_no_url_many_processes_start_exactly_one_server() {
     );
 
     // A later run reuses the running server.
-    assert_passed(&run(home.fixture("fixture_embedded").arg("--exact")), 1);
+    assert_passed(&run(home.exact("fixture_embedded")), 1);
     assert_eq!(
         home.server_log().matches(READY).count(),
         1,
@@ -67,12 +63,11 @@ fn with_no_url_many_processes_start_exactly_one_server() {
 #[test]
 fn runs_as_root_and_as_a_normal_user() {
     let home = EmbeddedHome::new();
-    assert_passed(&run(home.fixture("fixture_embedded").arg("--exact")), 1);
+    assert_passed(&run(home.exact("fixture_embedded")), 1);
 
     // As root, the server ran as the `postgres` user; now a normal user runs
     // the same suite against a home of its own.
-    let Some(mut as_user) = server_user_command(home.fixture("fixture_embedded").arg("--exact"))
-    else {
+    let Some(mut as_user) = server_user_command(&mut home.exact("fixture_embedded")) else {
         return; // already a normal user: the run above was that case
     };
     let user_home = EmbeddedHome::new();
@@ -100,7 +95,7 @@ fn runs_as_root_and_as_a_normal_user() {
 #[test]
 fn a_server_killed_with_its_pid_file_left_behind_does_not_block_the_next_run() {
     let home = EmbeddedHome::new();
-    assert_passed(&run(home.fixture("fixture_embedded").arg("--exact")), 1);
+    assert_passed(&run(home.exact("fixture_embedded")), 1);
     let pid = home.postmaster_pid().expect("a running server");
     let status = Command::new("kill")
         .args(["-KILL", &pid.to_string()])
@@ -123,7 +118,7 @@ fn a_server_killed_with_its_pid_file_left_behind_does_not_block_the_next_run() {
         "the pid file is stale, not gone"
     );
 
-    let output = run(home.fixture("fixture_embedded").arg("--exact"));
+    let output = run(home.exact("fixture_embedded"));
     assert_passed(&output, 1);
     assert_ne!(home.postmaster_pid(), Some(pid), "a new server runs");
 }
@@ -132,8 +127,7 @@ fn a_server_killed_with_its_pid_file_left_behind_does_not_block_the_next_run() {
 fn the_idle_server_stops_by_itself() {
     let home = EmbeddedHome::new();
     let output = run(home
-        .fixture("fixture_embedded")
-        .arg("--exact")
+        .exact("fixture_embedded")
         .env("PGTEST_EMBEDDED_IDLE", "1"));
     assert_passed(&output, 1);
     let watchdog_log =
@@ -151,8 +145,7 @@ fn missing_binaries_say_what_to_do() {
     let home = EmbeddedHome::new();
     let empty = tempfile::tempdir().unwrap();
     let output = run(home
-        .fixture("fixture_embedded")
-        .arg("--exact")
+        .exact("fixture_embedded")
         .env("PGTEST_PG_BIN", empty.path()));
     let text = assert_failed_without_password(&output);
     for part in [
@@ -170,8 +163,7 @@ fn missing_binaries_say_what_to_do() {
 fn pgtest_database_url_embedded_wins_over_database_url() {
     let home = EmbeddedHome::new();
     let output = run(home
-        .fixture("fixture_embedded")
-        .arg("--exact")
+        .exact("fixture_embedded")
         .env("DATABASE_URL", "postgres://app:pw@127.0.0.1:1/app")
         .env("PGTEST_DATABASE_URL", "embedded"));
     assert_passed(&output, 1);

@@ -98,6 +98,13 @@ impl Cluster {
         command
     }
 
+    /// The fixture test named `test` alone, against this cluster.
+    pub fn exact(&self, test: &str) -> Command {
+        let mut command = self.fixture(test);
+        command.arg("--exact");
+        command
+    }
+
     /// A URL for the `postgres` superuser over TCP, with its password.
     pub fn url(&self) -> String {
         self.url_for("postgres", PASSWORD, "postgres")
@@ -254,9 +261,9 @@ pub fn run_together(count: usize, make: impl Fn(usize) -> Command) -> Vec<Output
 }
 
 /// Runs a fixture to the end (at most a minute) and returns its output.
-pub fn run(command: &mut Command) -> Output {
+pub fn run(mut command: impl std::borrow::BorrowMut<Command>) -> Output {
     finish(
-        command.spawn().expect("start the fixture"),
+        command.borrow_mut().spawn().expect("start the fixture"),
         Duration::from_secs(60),
     )
 }
@@ -423,6 +430,13 @@ impl EmbeddedHome {
         command
             .env_remove("PGTEST_DATABASE_URL")
             .env("PGTEST_HOME", self.path());
+        command
+    }
+
+    /// The fixture test named `test` alone, with no server URL.
+    pub fn exact(&self, test: &str) -> Command {
+        let mut command = self.fixture(test);
+        command.arg("--exact");
         command
     }
 
