@@ -73,16 +73,10 @@ impl Budget {
                 capacity: self.capacity,
             });
         }
-        let slots: Vec<(PathBuf, File)> = (0..self.capacity)
-            .map(|index| {
-                let path = self.slot(index);
-                open(&path).map(|file| (path, file))
-            })
-            .collect::<Result<_, _>>()?;
-        let mut slots = match try_take(slots, count, holder)? {
-            Ok(taken) => return Ok(taken),
-            Err(slots) => slots,
-        };
+        let mut files = SlotFiles::new(self);
+        if let Some(taken) = files.try_take(count, holder)? {
+            return Ok(taken);
+        }
         let started = Instant::now();
         let timeout = || self.timeout_error(count);
         let queue = open(&self.dir.join("queue.lock"))?;
@@ -94,13 +88,10 @@ impl Budget {
         };
         let mut pause = Duration::from_millis(1);
         loop {
-            slots = match try_take(slots, count, holder)? {
-                Ok(taken) => {
-                    tracing::debug!(waited = ?started.elapsed(), count, "took connection slots");
-                    return Ok(taken);
-                }
-                Err(slots) => slots,
-            };
+            if let Some(taken) = files.try_take(count, holder)? {
+                tracing::debug!(waited = ?started.elapsed(), count, "took connection slots");
+                return Ok(taken);
+            }
             if started.elapsed() > self.timeout {
                 return Err(timeout());
             }
@@ -161,44 +152,59 @@ impl Budget {
     }
 }
 
-/// `count` of the slot files locked, starting at a place that differs
-/// between processes; or, when fewer are free, none locked and the files
-/// back for another try.
-#[allow(clippy::type_complexity)]
-fn try_take(
-    mut slots: Vec<(PathBuf, File)>,
-    count: u32,
-    holder: &str,
-) -> Result<Result<Slots, Vec<(PathBuf, File)>>, Error> {
-    let start = std::process::id() as usize % slots.len();
-    slots.rotate_left(start);
-    let mut locked = Vec::new();
-    for (index, (path, file)) in slots.iter().enumerate() {
-        match file.try_lock() {
-            Ok(()) => {
-                locked.push(index);
-                if locked.len() == count as usize {
-                    break;
-                }
+/// The slot files of one budget, opened as they are first needed.
+struct SlotFiles {
+    paths: Vec<PathBuf>,
+    files: Vec<Option<File>>,
+    /// Where this process starts looking, so that processes spread out.
+    start: usize,
+}
+
+impl SlotFiles {
+    fn new(budget: &Budget) -> Self {
+        let paths: Vec<PathBuf> = (0..budget.capacity)
+            .map(|index| budget.slot(index))
+            .collect();
+        Self {
+            files: paths.iter().map(|_| None).collect(),
+            start: std::process::id() as usize % paths.len(),
+            paths,
+        }
+    }
+
+    /// `count` slots locked for `holder`, or none when fewer are free.
+    fn try_take(&mut self, count: u32, holder: &str) -> Result<Option<Slots>, Error> {
+        let mut locked = Vec::new();
+        for offset in 0..self.paths.len() {
+            let index = (self.start + offset) % self.paths.len();
+            let path = &self.paths[index];
+            let file = match &mut self.files[index] {
+                Some(file) => file,
+                empty => empty.insert(open(path)?),
+            };
+            match file.try_lock() {
+                Ok(()) => locked.push(index),
+                Err(TryLockError::WouldBlock) => continue,
+                Err(TryLockError::Error(error)) => return Err(budget_io(path, &error)),
             }
-            Err(TryLockError::WouldBlock) => {}
-            Err(TryLockError::Error(error)) => return Err(budget_io(path, &error)),
+            if locked.len() == count as usize {
+                let taken: Vec<File> = locked
+                    .iter()
+                    .filter_map(|&index| self.files[index].take())
+                    .collect();
+                for file in &taken {
+                    note_holder(file, holder);
+                }
+                return Ok(Some(Slots { _locked: taken }));
+            }
         }
-    }
-    if locked.len() < count as usize {
         for index in locked {
-            let _ = slots[index].1.unlock();
+            if let Some(file) = &self.files[index] {
+                let _ = file.unlock();
+            }
         }
-        return Ok(Err(slots));
+        Ok(None)
     }
-    let mut taken = Vec::new();
-    for (index, (_, file)) in slots.into_iter().enumerate() {
-        if locked.contains(&index) {
-            note_holder(&file, holder);
-            taken.push(file);
-        }
-    }
-    Ok(Ok(Slots { _locked: taken }))
 }
 
 /// The server's connections less a margin for other clients (psql, a
