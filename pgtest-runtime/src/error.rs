@@ -294,7 +294,7 @@ pub enum Error {
     },
 
     /// Any other query pgtest runs failed.
-    #[error("{action} failed on {url}: {message}")]
+    #[error("{action} failed on {url}: {message}. The server's log may say more")]
     Query {
         /// What pgtest was doing.
         action: String,
