@@ -1,6 +1,7 @@
 //! Finding the PostgreSQL server binaries installed on the machine.
 
 use std::env;
+use std::ffi::OsStr;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -26,7 +27,9 @@ impl Binaries {
 
 /// `PGTEST_PG_BIN` if set (and then nothing else), else `pg_config
 /// --bindir`, `PATH`, and `/usr/lib/postgresql/*/bin`, newest major first.
-pub(crate) fn find() -> Result<Binaries, Error> {
+/// `pg_config`'s answer is remembered in `cache_dir`, since running it
+/// (a script on Debian) costs more than the rest of a hot start.
+pub(crate) fn find(cache_dir: &Path) -> Result<Binaries, Error> {
     if let Some(dir) = env::var_os(BIN_VAR).filter(|dir| !dir.is_empty()) {
         let dir = PathBuf::from(dir);
         return usable(&dir).ok_or_else(|| Error::NoBinaries {
@@ -34,7 +37,7 @@ pub(crate) fn find() -> Result<Binaries, Error> {
         });
     }
     let path = env::var_os("PATH").unwrap_or_default();
-    pg_config_bindir()
+    pg_config_bindir(&path, cache_dir)
         .into_iter()
         .chain(env::split_paths(&path))
         .find_map(|dir| usable(&dir))
@@ -44,12 +47,36 @@ pub(crate) fn find() -> Result<Binaries, Error> {
         })
 }
 
-fn pg_config_bindir() -> Option<PathBuf> {
-    let output = Command::new("pg_config").arg("--bindir").output().ok()?;
-    output
+/// What `pg_config --bindir` says, from the cache while the `pg_config`
+/// found on `PATH` resolves to the same unchanged file and no PostgreSQL
+/// version was added to or removed from `/usr/lib/postgresql`.
+fn pg_config_bindir(path: &OsStr, cache_dir: &Path) -> Option<PathBuf> {
+    let pg_config = env::split_paths(path)
+        .map(|dir| dir.join("pg_config"))
+        .find(|candidate| candidate.is_file())?;
+    let modified = |path: &Path| fs::metadata(path).and_then(|meta| meta.modified()).ok();
+    let key = format!(
+        "{} {:?} {:?}",
+        fs::canonicalize(&pg_config)
+            .unwrap_or_else(|_| pg_config.clone())
+            .display(),
+        modified(&pg_config),
+        modified(Path::new("/usr/lib/postgresql")),
+    );
+    let cache = cache_dir.join("pg_config.cache");
+    let cached = fs::read_to_string(&cache).unwrap_or_default();
+    if let Some((cached_key, bindir)) = cached.split_once('\n')
+        && cached_key == key
+    {
+        return Some(PathBuf::from(bindir.trim_end()));
+    }
+    let output = Command::new(&pg_config).arg("--bindir").output().ok()?;
+    let bindir = output
         .status
         .success()
-        .then(|| PathBuf::from(String::from_utf8_lossy(&output.stdout).trim()))
+        .then(|| String::from_utf8_lossy(&output.stdout).trim().to_owned())?;
+    let _ = fs::write(&cache, format!("{key}\n{bindir}\n"));
+    Some(PathBuf::from(bindir))
 }
 
 /// The newest `/usr/lib/postgresql/<major>/bin` (Debian and Ubuntu, which

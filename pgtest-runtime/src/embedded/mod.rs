@@ -51,8 +51,9 @@ pub(crate) fn ensure(idle: Duration) -> Result<Embedded, Error> {
     if let Some(in_use) = in_use.as_ref() {
         return Ok(in_use.embedded.clone());
     }
-    let binaries = binaries::find()?;
-    let cluster = Cluster::prepare(binaries, &base_dir())?;
+    let base = base_dir();
+    let binaries = binaries::find(&base)?;
+    let cluster = Cluster::prepare(binaries, &base)?;
     let started = Instant::now();
     let start_lock = cluster.lock_file("start.lock")?;
     wait_for_lock(&cluster, &start_lock, "start.lock", |file| file.try_lock())?;
