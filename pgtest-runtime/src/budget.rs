@@ -116,19 +116,7 @@ impl Budget {
         name: &str,
         timeout: Duration,
     ) -> Result<Option<File>, Error> {
-        let path = self.dir.join(name);
-        let file = open(&path)?;
-        let deadline = Instant::now() + timeout;
-        loop {
-            match file.try_lock() {
-                Ok(()) => return Ok(Some(file)),
-                Err(TryLockError::WouldBlock) if Instant::now() < deadline => {
-                    tokio::time::sleep(jitter(Duration::from_millis(10))).await;
-                }
-                Err(TryLockError::WouldBlock) => return Ok(None),
-                Err(TryLockError::Error(error)) => return Err(budget_io(&path, &error)),
-            }
-        }
+        lock_within(&self.dir.join(name), timeout).await
     }
 
     fn slot(&self, index: u32) -> PathBuf {
@@ -235,18 +223,10 @@ async fn learned_capacity(server: &Server, dir: &Path) -> Result<u32, Error> {
     if let Some(capacity) = fresh_capacity(&file) {
         return Ok(capacity);
     }
-    let lock = open(&dir.join("capacity.lock"))?;
-    let deadline = Instant::now() + server.connect_timeout * 3;
-    loop {
-        match lock.try_lock() {
-            Ok(()) => break,
-            Err(TryLockError::WouldBlock) if Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-            Err(TryLockError::WouldBlock) => return Err(server.timeout_error()),
-            Err(TryLockError::Error(error)) => return Err(budget_io(dir, &error)),
-        }
-    }
+    let Some(_lock) = lock_within(&dir.join("capacity.lock"), server.connect_timeout * 3).await?
+    else {
+        return Err(server.timeout_error());
+    };
     if let Some(capacity) = fresh_capacity(&file) {
         return Ok(capacity);
     }
@@ -255,6 +235,23 @@ async fn learned_capacity(server: &Server, dir: &Path) -> Result<u32, Error> {
         .and_then(|()| fs::rename(file.with_extension("new"), &file));
     written.map_err(|error| budget_io(&file, &error))?;
     Ok(usable(connections))
+}
+
+/// An exclusive lock on the file at `path`, held until the file is dropped;
+/// `None` when its holder kept it longer than `timeout`.
+async fn lock_within(path: &Path, timeout: Duration) -> Result<Option<File>, Error> {
+    let file = open(path)?;
+    let deadline = Instant::now() + timeout;
+    loop {
+        match file.try_lock() {
+            Ok(()) => return Ok(Some(file)),
+            Err(TryLockError::WouldBlock) if Instant::now() < deadline => {
+                tokio::time::sleep(jitter(Duration::from_millis(10))).await;
+            }
+            Err(TryLockError::WouldBlock) => return Ok(None),
+            Err(TryLockError::Error(error)) => return Err(budget_io(path, &error)),
+        }
+    }
 }
 
 fn fresh_capacity(file: &Path) -> Option<u32> {
