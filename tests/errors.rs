@@ -35,6 +35,17 @@ async fn fixture_missing_role(pool: PgPool) -> Result<(), sqlx::Error> {
     Ok(())
 }
 
+/// Holds its pool's only connection in a transaction while querying the
+/// pool: the second query can never get a connection.
+#[pg_test(migrations = false, max_connections = 1)]
+#[ignore = "a fixture, run in its own processes by the tests of this file"]
+async fn fixture_holds_its_only_connection(pool: PgPool) -> Result<(), sqlx::Error> {
+    let mut transaction = pool.begin().await?;
+    sqlx::query("select 1").execute(&mut *transaction).await?;
+    sqlx::query("select 1").execute(&pool).await?;
+    transaction.commit().await
+}
+
 /// Runs a fixture against `url` and returns what it printed, checking that
 /// it failed, named itself and kept the password out.
 fn failure(test: &str, url: &str) -> String {
@@ -172,6 +183,23 @@ fn a_missing_role_says_how_to_create_and_grant_it() {
         &[
             "cannot act as role \"no_such_role\"",
             "GRANT \"no_such_role\" TO \"postgres\"",
+        ],
+    );
+}
+
+#[test]
+fn a_test_starved_by_its_own_pool_is_told_to_ask_for_more_connections() {
+    let cluster = Cluster::start(&[]);
+    let output = run(cluster
+        .exact("fixture_holds_its_only_connection")
+        .env("PGTEST_ACQUIRE_TIMEOUT", "1"));
+    let text = assert_failed_without_password(&output);
+    assert_contains(
+        &text,
+        &[
+            "test `errors::fixture_holds_its_only_connection` returned an error: PoolTimedOut",
+            "waited 1s for a connection from its pool of 1, all of them held by the test itself",
+            "#[pg_test(max_connections = 2)]",
         ],
     );
 }

@@ -9,8 +9,6 @@ use syn::spanned::Spanned;
 use syn::{Lit, LitInt, LitStr};
 
 const KEYS: &str = "migrations, migrator, max_connections, seed, role, crate";
-/// The per-test pool's size when the attribute does not say.
-const DEFAULT_MAX_CONNECTIONS: u32 = 4;
 
 /// Where the migrations come from.
 pub(crate) enum Migrations {
@@ -27,7 +25,8 @@ pub(crate) enum Migrations {
 /// The checked arguments.
 pub(crate) struct Args {
     pub(crate) migrations: Migrations,
-    pub(crate) max_connections: u32,
+    /// As written; `None` lets the expansion choose from the body.
+    pub(crate) max_connections: Option<u32>,
     pub(crate) seeds: Vec<LitStr>,
     pub(crate) role: Option<LitStr>,
     pub(crate) krate: syn::Path,
@@ -108,7 +107,7 @@ impl RawArgs {
         };
         let max_connections = match &self.max_connections {
             Some((_, lit)) => match lit.base10_parse::<u32>() {
-                Ok(n) if n >= 1 => n,
+                Ok(n) if n >= 1 => Some(n),
                 _ => {
                     return Err(syn::Error::new(
                         lit.span(),
@@ -116,7 +115,7 @@ impl RawArgs {
                     ));
                 }
             },
-            None => DEFAULT_MAX_CONNECTIONS,
+            None => None,
         };
         let krate = match self.krate {
             Some((_, lit)) => lit.parse().map_err(|_| {

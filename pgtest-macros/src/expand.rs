@@ -3,8 +3,8 @@
 
 use std::path::PathBuf;
 
-use proc_macro2::TokenStream;
-use quote::{quote, quote_spanned};
+use proc_macro2::{TokenStream, TokenTree};
+use quote::{ToTokens, quote, quote_spanned};
 use syn::spanned::Spanned;
 use syn::{Attribute, FnArg, ItemFn};
 
@@ -138,7 +138,9 @@ fn emit(function: &ItemFn, args: &Args) -> TokenStream {
         }
         Migrations::None => quote! { #krate::__private::MigrationSource::None },
     };
-    let max_connections = args.max_connections;
+    let max_connections = args
+        .max_connections
+        .unwrap_or_else(|| default_max_connections(block));
     let role = match &args.role {
         Some(role) => quote! { ::core::option::Option::Some(#role) },
         None => quote! { ::core::option::Option::None },
@@ -166,6 +168,54 @@ fn emit(function: &ItemFn, args: &Args) -> TokenStream {
             )
         }
     }
+}
+
+/// Connections a test's pool opens when the attribute does not say: one for
+/// a body that runs its queries one after another, the fastest (sqlx's pool
+/// would open a second connection while the first is still on its way back);
+/// [`CONCURRENT_MAX_CONNECTIONS`] for a body that names anything that can
+/// hold one connection while using another.
+fn default_max_connections(block: &syn::Block) -> u32 {
+    if names_any(block.to_token_stream(), CONCURRENT_NAMES) {
+        CONCURRENT_MAX_CONNECTIONS
+    } else {
+        1
+    }
+}
+
+/// The pool's size for a body that may use several connections at once.
+const CONCURRENT_MAX_CONNECTIONS: u32 = 4;
+
+/// Names in a body that may hold a connection while another is used:
+/// transactions, acquired connections, listeners, and concurrency.
+const CONCURRENT_NAMES: &[&str] = &[
+    "begin",
+    "begin_with",
+    "try_begin",
+    "acquire",
+    "try_acquire",
+    "PgListener",
+    "spawn",
+    "join",
+    "try_join",
+    "join_all",
+    "try_join_all",
+    "select",
+    "JoinSet",
+    "FuturesUnordered",
+    "FuturesOrdered",
+    "buffered",
+    "buffer_unordered",
+    "for_each_concurrent",
+    "try_for_each_concurrent",
+];
+
+fn names_any(tokens: TokenStream, names: &[&str]) -> bool {
+    tokens.into_iter().any(|token| match token {
+        TokenTree::Ident(ident) => names.iter().any(|name| ident == name),
+        TokenTree::Group(group) => names_any(group.stream(), names),
+        TokenTree::Punct(_) | TokenTree::Literal(_) => false,
+    })
 }
 
 #[cfg(test)]
@@ -224,6 +274,52 @@ mod tests {
                 async fn seeded(ctx: TestContext) {}
             }
         ));
+    }
+
+    #[test]
+    fn the_pool_has_one_connection_unless_the_body_may_use_several_at_once() {
+        let max = |body: TokenStream| {
+            let text = pretty(quote!(), quote!(async fn t(pool: PgPool) #body));
+            let line = text.lines().find(|line| line.contains("max_connections:"));
+            line.expect("the spec has max_connections")
+                .trim()
+                .to_owned()
+        };
+        assert_eq!(
+            max(quote!({
+                q(&pool).await;
+                q(&pool).await;
+            })),
+            "max_connections: 1u32,"
+        );
+        for body in [
+            quote!({
+                let tx = pool.begin().await;
+                q(&pool).await;
+            }),
+            quote!({
+                let c = pool.acquire().await;
+            }),
+            quote!({
+                tokio::join!(q(&pool), q(&pool));
+            }),
+            quote!({
+                if x {
+                    tokio::spawn(q(pool.clone()));
+                }
+            }),
+        ] {
+            assert_eq!(max(body), "max_connections: 4u32,");
+        }
+        let explicit = pretty(
+            quote!(max_connections = 2),
+            quote!(
+                async fn t(pool: PgPool) {
+                    tokio::join!(a, b);
+                }
+            ),
+        );
+        assert!(explicit.contains("max_connections: 2u32"), "{explicit}");
     }
 
     #[test]

@@ -16,11 +16,14 @@ pub(crate) const FALLBACK_URL_VAR: &str = "DATABASE_URL";
 const CONNECT_TIMEOUT_VAR: &str = "PGTEST_CONNECT_TIMEOUT";
 /// How long to wait for another process to build the shared database.
 const BOOTSTRAP_TIMEOUT_VAR: &str = "PGTEST_BOOTSTRAP_TIMEOUT";
+/// How long a test may wait for a connection of its own pool.
+const ACQUIRE_TIMEOUT_VAR: &str = "PGTEST_ACQUIRE_TIMEOUT";
 
 const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const DEFAULT_BOOTSTRAP_TIMEOUT: Duration = Duration::from_secs(300);
 const DEFAULT_EMBEDDED_IDLE: Duration = Duration::from_secs(60);
 const DEFAULT_BUDGET_TIMEOUT: Duration = Duration::from_secs(600);
+const DEFAULT_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Where the server URL came from, so that messages name the right knob.
 #[derive(Clone, PartialEq, Eq, Debug)]
@@ -62,6 +65,8 @@ pub(crate) struct Config {
     pub(crate) embedded_idle: Duration,
     /// How long a test may wait for connection slots.
     pub(crate) budget_timeout: Duration,
+    /// How long a test may wait for a connection of its own pool.
+    pub(crate) acquire_timeout: Duration,
 }
 
 impl Config {
@@ -78,6 +83,7 @@ impl Config {
             bootstrap_timeout: seconds(BOOTSTRAP_TIMEOUT_VAR, DEFAULT_BOOTSTRAP_TIMEOUT)?,
             embedded_idle: seconds(crate::embedded::IDLE_VAR, DEFAULT_EMBEDDED_IDLE)?,
             budget_timeout: seconds(crate::budget::TIMEOUT_VAR, DEFAULT_BUDGET_TIMEOUT)?,
+            acquire_timeout: seconds(ACQUIRE_TIMEOUT_VAR, DEFAULT_ACQUIRE_TIMEOUT)?,
         })
     }
 }

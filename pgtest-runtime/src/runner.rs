@@ -22,8 +22,6 @@ use crate::{Error, Tenant, TestContext};
 
 /// The longest `application_name` PostgreSQL keeps.
 const MAX_APPLICATION_NAME: usize = 63;
-/// How long a test may wait for a connection of its own pool.
-const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long closing the pool may wait for connections the test still holds.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -157,19 +155,51 @@ pub fn run<F: TestFn>(spec: TestSpec, test: F) {
         };
         let pool = context.as_ref().map(|context| context.pool().clone());
         let outcome = CatchUnwind(test.call(context)).await;
-        if let Some(pool) = pool {
+        if let Some(pool) = &pool {
             let _ = tokio::time::timeout(CLOSE_TIMEOUT, pool.close()).await;
         }
         drop(slots);
         match outcome {
             Ok(returned) => {
                 if let Err(error) = returned.into_result() {
-                    panic!("pgtest: test `{}` returned an error: {error}", spec.name);
+                    let hint = pool_hint(&spec, pool.as_ref(), &error);
+                    panic!(
+                        "pgtest: test `{}` returned an error: {error}{hint}",
+                        spec.name
+                    );
                 }
             }
-            Err(payload) => resume_unwind(payload),
+            Err(payload) => {
+                let message = payload
+                    .downcast_ref::<String>()
+                    .map(String::as_str)
+                    .or_else(|| payload.downcast_ref::<&str>().copied());
+                if let Some(message) = message {
+                    eprint!("{}", pool_hint(&spec, pool.as_ref(), message));
+                }
+                resume_unwind(payload)
+            }
         }
     });
+}
+
+/// What to do when the test failed waiting for a connection of its own
+/// pool: with every connection held by the test itself, more waiting does
+/// not help. Empty when the failure is something else.
+fn pool_hint(spec: &TestSpec, pool: Option<&PgPool>, failure: &str) -> String {
+    let timed_out = failure.contains("PoolTimedOut") || failure.contains("pool timed out");
+    let Some(pool) = pool.filter(|_| timed_out) else {
+        return String::new();
+    };
+    let n = spec.max_connections;
+    format!(
+        "\npgtest: test `{}` waited {}s for a connection from its pool of {n}, all of them \
+         held by the test itself (a transaction or acquired connection kept open while \
+         querying the pool, say). Give it more: #[pg_test(max_connections = {})]\n",
+        spec.name,
+        pool.options().get_acquire_timeout().as_secs(),
+        n + 1,
+    )
 }
 
 /// Prepares the test's database and pool, after taking the connection
@@ -178,16 +208,25 @@ pub fn run<F: TestFn>(spec: TestSpec, test: F) {
 async fn prepare(spec: &TestSpec) -> Result<(TestContext, Slots), Error> {
     let manifest_dir = Path::new(spec.manifest_dir);
     let config = Config::load(manifest_dir)?;
-    let budget_timeout = config.budget_timeout;
+    let (budget_timeout, acquire_timeout) = (config.budget_timeout, config.acquire_timeout);
     let server = Server::new(config)?;
     let budget = Budget::of(&server, budget_timeout).await?;
-    // A cold bootstrap holds an admin and a migration connection at once.
-    let slots = budget.take(spec.max_connections.max(2), spec.name).await?;
+    let mut slots = budget.take(spec.max_connections, spec.name).await?;
     let migrations = Migrations::load(spec.migrations, manifest_dir).await?;
     let database = shared_database_name(spec.package, &migrations.hash);
     let tenant = Tenant::new();
-    let pool = test_pool(&server, &database, tenant, spec);
-    bootstrap::ensure(&server, &budget, &pool, &database, &migrations, spec.role).await?;
+    let pool = test_pool(&server, &database, tenant, spec, acquire_timeout);
+    if !bootstrap::is_ready(&server, &pool, &database, spec.role).await? {
+        // Waiting for the build holds no slots, so waiters cannot starve
+        // the builder of the connections it needs.
+        drop(slots);
+        let (migrations, role) = (&migrations, spec.role);
+        bootstrap::build_once(
+            &server, &budget, &pool, &database, migrations, role, spec.name,
+        )
+        .await?;
+        slots = budget.take(spec.max_connections, spec.name).await?;
+    }
     for seed in spec.seeds {
         sqlx::raw_sql(sqlx::AssertSqlSafe(seed.sql))
             .execute(&pool)
@@ -200,7 +239,13 @@ async fn prepare(spec: &TestSpec) -> Result<(TestContext, Slots), Error> {
 
 /// A lazy pool: it opens connections only when the test uses them, each
 /// carrying the tenant, the test's name and the test's role.
-fn test_pool(server: &Server, database: &str, tenant: Tenant, spec: &TestSpec) -> PgPool {
+fn test_pool(
+    server: &Server,
+    database: &str,
+    tenant: Tenant,
+    spec: &TestSpec,
+    acquire_timeout: Duration,
+) -> PgPool {
     let mut startup = vec![(Tenant::SETTING, tenant.to_string())];
     if let Some(role) = spec.role {
         startup.push(("role", role.to_owned()));
@@ -212,7 +257,7 @@ fn test_pool(server: &Server, database: &str, tenant: Tenant, spec: &TestSpec) -
     PgPoolOptions::new()
         .max_connections(spec.max_connections)
         .min_connections(0)
-        .acquire_timeout(ACQUIRE_TIMEOUT)
+        .acquire_timeout(acquire_timeout)
         .test_before_acquire(false)
         .connect_lazy_with(options)
 }

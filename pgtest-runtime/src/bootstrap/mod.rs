@@ -13,6 +13,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, LazyLock, Mutex, PoisonError};
 
 use sqlx::Connection;
+use sqlx::Postgres;
+use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgConnection, PgPool};
 use tokio::sync::OnceCell;
 
@@ -59,78 +61,111 @@ pub(crate) fn shared_database_name(package: &str, hash: &str) -> String {
     format!("pgtest_{package}_{}", &hash[..HASH_LEN])
 }
 
-/// Makes sure the shared database `database` exists and is migrated, using
-/// `pool` (the test's own pool, pointing at it) for the warm check so that
-/// the check's connection serves the test afterwards.
-pub(crate) async fn ensure(
+/// The connections a build holds at once: an admin connection (which holds
+/// the bootstrap lock) and the migration's.
+pub(crate) const BUILD_CONNECTIONS: u32 = 2;
+
+/// Whether the shared database `database` is ready: known in this process,
+/// or asked through `pool` (the test's own pool, pointing at it), so that
+/// the check's connection serves the test afterwards. No admin connection.
+pub(crate) async fn is_ready(
+    server: &Server,
+    pool: &PgPool,
+    database: &str,
+    role: Option<&str>,
+) -> Result<bool, Error> {
+    let readiness = readiness(server, database);
+    if readiness.initialized() {
+        return Ok(true);
+    }
+    let ready = ready_connection(server, pool, database, role)
+        .await?
+        .is_some();
+    if ready {
+        tracing::debug!(database, "shared database is ready (warm path)");
+        // Another thread may be building it right now; either way it is ready.
+        let _ = readiness.set(());
+    }
+    Ok(ready)
+}
+
+/// Builds the shared database: one thread per process and one process per
+/// machine does it while the others wait, holding no connection slots; the
+/// builder takes the two it needs from `budget` for `holder` (a test).
+/// Waiting callers then find the work done. Ends by connecting as the test
+/// will (through `pool`), so that a problem of the test's own, its role
+/// say, is explained here too.
+pub(crate) async fn build_once(
     server: &Server,
     budget: &Budget,
     pool: &PgPool,
     database: &str,
     migrations: &Migrations,
     role: Option<&str>,
+    holder: &str,
 ) -> Result<(), Error> {
-    // Tests on threads of one process check and build once between them.
-    static READY: LazyLock<Mutex<HashMap<String, Arc<OnceCell<()>>>>> =
-        LazyLock::new(Default::default);
-    let cell = {
-        let mut ready = READY.lock().unwrap_or_else(PoisonError::into_inner);
-        let key = format!("{}/{database}", server.identity());
-        ready.entry(key).or_default().clone()
-    };
-    cell.get_or_try_init(|| async {
-        if is_ready(server, pool, database, role).await? {
-            tracing::debug!(database, "shared database is ready (warm path)");
-            return Ok(());
-        }
-        // One process per machine goes on to the server's lock; the others
-        // wait here without an admin connection, then find the work done.
-        let lock_name = format!("bootstrap-{database}.lock");
-        let Some(_machine_lock) = budget
-            .exclusive(&lock_name, server.bootstrap_timeout)
-            .await?
-        else {
-            return Err(Error::BootstrapTimeout {
-                database: database.to_owned(),
-                after: server.bootstrap_timeout,
-                holders: format!("another test process on this machine ({lock_name})"),
-            });
-        };
-        if is_ready(server, pool, database, role).await? {
-            tracing::debug!(
-                database,
-                "another process on this machine built the shared database"
-            );
-            return Ok(());
-        }
-        build(server, database, migrations).await?;
-        // Connect as the test will, so that a connection problem of the
-        // test's own (its role, say) is explained here too.
-        match is_ready(server, pool, database, role).await? {
-            true => Ok(()),
-            false => Err(Error::Query {
-                action: format!("using the shared database {database} just built"),
-                url: server.url().to_owned(),
-                message: "its ready marker is gone: something other than pgtest changed it"
-                    .to_owned(),
-            }),
-        }
-    })
-    .await
-    .map(|_| ())
+    let readiness = readiness(server, database);
+    readiness
+        .get_or_try_init(|| async {
+            let lock_name = format!("bootstrap-{database}.lock");
+            let Some(_machine_lock) = budget
+                .exclusive(&lock_name, server.bootstrap_timeout)
+                .await?
+            else {
+                return Err(Error::BootstrapTimeout {
+                    database: database.to_owned(),
+                    after: server.bootstrap_timeout,
+                    holders: format!("another test process on this machine ({lock_name})"),
+                });
+            };
+            let _slots = budget.take(BUILD_CONNECTIONS, holder).await?;
+            if let Some(connection) = ready_connection(server, pool, database, role).await? {
+                tracing::debug!(
+                    database,
+                    "another process on this machine built the shared database"
+                );
+                let _ = connection.close().await;
+                return Ok(());
+            }
+            build(server, database, migrations).await?;
+            match ready_connection(server, pool, database, role).await? {
+                Some(connection) => {
+                    let _ = connection.close().await;
+                    Ok(())
+                }
+                None => Err(Error::Query {
+                    action: format!("using the shared database {database} just built"),
+                    url: server.url().to_owned(),
+                    message: "its ready marker is gone: something other than pgtest changed it"
+                        .to_owned(),
+                }),
+            }
+        })
+        .await
+        .map(|_| ())
 }
 
-/// Whether the database exists and carries the ready marker, asked through
-/// the test's pool.
-async fn is_ready(
+/// Set once the shared database is known to be ready, per server and
+/// database, for the whole process.
+fn readiness(server: &Server, database: &str) -> Arc<OnceCell<()>> {
+    static READY: LazyLock<Mutex<HashMap<String, Arc<OnceCell<()>>>>> =
+        LazyLock::new(Default::default);
+    let key = format!("{}/{database}", server.identity());
+    let mut ready = READY.lock().unwrap_or_else(PoisonError::into_inner);
+    ready.entry(key).or_default().clone()
+}
+
+/// The connection that read the ready marker through the test's pool, or
+/// `None` when the database is missing or not ready.
+async fn ready_connection(
     server: &Server,
     pool: &PgPool,
     database: &str,
     role: Option<&str>,
-) -> Result<bool, Error> {
+) -> Result<Option<PoolConnection<Postgres>>, Error> {
     let mut connection = match first_connection(server, pool, database, role).await {
         Ok(connection) => connection,
-        Err(FirstConnection::Missing) => return Ok(false),
+        Err(FirstConnection::Missing) => return Ok(None),
         Err(FirstConnection::Failed(error)) => return Err(error),
     };
     let marker: Option<String> = sqlx::query_scalar(
@@ -139,7 +174,12 @@ async fn is_ready(
     .fetch_one(&mut *connection)
     .await
     .map_err(|error| server.query_error("reading the ready marker", &error))?;
-    Ok(marker.as_deref() == Some(READY_MARKER))
+    if marker.as_deref() == Some(READY_MARKER) {
+        Ok(Some(connection))
+    } else {
+        let _ = connection.close().await;
+        Ok(None)
+    }
 }
 
 enum FirstConnection {
@@ -156,7 +196,7 @@ async fn first_connection(
     pool: &PgPool,
     database: &str,
     role: Option<&str>,
-) -> Result<sqlx::pool::PoolConnection<sqlx::Postgres>, FirstConnection> {
+) -> Result<PoolConnection<Postgres>, FirstConnection> {
     const DIAGNOSE_AFTER: std::time::Duration = std::time::Duration::from_millis(500);
     let explain = |error: sqlx::Error| {
         if sqlstate(&error).as_deref() == Some("3D000") {
