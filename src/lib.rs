@@ -29,8 +29,11 @@
 ///
 /// | arguments | gets |
 /// |---|---|
-/// | `(pool: PgPool)` | a pool on the shared, migrated database |
+/// | `(pool: PgPool)` | a pool on the test's database |
 /// | `(pool: PgPool, tenant: Tenant)` | the pool and the test's tenant |
+/// | `(conn: PoolConnection<Postgres>)` | one connection (in `isolation = "transaction"`, inside the transaction) |
+/// | `(conn: PoolConnection<Postgres>, tenant: Tenant)` | the connection and the tenant |
+/// | `(options: PgPoolOptions, connect: PgConnectOptions)` | what to build a pool of your own from |
 /// | `(ctx: TestContext)` | pool, tenant, database name and test name |
 /// | none | no database: a plain async test |
 ///
@@ -44,16 +47,34 @@
 ///
 /// | argument | meaning | default |
 /// |---|---|---|
+/// | `isolation = "shared"` | the shared database; rows kept apart by the test's tenant | the default |
+/// | `isolation = "database"` | a database of the test's own, cloned from a template migrated once; kept when the test fails | with `fixtures(…)`, and in [`sqlx_test`] |
+/// | `isolation = "transaction"` | one connection inside a transaction on the shared database, rolled back at the end | |
+/// | `fixtures("users", "posts")` | scripts as `#[sqlx::test]` reads them: `fixtures/<name>.sql` beside the test file; `"../x.sql"` relative to it; `fixtures(path = "dir", scripts("a", "b"))`; repeatable. In `database` isolation they are part of the template, run once | none |
 /// | `migrations = "dir"` | migrations directory, relative to the package's `Cargo.toml`; read when the test runs, so an edit needs no rebuild | `"./migrations"` when it exists, else none |
 /// | `migrations = false` | no migrations | |
 /// | `migrator = "path::TO::MIGRATOR"` | a `static` [`sqlx::migrate::Migrator`] (from `sqlx::migrate!`) | |
-/// | `max_connections = N` | the most connections the test's pool opens | 4 |
+/// | `max_connections = N` | the most connections the test's pool opens | 1, or 4 when the body names `begin`, `acquire`, `join`, `spawn`, `select` and the like |
 /// | `seed = "fixtures/x.sql"` | a script run on the test's pool before the body; repeatable, in order; the path is relative to the test file, as `include_str!` reads it | none |
 /// | `role = "app_user"` | every connection acts as this role (so row-level security applies to it) | the URL's role |
 /// | `crate = "path"` | where pgtest is, for a renamed dependency | `::pgtest` |
 ///
 /// Seeds insert rows for the test's tenant through the setting, for example
 /// `insert into notes (tenant_id, body) values (current_setting('pgtest.tenant_id')::uuid, 'hi')`.
+///
+/// One connection is the fastest pool for a test that runs its queries one
+/// after another: sqlx returns a connection to its pool in the background,
+/// so a larger pool opens a new connection for nearly every query. A test
+/// that holds a connection (a transaction) while querying the pool needs
+/// two; pgtest gives four when the body names anything of the kind, and a
+/// test that still runs short fails saying which `max_connections` to set.
+///
+/// In `isolation = "transaction"` the test takes a connection, not a pool
+/// (a pool argument is a compile error): its `begin()` is a savepoint and
+/// its `commit()` a release, and everything is rolled back at the end,
+/// unless the test sends a raw `COMMIT`. Another test's uncommitted rows
+/// are invisible but their locks are not: two such tests writing the same
+/// unique key wait for each other, and after 5 s the second fails saying so.
 ///
 /// # Example
 ///
@@ -89,6 +110,25 @@
 /// names the test, says what happened and what to do, and shows the server
 /// URL with its password masked.
 pub use pgtest_macros::pg_test;
+
+/// `#[sqlx::test]`, served by pgtest: the same arguments as [`pg_test`],
+/// with `isolation = "database"` as the default, so that a suite written
+/// for `#[sqlx::test]` (fixed ids, whole-table counts) passes with only the
+/// attribute's path changed. Move tests to `#[pg_test]` (shared) one by one
+/// for speed.
+///
+/// ```no_run
+/// use pgtest::sqlx_test;
+/// use sqlx::PgPool;
+///
+/// #[sqlx_test(migrations = false)]
+/// async fn owns_its_database(pool: PgPool) -> Result<(), sqlx::Error> {
+///     sqlx::query("create table t (id int primary key)").execute(&pool).await?;
+///     sqlx::query("insert into t values (1)").execute(&pool).await?;
+///     Ok(())
+/// }
+/// ```
+pub use pgtest_macros::sqlx_test;
 
 pub use pgtest_runtime::{Error, Tenant, TestContext};
 pub use sqlx::PgPool;

@@ -168,7 +168,7 @@ fn a_failing_seed_is_named_with_the_sql_error() {
     assert_contains(
         &text,
         &[
-            "seed script fixtures/seeds/broken.sql failed",
+            "script fixtures/seeds/broken.sql failed",
             "relation \"no_such_table\" does not exist",
         ],
     );

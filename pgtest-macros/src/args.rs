@@ -5,10 +5,13 @@ use std::path::Path;
 
 use proc_macro2::Span;
 use syn::meta::ParseNestedMeta;
+use syn::parse::ParseStream;
+use syn::punctuated::Punctuated;
 use syn::spanned::Spanned;
-use syn::{Lit, LitInt, LitStr};
+use syn::{Lit, LitInt, LitStr, Token};
 
-const KEYS: &str = "migrations, migrator, max_connections, seed, role, crate";
+const KEYS: &str =
+    "isolation, migrations, migrator, fixtures(…), max_connections, seed, role, crate";
 
 /// Where the migrations come from.
 pub(crate) enum Migrations {
@@ -22,9 +25,22 @@ pub(crate) enum Migrations {
     None,
 }
 
+/// How a test is kept apart from the others.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Isolation {
+    Shared,
+    Database,
+    Transaction,
+}
+
 /// The checked arguments.
 pub(crate) struct Args {
+    /// As written; `None` lets the expansion choose.
+    pub(crate) isolation: Option<Isolation>,
     pub(crate) migrations: Migrations,
+    /// Fixture paths, resolved as sqlx resolves them, relative to the test
+    /// file.
+    pub(crate) fixtures: Vec<LitStr>,
     /// As written; `None` lets the expansion choose from the body.
     pub(crate) max_connections: Option<u32>,
     pub(crate) seeds: Vec<LitStr>,
@@ -37,6 +53,8 @@ pub(crate) struct Args {
 /// The arguments as written, before the cross-checks.
 #[derive(Default)]
 pub(crate) struct RawArgs {
+    isolation: Option<(Span, LitStr)>,
+    fixtures: Vec<(Span, LitStr)>,
     migrations: Option<(Span, Lit)>,
     migrator: Option<(Span, LitStr)>,
     max_connections: Option<(Span, LitInt)>,
@@ -55,6 +73,15 @@ impl RawArgs {
             .unwrap_or_default();
         let span = meta.path.span();
         match key.as_str() {
+            "isolation" => set_once(&mut self.isolation, &meta, span, meta.value()?.parse()?),
+            "fixtures" => {
+                let content;
+                syn::parenthesized!(content in meta.input);
+                let fixtures = parse_fixtures(&content)?;
+                self.fixtures
+                    .extend(fixtures.into_iter().map(|path| (span, path)));
+                Ok(())
+            }
             "migrations" => set_once(&mut self.migrations, &meta, span, meta.value()?.parse()?),
             "migrator" => set_once(&mut self.migrator, &meta, span, meta.value()?.parse()?),
             "max_connections" => set_once(
@@ -128,7 +155,23 @@ impl RawArgs {
         {
             return Err(syn::Error::new(role.span(), "`role` must name a role"));
         }
+        let isolation = match &self.isolation {
+            None => None,
+            Some((_, lit)) => Some(match lit.value().as_str() {
+                "shared" => Isolation::Shared,
+                "database" => Isolation::Database,
+                "transaction" => Isolation::Transaction,
+                _ => {
+                    return Err(syn::Error::new(
+                        lit.span(),
+                        "`isolation` is \"shared\", \"database\" or \"transaction\"",
+                    ));
+                }
+            }),
+        };
         let any_database_key = [
+            self.isolation.as_ref().map(|(span, _)| *span),
+            self.fixtures.first().map(|(span, _)| *span),
             self.max_connections.as_ref().map(|(span, _)| *span),
             self.role.as_ref().map(|(span, _)| *span),
             self.seeds.first().map(|(span, _)| *span),
@@ -137,7 +180,9 @@ impl RawArgs {
         .flatten()
         .next();
         Ok(Args {
+            isolation,
             migrations,
+            fixtures: self.fixtures.into_iter().map(|(_, path)| path).collect(),
             max_connections,
             seeds: self.seeds.into_iter().map(|(_, seed)| seed).collect(),
             role: self.role.map(|(_, role)| role),
@@ -145,6 +190,61 @@ impl RawArgs {
             any_database_key,
         })
     }
+}
+
+/// The inside of `fixtures(…)`, as `#[sqlx::test]` reads it: names
+/// (`"users"` is `fixtures/users.sql` beside the test file), paths ending
+/// in `.sql` (relative to the test file), or `path = "dir", scripts("a",
+/// "b")` (`dir/a.sql`, `dir/b.sql`).
+fn parse_fixtures(input: ParseStream<'_>) -> syn::Result<Vec<LitStr>> {
+    let resolved = |lit: &LitStr, dir: &str| {
+        let name = lit.value();
+        let file = if name.ends_with(".sql") {
+            name
+        } else {
+            format!("{name}.sql")
+        };
+        LitStr::new(&format!("{dir}{file}"), lit.span())
+    };
+    if !input.peek(syn::Ident) {
+        let names = Punctuated::<LitStr, Token![,]>::parse_terminated(input)?;
+        return Ok(names
+            .iter()
+            .map(|lit| match lit.value().ends_with(".sql") {
+                true => lit.clone(),
+                false => resolved(lit, "fixtures/"),
+            })
+            .collect());
+    }
+    let mut dir: Option<LitStr> = None;
+    let mut scripts: Option<Punctuated<LitStr, Token![,]>> = None;
+    while !input.is_empty() {
+        let key: syn::Ident = input.parse()?;
+        if key == "path" && dir.is_none() {
+            input.parse::<Token![=]>()?;
+            dir = Some(input.parse()?);
+        } else if key == "scripts" && scripts.is_none() {
+            let content;
+            syn::parenthesized!(content in input);
+            scripts = Some(Punctuated::parse_terminated(&content)?);
+        } else {
+            return Err(syn::Error::new(
+                key.span(),
+                "`fixtures` takes names (\"users\"), paths (\"../x.sql\"), or \
+                 `path = \"dir\", scripts(\"a\", \"b\")`, each once",
+            ));
+        }
+        if !input.is_empty() {
+            input.parse::<Token![,]>()?;
+        }
+    }
+    let (Some(dir), Some(scripts)) = (dir, scripts) else {
+        return Err(
+            input.error("`fixtures(path = …)` needs `scripts(…)` too, and the other way round")
+        );
+    };
+    let dir = format!("{}/", dir.value().trim_end_matches('/'));
+    Ok(scripts.iter().map(|lit| resolved(lit, &dir)).collect())
 }
 
 fn set_once<T>(

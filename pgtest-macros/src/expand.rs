@@ -8,13 +8,22 @@ use quote::{ToTokens, quote, quote_spanned};
 use syn::spanned::Spanned;
 use syn::{Attribute, FnArg, ItemFn};
 
-use crate::args::{Args, Migrations, RawArgs};
+use crate::args::{Args, Isolation, Migrations, RawArgs};
 
-/// The attribute's entry point: the expansion, or the function unchanged
+/// Which attribute is expanding; they differ in the default isolation.
+#[derive(Clone, Copy)]
+pub(crate) enum Flavour {
+    /// `#[pg_test]`: shared, or database when it has fixtures.
+    PgTest,
+    /// `#[sqlx_test]`: database, as `#[sqlx::test]` behaves.
+    Sqlx,
+}
+
+/// The attributes' entry point: the expansion, or the function unchanged
 /// plus the errors (so that rust-analyzer keeps seeing it).
-pub(crate) fn pg_test(args: TokenStream, item: TokenStream) -> TokenStream {
+pub(crate) fn attribute(args: TokenStream, item: TokenStream, flavour: Flavour) -> TokenStream {
     let manifest_dir = std::env::var_os("CARGO_MANIFEST_DIR").map(PathBuf::from);
-    match expand(args, item.clone(), manifest_dir) {
+    match expand(args, item.clone(), manifest_dir, flavour) {
         Ok(tokens) => tokens,
         Err(error) => {
             let errors = error.to_compile_error();
@@ -29,6 +38,7 @@ pub(crate) fn expand(
     args: TokenStream,
     item: TokenStream,
     manifest_dir: Option<PathBuf>,
+    flavour: Flavour,
 ) -> syn::Result<TokenStream> {
     let function: ItemFn = syn::parse2(item)?;
     let mut raw = RawArgs::default();
@@ -37,7 +47,18 @@ pub(crate) fn expand(
         syn::parse::Parser::parse2(parser, args).and_then(|()| raw.build(manifest_dir.as_deref()));
     let shape = check_function(&function);
     let args = match (args, shape) {
-        (Ok(args), Ok(())) => args,
+        (Ok(mut args), Ok(())) => {
+            let isolation = args.isolation.unwrap_or(match flavour {
+                Flavour::Sqlx => Isolation::Database,
+                Flavour::PgTest if !args.fixtures.is_empty() => Isolation::Database,
+                Flavour::PgTest => Isolation::Shared,
+            });
+            args.isolation = Some(isolation);
+            if isolation == Isolation::Transaction {
+                check_transaction_inputs(&function)?;
+            }
+            args
+        }
         (Err(mut first), Err(second)) => {
             first.combine(second);
             return Err(first);
@@ -105,6 +126,34 @@ fn check_function(function: &ItemFn) -> syn::Result<()> {
     }
 }
 
+/// In `isolation = "transaction"` the test gets one connection inside the
+/// transaction; anything that opens connections would escape it.
+fn check_transaction_inputs(function: &ItemFn) -> syn::Result<()> {
+    const OPENERS: &[&str] = &["PgPool", "Pool", "TestContext", "PgPoolOptions"];
+    for input in &function.sig.inputs {
+        let FnArg::Typed(typed) = input else { continue };
+        let syn::Type::Path(path) = &*typed.ty else {
+            continue;
+        };
+        let Some(last) = path.path.segments.last() else {
+            continue;
+        };
+        if OPENERS.iter().any(|opener| last.ident == opener) {
+            return Err(syn::Error::new(
+                typed.ty.span(),
+                format!(
+                    "isolation = \"transaction\" runs the test on one connection inside a \
+                     transaction that is rolled back; a `{}` would open connections outside it, \
+                     and sqlx would commit there for real. Take `conn: PoolConnection<Postgres>` \
+                     instead: its `begin()` becomes a savepoint",
+                    last.ident
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// `#[test]`, `#[tokio::test]`, `#[sqlx::test]`, `#[pg_test]` and the like.
 fn is_test_attribute(attribute: &Attribute) -> bool {
     let path = attribute.path();
@@ -145,9 +194,16 @@ fn emit(function: &ItemFn, args: &Args) -> TokenStream {
         Some(role) => quote! { ::core::option::Option::Some(#role) },
         None => quote! { ::core::option::Option::None },
     };
-    let seeds = args.seeds.iter().map(|seed| {
-        quote! { #krate::__private::Seed { path: #seed, sql: ::core::include_str!(#seed) } }
-    });
+    let script = |path: &syn::LitStr| {
+        quote! { #krate::__private::Script { path: #path, sql: ::core::include_str!(#path) } }
+    };
+    let seeds = args.seeds.iter().map(script);
+    let fixtures = args.fixtures.iter().map(script);
+    let isolation = match args.isolation {
+        Some(Isolation::Shared) | None => quote! { Shared },
+        Some(Isolation::Database) => quote! { Database },
+        Some(Isolation::Transaction) => quote! { Transaction },
+    };
     quote! {
         #(#attrs)*
         #test_attribute
@@ -163,6 +219,8 @@ fn emit(function: &ItemFn, args: &Args) -> TokenStream {
                     max_connections: #max_connections,
                     role: #role,
                     seeds: &[#(#seeds),*],
+                    fixtures: &[#(#fixtures),*],
+                    isolation: #krate::__private::Isolation::#isolation,
                 },
                 test,
             )
@@ -225,19 +283,19 @@ mod tests {
     use proc_macro2::TokenStream;
     use quote::quote;
 
-    use super::expand;
+    use super::{Flavour, expand};
 
     fn manifest_dir() -> Option<PathBuf> {
         Some(PathBuf::from(env!("CARGO_MANIFEST_DIR")))
     }
 
     fn pretty(args: TokenStream, item: TokenStream) -> String {
-        let tokens = expand(args, item, manifest_dir()).expect("expands");
+        let tokens = expand(args, item, manifest_dir(), Flavour::PgTest).expect("expands");
         prettyplease::unparse(&syn::parse2(tokens).expect("expansion is a file"))
     }
 
     fn error(args: TokenStream, item: TokenStream) -> String {
-        match expand(args, item, manifest_dir()) {
+        match expand(args, item, manifest_dir(), Flavour::PgTest) {
             Ok(tokens) => panic!("expected an error, got {tokens}"),
             Err(error) => error
                 .into_iter()
@@ -323,6 +381,90 @@ mod tests {
     }
 
     #[test]
+    fn fixtures_resolve_as_sqlx_resolves_them_and_default_to_a_database_of_its_own() {
+        let text = pretty(
+            quote!(
+                fixtures("users", "../shared/posts.sql"),
+                fixtures(path = "../fixtures", scripts("comments", "tags.sql"))
+            ),
+            quote!(
+                async fn t(pool: PgPool) {}
+            ),
+        );
+        for path in [
+            "\"fixtures/users.sql\"",
+            "\"../shared/posts.sql\"",
+            "\"../fixtures/comments.sql\"",
+            "\"../fixtures/tags.sql\"",
+        ] {
+            assert!(
+                text.contains(&format!("include_str!({path})")),
+                "{path} in {text}"
+            );
+        }
+        assert!(text.contains("Isolation::Database"), "{text}");
+        let shared = pretty(
+            quote!(),
+            quote!(
+                async fn t(pool: PgPool) {}
+            ),
+        );
+        assert!(shared.contains("Isolation::Shared"), "{shared}");
+        let kept = pretty(
+            quote!(fixtures("users"), isolation = "transaction"),
+            quote!(
+                async fn t(conn: PoolConnection<Postgres>) {}
+            ),
+        );
+        assert!(kept.contains("Isolation::Transaction"), "{kept}");
+    }
+
+    #[test]
+    fn sqlx_test_defaults_to_a_database_of_its_own() {
+        let tokens = expand(
+            quote!(),
+            quote!(
+                async fn t(pool: PgPool) {}
+            ),
+            manifest_dir(),
+            Flavour::Sqlx,
+        )
+        .expect("expands");
+        assert!(
+            tokens.to_string().contains("Isolation :: Database"),
+            "{tokens}"
+        );
+    }
+
+    #[test]
+    fn a_pool_in_transaction_isolation_says_to_take_a_connection() {
+        let message = error(
+            quote!(isolation = "transaction"),
+            quote!(
+                async fn t(pool: sqlx::PgPool) {}
+            ),
+        );
+        assert!(
+            message.contains("a `PgPool` would open connections outside it"),
+            "{message}"
+        );
+        assert!(
+            message.contains("Take `conn: PoolConnection<Postgres>`"),
+            "{message}"
+        );
+        let message = error(
+            quote!(isolation = "nested"),
+            quote!(
+                async fn t(pool: PgPool) {}
+            ),
+        );
+        assert!(
+            message.contains("\"shared\", \"database\" or \"transaction\""),
+            "{message}"
+        );
+    }
+
+    #[test]
     fn a_migrator_and_no_migrations_are_spelled_out() {
         let migrator = pretty(
             quote!(migrator = "crate::MIGRATOR"),
@@ -368,7 +510,7 @@ mod tests {
             "{message}"
         );
         assert!(
-            message.contains("migrations, migrator, max_connections, seed, role, crate"),
+            message.contains("isolation, migrations, migrator, fixtures(…), max_connections"),
             "{message}"
         );
     }

@@ -119,6 +119,21 @@ impl Budget {
         lock_within(&self.dir.join(name), timeout).await
     }
 
+    /// A file of this budget's directory, for machine-wide state.
+    pub(crate) fn file(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    /// Opens (creating) a file of this budget's directory.
+    pub(crate) fn open(&self, path: &Path) -> Result<File, Error> {
+        open(path)
+    }
+
+    /// The error for a file of this budget that could not be used.
+    pub(crate) fn io_error(&self, path: &Path, error: &std::io::Error) -> Error {
+        budget_io(path, error)
+    }
+
     fn slot(&self, index: u32) -> PathBuf {
         self.dir.join(format!("slot-{index}"))
     }

@@ -1,6 +1,7 @@
 //! What a test receives: its pool, its tenant and where they point.
 
-use sqlx::PgPool;
+use sqlx::pool::PoolConnection;
+use sqlx::{PgPool, Postgres};
 
 use crate::Tenant;
 
@@ -26,6 +27,9 @@ pub struct TestContext {
     tenant: Tenant,
     database: String,
     test_name: &'static str,
+    /// The connection inside the test's transaction, in
+    /// `isolation = "transaction"`.
+    connection: Option<PoolConnection<Postgres>>,
 }
 
 impl TestContext {
@@ -40,7 +44,14 @@ impl TestContext {
             tenant,
             database,
             test_name,
+            connection: None,
         }
+    }
+
+    /// The context of a test that runs inside a transaction on `connection`.
+    pub(crate) fn with_connection(mut self, connection: PoolConnection<Postgres>) -> Self {
+        self.connection = Some(connection);
+        self
     }
 
     /// The test's own pool. Every connection carries the tenant.
@@ -66,5 +77,23 @@ impl TestContext {
     /// Takes the pool out of the context.
     pub fn into_pool(self) -> PgPool {
         self.pool
+    }
+
+    /// The connection for a test that takes one: the transaction's, or one
+    /// from the pool.
+    ///
+    /// # Panics
+    ///
+    /// When the pool cannot give one; the message names the test.
+    pub(crate) async fn into_connection(self) -> PoolConnection<Postgres> {
+        if let Some(connection) = self.connection {
+            return connection;
+        }
+        self.pool.acquire().await.unwrap_or_else(|error| {
+            panic!(
+                "pgtest: test `{}` could not get its connection: {error}",
+                self.test_name
+            )
+        })
     }
 }

@@ -284,9 +284,9 @@ pub enum Error {
         holders: String,
     },
 
-    /// A seed script failed.
-    #[error("seed script {path} failed: {message}. Fix the script")]
-    Seed {
+    /// A seed or fixture script failed.
+    #[error("script {path} failed: {message}. Fix the script")]
+    Script {
         /// The script, as written in the attribute.
         path: &'static str,
         /// The server's words.

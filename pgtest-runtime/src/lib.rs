@@ -12,12 +12,14 @@ mod bootstrap;
 mod budget;
 mod config;
 mod context;
+mod database;
 mod embedded;
 mod error;
 mod migrations;
 mod redact;
 mod runner;
 mod server;
+mod shapes;
 mod tenant;
 
 pub use context::TestContext;
@@ -28,5 +30,6 @@ pub use tenant::Tenant;
 #[doc(hidden)]
 pub mod __private {
     pub use crate::migrations::MigrationSource;
-    pub use crate::runner::{Seed, TestFn, TestSpec, TestTermination, run};
+    pub use crate::runner::{Isolation, Script, TestSpec, run};
+    pub use crate::shapes::{TestFn, TestTermination};
 }

@@ -2,7 +2,6 @@
 //! test's body, and turn every failure into a panic that names the test.
 
 use std::any::Any;
-use std::fmt::Debug;
 use std::future::Future;
 use std::panic::{AssertUnwindSafe, catch_unwind, resume_unwind};
 use std::path::Path;
@@ -10,20 +9,28 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use sqlx::PgPool;
-use sqlx::postgres::PgPoolOptions;
+use sqlx::pool::PoolConnection;
+use sqlx::postgres::{PgConnection, PgPoolOptions};
+use sqlx::{Connection, PgPool, Postgres};
 
-use crate::bootstrap::{self, shared_database_name};
+use crate::bootstrap::{self, Kind, Target, database_name};
 use crate::budget::{Budget, Slots};
 use crate::config::Config;
+use crate::database::{self, TestDatabase, template_name};
 use crate::migrations::{MigrationSource, Migrations};
 use crate::server::Server;
+use crate::shapes::{TestFn, TestTermination};
 use crate::{Error, Tenant, TestContext};
 
 /// The longest `application_name` PostgreSQL keeps.
 const MAX_APPLICATION_NAME: usize = 63;
 /// How long closing the pool may wait for connections the test still holds.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the end of a test may wait for the sweep started beside it.
+const SWEEP_WAIT: Duration = Duration::from_secs(10);
+/// How long a statement in `isolation = "transaction"` waits for a lock
+/// before failing: such a wait is usually another test's transaction.
+const LOCK_TIMEOUT: &str = "5s";
 
 /// Everything the attribute knows about one test.
 #[derive(Debug)]
@@ -40,90 +47,42 @@ pub struct TestSpec {
     pub max_connections: u32,
     /// The role every connection acts as (`SET ROLE`), if any.
     pub role: Option<&'static str>,
-    /// Scripts run on the test's pool before the body.
-    pub seeds: &'static [Seed],
+    /// Scripts run before the body, after the fixtures.
+    pub seeds: &'static [Script],
+    /// sqlx-style fixtures: part of the template in `isolation =
+    /// "database"`, else run before the body like seeds.
+    pub fixtures: &'static [Script],
+    /// How the test is kept apart from the others.
+    pub isolation: Isolation,
 }
 
-/// A seed script, embedded at compile time.
+/// How a test is kept apart from the others; see the attribute's docs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Isolation {
+    /// The shared database, rows scoped by the test's tenant.
+    Shared,
+    /// A database of the test's own, cloned from a template.
+    Database,
+    /// One connection inside a transaction that is rolled back.
+    Transaction,
+}
+
+/// A SQL script embedded at compile time: a seed or a fixture.
 #[derive(Debug)]
-pub struct Seed {
+pub struct Script {
     /// The path as written in the attribute.
     pub path: &'static str,
     /// The script.
     pub sql: &'static str,
 }
 
-/// A test body that `#[pg_test]` can call: one impl per supported signature.
-#[diagnostic::on_unimplemented(
-    message = "`#[pg_test]` does not support a test with the signature `{Self}`",
-    note = "a #[pg_test] fn is async and takes (pool: PgPool), (pool: PgPool, tenant: Tenant), \
-            (ctx: TestContext) or nothing"
-)]
-pub trait TestFn {
-    /// What the body returns.
-    type Output: TestTermination;
-    /// Whether the body needs a database at all.
-    const NEEDS_DATABASE: bool;
-    /// Calls the body.
-    fn call(self, context: Option<TestContext>) -> impl Future<Output = Self::Output>;
-}
-
-impl<Fut: Future<Output: TestTermination>> TestFn for fn(PgPool) -> Fut {
-    type Output = Fut::Output;
-    const NEEDS_DATABASE: bool = true;
-    fn call(self, context: Option<TestContext>) -> impl Future<Output = Self::Output> {
-        self(expect_context(context).into_pool())
-    }
-}
-
-impl<Fut: Future<Output: TestTermination>> TestFn for fn(PgPool, Tenant) -> Fut {
-    type Output = Fut::Output;
-    const NEEDS_DATABASE: bool = true;
-    fn call(self, context: Option<TestContext>) -> impl Future<Output = Self::Output> {
-        let context = expect_context(context);
-        let tenant = context.tenant();
-        self(context.into_pool(), tenant)
-    }
-}
-
-impl<Fut: Future<Output: TestTermination>> TestFn for fn(TestContext) -> Fut {
-    type Output = Fut::Output;
-    const NEEDS_DATABASE: bool = true;
-    fn call(self, context: Option<TestContext>) -> impl Future<Output = Self::Output> {
-        self(expect_context(context))
-    }
-}
-
-impl<Fut: Future<Output: TestTermination>> TestFn for fn() -> Fut {
-    type Output = Fut::Output;
-    const NEEDS_DATABASE: bool = false;
-    fn call(self, _: Option<TestContext>) -> impl Future<Output = Self::Output> {
-        self()
-    }
-}
-
-fn expect_context(context: Option<TestContext>) -> TestContext {
-    context.expect("NEEDS_DATABASE is true, so the runner prepared a context")
-}
-
-/// What a test body may return: `()` or `Result<(), E: Debug>`.
-#[diagnostic::on_unimplemented(
-    message = "a #[pg_test] fn must return `()` or `Result<(), E>` with `E: Debug`, not `{Self}`"
-)]
-pub trait TestTermination {
-    /// `Err` with the error's `Debug` text when the test failed.
-    fn into_result(self) -> Result<(), String>;
-}
-
-impl TestTermination for () {
-    fn into_result(self) -> Result<(), String> {
-        Ok(())
-    }
-}
-
-impl<E: Debug> TestTermination for Result<(), E> {
-    fn into_result(self) -> Result<(), String> {
-        self.map_err(|error| format!("{error:?}"))
+impl Script {
+    /// The error for this script failing with the server's `message`.
+    pub(crate) fn error(&self, message: String) -> Error {
+        Error::Script {
+            path: self.path,
+            message,
+        }
     }
 }
 
@@ -145,42 +104,68 @@ pub fn run<F: TestFn>(spec: TestSpec, test: F) {
             )
         });
     runtime.block_on(async {
-        let (context, slots) = if F::NEEDS_DATABASE {
-            match prepare(&spec).await {
-                Ok((context, slots)) => (Some(context), Some(slots)),
+        if F::OPENS_CONNECTIONS && spec.isolation == Isolation::Transaction {
+            panic!(
+                "pgtest: test `{}` uses isolation = \"transaction\" but takes a way to open \
+                 connections of its own (a pool, pool options or a TestContext), whose writes \
+                 would escape the transaction. Take `conn: PoolConnection<Postgres>` instead",
+                spec.name
+            );
+        }
+        let prepared = match F::NEEDS_DATABASE {
+            true => match prepare(&spec).await {
+                Ok(prepared) => Some(prepared),
                 Err(error) => panic!("pgtest: test `{}` could not start: {error}", spec.name),
-            }
-        } else {
-            (None, None)
+            },
+            false => None,
+        };
+        let (context, teardown) = match prepared {
+            Some((context, teardown)) => (Some(context), Some(teardown)),
+            None => (None, None),
         };
         let pool = context.as_ref().map(|context| context.pool().clone());
-        let outcome = CatchUnwind(test.call(context)).await;
+        let outcome = CatchUnwind(test.call(context))
+            .await
+            .map(TestTermination::into_result);
         if let Some(pool) = &pool {
             let _ = tokio::time::timeout(CLOSE_TIMEOUT, pool.close()).await;
         }
-        drop(slots);
+        let failure = match &outcome {
+            Ok(Ok(())) => None,
+            Ok(Err(error)) => Some(error.clone()),
+            Err(payload) => Some(
+                panic_message(payload.as_ref())
+                    .unwrap_or_default()
+                    .to_owned(),
+            ),
+        };
+        let kept = match teardown {
+            Some(teardown) => teardown.finish(failure.is_none()).await,
+            None => None,
+        };
+        let Some(failure) = failure else { return };
+        let mut notes = pool_hint(&spec, pool.as_ref(), &failure);
+        if let Some(kept) = kept {
+            notes.push_str(&format!("\npgtest: test `{}` failed; {kept}\n", spec.name));
+        }
         match outcome {
-            Ok(returned) => {
-                if let Err(error) = returned.into_result() {
-                    let hint = pool_hint(&spec, pool.as_ref(), &error);
-                    panic!(
-                        "pgtest: test `{}` returned an error: {error}{hint}",
-                        spec.name
-                    );
-                }
-            }
+            Ok(_) => panic!(
+                "pgtest: test `{}` returned an error: {failure}{notes}",
+                spec.name
+            ),
             Err(payload) => {
-                let message = payload
-                    .downcast_ref::<String>()
-                    .map(String::as_str)
-                    .or_else(|| payload.downcast_ref::<&str>().copied());
-                if let Some(message) = message {
-                    eprint!("{}", pool_hint(&spec, pool.as_ref(), message));
-                }
+                eprint!("{notes}");
                 resume_unwind(payload)
             }
         }
     });
+}
+
+fn panic_message(payload: &(dyn Any + Send)) -> Option<&str> {
+    payload
+        .downcast_ref::<String>()
+        .map(String::as_str)
+        .or_else(|| payload.downcast_ref::<&str>().copied())
 }
 
 /// What to do when the test failed waiting for a connection of its own
@@ -188,6 +173,15 @@ pub fn run<F: TestFn>(spec: TestSpec, test: F) {
 /// not help. Empty when the failure is something else.
 fn pool_hint(spec: &TestSpec, pool: Option<&PgPool>, failure: &str) -> String {
     let timed_out = failure.contains("PoolTimedOut") || failure.contains("pool timed out");
+    if spec.isolation == Isolation::Transaction && failure.contains("lock timeout") {
+        return format!(
+            "\npgtest: test `{}` waited {LOCK_TIMEOUT} for a lock held by another test's \
+             transaction (two tests writing the same unique key, say): in \
+             isolation = \"transaction\", tests see each other's locks. Use values of the \
+             test's own (its tenant's id), or isolation = \"database\"\n",
+            spec.name
+        );
+    }
     let Some(pool) = pool.filter(|_| timed_out) else {
         return String::new();
     };
@@ -202,39 +196,222 @@ fn pool_hint(spec: &TestSpec, pool: Option<&PgPool>, failure: &str) -> String {
     )
 }
 
+/// What the runner undoes when the test ends: the slots it took and, in
+/// `isolation = "database"`, the test's database and the sweep started
+/// beside the body.
+struct Teardown {
+    slots: Slots,
+    own: Option<OwnDatabase>,
+}
+
+struct OwnDatabase {
+    server: Server,
+    database: TestDatabase,
+    sweep: tokio::task::JoinHandle<()>,
+}
+
+impl Teardown {
+    /// Gives everything back; for a failed test with a database of its
+    /// own, says how to inspect it.
+    async fn finish(self, passed: bool) -> Option<String> {
+        let kept = match self.own {
+            Some(own) => {
+                let _ = tokio::time::timeout(SWEEP_WAIT, own.sweep).await;
+                own.database.finish(passed, &own.server)
+            }
+            None => None,
+        };
+        drop(self.slots);
+        kept
+    }
+}
+
 /// Prepares the test's database and pool, after taking the connection
-/// slots the pool may use; the slots go back when dropped, after the pool
-/// is closed.
-async fn prepare(spec: &TestSpec) -> Result<(TestContext, Slots), Error> {
+/// slots the test may use; they go back in [`Teardown::finish`], after the
+/// pool is closed.
+async fn prepare(spec: &TestSpec) -> Result<(TestContext, Teardown), Error> {
     let manifest_dir = Path::new(spec.manifest_dir);
     let config = Config::load(manifest_dir)?;
     let (budget_timeout, acquire_timeout) = (config.budget_timeout, config.acquire_timeout);
     let server = Server::new(config)?;
     let budget = Budget::of(&server, budget_timeout).await?;
-    let mut slots = budget.take(spec.max_connections, spec.name).await?;
     let migrations = Migrations::load(spec.migrations, manifest_dir).await?;
-    let database = shared_database_name(spec.package, &migrations.hash);
     let tenant = Tenant::new();
-    let pool = test_pool(&server, &database, tenant, spec, acquire_timeout);
-    if !bootstrap::is_ready(&server, &pool, &database, spec.role).await? {
-        // Waiting for the build holds no slots, so waiters cannot starve
-        // the builder of the connections it needs.
-        drop(slots);
-        let (migrations, role) = (&migrations, spec.role);
-        bootstrap::build_once(
-            &server, &budget, &pool, &database, migrations, role, spec.name,
-        )
-        .await?;
-        slots = budget.take(spec.max_connections, spec.name).await?;
+    let (context, teardown) = match spec.isolation {
+        Isolation::Shared | Isolation::Transaction => {
+            let database = database_name(spec.package, &migrations.hash);
+            let pool = test_pool(&server, &database, tenant, spec, acquire_timeout);
+            let slots = shared(&server, &budget, &pool, &database, &migrations, spec).await?;
+            let context = TestContext::new(pool, tenant, database, spec.name);
+            let teardown = Teardown { slots, own: None };
+            (context, teardown)
+        }
+        Isolation::Database => {
+            let template = template_name(spec.package, &migrations, spec.fixtures);
+            let target = Target {
+                database: &template,
+                kind: Kind::Template,
+                migrations: &migrations,
+                fixtures: spec.fixtures,
+            };
+            // The pool's connections and an admin connection.
+            let (slots, mut admin) = with_template(&server, &budget, target, spec).await?;
+            let database =
+                TestDatabase::create(&server, &budget, &mut admin, &template, spec.name).await?;
+            let name = database.name.clone();
+            let pool = test_pool(&server, &name, tenant, spec, acquire_timeout);
+            let sweeper = server.clone();
+            let sweep = tokio::spawn(async move { database::sweep(&sweeper, admin).await });
+            let own = OwnDatabase {
+                server: server.clone(),
+                database,
+                sweep,
+            };
+            let context = TestContext::new(pool, tenant, name, spec.name);
+            (
+                context,
+                Teardown {
+                    slots,
+                    own: Some(own),
+                },
+            )
+        }
+    };
+    let context = match spec.isolation {
+        Isolation::Transaction => {
+            let mut connection = begin(&server, &context, spec).await?;
+            for script in scripts(spec) {
+                run_script(&mut *connection, script)
+                    .await
+                    .map_err(|error| script_error(&server, script, &context, spec, error))?;
+            }
+            context.with_connection(connection)
+        }
+        Isolation::Shared | Isolation::Database => {
+            for script in scripts(spec) {
+                run_script(context.pool(), script)
+                    .await
+                    .map_err(|error| script_error(&server, script, &context, spec, error))?;
+            }
+            context
+        }
+    };
+    tracing::debug!(test = spec.name, database = context.database(), %tenant, "test prepared");
+    Ok((context, teardown))
+}
+
+/// Makes sure the shared database is ready and takes the test's slots.
+async fn shared(
+    server: &Server,
+    budget: &Budget,
+    pool: &PgPool,
+    database: &str,
+    migrations: &Migrations,
+    spec: &TestSpec,
+) -> Result<Slots, Error> {
+    let slots = budget.take(spec.max_connections, spec.name).await?;
+    if bootstrap::is_ready(server, pool, database, spec.role).await? {
+        return Ok(slots);
     }
-    for seed in spec.seeds {
-        sqlx::raw_sql(sqlx::AssertSqlSafe(seed.sql))
-            .execute(&pool)
-            .await
-            .map_err(|error| seed_error(&server, seed, &database, spec.role, error))?;
+    // Waiting for the build holds no slots, so waiters cannot starve the
+    // builder of the connections it needs.
+    drop(slots);
+    let target = Target {
+        database,
+        kind: Kind::Shared,
+        migrations,
+        fixtures: &[],
+    };
+    bootstrap::build_once(server, budget, Some(pool), target, spec.role, spec.name).await?;
+    budget.take(spec.max_connections, spec.name).await
+}
+
+/// Makes sure the template is ready; takes the test's slots and opens the
+/// admin connection that clones it.
+async fn with_template(
+    server: &Server,
+    budget: &Budget,
+    target: Target<'_>,
+    spec: &TestSpec,
+) -> Result<(Slots, PgConnection), Error> {
+    let needed = spec.max_connections + 1;
+    let slots = budget.take(needed, spec.name).await?;
+    let mut admin = server.connect(server.admin_database()).await?;
+    let ready = Kind::Template.ready_marker();
+    if bootstrap::marker(server, &mut admin, target.database)
+        .await?
+        .as_deref()
+        == Some(ready)
+    {
+        return Ok((slots, admin));
     }
-    tracing::debug!(test = spec.name, %database, %tenant, "test prepared");
-    Ok((TestContext::new(pool, tenant, database, spec.name), slots))
+    let _ = admin.close().await;
+    drop(slots);
+    bootstrap::build_once(server, budget, None, target, spec.role, spec.name).await?;
+    let slots = budget.take(needed, spec.name).await?;
+    Ok((slots, server.connect(server.admin_database()).await?))
+}
+
+/// The test's connection inside the transaction that will be rolled back.
+/// sqlx counts that transaction, so the test's own `begin()` becomes a
+/// savepoint and its `commit()` a release.
+async fn begin(
+    server: &Server,
+    context: &TestContext,
+    spec: &TestSpec,
+) -> Result<PoolConnection<Postgres>, Error> {
+    let database = context.database();
+    let mut connection = context
+        .pool()
+        .acquire()
+        .await
+        .map_err(|error| server.connect_error(error, database, spec.role))?;
+    let outer = connection
+        .begin()
+        .await
+        .map_err(|error| server.query_error("beginning the test's transaction", &error))?;
+    // Not dropped, which would roll back now: closing the pool ends it.
+    std::mem::forget(outer);
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "set local lock_timeout = '{LOCK_TIMEOUT}'"
+    )))
+    .execute(&mut *connection)
+    .await
+    .map_err(|error| server.query_error("setting the lock timeout", &error))?;
+    Ok(connection)
+}
+
+/// The scripts to run before the body: fixtures (unless the template
+/// holds them), then seeds.
+fn scripts(spec: &TestSpec) -> impl Iterator<Item = &'static Script> {
+    let fixtures = match spec.isolation {
+        Isolation::Database => &[][..],
+        Isolation::Shared | Isolation::Transaction => spec.fixtures,
+    };
+    fixtures.iter().chain(spec.seeds)
+}
+
+async fn run_script<'c>(
+    executor: impl sqlx::Executor<'c, Database = Postgres>,
+    script: &Script,
+) -> Result<(), sqlx::Error> {
+    sqlx::raw_sql(sqlx::AssertSqlSafe(script.sql))
+        .execute(executor)
+        .await
+        .map(|_| ())
+}
+
+fn script_error(
+    server: &Server,
+    script: &Script,
+    context: &TestContext,
+    spec: &TestSpec,
+    error: sqlx::Error,
+) -> Error {
+    match error {
+        sqlx::Error::Database(_) => script.error(crate::error::describe(&error)),
+        connect => server.connect_error(connect, context.database(), spec.role),
+    }
 }
 
 /// A lazy pool: it opens connections only when the test uses them, each
@@ -269,22 +446,6 @@ fn application_name(test: &str) -> String {
         start += 1;
     }
     test[start..].to_owned()
-}
-
-fn seed_error(
-    server: &Server,
-    seed: &Seed,
-    database: &str,
-    role: Option<&str>,
-    error: sqlx::Error,
-) -> Error {
-    match error {
-        sqlx::Error::Database(_) => Error::Seed {
-            path: seed.path,
-            message: crate::error::describe(&error),
-        },
-        connect => server.connect_error(connect, database, role),
-    }
 }
 
 /// Polls a future, catching a panic so that cleanup runs before the panic

@@ -46,6 +46,7 @@ pub(crate) fn is_refused_for_slots(error: &sqlx::Error) -> bool {
 
 /// A PostgreSQL server and the role pgtest logs in as. Holds the password:
 /// it has no `Debug`, and only its redacted URL is ever shown.
+#[derive(Clone)]
 pub(crate) struct Server {
     options: PgConnectOptions,
     admin_database: String,
@@ -134,6 +135,20 @@ impl Server {
         let connections =
             asked.map_err(|error| self.query_error("reading max_connections", &error))?;
         Ok(u32::try_from(connections).unwrap_or(1).max(1))
+    }
+
+    /// A `psql` command that opens `database` as pgtest's role; it asks for
+    /// the password rather than showing it.
+    pub(crate) fn psql_command(&self, database: &str) -> String {
+        let host = match self.options.get_socket() {
+            Some(socket) => socket.display().to_string(),
+            None => self.options.get_host().to_owned(),
+        };
+        format!(
+            "psql -h '{host}' -p {} -U '{}' '{database}'",
+            self.options.get_port(),
+            self.user()
+        )
     }
 
     /// Options that connect to `database` on this server.

@@ -118,6 +118,11 @@ impl Cluster {
         )
     }
 
+    /// The TCP port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
     /// Runs SQL as the superuser over the socket; returns the unaligned
     /// output rows.
     pub fn psql(&self, sql: &str) -> String {

@@ -243,6 +243,18 @@ async fn measure(
         String::from_utf8_lossy(&output.stderr)
     );
     let (passed, failed) = counts(&printed);
+    if passed + failed == 0 {
+        let tail: String = printed
+            .lines()
+            .rev()
+            .take(30)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect::<Vec<_>>()
+            .join("\n");
+        bail!("{runner} ran no {flavour} test (did the suite build?):\n{tail}");
+    }
     let log = server.log();
     let log = &log[log_before..];
     let leftover = sqlx_databases(admin).await? - leftover_before;

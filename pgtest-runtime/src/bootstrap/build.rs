@@ -5,27 +5,22 @@
 use sqlx::postgres::PgConnection;
 use sqlx::{Connection, Executor};
 
-use super::{BUILDING_MARKER, BUILDING_SUFFIX, MARKER_PREFIX, READY_MARKER};
+use super::{BUILDING_SUFFIX, MARKER_PREFIX, Target};
 use crate::Error;
 use crate::error::{describe, sqlstate};
-use crate::migrations::Migrations;
 use crate::server::Server;
 
 /// First key of pgtest's advisory locks ("pgts"); the second is per database.
-const LOCK_CLASS: i32 = 0x7067_7473;
+pub(crate) const LOCK_CLASS: i32 = 0x7067_7473;
 
 /// The cold path: under the advisory lock, build the database unless
 /// another process finished it first.
-pub(super) async fn build(
-    server: &Server,
-    database: &str,
-    migrations: &Migrations,
-) -> Result<(), Error> {
+pub(super) async fn build(server: &Server, target: Target<'_>) -> Result<(), Error> {
     let mut admin = server.connect(server.admin_database()).await?;
-    lock(server, &mut admin, database).await?;
+    lock(server, &mut admin, target.database).await?;
     // The lock is a session lock: closing the connection, or the process
     // dying, releases it.
-    let result = build_locked(server, &mut admin, database, migrations).await;
+    let result = build_locked(server, &mut admin, target).await;
     let _ = admin.close().await;
     result
 }
@@ -33,12 +28,17 @@ pub(super) async fn build(
 async fn build_locked(
     server: &Server,
     admin: &mut PgConnection,
-    database: &str,
-    migrations: &Migrations,
+    target: Target<'_>,
 ) -> Result<(), Error> {
+    let Target {
+        database,
+        kind,
+        migrations,
+        ..
+    } = target;
     match marker(server, admin, database).await? {
-        Some(marker) if marker == READY_MARKER => {
-            tracing::debug!(database, "another process built the shared database");
+        Some(marker) if marker == kind.ready_marker() => {
+            tracing::debug!(database, "another process built it");
             return Ok(());
         }
         Some(marker) if marker.starts_with(MARKER_PREFIX) => {}
@@ -49,25 +49,26 @@ async fn build_locked(
         }
         _ => {}
     }
-    tracing::debug!(database, origin = %migrations.origin, "building the shared database");
+    tracing::debug!(database, ?kind, origin = %migrations.origin, "building");
     let building = format!("{database}{BUILDING_SUFFIX}");
     drop_database(server, admin, &building).await?;
-    create_database(server, admin, &building).await?;
-    if let Err(error) = migrate(server, &building, database, migrations).await {
+    create_database(server, admin, &building, None, kind.building_marker()).await?;
+    if let Err(error) = fill(server, &building, target).await {
         drop_database(server, admin, &building).await?;
         return Err(error);
     }
     let finish = format!(
-        "comment on database {building_q} is '{READY_MARKER}'; \
+        "comment on database {building_q} is '{ready}'; \
          alter database {building_q} rename to {database_q}",
         building_q = quote_ident(&building),
         database_q = quote_ident(database),
+        ready = kind.ready_marker(),
     );
     admin
         .execute(sqlx::raw_sql(sqlx::AssertSqlSafe(finish)))
         .await
         .map_err(|error| server.query_error(format!("marking {database} ready"), &error))?;
-    tracing::debug!(database, "shared database is ready (built)");
+    tracing::debug!(database, "built and ready");
     Ok(())
 }
 
@@ -123,7 +124,8 @@ fn lock_key(database: &str) -> i32 {
     i32::from_ne_bytes(hash.to_ne_bytes())
 }
 
-async fn marker(
+/// The comment on `database`, if it exists and has one.
+pub(crate) async fn marker(
     server: &Server,
     admin: &mut PgConnection,
     database: &str,
@@ -146,21 +148,28 @@ async fn exists(server: &Server, admin: &mut PgConnection, database: &str) -> Re
         .map_err(|error| server.query_error("looking up the shared database", &error))
 }
 
-async fn create_database(
+/// Creates `database`, a copy of `template` if given, with the comment
+/// `marker` (which must not contain a quote).
+pub(crate) async fn create_database(
     server: &Server,
     admin: &mut PgConnection,
     database: &str,
+    template: Option<&str>,
+    marker: &str,
 ) -> Result<(), Error> {
     let name = quote_ident(database);
+    let template = template
+        .map(|template| format!(" template {}", quote_ident(template)))
+        .unwrap_or_default();
     // Two statements: CREATE DATABASE cannot run inside a transaction block.
     let created = match admin
         .execute(sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-            "create database {name}"
+            "create database {name}{template}"
         ))))
         .await
     {
         Ok(_) => {
-            let comment = format!("comment on database {name} is '{BUILDING_MARKER}'");
+            let comment = format!("comment on database {name} is '{marker}'");
             admin
                 .execute(sqlx::raw_sql(sqlx::AssertSqlSafe(comment)))
                 .await
@@ -181,7 +190,8 @@ async fn create_database(
     }
 }
 
-async fn drop_database(
+/// Drops `database`, whoever is connected to it.
+pub(crate) async fn drop_database(
     server: &Server,
     admin: &mut PgConnection,
     database: &str,
@@ -197,15 +207,49 @@ async fn drop_database(
         .map_err(|error| server.query_error(format!("dropping database {database}"), &error))
 }
 
-async fn migrate(
-    server: &Server,
-    building: &str,
-    database: &str,
-    migrations: &Migrations,
-) -> Result<(), Error> {
+/// Migrates the copy `building`, then runs the fixtures on it.
+async fn fill(server: &Server, building: &str, target: Target<'_>) -> Result<(), Error> {
     let mut connection = server.connect(building).await?;
-    let result = migrations.migrator().run(&mut connection).await;
+    let mut result = migrate(&mut connection, target).await;
+    for fixture in target.fixtures {
+        if result.is_err() {
+            break;
+        }
+        result = connection
+            .execute(sqlx::raw_sql(sqlx::AssertSqlSafe(fixture.sql)))
+            .await
+            .map(|_| ())
+            .map_err(|error| fixture.error(describe(&error)));
+    }
     let _ = connection.close().await;
+    result
+}
+
+/// Drops `database` unless someone is connected to it; whether it went.
+pub(crate) async fn drop_database_if_unused(
+    server: &Server,
+    admin: &mut PgConnection,
+    database: &str,
+) -> Result<bool, Error> {
+    let statement = format!("drop database if exists {}", quote_ident(database));
+    match admin
+        .execute(sqlx::raw_sql(sqlx::AssertSqlSafe(statement)))
+        .await
+    {
+        Ok(_) => Ok(true),
+        // 55006: "database … is being accessed by other users".
+        Err(error) if sqlstate(&error).as_deref() == Some("55006") => Ok(false),
+        Err(error) => Err(server.query_error(format!("dropping database {database}"), &error)),
+    }
+}
+
+async fn migrate(connection: &mut PgConnection, target: Target<'_>) -> Result<(), Error> {
+    let Target {
+        database,
+        migrations,
+        ..
+    } = target;
+    let result = migrations.migrator().run(connection).await;
     result.map_err(|error| match error {
         sqlx::migrate::MigrateError::ExecuteMigration(source, version) => Error::MigrationFailed {
             version,
@@ -222,7 +266,7 @@ async fn migrate(
 }
 
 /// `name` as a quoted SQL identifier.
-fn quote_ident(name: &str) -> String {
+pub(crate) fn quote_ident(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
 }
 

@@ -19,10 +19,12 @@ use sqlx::postgres::{PgConnection, PgPool};
 use tokio::sync::OnceCell;
 
 use self::build::build;
+pub(crate) use self::build::{LOCK_CLASS, create_database, drop_database_if_unused, marker};
 use crate::Error;
 use crate::budget::Budget;
 use crate::error::sqlstate;
 use crate::migrations::Migrations;
+use crate::runner::Script;
 use crate::server::{REFUSED_RETRY, Server, is_refused_for_slots};
 
 mod build;
@@ -33,19 +35,43 @@ const MAX_NAME_LEN: usize = 63;
 const HASH_LEN: usize = 12;
 /// Suffix of the copy under construction.
 const BUILDING_SUFFIX: &str = "_building";
-/// The comment that marks a database as pgtest's and complete.
-const READY_MARKER: &str = "pgtest: shared database, ready";
-/// The comment on a copy under construction.
-const BUILDING_MARKER: &str = "pgtest: shared database, building";
 /// Every pgtest marker starts so; a database without it is not pgtest's.
-const MARKER_PREFIX: &str = "pgtest:";
+pub(crate) const MARKER_PREFIX: &str = "pgtest:";
 
-/// The shared database's name for a package and migration hash.
+/// What a database built from a migration set is for; its comment says.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Kind {
+    /// The shared database of `isolation = "shared"` and `"transaction"`.
+    Shared,
+    /// The template that `isolation = "database"` clones; never connected
+    /// to once built, so that clones never find it in use.
+    Template,
+}
+
+impl Kind {
+    /// The comment that marks such a database complete.
+    pub(crate) fn ready_marker(self) -> &'static str {
+        match self {
+            Self::Shared => "pgtest: shared database, ready",
+            Self::Template => "pgtest: template, ready",
+        }
+    }
+
+    /// The comment on a copy under construction.
+    fn building_marker(self) -> &'static str {
+        match self {
+            Self::Shared => "pgtest: shared database, building",
+            Self::Template => "pgtest: template, building",
+        }
+    }
+}
+
+/// The name of a database built for a package from a hash of what goes in it.
 ///
 /// ```text
-/// shared_database_name("my-app", "0123456789abcdef…") == "pgtest_my_app_0123456789ab"
+/// database_name("my-app", "0123456789abcdef…") == "pgtest_my_app_0123456789ab"
 /// ```
-pub(crate) fn shared_database_name(package: &str, hash: &str) -> String {
+pub(crate) fn database_name(package: &str, hash: &str) -> String {
     let room = MAX_NAME_LEN - BUILDING_SUFFIX.len() - "pgtest__".len() - HASH_LEN;
     let package: String = package
         .chars()
@@ -89,21 +115,22 @@ pub(crate) async fn is_ready(
     Ok(ready)
 }
 
-/// Builds the shared database: one thread per process and one process per
-/// machine does it while the others wait, holding no connection slots; the
-/// builder takes the two it needs from `budget` for `holder` (a test).
-/// Waiting callers then find the work done. Ends by connecting as the test
-/// will (through `pool`), so that a problem of the test's own, its role
-/// say, is explained here too.
+/// Builds the database `database` of `kind` (migrated, then `fixtures`
+/// run): one thread per process and one process per machine does it while
+/// the others wait, holding no connection slots; the builder takes the two
+/// it needs from `budget` for `holder` (a test). Waiting callers then find
+/// the work done. A shared database is then connected to as the test will
+/// (through `pool`), so that a problem of the test's own, its role say, is
+/// explained here too; a template is never connected to (no `pool`).
 pub(crate) async fn build_once(
     server: &Server,
     budget: &Budget,
-    pool: &PgPool,
-    database: &str,
-    migrations: &Migrations,
+    pool: Option<&PgPool>,
+    target: Target<'_>,
     role: Option<&str>,
     holder: &str,
 ) -> Result<(), Error> {
+    let database = target.database;
     let readiness = readiness(server, database);
     readiness
         .get_or_try_init(|| async {
@@ -119,6 +146,9 @@ pub(crate) async fn build_once(
                 });
             };
             let _slots = budget.take(BUILD_CONNECTIONS, holder).await?;
+            let Some(pool) = pool.filter(|_| target.kind == Kind::Shared) else {
+                return build(server, target).await;
+            };
             if let Some(connection) = ready_connection(server, pool, database, role).await? {
                 tracing::debug!(
                     database,
@@ -127,7 +157,7 @@ pub(crate) async fn build_once(
                 let _ = connection.close().await;
                 return Ok(());
             }
-            build(server, database, migrations).await?;
+            build(server, target).await?;
             match ready_connection(server, pool, database, role).await? {
                 Some(connection) => {
                     let _ = connection.close().await;
@@ -143,6 +173,15 @@ pub(crate) async fn build_once(
         })
         .await
         .map(|_| ())
+}
+
+/// A database to build: its name, what it is for, and what goes in it.
+#[derive(Clone, Copy)]
+pub(crate) struct Target<'a> {
+    pub(crate) database: &'a str,
+    pub(crate) kind: Kind,
+    pub(crate) migrations: &'a Migrations,
+    pub(crate) fixtures: &'a [Script],
 }
 
 /// Set once the shared database is known to be ready, per server and
@@ -174,7 +213,7 @@ async fn ready_connection(
     .fetch_one(&mut *connection)
     .await
     .map_err(|error| server.query_error("reading the ready marker", &error))?;
-    if marker.as_deref() == Some(READY_MARKER) {
+    if marker.as_deref() == Some(Kind::Shared.ready_marker()) {
         Ok(Some(connection))
     } else {
         let _ = connection.close().await;
@@ -245,13 +284,13 @@ mod tests {
 
     #[test]
     fn the_name_keeps_the_package_and_twelve_hash_digits() {
-        let name = shared_database_name("my-App.rs", "0123456789abcdef0123");
+        let name = database_name("my-App.rs", "0123456789abcdef0123");
         assert_eq!(name, "pgtest_my_app_rs_0123456789ab");
     }
 
     #[test]
     fn a_long_package_name_leaves_room_for_the_building_suffix() {
-        let name = shared_database_name(&"x".repeat(100), &"f".repeat(64));
+        let name = database_name(&"x".repeat(100), &"f".repeat(64));
         assert!(name.len() + BUILDING_SUFFIX.len() <= MAX_NAME_LEN, "{name}");
         assert!(name.ends_with("_ffffffffffff"), "{name}");
     }

@@ -1,0 +1,298 @@
+//! `isolation = "database"`: each test gets a database of its own, cloned
+//! from a template that is migrated (and given its fixtures) once per
+//! migration set and fixture set, and never connected to afterwards.
+//!
+//! A test's database is swept, not dropped by its test: the drop is off the
+//! test's critical path, and a failed test's database stays for inspection
+//! until a later run. A database is swept once nobody can be using it: its
+//! creator's lock file on this machine is free (the creator ended) and it
+//! passed or belongs to another run; for a database made on another
+//! machine, once it is a day old. `DROP DATABASE` without `FORCE` refuses
+//! while anyone is connected, which guards the rest.
+
+use std::fs::{self, File, TryLockError};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use sha2::{Digest, Sha256};
+use sqlx::Connection;
+use sqlx::postgres::PgConnection;
+
+use crate::Error;
+use crate::bootstrap::{LOCK_CLASS, create_database, database_name, drop_database_if_unused};
+use crate::budget::Budget;
+use crate::migrations::Migrations;
+use crate::runner::Script;
+use crate::server::Server;
+
+/// How a test database's comment starts.
+const TEST_MARKER: &str = "pgtest: test database";
+/// Second key of the advisory lock that one sweeper at a time holds.
+const SWEEP_KEY: i32 = 0x7377_6570;
+/// Age after which a test database made on another machine is swept.
+const FOREIGN_AGE: Duration = Duration::from_secs(24 * 60 * 60);
+
+/// The name of the template for a migration set and fixture set.
+pub(crate) fn template_name(package: &str, migrations: &Migrations, fixtures: &[Script]) -> String {
+    let mut hash = Sha256::new();
+    hash.update(b"template\0");
+    hash.update(migrations.hash.as_bytes());
+    for fixture in fixtures {
+        hash.update([0]);
+        hash.update(fixture.path.as_bytes());
+        hash.update([0]);
+        hash.update(fixture.sql.as_bytes());
+    }
+    let hex: String = hash.finalize().iter().map(|b| format!("{b:02x}")).collect();
+    database_name(package, &hex)
+}
+
+/// A test's own database, from its creation until the test ends.
+pub(crate) struct TestDatabase {
+    pub(crate) name: String,
+    /// Held while the test runs (and, when it fails, until the process
+    /// ends): a sweeper that can take it knows the creator is gone.
+    lock: File,
+    lock_path: PathBuf,
+}
+
+impl TestDatabase {
+    /// Clones `template` into a new database for `test`, using `admin`.
+    pub(crate) async fn create(
+        server: &Server,
+        budget: &Budget,
+        admin: &mut PgConnection,
+        template: &str,
+        test: &str,
+    ) -> Result<Self, Error> {
+        let suffix = uuid::Uuid::new_v4().simple().to_string();
+        let name = format!("{template}_{}", &suffix[..8]);
+        let lock_path = budget.file(&format!("live-{name}.lock"));
+        let lock = budget.open(&lock_path)?;
+        lock.lock()
+            .map_err(|error| budget.io_error(&lock_path, &error))?;
+        let comment = Comment {
+            test: test.to_owned(),
+            host: host(),
+            run: run_id(),
+            created: now_secs(),
+            lock: lock_path.clone(),
+        };
+        create_database(server, admin, &name, Some(template), &comment.to_string()).await?;
+        Ok(Self {
+            name,
+            lock,
+            lock_path,
+        })
+    }
+
+    /// Ends the test's hold on its database: a passed test's database is
+    /// left for the next sweep; a failed test's is kept until a later run,
+    /// and the returned text says how to inspect it.
+    pub(crate) fn finish(self, passed: bool, server: &Server) -> Option<String> {
+        if passed {
+            let _ = fs::write(passed_path(&self.lock_path), b"");
+            return None;
+        }
+        // Held until the process ends, so that this run's sweeps keep it.
+        std::mem::forget(self.lock);
+        Some(format!(
+            "its database {name} is kept until a later run sweeps it; inspect it with: {psql}",
+            name = self.name,
+            psql = server.psql_command(&self.name),
+        ))
+    }
+}
+
+/// Drops the test databases that nobody can be using any more, if no other
+/// process is sweeping, then closes `admin` (which releases the sweep
+/// lock). Meant to run beside the test's body; errors are logged, never
+/// the test's failure.
+pub(crate) async fn sweep(server: &Server, mut admin: PgConnection) {
+    if let Err(error) = sweep_with(server, &mut admin).await {
+        tracing::warn!(%error, "sweeping old test databases failed");
+    }
+    let _ = admin.close().await;
+}
+
+async fn sweep_with(server: &Server, admin: &mut PgConnection) -> Result<(), Error> {
+    let locked: bool = sqlx::query_scalar("select pg_try_advisory_lock($1, $2)")
+        .bind(LOCK_CLASS)
+        .bind(SWEEP_KEY)
+        .fetch_one(&mut *admin)
+        .await
+        .map_err(|error| server.query_error("taking the sweep lock", &error))?;
+    if !locked {
+        return Ok(());
+    }
+    let databases: Vec<(String, String)> = sqlx::query_as(
+        "select datname, description from (select datname, shobj_description(oid, 'pg_database') as description \
+         from pg_database) d where description like $1",
+    )
+    .bind(format!("{TEST_MARKER};%"))
+    .fetch_all(&mut *admin)
+    .await
+    .map_err(|error| server.query_error("listing test databases", &error))?;
+    let (host, run) = (host(), run_id());
+    for (name, description) in databases {
+        let Some(comment) = Comment::parse(&description) else {
+            continue;
+        };
+        if comment.sweepable(&host, &run) {
+            tracing::debug!(database = name, test = comment.test, "sweeping");
+            if drop_database_if_unused(server, admin, &name).await? {
+                let _ = fs::remove_file(passed_path(&comment.lock));
+                let _ = fs::remove_file(&comment.lock);
+            }
+        }
+    }
+    // Closing the connection releases the sweep lock.
+    Ok(())
+}
+
+/// What a test database's comment records.
+#[derive(Debug, PartialEq)]
+struct Comment {
+    test: String,
+    host: String,
+    run: String,
+    created: u64,
+    /// Last, as a path may hold anything but a quote.
+    lock: PathBuf,
+}
+
+impl std::fmt::Display for Comment {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let text = format!(
+            "{TEST_MARKER}; test={}; host={}; run={}; created={}; lock={}",
+            self.test,
+            self.host,
+            self.run,
+            self.created,
+            self.lock.display()
+        );
+        // It goes inside a SQL string literal.
+        f.write_str(&text.replace('\'', "''"))
+    }
+}
+
+impl Comment {
+    fn parse(text: &str) -> Option<Self> {
+        let rest = text.strip_prefix(TEST_MARKER)?.strip_prefix("; ")?;
+        let (fields, lock) = rest.split_once("; lock=")?;
+        let field = |key: &str| {
+            fields
+                .split("; ")
+                .find_map(|pair| pair.strip_prefix(key)?.strip_prefix('='))
+                .map(str::to_owned)
+        };
+        Some(Self {
+            test: field("test")?,
+            host: field("host")?,
+            run: field("run")?,
+            created: field("created")?.parse().ok()?,
+            lock: PathBuf::from(lock),
+        })
+    }
+
+    /// Whether nobody can be using the database any more (as far as this
+    /// machine can tell) and it is not a failure this run should keep.
+    fn sweepable(&self, host: &str, run: &str) -> bool {
+        let old = now_secs().saturating_sub(self.created) > FOREIGN_AGE.as_secs();
+        if self.host != host {
+            return old;
+        }
+        match creator_gone(&self.lock) {
+            None => old,
+            Some(false) => false,
+            Some(true) => passed_path(&self.lock).exists() || self.run != run,
+        }
+    }
+}
+
+/// Whether the lock file's holder is gone; `None` when there is no file.
+fn creator_gone(lock: &Path) -> Option<bool> {
+    let file = File::open(lock).ok()?;
+    match file.try_lock() {
+        Ok(()) => Some(true),
+        Err(TryLockError::WouldBlock) => Some(false),
+        Err(TryLockError::Error(_)) => None,
+    }
+}
+
+fn passed_path(lock: &Path) -> PathBuf {
+    lock.with_extension("passed")
+}
+
+fn host() -> String {
+    fs::read_to_string("/proc/sys/kernel/hostname")
+        .or_else(|_| fs::read_to_string("/etc/hostname"))
+        .map(|name| name.trim().to_owned())
+        .unwrap_or_else(|_| "unknown".to_owned())
+}
+
+/// Names the run this process belongs to: nextest's run id, else the
+/// parent process (cargo test runs a suite's binaries as its children).
+fn run_id() -> String {
+    std::env::var("NEXTEST_RUN_ID").unwrap_or_else(|_| format!("parent-{}", nix::unistd::getppid()))
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn comment() -> Comment {
+        Comment {
+            test: "blog::tests::lists_posts".to_owned(),
+            host: "ci-1".to_owned(),
+            run: "run-a".to_owned(),
+            created: now_secs(),
+            lock: PathBuf::from("/tmp/x; y/live-a.lock"),
+        }
+    }
+
+    #[test]
+    fn a_comment_reads_back_what_was_written() {
+        let written = comment();
+        assert_eq!(Comment::parse(&written.to_string()), Some(written));
+    }
+
+    #[test]
+    fn a_database_of_another_machine_is_swept_only_when_a_day_old() {
+        let mut other = comment();
+        assert!(!other.sweepable("ci-2", "run-b"));
+        other.created -= FOREIGN_AGE.as_secs() + 1;
+        assert!(other.sweepable("ci-2", "run-b"));
+    }
+
+    #[test]
+    fn a_live_creator_keeps_its_database_and_a_gone_one_leaves_it_to_other_runs() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut mine = comment();
+        mine.lock = dir.path().join("live-a.lock");
+        let held = File::create(&mine.lock).unwrap();
+        held.lock().unwrap();
+        assert!(
+            !mine.sweepable("ci-1", "run-b"),
+            "its creator holds the lock"
+        );
+        drop(held);
+        assert!(
+            !mine.sweepable("ci-1", "run-a"),
+            "a failure is kept from its own run"
+        );
+        assert!(mine.sweepable("ci-1", "run-b"), "a later run sweeps it");
+        fs::write(passed_path(&mine.lock), b"").unwrap();
+        assert!(
+            mine.sweepable("ci-1", "run-a"),
+            "a passed test's goes at once"
+        );
+    }
+}

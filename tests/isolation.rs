@@ -1,0 +1,293 @@
+//! The three isolation modes: what each test sees, what it leaves behind,
+//! and the sweeping of test databases, against real servers.
+
+mod common;
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use common::{Cluster, assert_failed_without_password, assert_passed, run, run_together};
+use pgtest::{PgPool, TestContext, pg_test};
+use sqlx::pool::PoolConnection;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{Acquire, Connection, Postgres};
+
+/// A database of its own: fixed ids and whole-table counts are safe, and
+/// it is neither the shared database nor the template.
+#[pg_test(
+    isolation = "database",
+    migrations = "tests/fixtures/posts",
+    fixtures("fixtures/sql/posts.sql")
+)]
+async fn a_database_of_its_own_starts_from_the_template(ctx: TestContext) -> anyhow::Result<()> {
+    let titles: Vec<String> = sqlx::query_scalar("select title from posts order by id")
+        .fetch_all(ctx.pool())
+        .await?;
+    assert_eq!(titles, ["first", "second"]);
+    sqlx::query("insert into posts (id, title) values (3, 'mine')")
+        .execute(ctx.pool())
+        .await?;
+    let (database, description): (String, String) = sqlx::query_as(
+        "select current_database(), shobj_description(oid, 'pg_database') from pg_database \
+         where datname = current_database()",
+    )
+    .fetch_one(ctx.pool())
+    .await?;
+    assert_eq!(database, ctx.database());
+    assert!(
+        description.starts_with("pgtest: test database; test=isolation::a_database_of_its_own"),
+        "{description}"
+    );
+    Ok(())
+}
+
+/// Inside a transaction: a nested `begin()` is a savepoint, its `commit()`
+/// a release, and a rolled-back savepoint takes only its own rows.
+#[pg_test(isolation = "transaction", migrations = "tests/fixtures/posts")]
+async fn a_nested_transaction_is_a_savepoint(
+    mut conn: PoolConnection<Postgres>,
+) -> anyhow::Result<()> {
+    let id: i32 = rand_id();
+    let mut inner = conn.begin().await?;
+    sqlx::query("insert into posts (id, title) values ($1, 'kept')")
+        .bind(id)
+        .execute(&mut *inner)
+        .await?;
+    inner.commit().await?;
+    let mut undone = conn.begin().await?;
+    sqlx::query("insert into posts (id, title) values ($1, 'undone')")
+        .bind(id + 1)
+        .execute(&mut *undone)
+        .await?;
+    undone.rollback().await?;
+    let titles: Vec<String> =
+        sqlx::query_scalar("select title from posts where id in ($1, $2) order by id")
+            .bind(id)
+            .bind(id + 1)
+            .fetch_all(&mut *conn)
+            .await?;
+    assert_eq!(titles, ["kept"]);
+    let depth: bool = sqlx::query_scalar("select now() = statement_timestamp()")
+        .fetch_one(&mut *conn)
+        .await?;
+    assert!(!depth, "still inside the test's transaction");
+    Ok(())
+}
+
+/// A post id no other test of this file uses.
+fn rand_id() -> i32 {
+    let uuid = uuid::Uuid::new_v4().as_u128();
+    1_000 + (uuid % 1_000_000_000) as i32
+}
+
+/// Pool options and connect options point at the test's own database.
+#[pg_test(isolation = "database", migrations = "tests/fixtures/posts")]
+async fn options_point_at_the_tests_database(
+    options: PgPoolOptions,
+    connect: PgConnectOptions,
+) -> anyhow::Result<()> {
+    let pool = options.connect_with(connect).await?;
+    let count: i64 = sqlx::query_scalar("select count(*) from posts")
+        .fetch_one(&pool)
+        .await?;
+    assert_eq!(count, 0, "no fixtures were asked for");
+    pool.close().await;
+    Ok(())
+}
+
+// Fixtures: run in their own processes, several at once, by the tests
+// below.
+
+/// Inserts fixed ids and counts the whole table while its neighbours do
+/// the same.
+#[pg_test(isolation = "database", migrations = "tests/fixtures/posts")]
+#[ignore = "a fixture, run in its own processes by the tests of this file"]
+async fn fixture_database_fixed_ids(pool: PgPool) -> anyhow::Result<()> {
+    fixed_ids(&pool).await
+}
+
+async fn fixed_ids(pool: &PgPool) -> anyhow::Result<()> {
+    sqlx::query("insert into posts (id, title) values (1, 'one')")
+        .execute(pool)
+        .await?;
+    // Long enough for the neighbours started with it to be at work too.
+    sqlx::query("select pg_sleep(0.3)").execute(pool).await?;
+    let count: i64 = sqlx::query_scalar("select count(*) from posts")
+        .fetch_one(pool)
+        .await?;
+    assert_eq!(count, 1, "a neighbour's row is visible");
+    Ok(())
+}
+
+/// Inserts a row of its own, committed by the test, and counts the table.
+#[pg_test(isolation = "transaction", migrations = "tests/fixtures/posts")]
+#[ignore = "a fixture, run in its own processes by the tests of this file"]
+async fn fixture_transaction_commits(mut conn: PoolConnection<Postgres>) -> anyhow::Result<()> {
+    let mut transaction = conn.begin().await?;
+    sqlx::query("insert into posts (id, title) values ($1, 'committed')")
+        .bind(rand_id())
+        .execute(&mut *transaction)
+        .await?;
+    transaction.commit().await?;
+    sqlx::query("select pg_sleep(0.3)")
+        .execute(&mut *conn)
+        .await?;
+    let count: i64 = sqlx::query_scalar("select count(*) from posts")
+        .fetch_one(&mut *conn)
+        .await?;
+    assert_eq!(count, 1, "a neighbour's row is visible");
+    Ok(())
+}
+
+/// Fails after writing to its own database.
+#[pg_test(isolation = "database", migrations = "tests/fixtures/posts")]
+#[ignore = "a fixture, run by the tests of this file"]
+async fn fixture_database_fails(pool: PgPool) {
+    sqlx::query("insert into posts (id, title) values (7, 'evidence')")
+        .execute(&pool)
+        .await
+        .unwrap();
+    panic!("failed on purpose");
+}
+
+/// Writes to its own database, closes every connection, waits for the file
+/// `PGTEST_IT_GO` to appear, then reads its row back.
+#[pg_test(isolation = "database", migrations = "tests/fixtures/posts")]
+#[ignore = "a fixture, run by the tests of this file"]
+async fn fixture_database_waits_unconnected(
+    options: PgPoolOptions,
+    connect: PgConnectOptions,
+) -> anyhow::Result<()> {
+    let mut connection = sqlx::PgConnection::connect_with(&connect).await?;
+    sqlx::query("insert into posts (id, title) values (1, 'still here')")
+        .execute(&mut connection)
+        .await?;
+    connection.close().await?;
+    let go = PathBuf::from(std::env::var("PGTEST_IT_GO")?);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !go.exists() {
+        assert!(Instant::now() < deadline, "{} never appeared", go.display());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let pool = options.connect_with(connect).await?;
+    let title: String = sqlx::query_scalar("select title from posts where id = 1")
+        .fetch_one(&pool)
+        .await?;
+    assert_eq!(title, "still here");
+    pool.close().await;
+    Ok(())
+}
+
+#[test]
+fn parallel_tests_with_databases_of_their_own_never_see_each_others_rows() {
+    let cluster = Cluster::start(&[]);
+    for output in run_together(4, |_| cluster.exact("fixture_database_fixed_ids")) {
+        assert_passed(&output, 1);
+    }
+}
+
+#[test]
+fn parallel_transactions_never_see_each_others_rows_and_leave_none_behind() {
+    let cluster = Cluster::start(&[]);
+    for output in run_together(4, |_| cluster.exact("fixture_transaction_commits")) {
+        assert_passed(&output, 1);
+    }
+    let shared: Vec<String> = cluster
+        .pgtest_databases()
+        .into_iter()
+        .filter(|name| !name.contains("_building"))
+        .collect();
+    assert_eq!(shared.len(), 1, "{shared:?}");
+    assert_eq!(
+        cluster.psql_in(&shared[0], "select count(*) from posts"),
+        "0",
+        "rows committed by the tests are gone"
+    );
+}
+
+/// The database of a test of run `run`.
+fn in_run(cluster: &Cluster, test: &str, run: &str) -> std::process::Command {
+    let mut command = cluster.exact(test);
+    command.env("NEXTEST_RUN_ID", run);
+    command
+}
+
+fn test_databases(cluster: &Cluster) -> Vec<String> {
+    let names = cluster.psql(
+        "select datname from pg_database \
+         where shobj_description(oid, 'pg_database') like 'pgtest: test database;%' order by 1",
+    );
+    names.lines().map(str::to_owned).collect()
+}
+
+#[test]
+fn a_failed_tests_database_is_kept_named_and_swept_by_the_next_run() {
+    let cluster = Cluster::start(&[]);
+    let output = run(in_run(&cluster, "fixture_database_fails", "run-1"));
+    let printed = assert_failed_without_password(&output);
+    let kept = test_databases(&cluster);
+    assert_eq!(kept.len(), 1, "{kept:?}");
+    assert!(
+        printed.contains(&format!(
+            "its database {} is kept until a later run sweeps it",
+            kept[0]
+        )) && printed.contains(&format!("psql -h '127.0.0.1' -p {}", cluster.port())),
+        "{printed}"
+    );
+    assert_eq!(
+        cluster.psql_in(&kept[0], "select title from posts"),
+        "evidence"
+    );
+    // The same run leaves it alone.
+    assert_passed(
+        &run(in_run(&cluster, "fixture_database_fixed_ids", "run-1")),
+        1,
+    );
+    assert!(test_databases(&cluster).contains(&kept[0]));
+    // The next one sweeps it (and the passed test's database too).
+    assert_passed(
+        &run(in_run(&cluster, "fixture_database_fixed_ids", "run-2")),
+        1,
+    );
+    let left = test_databases(&cluster);
+    assert!(!left.contains(&kept[0]), "{left:?}");
+    assert_eq!(
+        left.len(),
+        1,
+        "only the sweeper's own database is left: {left:?}"
+    );
+}
+
+#[test]
+fn a_concurrent_run_never_sweeps_a_live_tests_database() {
+    let cluster = Cluster::start(&[]);
+    let go = tempfile::tempdir().unwrap();
+    let go_file = go.path().join("go");
+    let waiter = in_run(&cluster, "fixture_database_waits_unconnected", "run-a")
+        .env("PGTEST_IT_GO", &go_file)
+        .spawn()
+        .unwrap();
+    // Its row written and its connection closed.
+    cluster.wait_until(
+        "select exists (select from pg_database d join pg_stat_database s using (datname) \
+         where shobj_description(d.oid, 'pg_database') like 'pgtest: test database;%' \
+         and s.xact_commit > 0 \
+         and not exists (select from pg_stat_activity a where a.datname = d.datname))",
+        Duration::from_secs(60),
+    );
+    let waiting = test_databases(&cluster);
+    // Another run sweeps while the waiter holds no connection.
+    for output in run_together(3, |_| {
+        in_run(&cluster, "fixture_database_fixed_ids", "run-b")
+    }) {
+        assert_passed(&output, 1);
+    }
+    assert!(
+        waiting
+            .iter()
+            .all(|name| test_databases(&cluster).contains(name)),
+        "the live test's database survived the other run's sweeps"
+    );
+    std::fs::write(&go_file, b"").unwrap();
+    assert_passed(&common::finish(waiter, Duration::from_secs(60)), 1);
+}
