@@ -102,8 +102,13 @@ async fn read_dir(dir: &Path) -> Result<Resolved, Error> {
         })
 }
 
+/// Changes whenever pgtest builds databases differently, so that a newer
+/// pgtest never uses a database an older one built.
+const RECIPE: &[u8] = b"pgtest recipe 2\0";
+
 fn hash(migrator: &Migrator) -> String {
     let mut hasher = Sha256::new();
+    hasher.update(RECIPE);
     for migration in migrator.iter() {
         hasher.update(migration.version.to_le_bytes());
         hasher.update(format!("{:?}", migration.migration_type));

@@ -249,6 +249,10 @@ async fn migrate(connection: &mut PgConnection, target: Target<'_>) -> Result<()
         migrations,
         ..
     } = target;
+    if migrations.migrator().iter().next().is_none() {
+        // Nothing to run, and no `_sqlx_migrations` table either.
+        return Ok(());
+    }
     let result = migrations.migrator().run(connection).await;
     result.map_err(|error| match error {
         sqlx::migrate::MigrateError::ExecuteMigration(source, version) => Error::MigrationFailed {
