@@ -130,7 +130,7 @@ pub use pgtest_macros::pg_test;
 /// ```
 pub use pgtest_macros::sqlx_test;
 
-pub use pgtest_runtime::{Error, Tenant, TestContext};
+pub use pgtest_runtime::{Error, Removed, Tenant, TestContext, remove_all};
 pub use sqlx::PgPool;
 
 /// Used by the code `#[pg_test]` generates. Not a public API.

@@ -291,3 +291,32 @@ fn a_concurrent_run_never_sweeps_a_live_tests_database() {
     std::fs::write(&go_file, b"").unwrap();
     assert_passed(&common::finish(waiter, Duration::from_secs(60)), 1);
 }
+
+#[tokio::test]
+#[ignore = "a fixture, run by the tests of this file"]
+async fn fixture_remove_all() {
+    let removed = pgtest::remove_all().await.unwrap();
+    println!("dropped {} databases", removed.dropped.len());
+}
+
+#[test]
+fn remove_all_drops_what_pgtest_made_and_nothing_else() {
+    let cluster = Cluster::start(&[]);
+    let _ = run(cluster.exact("fixture_database_fails"));
+    assert_passed(&run(cluster.exact("fixture_transaction_commits")), 1);
+    cluster.psql("create database mine");
+    let made = cluster.pgtest_databases();
+    assert_eq!(
+        made.len(),
+        3,
+        "a template, a kept test database, the shared one: {made:?}"
+    );
+    let output = run(cluster.exact("fixture_remove_all"));
+    assert_passed(&output, 1);
+    assert!(common::text(&output).contains("dropped 3 databases"));
+    assert_eq!(cluster.pgtest_databases(), Vec::<String>::new());
+    assert_eq!(
+        cluster.psql("select count(*) from pg_database where datname = 'mine'"),
+        "1"
+    );
+}

@@ -10,6 +10,7 @@
 
 mod bootstrap;
 mod budget;
+mod cleanup;
 mod config;
 mod context;
 mod database;
@@ -22,6 +23,7 @@ mod server;
 mod shapes;
 mod tenant;
 
+pub use cleanup::{Removed, remove_all};
 pub use context::TestContext;
 pub use error::Error;
 pub use tenant::Tenant;

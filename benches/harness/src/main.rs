@@ -183,7 +183,7 @@ async fn measure(
     jobs: usize,
 ) -> anyhow::Result<Sample> {
     let log_before = server.log().len();
-    let leftover_before = sqlx_databases(admin).await?;
+    let leftover_before = test_databases(admin).await?;
     let jobs_arg = jobs.to_string();
     let pattern = format!("{flavour}_*");
     let mut command = match runner {
@@ -257,7 +257,7 @@ async fn measure(
     }
     let log = server.log();
     let log = &log[log_before..];
-    let leftover = sqlx_databases(admin).await? - leftover_before;
+    let leftover = test_databases(admin).await? - leftover_before;
     Ok(Sample {
         wall,
         passed,
@@ -275,11 +275,15 @@ async fn measure(
 }
 
 /// How many databases `#[sqlx::test]` has left on the server.
-async fn sqlx_databases(admin: &mut PgConnection) -> anyhow::Result<i64> {
-    let count =
-        sqlx::query_scalar("select count(*) from pg_database where datname like '\\_sqlx\\_test%'")
-            .fetch_one(admin)
-            .await?;
+/// Per-test databases left on the server: sqlx's, and pgtest's (which a
+/// later run sweeps).
+async fn test_databases(admin: &mut PgConnection) -> anyhow::Result<i64> {
+    let count = sqlx::query_scalar(
+        "select count(*) from pg_database where datname like '\\_sqlx\\_test%' \
+         or shobj_description(oid, 'pg_database') like 'pgtest: test database;%'",
+    )
+    .fetch_one(admin)
+    .await?;
     Ok(count)
 }
 
@@ -374,5 +378,24 @@ fn print_table(options: &Options, rows: &[(&str, usize, Vec<Vec<Sample>>)]) {
             ratio("pgtest", "plain"),
             ratio("sqlx", "pgtest")
         );
+        // Wall time above plain's, spread over the tests.
+        let overhead: Vec<String> = options
+            .flavours
+            .iter()
+            .filter(|flavour| **flavour != "plain")
+            .filter_map(|flavour| {
+                let above = walls.get(flavour)? - walls.get("plain")?;
+                Some(format!(
+                    "{flavour} {:+.1}",
+                    above * 1000.0 / options.tests as f64
+                ))
+            })
+            .collect();
+        if !overhead.is_empty() {
+            println!(
+                "| {runner} | {jobs} | **ms per test above plain** | {} | | | | | |",
+                overhead.join(", ")
+            );
+        }
     }
 }

@@ -1,12 +1,13 @@
-//! The generated suite: a realistic schema and the same test bodies in three
+//! The generated suite: a realistic schema and the same test bodies in five
 //! flavours, written under `target/` (never committed).
 
 use std::fmt::Write as _;
 use std::fs;
 use std::path::Path;
 
-/// The three ways of writing the same tests.
-pub(crate) const FLAVOURS: [&str; 3] = ["pgtest", "sqlx", "plain"];
+/// The ways of writing the same tests: `#[pg_test]` in each isolation
+/// mode (shared, database, transaction), `#[sqlx::test]`, and plain.
+pub(crate) const FLAVOURS: [&str; 5] = ["pgtest", "pgtestdb", "pgtesttx", "sqlx", "plain"];
 
 const MIGRATIONS: [(&str, &str); 6] = [
     (
@@ -153,6 +154,15 @@ tokio = {{ version = "1", features = ["macros", "rt"] }}
                     "pgtest" => write!(
                         file,
                         "\n#[pgtest::pg_test(migrations = \"./migrations\")]\nasync fn {name}(pool: PgPool, tenant: pgtest::Tenant) {{\n    let org: Uuid = tenant.id();{BODY}}}\n"
+                    )?,
+                    "pgtestdb" => write!(
+                        file,
+                        "\n#[pgtest::pg_test(isolation = \"database\", migrations = \"./migrations\")]\nasync fn {name}(pool: PgPool) {{\n    let org = Uuid::new_v4();{BODY}}}\n"
+                    )?,
+                    "pgtesttx" => write!(
+                        file,
+                        "\n#[pgtest::pg_test(isolation = \"transaction\", migrations = \"./migrations\")]\nasync fn {name}(mut conn: sqlx::pool::PoolConnection<sqlx::Postgres>) {{\n    let org = Uuid::new_v4();{}}}\n",
+                        BODY.replace("&pool", "&mut *conn")
                     )?,
                     "sqlx" => write!(
                         file,

@@ -1,0 +1,64 @@
+//! Removing everything pgtest made on a server.
+
+use std::path::Path;
+
+use sqlx::Connection;
+
+use crate::Error;
+use crate::bootstrap::{MARKER_PREFIX, drop_database_if_unused};
+use crate::config::Config;
+use crate::server::Server;
+
+/// What [`remove_all`] did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Removed {
+    /// The databases dropped.
+    pub dropped: Vec<String>,
+    /// pgtest's databases left alone because someone is connected to them.
+    pub in_use: Vec<String>,
+}
+
+/// Drops every database pgtest made on the server the tests use
+/// (`PGTEST_DATABASE_URL`, `DATABASE_URL` or the embedded server, found
+/// from the current directory as a test would): shared databases,
+/// templates, test databases and unfinished copies, which its comment on
+/// each database marks. A database someone is connected to is left alone
+/// and listed in [`Removed::in_use`]; nothing pgtest did not make is
+/// touched. The next test run builds what it needs again.
+///
+/// ```no_run
+/// // A one-off test to run by hand: cargo test remove_pgtest_databases -- --ignored
+/// #[tokio::test]
+/// #[ignore = "removes every database pgtest made on the test server"]
+/// async fn remove_pgtest_databases() {
+///     let removed = pgtest::remove_all().await.unwrap();
+///     println!("dropped {:?}; in use: {:?}", removed.dropped, removed.in_use);
+/// }
+/// ```
+///
+/// # Errors
+///
+/// When the server cannot be reached or a database cannot be listed or
+/// dropped; the error says what to do.
+pub async fn remove_all() -> Result<Removed, Error> {
+    let here = std::env::current_dir().unwrap_or_else(|_| Path::new(".").to_owned());
+    let server = Server::new(Config::load(&here)?)?;
+    let mut admin = server.connect(server.admin_database()).await?;
+    let names: Vec<String> = sqlx::query_scalar(
+        "select datname from pg_database where shobj_description(oid, 'pg_database') like $1 \
+         order by datname",
+    )
+    .bind(format!("{MARKER_PREFIX}%"))
+    .fetch_all(&mut admin)
+    .await
+    .map_err(|error| server.query_error("listing pgtest's databases", &error))?;
+    let mut removed = Removed::default();
+    for name in names {
+        match drop_database_if_unused(&server, &mut admin, &name).await? {
+            true => removed.dropped.push(name),
+            false => removed.in_use.push(name),
+        }
+    }
+    let _ = admin.close().await;
+    Ok(removed)
+}
