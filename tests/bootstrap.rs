@@ -118,18 +118,26 @@ fn thirty_two_cold_processes_migrate_once_and_all_pass() {
         })
         .count();
     assert!(
-        (1..=2).contains(&admin_connections),
-        "one process per machine asked the server's capacity and one built the database; the \
-         others waited without an admin connection: {admin_connections} admin connections"
+        (3..=4).contains(&admin_connections),
+        "one process per machine asked the server's capacity, and one built the template, \
+         copied it for the run and swept; the others waited without an admin connection: \
+         {admin_connections} admin connections"
     );
     let databases = cluster.pgtest_databases();
     assert_eq!(
         databases.len(),
-        1,
-        "one shared database and no unfinished copy: {databases:?}"
+        2,
+        "a template, the run's copy, and no unfinished copy: {databases:?}"
     );
     assert!(databases[0].starts_with("pgtest_pgtest_"), "{databases:?}");
-    let notes = cluster.psql_in(&databases[0], "select count(distinct tenant_id) from notes");
+    assert!(
+        cluster.run_database().starts_with(&databases[0]),
+        "{databases:?}"
+    );
+    let notes = cluster.psql_in(
+        &cluster.run_database(),
+        "select count(distinct tenant_id) from notes",
+    );
     assert_eq!(
         notes, "32",
         "each process wrote its seed note under its own tenant"
@@ -160,7 +168,7 @@ fn a_warm_run_opens_no_admin_connection() {
         .lines()
         .filter(|line| line.contains("connection authorized"))
         .collect();
-    let shared = cluster.pgtest_databases().remove(0);
+    let shared = cluster.run_database();
     assert!(
         connections
             .iter()
@@ -199,12 +207,15 @@ fn a_bootstrap_killed_midway_is_rebuilt_by_the_next_run() {
     let databases = cluster.pgtest_databases();
     assert_eq!(
         databases.len(),
-        1,
-        "the unfinished copy is gone: {databases:?}"
+        2,
+        "a template, the run's copy, and the unfinished copy gone: {databases:?}"
     );
-    assert!(!databases[0].ends_with("_building"), "{databases:?}");
+    assert!(
+        databases.iter().all(|name| !name.ends_with("_building")),
+        "{databases:?}"
+    );
     assert_eq!(
-        cluster.psql_in(&databases[0], "select count(*) from slow"),
+        cluster.psql_in(&cluster.run_database(), "select count(*) from slow"),
         "1"
     );
 }
@@ -224,4 +235,25 @@ fn parallel_tests_with_different_tenants_never_see_each_others_rows() {
         assert_passed(output, 1);
         assert!(!text(output).contains(common::PASSWORD));
     }
+}
+
+#[test]
+fn rows_of_earlier_runs_do_not_pile_up() {
+    let cluster = Cluster::start(&[]);
+    for index in 0..20 {
+        let mut command = cluster.exact("fixture_notes");
+        command.env("NEXTEST_RUN_ID", format!("run-{index}"));
+        assert_passed(&run(command), 1);
+    }
+    let databases = cluster.pgtest_databases();
+    assert_eq!(
+        databases.len(),
+        2,
+        "the template and the last run's copy; earlier copies were swept: {databases:?}"
+    );
+    assert_eq!(
+        cluster.psql_in(&cluster.run_database(), "select count(*) from notes"),
+        "1",
+        "only the last run's row"
+    );
 }

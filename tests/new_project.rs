@@ -121,7 +121,7 @@ fn an_edited_migration_gets_a_new_database_without_a_rebuild() {
     let cluster = Cluster::start(&[]);
     run_suite(&binary, &cluster, 1);
     let first = cluster.pgtest_databases();
-    assert_eq!(first.len(), 1, "{first:?}");
+    assert_eq!(first.len(), 2, "a template and the run's copy: {first:?}");
     assert!(first[0].starts_with("pgtest_fresh_app_"), "{first:?}");
 
     write(
@@ -131,11 +131,12 @@ fn an_edited_migration_gets_a_new_database_without_a_rebuild() {
     );
     run_suite(&binary, &cluster, 2);
     let second = cluster.pgtest_databases();
+    let new: Vec<&String> = second.iter().filter(|name| !first.contains(name)).collect();
     assert_eq!(
-        second.len(),
+        new.len(),
         2,
-        "a second database for the edited migrations: {second:?}"
+        "a second template and copy for the edited migrations: {second:?}"
     );
-    let new = second.iter().find(|name| !first.contains(name)).unwrap();
-    assert_eq!(cluster.psql_in(new, "select count(*) from things"), "2");
+    let copy = new.iter().find(|name| name.contains("_r")).unwrap();
+    assert_eq!(cluster.psql_in(copy, "select count(*) from things"), "2");
 }

@@ -1,17 +1,29 @@
-//! `isolation = "database"`: each test gets a database of its own, cloned
-//! from a template that is migrated (and given its fixtures) once per
-//! migration set and fixture set, and never connected to afterwards.
+//! Databases copied from templates, and their sweeping.
 //!
-//! A test's database is swept, not dropped by its test: the drop is off the
-//! test's critical path, and a failed test's database stays for inspection
-//! until a later run. A database is swept once nobody can be using it: its
-//! creator's lock file on this machine is free (the creator ended) and it
-//! passed or belongs to another run; for a database made on another
-//! machine, once it is a day old. `DROP DATABASE` without `FORCE` refuses
-//! while anyone is connected, which guards the rest.
+//! A template is migrated (and given its fixtures) once per migration set
+//! and fixture set, and never connected to afterwards, so copies of it
+//! never find it in use. Two kinds of copies:
+//!
+//! - a run's shared database, `<template>_r<7 hex>`: copied once per run
+//!   (a nextest run, or the `cargo test` that started the process), so
+//!   rows that tests leave behind never pile up across runs. Every process
+//!   of the run holds a shared lock on the run's lock file while it lives;
+//! - a test's own database (`isolation = "database"`), `<template>_<8 hex>`:
+//!   its test holds an exclusive lock on its lock file while it runs, and
+//!   until its process ends when it fails.
+//!
+//! Copies are swept, not dropped by their users: the drop is off the
+//! tests' critical path, and a failed test's database stays for
+//! inspection until a later run. A copy is swept once nobody can be using
+//! it: its lock file on this machine is free and it passed or belongs to
+//! another run; a copy made on another machine, once it is a day old. The
+//! sweeper holds the lock file while it drops, and `DROP DATABASE` without
+//! `FORCE` refuses while anyone is connected, which guards the rest.
 
+use std::collections::HashMap;
 use std::fs::{self, File, TryLockError};
 use std::path::{Path, PathBuf};
+use std::sync::{LazyLock, Mutex, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use sha2::{Digest, Sha256};
@@ -19,7 +31,7 @@ use sqlx::Connection;
 use sqlx::postgres::PgConnection;
 
 use crate::Error;
-use crate::bootstrap::{LOCK_CLASS, create_database, database_name, drop_database_if_unused};
+use crate::bootstrap::{Kind, LOCK_CLASS, create_database, database_name, drop_database_if_unused};
 use crate::budget::Budget;
 use crate::migrations::Migrations;
 use crate::runner::Script;
@@ -47,6 +59,59 @@ pub(crate) fn template_name(package: &str, migrations: &Migrations, fixtures: &[
     database_name(package, &hex)
 }
 
+/// The name of this run's shared database, a copy of `template`.
+pub(crate) fn run_database_name(template: &str) -> String {
+    let key: String = Sha256::digest(format!("{}\0{}", host(), run_id()))
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    format!("{template}_r{}", &key[..7])
+}
+
+/// The comment that marks this run's shared database ready, made by `test`.
+pub(crate) fn run_database_comment(budget: &Budget, database: &str, test: &str) -> String {
+    Comment {
+        prefix: Kind::Shared.ready_marker(),
+        test: test.to_owned(),
+        host: host(),
+        run: run_id(),
+        created: now_secs(),
+        lock: run_lock_path(budget, database),
+    }
+    .to_string()
+}
+
+fn run_lock_path(budget: &Budget, database: &str) -> PathBuf {
+    budget.file(&format!("run-{database}.lock"))
+}
+
+/// Marks this process as a user of the run's shared database `database`
+/// for as long as it lives (a shared lock on the run's lock file), so that
+/// no sweep drops it under the run. Waits while a sweep holds the file.
+pub(crate) async fn hold_run_database(budget: &Budget, database: &str) -> Result<(), Error> {
+    static HELD: LazyLock<Mutex<HashMap<PathBuf, File>>> = LazyLock::new(Default::default);
+    let path = run_lock_path(budget, database);
+    if HELD
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .contains_key(&path)
+    {
+        return Ok(());
+    }
+    let file = budget.open(&path)?;
+    loop {
+        match file.try_lock_shared() {
+            Ok(()) => break,
+            Err(TryLockError::WouldBlock) => tokio::time::sleep(Duration::from_millis(5)).await,
+            Err(TryLockError::Error(error)) => return Err(budget.io_error(&path, &error)),
+        }
+    }
+    HELD.lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .insert(path, file);
+    Ok(())
+}
+
 /// A test's own database, from its creation until the test ends.
 pub(crate) struct TestDatabase {
     pub(crate) name: String,
@@ -72,6 +137,7 @@ impl TestDatabase {
         lock.lock()
             .map_err(|error| budget.io_error(&lock_path, &error))?;
         let comment = Comment {
+            prefix: TEST_MARKER,
             test: test.to_owned(),
             host: host(),
             run: run_id(),
@@ -127,32 +193,38 @@ async fn sweep_with(server: &Server, admin: &mut PgConnection) -> Result<(), Err
     }
     let databases: Vec<(String, String)> = sqlx::query_as(
         "select datname, description from (select datname, shobj_description(oid, 'pg_database') as description \
-         from pg_database) d where description like $1",
+         from pg_database) d where description like $1 or description like $2",
     )
     .bind(format!("{TEST_MARKER};%"))
+    .bind(format!("{};%", Kind::Shared.ready_marker()))
     .fetch_all(&mut *admin)
     .await
-    .map_err(|error| server.query_error("listing test databases", &error))?;
+    .map_err(|error| server.query_error("listing copies of templates", &error))?;
     let (host, run) = (host(), run_id());
     for (name, description) in databases {
         let Some(comment) = Comment::parse(&description) else {
             continue;
         };
-        if comment.sweepable(&host, &run) {
-            tracing::debug!(database = name, test = comment.test, "sweeping");
-            if drop_database_if_unused(server, admin, &name).await? {
-                let _ = fs::remove_file(passed_path(&comment.lock));
-                let _ = fs::remove_file(&comment.lock);
-            }
+        // Held while dropping, so that nobody starts using it meanwhile.
+        let Some(_lock) = comment.sweepable(&host, &run) else {
+            continue;
+        };
+        tracing::debug!(database = name, test = comment.test, "sweeping");
+        if drop_database_if_unused(server, admin, &name).await? {
+            let _ = fs::remove_file(passed_path(&comment.lock));
+            let _ = fs::remove_file(&comment.lock);
         }
     }
     // Closing the connection releases the sweep lock.
     Ok(())
 }
 
-/// What a test database's comment records.
+/// What the comment of a copy of a template records.
 #[derive(Debug, PartialEq)]
 struct Comment {
+    /// What it is: [`TEST_MARKER`] or the shared database's ready marker.
+    prefix: &'static str,
+    /// The test that made it.
     test: String,
     host: String,
     run: String,
@@ -164,7 +236,8 @@ struct Comment {
 impl std::fmt::Display for Comment {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let text = format!(
-            "{TEST_MARKER}; test={}; host={}; run={}; created={}; lock={}",
+            "{}; test={}; host={}; run={}; created={}; lock={}",
+            self.prefix,
             self.test,
             self.host,
             self.run,
@@ -178,7 +251,10 @@ impl std::fmt::Display for Comment {
 
 impl Comment {
     fn parse(text: &str) -> Option<Self> {
-        let rest = text.strip_prefix(TEST_MARKER)?.strip_prefix("; ")?;
+        let prefix = [TEST_MARKER, Kind::Shared.ready_marker()]
+            .into_iter()
+            .find(|prefix| text.starts_with(&format!("{prefix}; ")))?;
+        let rest = &text[prefix.len() + 2..];
         let (fields, lock) = rest.split_once("; lock=")?;
         let field = |key: &str| {
             fields
@@ -187,6 +263,7 @@ impl Comment {
                 .map(str::to_owned)
         };
         Some(Self {
+            prefix,
             test: field("test")?,
             host: field("host")?,
             run: field("run")?,
@@ -196,27 +273,23 @@ impl Comment {
     }
 
     /// Whether nobody can be using the database any more (as far as this
-    /// machine can tell) and it is not a failure this run should keep.
-    fn sweepable(&self, host: &str, run: &str) -> bool {
+    /// machine can tell) and it is not something this run keeps (its
+    /// shared database, its failed tests' databases). When so, the lock
+    /// file locked, if there is one, to hold while dropping.
+    fn sweepable(&self, host: &str, run: &str) -> Option<Option<File>> {
         let old = now_secs().saturating_sub(self.created) > FOREIGN_AGE.as_secs();
+        let by_age = || old.then_some(None);
         if self.host != host {
-            return old;
+            return by_age();
         }
-        match creator_gone(&self.lock) {
-            None => old,
-            Some(false) => false,
-            Some(true) => passed_path(&self.lock).exists() || self.run != run,
+        let Ok(file) = File::open(&self.lock) else {
+            return by_age();
+        };
+        match file.try_lock() {
+            Ok(()) if passed_path(&self.lock).exists() || self.run != run => Some(Some(file)),
+            Ok(()) | Err(TryLockError::WouldBlock) => None,
+            Err(TryLockError::Error(_)) => by_age(),
         }
-    }
-}
-
-/// Whether the lock file's holder is gone; `None` when there is no file.
-fn creator_gone(lock: &Path) -> Option<bool> {
-    let file = File::open(lock).ok()?;
-    match file.try_lock() {
-        Ok(()) => Some(true),
-        Err(TryLockError::WouldBlock) => Some(false),
-        Err(TryLockError::Error(_)) => None,
     }
 }
 
@@ -250,6 +323,7 @@ mod tests {
 
     fn comment() -> Comment {
         Comment {
+            prefix: TEST_MARKER,
             test: "blog::tests::lists_posts".to_owned(),
             host: "ci-1".to_owned(),
             run: "run-a".to_owned(),
@@ -267,32 +341,36 @@ mod tests {
     #[test]
     fn a_database_of_another_machine_is_swept_only_when_a_day_old() {
         let mut other = comment();
-        assert!(!other.sweepable("ci-2", "run-b"));
+        assert!(other.sweepable("ci-2", "run-b").is_none());
         other.created -= FOREIGN_AGE.as_secs() + 1;
-        assert!(other.sweepable("ci-2", "run-b"));
+        assert!(other.sweepable("ci-2", "run-b").is_some());
     }
 
     #[test]
-    fn a_live_creator_keeps_its_database_and_a_gone_one_leaves_it_to_other_runs() {
+    fn a_live_user_keeps_a_copy_and_a_gone_one_leaves_it_to_other_runs() {
         let dir = tempfile::tempdir().unwrap();
         let mut mine = comment();
         mine.lock = dir.path().join("live-a.lock");
         let held = File::create(&mine.lock).unwrap();
-        held.lock().unwrap();
-        assert!(
-            !mine.sweepable("ci-1", "run-b"),
-            "its creator holds the lock"
-        );
+        held.lock_shared().unwrap();
+        let sweepable = |comment: &Comment, run| comment.sweepable("ci-1", run).is_some();
+        assert!(!sweepable(&mine, "run-b"), "a user holds the lock");
         drop(held);
         assert!(
-            !mine.sweepable("ci-1", "run-a"),
+            !sweepable(&mine, "run-a"),
             "a failure is kept from its own run"
         );
-        assert!(mine.sweepable("ci-1", "run-b"), "a later run sweeps it");
+        assert!(sweepable(&mine, "run-b"), "a later run sweeps it");
         fs::write(passed_path(&mine.lock), b"").unwrap();
-        assert!(
-            mine.sweepable("ci-1", "run-a"),
-            "a passed test's goes at once"
-        );
+        assert!(sweepable(&mine, "run-a"), "a passed test's goes at once");
+    }
+
+    #[test]
+    fn a_run_databases_comment_reads_back_too() {
+        let run = Comment {
+            prefix: Kind::Shared.ready_marker(),
+            ..comment()
+        };
+        assert_eq!(Comment::parse(&run.to_string()), Some(run));
     }
 }

@@ -13,7 +13,7 @@ use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgConnection, PgPoolOptions};
 use sqlx::{Connection, PgPool, Postgres};
 
-use crate::bootstrap::{self, Kind, Target, database_name};
+use crate::bootstrap::{self, Kind, Source, Target};
 use crate::budget::{Budget, Slots};
 use crate::config::Config;
 use crate::database::{self, TestDatabase, template_name};
@@ -196,31 +196,25 @@ fn pool_hint(spec: &TestSpec, pool: Option<&PgPool>, failure: &str) -> String {
     )
 }
 
-/// What the runner undoes when the test ends: the slots it took and, in
-/// `isolation = "database"`, the test's database and the sweep started
-/// beside the body.
+/// What the runner undoes when the test ends: the slots it took, the sweep
+/// started beside the body (if any) and, in `isolation = "database"`, the
+/// test's database.
 struct Teardown {
     slots: Slots,
-    own: Option<OwnDatabase>,
-}
-
-struct OwnDatabase {
-    server: Server,
-    database: TestDatabase,
-    sweep: tokio::task::JoinHandle<()>,
+    sweep: Option<tokio::task::JoinHandle<()>>,
+    own: Option<(Server, TestDatabase)>,
 }
 
 impl Teardown {
     /// Gives everything back; for a failed test with a database of its
     /// own, says how to inspect it.
     async fn finish(self, passed: bool) -> Option<String> {
-        let kept = match self.own {
-            Some(own) => {
-                let _ = tokio::time::timeout(SWEEP_WAIT, own.sweep).await;
-                own.database.finish(passed, &own.server)
-            }
-            None => None,
-        };
+        if let Some(sweep) = self.sweep {
+            let _ = tokio::time::timeout(SWEEP_WAIT, sweep).await;
+        }
+        let kept = self
+            .own
+            .and_then(|(server, database)| database.finish(passed, &server));
         drop(self.slots);
         kept
     }
@@ -239,42 +233,35 @@ async fn prepare(spec: &TestSpec) -> Result<(TestContext, Teardown), Error> {
     let tenant = Tenant::new();
     let (context, teardown) = match spec.isolation {
         Isolation::Shared | Isolation::Transaction => {
-            let database = database_name(spec.package, &migrations.hash);
+            let template = template_name(spec.package, &migrations, &[]);
+            let database = database::run_database_name(&template);
+            database::hold_run_database(&budget, &database).await?;
             let pool = test_pool(&server, &database, tenant, spec, acquire_timeout);
             let slots = shared(&server, &budget, &pool, &database, &migrations, spec).await?;
             let context = TestContext::new(pool, tenant, database, spec.name);
-            let teardown = Teardown { slots, own: None };
+            let teardown = Teardown {
+                slots,
+                sweep: None,
+                own: None,
+            };
             (context, teardown)
         }
         Isolation::Database => {
             let template = template_name(spec.package, &migrations, spec.fixtures);
-            let target = Target {
-                database: &template,
-                kind: Kind::Template,
-                migrations: &migrations,
-                fixtures: spec.fixtures,
-            };
+            let built = template_target(&template, &migrations, spec.fixtures);
             // The pool's connections and an admin connection.
-            let (slots, mut admin) = with_template(&server, &budget, target, spec).await?;
+            let (slots, mut admin) = with_template(&server, &budget, built, spec).await?;
             let database =
                 TestDatabase::create(&server, &budget, &mut admin, &template, spec.name).await?;
             let name = database.name.clone();
             let pool = test_pool(&server, &name, tenant, spec, acquire_timeout);
-            let sweeper = server.clone();
-            let sweep = tokio::spawn(async move { database::sweep(&sweeper, admin).await });
-            let own = OwnDatabase {
-                server: server.clone(),
-                database,
-                sweep,
-            };
             let context = TestContext::new(pool, tenant, name, spec.name);
-            (
-                context,
-                Teardown {
-                    slots,
-                    own: Some(own),
-                },
-            )
+            let teardown = Teardown {
+                slots,
+                sweep: Some(sweep_beside(&server, admin)),
+                own: Some((server.clone(), database)),
+            };
+            (context, teardown)
         }
     };
     let context = match spec.isolation {
@@ -300,7 +287,30 @@ async fn prepare(spec: &TestSpec) -> Result<(TestContext, Teardown), Error> {
     Ok((context, teardown))
 }
 
-/// Makes sure the shared database is ready and takes the test's slots.
+/// Sweeps old copies of templates on `admin`, beside the test's body.
+fn sweep_beside(server: &Server, admin: PgConnection) -> tokio::task::JoinHandle<()> {
+    let server = server.clone();
+    tokio::spawn(async move { database::sweep(&server, admin).await })
+}
+
+fn template_target<'a>(
+    template: &'a str,
+    migrations: &'a Migrations,
+    fixtures: &'a [Script],
+) -> Target<'a> {
+    Target {
+        database: template,
+        kind: Kind::Template,
+        comment: Kind::Template.ready_marker(),
+        source: Source::Build {
+            migrations,
+            fixtures,
+        },
+    }
+}
+
+/// Makes sure this run's shared database (`database`, a copy of the
+/// migrations' template) is ready and takes the test's slots.
 async fn shared(
     server: &Server,
     budget: &Budget,
@@ -313,16 +323,19 @@ async fn shared(
     if bootstrap::is_ready(server, pool, database, spec.role).await? {
         return Ok(slots);
     }
-    // Waiting for the build holds no slots, so waiters cannot starve the
+    // Waiting for a build holds no slots, so waiters cannot starve the
     // builder of the connections it needs.
     drop(slots);
-    let target = Target {
+    let template = template_name(spec.package, migrations, &[]);
+    let built = template_target(&template, migrations, &[]);
+    let comment = database::run_database_comment(budget, database, spec.name);
+    let copied = Target {
         database,
         kind: Kind::Shared,
-        migrations,
-        fixtures: &[],
+        comment: &comment,
+        source: Source::Copy { template: &built },
     };
-    bootstrap::build_once(server, budget, Some(pool), target, spec.role, spec.name).await?;
+    bootstrap::build_once(server, budget, Some(pool), copied, spec.role, spec.name).await?;
     budget.take(spec.max_connections, spec.name).await
 }
 
@@ -338,11 +351,8 @@ async fn with_template(
     let slots = budget.take(needed, spec.name).await?;
     let mut admin = server.connect(server.admin_database()).await?;
     let ready = Kind::Template.ready_marker();
-    if bootstrap::marker(server, &mut admin, target.database)
-        .await?
-        .as_deref()
-        == Some(ready)
-    {
+    let marker = bootstrap::marker(server, &mut admin, target.database).await?;
+    if marker.is_some_and(|marker| marker.starts_with(ready)) {
         return Ok((slots, admin));
     }
     let _ = admin.close().await;

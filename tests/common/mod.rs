@@ -165,6 +165,21 @@ impl Cluster {
         names.lines().map(str::to_owned).collect()
     }
 
+    /// The run's shared database (the copy of the template that the tests
+    /// of one run share).
+    pub fn run_database(&self) -> String {
+        let copies: Vec<String> = self
+            .pgtest_databases()
+            .into_iter()
+            .filter(|name| {
+                name.rsplit_once('_')
+                    .is_some_and(|(_, last)| last.len() == 8 && last.starts_with('r'))
+            })
+            .collect();
+        assert_eq!(copies.len(), 1, "one run's shared database: {copies:?}");
+        copies[0].clone()
+    }
+
     /// The server's log so far.
     pub fn log(&self) -> String {
         fs::read_to_string(self.dir.path().join("log")).unwrap_or_default()

@@ -5,17 +5,26 @@
 use sqlx::postgres::PgConnection;
 use sqlx::{Connection, Executor};
 
-use super::{BUILDING_SUFFIX, MARKER_PREFIX, Target};
+use super::{BUILDING_SUFFIX, MARKER_PREFIX, Source, Target};
 use crate::Error;
 use crate::error::{describe, sqlstate};
+use crate::migrations::Migrations;
+use crate::runner::Script;
 use crate::server::Server;
 
 /// First key of pgtest's advisory locks ("pgts"); the second is per database.
 pub(crate) const LOCK_CLASS: i32 = 0x7067_7473;
 
 /// The cold path: under the advisory lock, build the database unless
-/// another process finished it first.
+/// another process finished it first; for a copy, its template first.
 pub(super) async fn build(server: &Server, target: Target<'_>) -> Result<(), Error> {
+    if let Source::Copy { template } = target.source {
+        build_one(server, *template).await?;
+    }
+    build_one(server, target).await
+}
+
+async fn build_one(server: &Server, target: Target<'_>) -> Result<(), Error> {
     let mut admin = server.connect(server.admin_database()).await?;
     lock(server, &mut admin, target.database).await?;
     // The lock is a session lock: closing the connection, or the process
@@ -33,11 +42,11 @@ async fn build_locked(
     let Target {
         database,
         kind,
-        migrations,
-        ..
+        comment,
+        source,
     } = target;
     match marker(server, admin, database).await? {
-        Some(marker) if marker == kind.ready_marker() => {
+        Some(marker) if marker.starts_with(kind.ready_marker()) => {
             tracing::debug!(database, "another process built it");
             return Ok(());
         }
@@ -49,20 +58,28 @@ async fn build_locked(
         }
         _ => {}
     }
-    tracing::debug!(database, ?kind, origin = %migrations.origin, "building");
+    tracing::debug!(database, ?kind, "building");
     let building = format!("{database}{BUILDING_SUFFIX}");
     drop_database(server, admin, &building).await?;
-    create_database(server, admin, &building, None, kind.building_marker()).await?;
-    if let Err(error) = fill(server, &building, target).await {
+    let template = match source {
+        Source::Copy { template } => Some(template.database),
+        Source::Build { .. } => None,
+    };
+    create_database(server, admin, &building, template, kind.building_marker()).await?;
+    if let Source::Build {
+        migrations,
+        fixtures,
+    } = source
+        && let Err(error) = fill(server, &building, database, migrations, fixtures).await
+    {
         drop_database(server, admin, &building).await?;
         return Err(error);
     }
     let finish = format!(
-        "comment on database {building_q} is '{ready}'; \
+        "comment on database {building_q} is '{comment}'; \
          alter database {building_q} rename to {database_q}",
         building_q = quote_ident(&building),
         database_q = quote_ident(database),
-        ready = kind.ready_marker(),
     );
     admin
         .execute(sqlx::raw_sql(sqlx::AssertSqlSafe(finish)))
@@ -207,11 +224,17 @@ pub(crate) async fn drop_database(
         .map_err(|error| server.query_error(format!("dropping database {database}"), &error))
 }
 
-/// Migrates the copy `building`, then runs the fixtures on it.
-async fn fill(server: &Server, building: &str, target: Target<'_>) -> Result<(), Error> {
+/// Migrates the copy `building` of `database`, then runs the fixtures on it.
+async fn fill(
+    server: &Server,
+    building: &str,
+    database: &str,
+    migrations: &Migrations,
+    fixtures: &[Script],
+) -> Result<(), Error> {
     let mut connection = server.connect(building).await?;
-    let mut result = migrate(&mut connection, target).await;
-    for fixture in target.fixtures {
+    let mut result = migrate(&mut connection, database, migrations).await;
+    for fixture in fixtures {
         if result.is_err() {
             break;
         }
@@ -243,12 +266,11 @@ pub(crate) async fn drop_database_if_unused(
     }
 }
 
-async fn migrate(connection: &mut PgConnection, target: Target<'_>) -> Result<(), Error> {
-    let Target {
-        database,
-        migrations,
-        ..
-    } = target;
+async fn migrate(
+    connection: &mut PgConnection,
+    database: &str,
+    migrations: &Migrations,
+) -> Result<(), Error> {
     if migrations.migrator().iter().next().is_none() {
         // Nothing to run, and no `_sqlx_migrations` table either.
         return Ok(());

@@ -158,6 +158,9 @@ pub(crate) async fn build_once(
                 return Ok(());
             }
             build(server, target).await?;
+            // The process that copied this run's database sweeps old
+            // copies, on the slots it holds.
+            crate::database::sweep(server, server.connect(server.admin_database()).await?).await;
             match ready_connection(server, pool, database, role).await? {
                 Some(connection) => {
                     let _ = connection.close().await;
@@ -180,8 +183,21 @@ pub(crate) async fn build_once(
 pub(crate) struct Target<'a> {
     pub(crate) database: &'a str,
     pub(crate) kind: Kind,
-    pub(crate) migrations: &'a Migrations,
-    pub(crate) fixtures: &'a [Script],
+    /// The comment that marks it ready: the kind's marker, then details.
+    pub(crate) comment: &'a str,
+    pub(crate) source: Source<'a>,
+}
+
+/// What goes in a database being built.
+#[derive(Clone, Copy)]
+pub(crate) enum Source<'a> {
+    /// Migrations, then fixtures.
+    Build {
+        migrations: &'a Migrations,
+        fixtures: &'a [Script],
+    },
+    /// A copy of a template, built first when it is not ready.
+    Copy { template: &'a Target<'a> },
 }
 
 /// Set once the shared database is known to be ready, per server and
@@ -213,7 +229,8 @@ async fn ready_connection(
     .fetch_one(&mut *connection)
     .await
     .map_err(|error| server.query_error("reading the ready marker", &error))?;
-    if marker.as_deref() == Some(Kind::Shared.ready_marker()) {
+    let ready = Kind::Shared.ready_marker();
+    if marker.is_some_and(|marker| marker.starts_with(ready)) {
         Ok(Some(connection))
     } else {
         let _ = connection.close().await;
