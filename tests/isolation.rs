@@ -315,3 +315,49 @@ fn remove_all_drops_what_pgtest_made_and_nothing_else() {
         "1"
     );
 }
+
+#[pg_test(migrations = "tests/fixtures/notes")]
+#[ignore = "a fixture, run by the tests of this file"]
+async fn fixture_shared_notes(pool: PgPool) -> anyhow::Result<()> {
+    sqlx::query("insert into notes (body) values ('hi')")
+        .execute(&pool)
+        .await?;
+    Ok(())
+}
+
+#[test]
+fn a_template_unused_for_a_week_is_swept_and_one_in_use_is_kept() {
+    let cluster = Cluster::start(&[]);
+    assert_passed(&run(in_run(&cluster, "fixture_shared_notes", "run-1")), 1);
+    let notes_template = cluster.pgtest_databases().remove(0);
+    let week_ago = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        - 8 * 24 * 60 * 60;
+    cluster.psql(&format!(
+        "comment on database {notes_template} is 'pgtest: template, ready; used={week_ago}'"
+    ));
+    assert_passed(
+        &run(in_run(&cluster, "fixture_database_fixed_ids", "run-2")),
+        1,
+    );
+    let left = cluster.pgtest_databases();
+    assert!(
+        !left.iter().any(|name| name.starts_with(&notes_template)),
+        "the stale template and its run's copy are gone: {left:?}"
+    );
+    assert_eq!(
+        left.len(),
+        2,
+        "the posts template and the test's copy: {left:?}"
+    );
+    let stamp = cluster.psql(&format!(
+        "select shobj_description(oid, 'pg_database') from pg_database where datname = '{}'",
+        left[0]
+    ));
+    assert!(
+        stamp.starts_with("pgtest: template, ready; used="),
+        "{stamp}"
+    );
+}

@@ -24,14 +24,17 @@ use std::collections::HashMap;
 use std::fs::{self, File, TryLockError};
 use std::path::{Path, PathBuf};
 use std::sync::{LazyLock, Mutex, PoisonError};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 use sqlx::Connection;
 use sqlx::postgres::PgConnection;
 
 use crate::Error;
-use crate::bootstrap::{Kind, LOCK_CLASS, create_database, database_name, drop_database_if_unused};
+use crate::bootstrap::{
+    Kind, LOCK_CLASS, create_database, database_name, drop_database_if_unused, note_template_use,
+    now_secs, template_used,
+};
 use crate::budget::Budget;
 use crate::migrations::Migrations;
 use crate::runner::Script;
@@ -43,6 +46,9 @@ const TEST_MARKER: &str = "pgtest: test database";
 const SWEEP_KEY: i32 = 0x7377_6570;
 /// Age after which a test database made on another machine is swept.
 const FOREIGN_AGE: Duration = Duration::from_secs(24 * 60 * 60);
+/// How long a template may go without being copied before it is swept
+/// (along with the shared databases copied from it, long gone by then).
+const UNUSED_TEMPLATE_AGE: Duration = Duration::from_secs(7 * 24 * 60 * 60);
 
 /// The name of the template for a migration set and fixture set.
 pub(crate) fn template_name(package: &str, migrations: &Migrations, fixtures: &[Script]) -> String {
@@ -145,6 +151,7 @@ impl TestDatabase {
             lock: lock_path.clone(),
         };
         create_database(server, admin, &name, Some(template), &comment.to_string()).await?;
+        note_template_use(server, admin, template).await?;
         Ok(Self {
             name,
             lock,
@@ -193,15 +200,23 @@ async fn sweep_with(server: &Server, admin: &mut PgConnection) -> Result<(), Err
     }
     let databases: Vec<(String, String)> = sqlx::query_as(
         "select datname, description from (select datname, shobj_description(oid, 'pg_database') as description \
-         from pg_database) d where description like $1 or description like $2",
+         from pg_database) d where description like $1 or description like $2 or description like $3",
     )
     .bind(format!("{TEST_MARKER};%"))
     .bind(format!("{};%", Kind::Shared.ready_marker()))
+    .bind(format!("{};%", Kind::Template.ready_marker()))
     .fetch_all(&mut *admin)
     .await
-    .map_err(|error| server.query_error("listing copies of templates", &error))?;
+    .map_err(|error| server.query_error("listing templates and their copies", &error))?;
     let (host, run) = (host(), run_id());
     for (name, description) in databases {
+        if let Some(used) = template_used(&description) {
+            if now_secs().saturating_sub(used) > UNUSED_TEMPLATE_AGE.as_secs() {
+                tracing::debug!(database = name, "sweeping a template unused for a week");
+                drop_database_if_unused(server, admin, &name).await?;
+            }
+            continue;
+        }
         let Some(comment) = Comment::parse(&description) else {
             continue;
         };
@@ -308,13 +323,6 @@ fn host() -> String {
 /// parent process (cargo test runs a suite's binaries as its children).
 fn run_id() -> String {
     std::env::var("NEXTEST_RUN_ID").unwrap_or_else(|_| format!("parent-{}", nix::unistd::getppid()))
-}
-
-fn now_secs() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_secs()
 }
 
 #[cfg(test)]

@@ -248,7 +248,8 @@ async fn prepare(spec: &TestSpec) -> Result<(TestContext, Teardown), Error> {
         }
         Isolation::Database => {
             let template = template_name(spec.package, &migrations, spec.fixtures);
-            let built = template_target(&template, &migrations, spec.fixtures);
+            let comment = bootstrap::template_comment();
+            let built = template_target(&template, &comment, &migrations, spec.fixtures);
             // The pool's connections and an admin connection.
             let (slots, mut admin) = with_template(&server, &budget, built, spec).await?;
             let database =
@@ -295,13 +296,14 @@ fn sweep_beside(server: &Server, admin: PgConnection) -> tokio::task::JoinHandle
 
 fn template_target<'a>(
     template: &'a str,
+    comment: &'a str,
     migrations: &'a Migrations,
     fixtures: &'a [Script],
 ) -> Target<'a> {
     Target {
         database: template,
         kind: Kind::Template,
-        comment: Kind::Template.ready_marker(),
+        comment,
         source: Source::Build {
             migrations,
             fixtures,
@@ -327,7 +329,8 @@ async fn shared(
     // builder of the connections it needs.
     drop(slots);
     let template = template_name(spec.package, migrations, &[]);
-    let built = template_target(&template, migrations, &[]);
+    let template_comment = bootstrap::template_comment();
+    let built = template_target(&template, &template_comment, migrations, &[]);
     let comment = database::run_database_comment(budget, database, spec.name);
     let copied = Target {
         database,

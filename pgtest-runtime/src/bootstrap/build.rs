@@ -66,6 +66,9 @@ async fn build_locked(
         Source::Build { .. } => None,
     };
     create_database(server, admin, &building, template, kind.building_marker()).await?;
+    if let Some(template) = template {
+        super::note_template_use(server, admin, template).await?;
+    }
     if let Source::Build {
         migrations,
         fixtures,

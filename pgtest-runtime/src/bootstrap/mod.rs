@@ -19,7 +19,9 @@ use sqlx::postgres::{PgConnection, PgPool};
 use tokio::sync::OnceCell;
 
 use self::build::build;
-pub(crate) use self::build::{LOCK_CLASS, create_database, drop_database_if_unused, marker};
+pub(crate) use self::build::{
+    LOCK_CLASS, create_database, drop_database_if_unused, marker, quote_ident,
+};
 use crate::Error;
 use crate::budget::Budget;
 use crate::error::sqlstate;
@@ -64,6 +66,57 @@ impl Kind {
             Self::Template => "pgtest: template, building",
         }
     }
+}
+
+/// How stale a template's last-use stamp may get before a copy renews it:
+/// one write per template an hour, not one per test.
+const USE_STAMP_EVERY: u64 = 60 * 60;
+
+/// A ready template's comment, stamped as used now.
+pub(crate) fn template_comment() -> String {
+    format!("{}; used={}", Kind::Template.ready_marker(), now_secs())
+}
+
+/// When a template was last copied, from its comment.
+pub(crate) fn template_used(comment: &str) -> Option<u64> {
+    comment
+        .strip_prefix(Kind::Template.ready_marker())?
+        .split("; ")
+        .find_map(|field| field.strip_prefix("used="))?
+        .parse()
+        .ok()
+}
+
+/// Renews the last-use stamp of `template`, about to be copied, when it is
+/// older than an hour, so that sweeps keep templates in use.
+pub(crate) async fn note_template_use(
+    server: &Server,
+    admin: &mut PgConnection,
+    template: &str,
+) -> Result<(), Error> {
+    let comment = marker(server, admin, template).await?.unwrap_or_default();
+    let used = template_used(&comment).unwrap_or(0);
+    if now_secs().saturating_sub(used) < USE_STAMP_EVERY {
+        return Ok(());
+    }
+    let statement = format!(
+        "comment on database {} is '{}'",
+        quote_ident(template),
+        template_comment()
+    );
+    sqlx::raw_sql(sqlx::AssertSqlSafe(statement))
+        .execute(admin)
+        .await
+        .map(|_| ())
+        .map_err(|error| server.query_error(format!("stamping {template} as used"), &error))
+}
+
+/// Seconds since the Unix epoch.
+pub(crate) fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs()
 }
 
 /// The name of a database built for a package from a hash of what goes in it.
