@@ -1,10 +1,13 @@
 //! Fast, parallel PostgreSQL-backed tests.
 //!
 //! Write `#[pg_test]` on an async test and take a [`PgPool`]: pgtest finds
-//! the server, creates and migrates one shared database per migration set
-//! (once, however many test processes start together), gives the test its
-//! own small pool on it, and a fresh [`Tenant`] whose id every connection
-//! carries as the setting `pgtest.tenant_id`.
+//! the server, migrates a template once per migration set (however many
+//! test processes start together) and copies it into one shared database
+//! per run, gives the test its own small pool on it, and a fresh [`Tenant`]
+//! whose id every connection carries as the setting `pgtest.tenant_id`.
+//! `isolation = "database"` gives a test a copy of its own instead, and
+//! `isolation = "transaction"` a connection inside a transaction that is
+//! rolled back; [`sqlx_test`] is a drop-in for `#[sqlx::test]`.
 //!
 //! ```no_run
 //! use pgtest::{PgPool, Tenant, pg_test};
@@ -51,7 +54,7 @@
 /// | `isolation = "database"` | a database of the test's own, cloned from a template migrated once; kept when the test fails | with `fixtures(…)`, and in [`sqlx_test`] |
 /// | `isolation = "transaction"` | one connection inside a transaction on the shared database, rolled back at the end | |
 /// | `fixtures("users", "posts")` | scripts as `#[sqlx::test]` reads them: `fixtures/<name>.sql` beside the test file; `"../x.sql"` relative to it; `fixtures(path = "dir", scripts("a", "b"))`; repeatable. In `database` isolation they are part of the template, run once | none |
-/// | `migrations = "dir"` | migrations directory, relative to the package's `Cargo.toml`; read when the test runs, so an edit needs no rebuild | `"./migrations"` when it exists, else none |
+/// | `migrations = "dir"` | migrations directory, relative to the package's `Cargo.toml`; read when the test runs, so an edit needs no rebuild | `sqlx.toml`'s `[migrate] migrations-dir`, else `"./migrations"` when it exists, else none |
 /// | `migrations = false` | no migrations | |
 /// | `migrator = "path::TO::MIGRATOR"` | a `static` [`sqlx::migrate::Migrator`] (from `sqlx::migrate!`) | |
 /// | `max_connections = N` | the most connections the test's pool opens | 1, or 4 when the body names `begin`, `acquire`, `join`, `spawn`, `select` and the like |

@@ -361,3 +361,48 @@ fn a_template_unused_for_a_week_is_swept_and_one_in_use_is_kept() {
         "{stamp}"
     );
 }
+
+/// Writes post 42 in its transaction, then keeps the transaction open until
+/// the file `PGTEST_IT_GO` appears (when `PGTEST_IT_GO` is set).
+#[pg_test(isolation = "transaction", migrations = "tests/fixtures/posts")]
+#[ignore = "a fixture, run by the tests of this file"]
+async fn fixture_transaction_same_key(mut conn: PoolConnection<Postgres>) -> anyhow::Result<()> {
+    sqlx::query("insert into posts (id, title) values (42, 'same key')")
+        .execute(&mut *conn)
+        .await?;
+    if let Ok(go) = std::env::var("PGTEST_IT_GO") {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !PathBuf::from(&go).exists() {
+            assert!(Instant::now() < deadline, "{go} never appeared");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn two_transactions_writing_the_same_key_fail_with_a_message_not_a_hang() {
+    let cluster = Cluster::start(&[]);
+    let go = tempfile::tempdir().unwrap();
+    let go_file = go.path().join("go");
+    let holder = cluster
+        .exact("fixture_transaction_same_key")
+        .env("PGTEST_IT_GO", &go_file)
+        .spawn()
+        .unwrap();
+    cluster.wait_until(
+        "select exists (select from pg_stat_activity where state = 'idle in transaction' \
+         and application_name like '%fixture_transaction_same_key')",
+        Duration::from_secs(60),
+    );
+    let output = run(cluster.exact("fixture_transaction_same_key"));
+    let printed = assert_failed_without_password(&output);
+    assert!(
+        printed.contains("lock timeout")
+            && printed.contains("waited 5s for a lock held by another test's transaction")
+            && printed.contains("or isolation = \"database\""),
+        "{printed}"
+    );
+    std::fs::write(&go_file, b"").unwrap();
+    assert_passed(&common::finish(holder, Duration::from_secs(60)), 1);
+}

@@ -122,7 +122,7 @@ fn find_dotenv(start: &Path) -> Option<PathBuf> {
 /// One variable of a `.env` file, read without touching the process
 /// environment (setting variables is unsound while tests run on threads).
 fn dotenv_var(path: &Path, var: &str) -> Result<Option<String>, Error> {
-    let unreadable = |error: dotenvy::Error| Error::DotEnv {
+    let unreadable = |error: dotenvy::Error| Error::ConfigFile {
         path: path.to_owned(),
         reason: match error {
             // The line itself may hold a password: say where, not what.

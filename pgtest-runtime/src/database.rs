@@ -177,13 +177,13 @@ impl TestDatabase {
     }
 }
 
-/// Drops the test databases that nobody can be using any more, if no other
-/// process is sweeping, then closes `admin` (which releases the sweep
-/// lock). Meant to run beside the test's body; errors are logged, never
-/// the test's failure.
+/// Drops the copies of templates that nobody can be using any more and the
+/// templates unused for a week, if no other process is sweeping, then
+/// closes `admin` (which releases the sweep lock). Errors are logged, never
+/// a test's failure.
 pub(crate) async fn sweep(server: &Server, mut admin: PgConnection) {
     if let Err(error) = sweep_with(server, &mut admin).await {
-        tracing::warn!(%error, "sweeping old test databases failed");
+        tracing::warn!(%error, "sweeping old databases failed");
     }
     let _ = admin.close().await;
 }

@@ -72,9 +72,9 @@ pub enum Error {
         reason: String,
     },
 
-    /// A `.env` file exists but cannot be read.
+    /// A `.env` or `sqlx.toml` file exists but cannot be read.
     #[error("cannot read {}: {reason}. Fix the file or remove it", path.display())]
-    DotEnv {
+    ConfigFile {
         /// The file.
         path: PathBuf,
         /// What went wrong, without the file's contents.

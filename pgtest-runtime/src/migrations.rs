@@ -11,6 +11,7 @@ use crate::Error;
 /// Where a test's migrations come from, as the attribute said.
 #[derive(Clone, Copy, Debug)]
 pub enum MigrationSource {
+    /// The directory `sqlx.toml` names (`[migrate] migrations-dir`), else
     /// `./migrations` of the test's package when that directory exists,
     /// else none (what `#[sqlx::test]` does).
     Default,
@@ -35,7 +36,7 @@ impl Migrations {
     /// Resolves `source` for the package at `manifest_dir`. A directory is
     /// read now, so an edited migration is picked up without a rebuild.
     pub(crate) async fn load(source: MigrationSource, manifest_dir: &Path) -> Result<Self, Error> {
-        let default_dir = manifest_dir.join("migrations");
+        let default_dir = manifest_dir.join(sqlx_toml_migrations_dir(manifest_dir)?);
         let (migrator, origin) = match source {
             MigrationSource::Default if default_dir.is_dir() => {
                 (read_dir(&default_dir).await?, default_dir)
@@ -102,6 +103,25 @@ async fn read_dir(dir: &Path) -> Result<Resolved, Error> {
         })
 }
 
+/// The migrations directory that the package's `sqlx.toml` names, as sqlx
+/// 0.9 reads it, else `migrations`.
+fn sqlx_toml_migrations_dir(manifest_dir: &Path) -> Result<PathBuf, Error> {
+    let path = manifest_dir.join("sqlx.toml");
+    let Ok(text) = std::fs::read_to_string(&path) else {
+        return Ok(PathBuf::from("migrations"));
+    };
+    let unreadable = |reason: String| Error::ConfigFile {
+        path: path.clone(),
+        reason,
+    };
+    let table: toml::Table = text.parse().map_err(|e: toml::de::Error| unreadable(e.message().to_owned()))?;
+    match table.get("migrate").and_then(|migrate| migrate.get("migrations-dir")) {
+        None => Ok(PathBuf::from("migrations")),
+        Some(toml::Value::String(dir)) => Ok(PathBuf::from(dir)),
+        Some(_) => Err(unreadable("`[migrate] migrations-dir` must be a string".to_owned())),
+    }
+}
+
 /// Changes whenever pgtest builds databases differently, so that a newer
 /// pgtest never uses a database an older one built.
 const RECIPE: &[u8] = b"pgtest recipe 2\0";
@@ -120,4 +140,27 @@ fn hash(migrator: &Migrator) -> String {
         .iter()
         .map(|byte| format!("{byte:02x}"))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sqlx_toml_names_the_migrations_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(sqlx_toml_migrations_dir(dir.path()).unwrap(), PathBuf::from("migrations"));
+        std::fs::write(
+            dir.path().join("sqlx.toml"),
+            "[migrate]\nmigrations-dir = \"db/migrations\"\n",
+        )
+        .unwrap();
+        assert_eq!(
+            sqlx_toml_migrations_dir(dir.path()).unwrap(),
+            PathBuf::from("db/migrations")
+        );
+        std::fs::write(dir.path().join("sqlx.toml"), "[migrate\n").unwrap();
+        let error = sqlx_toml_migrations_dir(dir.path()).unwrap_err().to_string();
+        assert!(error.contains("sqlx.toml") && error.contains("Fix the file"), "{error}");
+    }
 }

@@ -119,10 +119,7 @@ pub fn run<F: TestFn>(spec: TestSpec, test: F) {
             },
             false => None,
         };
-        let (context, teardown) = match prepared {
-            Some((context, teardown)) => (Some(context), Some(teardown)),
-            None => (None, None),
-        };
+        let (context, teardown) = prepared.unzip();
         let pool = context.as_ref().map(|context| context.pool().clone());
         let outcome = CatchUnwind(test.call(context))
             .await

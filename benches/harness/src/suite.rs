@@ -147,7 +147,10 @@ tokio = {{ version = "1", features = ["macros", "rt"] }}
     for binary in 0..binaries {
         let count = tests / binaries + usize::from(binary < tests % binaries);
         for flavour in FLAVOURS {
-            let mut file = String::from("use sqlx::PgPool;\nuse sqlx::types::Uuid;\n");
+            let mut file = String::from("use sqlx::types::Uuid;\n");
+            if flavour != "pgtesttx" {
+                file.push_str("use sqlx::PgPool;\n");
+            }
             for test in 0..count {
                 let name = format!("case_{binary}_{test}");
                 match flavour {

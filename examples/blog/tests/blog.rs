@@ -103,7 +103,7 @@ async fn without_migrations_the_database_is_empty(pool: PgPool) -> sqlx::Result<
 }
 
 static MIGRATOR: LazyLock<Migrator> = LazyLock::new(|| {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations");
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("db/migrations");
     tokio::runtime::Builder::new_current_thread()
         .build()
         .and_then(|runtime| {
@@ -136,7 +136,7 @@ macro_rules! counts_users {
     };
 }
 
-counts_users!(a_macro_passes_the_migrations_directory, "migrations", 2);
+counts_users!(a_macro_passes_the_migrations_directory, "db/migrations", 2);
 
 #[pgtest::sqlx_test]
 async fn an_async_test_without_arguments_runs_plainly() {

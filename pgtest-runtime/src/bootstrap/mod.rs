@@ -1,13 +1,14 @@
-//! The shared database: its name, and building it once per migration set
-//! however many processes ask at the same time.
+//! Building databases once however many processes ask at the same time:
+//! a template per migration set (`pgtest_<package>_<hash12>`) and a run's
+//! shared database, a copy of it.
 //!
-//! A database named `pgtest_<package>_<hash12>` exists on the server only
-//! once it is complete: it is built under another name, marked ready with a
-//! comment, then renamed in one step. The warm path is therefore a plain
-//! connection to it that reads the marker, with no admin connection. The
-//! cold path takes a session advisory lock in the admin database, checks
-//! again, builds, and lets go. A crash midway leaves only the unfinished
-//! copy, which the next build drops.
+//! Either exists under its name only once it is complete: it is built under
+//! another name, marked ready with a comment, then renamed in one step. The
+//! warm path is therefore a plain connection to the run's copy that reads
+//! the marker, with no admin connection. The cold path takes a session
+//! advisory lock in the admin database, checks again, builds, and lets go.
+//! A crash midway leaves only the unfinished copy, which the next build
+//! drops.
 
 use std::collections::HashMap;
 use std::sync::{Arc, LazyLock, Mutex, PoisonError};
@@ -168,13 +169,14 @@ pub(crate) async fn is_ready(
     Ok(ready)
 }
 
-/// Builds the database `database` of `kind` (migrated, then `fixtures`
-/// run): one thread per process and one process per machine does it while
-/// the others wait, holding no connection slots; the builder takes the two
-/// it needs from `budget` for `holder` (a test). Waiting callers then find
-/// the work done. A shared database is then connected to as the test will
-/// (through `pool`), so that a problem of the test's own, its role say, is
-/// explained here too; a template is never connected to (no `pool`).
+/// Builds `target` (a template, or a run's copy of one, its template first
+/// when missing): one thread per process and one process per machine does
+/// it while the others wait, holding no connection slots; the builder takes
+/// the two it needs from `budget` for `holder` (a test). Waiting callers
+/// then find the work done. The builder of a run's copy sweeps old copies,
+/// then connects as the test will (through `pool`), so that a problem of
+/// the test's own, its role say, is explained here too; a template is never
+/// connected to (no `pool`).
 pub(crate) async fn build_once(
     server: &Server,
     budget: &Budget,
