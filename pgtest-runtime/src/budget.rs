@@ -119,6 +119,11 @@ impl Budget {
         lock_within(&self.dir.join(name), timeout).await
     }
 
+    /// How many connections the suite may use on this server.
+    pub(crate) fn capacity(&self) -> u32 {
+        self.capacity
+    }
+
     /// A file of this budget's directory, for machine-wide state.
     pub(crate) fn file(&self, name: &str) -> PathBuf {
         self.dir.join(name)

@@ -44,6 +44,9 @@ use crate::server::Server;
 const TEST_MARKER: &str = "pgtest: test database";
 /// Second key of the advisory lock that one sweeper at a time holds.
 const SWEEP_KEY: i32 = 0x7377_6570;
+/// The most databases one sweep drops, so that no test waits long for the
+/// sweep beside it; the next sweep goes on.
+const SWEEP_BATCH: usize = 8;
 /// Age after which a test database made on another machine is swept.
 const FOREIGN_AGE: Duration = Duration::from_secs(24 * 60 * 60);
 /// How long a template may go without being copied before it is swept
@@ -209,11 +212,15 @@ async fn sweep_with(server: &Server, admin: &mut PgConnection) -> Result<(), Err
     .await
     .map_err(|error| server.query_error("listing templates and their copies", &error))?;
     let (host, run) = (host(), run_id());
+    let mut dropped = 0;
     for (name, description) in databases {
+        if dropped == SWEEP_BATCH {
+            break;
+        }
         if let Some(used) = template_used(&description) {
             if now_secs().saturating_sub(used) > UNUSED_TEMPLATE_AGE.as_secs() {
                 tracing::debug!(database = name, "sweeping a template unused for a week");
-                drop_database_if_unused(server, admin, &name).await?;
+                dropped += usize::from(drop_database_if_unused(server, admin, &name).await?);
             }
             continue;
         }
@@ -226,6 +233,7 @@ async fn sweep_with(server: &Server, admin: &mut PgConnection) -> Result<(), Err
         };
         tracing::debug!(database = name, test = comment.test, "sweeping");
         if drop_database_if_unused(server, admin, &name).await? {
+            dropped += 1;
             let _ = fs::remove_file(passed_path(&comment.lock));
             let _ = fs::remove_file(&comment.lock);
         }

@@ -114,11 +114,18 @@ fn sqlx_toml_migrations_dir(manifest_dir: &Path) -> Result<PathBuf, Error> {
         path: path.clone(),
         reason,
     };
-    let table: toml::Table = text.parse().map_err(|e: toml::de::Error| unreadable(e.message().to_owned()))?;
-    match table.get("migrate").and_then(|migrate| migrate.get("migrations-dir")) {
+    let table: toml::Table = text
+        .parse()
+        .map_err(|e: toml::de::Error| unreadable(e.message().to_owned()))?;
+    match table
+        .get("migrate")
+        .and_then(|migrate| migrate.get("migrations-dir"))
+    {
         None => Ok(PathBuf::from("migrations")),
         Some(toml::Value::String(dir)) => Ok(PathBuf::from(dir)),
-        Some(_) => Err(unreadable("`[migrate] migrations-dir` must be a string".to_owned())),
+        Some(_) => Err(unreadable(
+            "`[migrate] migrations-dir` must be a string".to_owned(),
+        )),
     }
 }
 
@@ -149,7 +156,10 @@ mod tests {
     #[test]
     fn sqlx_toml_names_the_migrations_directory() {
         let dir = tempfile::tempdir().unwrap();
-        assert_eq!(sqlx_toml_migrations_dir(dir.path()).unwrap(), PathBuf::from("migrations"));
+        assert_eq!(
+            sqlx_toml_migrations_dir(dir.path()).unwrap(),
+            PathBuf::from("migrations")
+        );
         std::fs::write(
             dir.path().join("sqlx.toml"),
             "[migrate]\nmigrations-dir = \"db/migrations\"\n",
@@ -160,7 +170,12 @@ mod tests {
             PathBuf::from("db/migrations")
         );
         std::fs::write(dir.path().join("sqlx.toml"), "[migrate\n").unwrap();
-        let error = sqlx_toml_migrations_dir(dir.path()).unwrap_err().to_string();
-        assert!(error.contains("sqlx.toml") && error.contains("Fix the file"), "{error}");
+        let error = sqlx_toml_migrations_dir(dir.path())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("sqlx.toml") && error.contains("Fix the file"),
+            "{error}"
+        );
     }
 }

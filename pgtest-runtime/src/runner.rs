@@ -234,11 +234,12 @@ async fn prepare(spec: &TestSpec) -> Result<(TestContext, Teardown), Error> {
             let database = database::run_database_name(&template);
             database::hold_run_database(&budget, &database).await?;
             let pool = test_pool(&server, &database, tenant, spec, acquire_timeout);
-            let slots = shared(&server, &budget, &pool, &database, &migrations, spec).await?;
+            let (slots, sweep) =
+                shared(&server, &budget, &pool, &database, &migrations, spec).await?;
             let context = TestContext::new(pool, tenant, database, spec.name);
             let teardown = Teardown {
                 slots,
-                sweep: None,
+                sweep,
                 own: None,
             };
             (context, teardown)
@@ -317,10 +318,10 @@ async fn shared(
     database: &str,
     migrations: &Migrations,
     spec: &TestSpec,
-) -> Result<Slots, Error> {
+) -> Result<(Slots, Option<tokio::task::JoinHandle<()>>), Error> {
     let slots = budget.take(spec.max_connections, spec.name).await?;
     if bootstrap::is_ready(server, pool, database, spec.role).await? {
-        return Ok(slots);
+        return Ok((slots, None));
     }
     // Waiting for a build holds no slots, so waiters cannot starve the
     // builder of the connections it needs.
@@ -335,8 +336,17 @@ async fn shared(
         comment: &comment,
         source: Source::Copy { template: &built },
     };
-    bootstrap::build_once(server, budget, Some(pool), copied, spec.role, spec.name).await?;
-    budget.take(spec.max_connections, spec.name).await
+    let copied_here =
+        bootstrap::build_once(server, budget, Some(pool), copied, spec.role, spec.name).await?;
+    // Whoever copied it sweeps older copies beside its body, on one more
+    // slot (when the budget has room for it).
+    let sweeper = spec.max_connections + 1;
+    if !copied_here || sweeper > budget.capacity() {
+        return Ok((budget.take(spec.max_connections, spec.name).await?, None));
+    }
+    let slots = budget.take(sweeper, spec.name).await?;
+    let admin = server.connect(server.admin_database()).await?;
+    Ok((slots, Some(sweep_beside(server, admin))))
 }
 
 /// Makes sure the template is ready; takes the test's slots and opens the

@@ -11,6 +11,7 @@
 //! drops.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, LazyLock, Mutex, PoisonError};
 
 use sqlx::Connection;
@@ -184,9 +185,10 @@ pub(crate) async fn build_once(
     target: Target<'_>,
     role: Option<&str>,
     holder: &str,
-) -> Result<(), Error> {
+) -> Result<bool, Error> {
     let database = target.database;
     let readiness = readiness(server, database);
+    let built = AtomicBool::new(false);
     readiness
         .get_or_try_init(|| async {
             let lock_name = format!("bootstrap-{database}.lock");
@@ -202,7 +204,9 @@ pub(crate) async fn build_once(
             };
             let _slots = budget.take(BUILD_CONNECTIONS, holder).await?;
             let Some(pool) = pool.filter(|_| target.kind == Kind::Shared) else {
-                return build(server, target).await;
+                build(server, target).await?;
+                built.store(true, Ordering::Relaxed);
+                return Ok(());
             };
             if let Some(connection) = ready_connection(server, pool, database, role).await? {
                 tracing::debug!(
@@ -213,9 +217,7 @@ pub(crate) async fn build_once(
                 return Ok(());
             }
             build(server, target).await?;
-            // The process that copied this run's database sweeps old
-            // copies, on the slots it holds.
-            crate::database::sweep(server, server.connect(server.admin_database()).await?).await;
+            built.store(true, Ordering::Relaxed);
             match ready_connection(server, pool, database, role).await? {
                 Some(connection) => {
                     let _ = connection.close().await;
@@ -229,8 +231,8 @@ pub(crate) async fn build_once(
                 }),
             }
         })
-        .await
-        .map(|_| ())
+        .await?;
+    Ok(built.into_inner())
 }
 
 /// A database to build: its name, what it is for, and what goes in it.
