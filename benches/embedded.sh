@@ -5,6 +5,8 @@
 #   cold  no cluster yet: initdb + start + building the shared database
 #   warm  cluster directory kept, server stopped: start + warm bootstrap
 #   hot   server running
+#   new   server running, the first test of a new run (copies the template
+#         into the run's shared database, sweeps the previous run's copy)
 #
 # each timed as the wall time of a process that runs the suite's first test
 # (its queries take a few ms), and the whole suite under nextest on the
@@ -58,23 +60,26 @@ cleanup() {
 }
 trap cleanup EXIT
 
+# The first test, as a test of run $1 (a run's first test copies the
+# template into the run's shared database).
 first_test_ms() {
     local start end
     start="$(now_ms)"
-    env -u DATABASE_URL PGTEST_DATABASE_URL=embedded PGTEST_HOME="$home" \
+    env -u DATABASE_URL PGTEST_DATABASE_URL=embedded PGTEST_HOME="$home" NEXTEST_RUN_ID="$1" \
         "$binary" --exact "$first_test" --quiet >/dev/null
     end="$(now_ms)"
     echo $(( end - start ))
 }
 
-cold=() warm=() hot=()
-for _ in $(seq "$runs"); do
+cold=() warm=() hot=() new_run=()
+for run in $(seq "$runs"); do
     stop_embedded
     rm -rf "${home:?}"/*
-    cold+=("$(first_test_ms)")
+    cold+=("$(first_test_ms "bench-$run")")
     stop_embedded
-    warm+=("$(first_test_ms)")
-    hot+=("$(first_test_ms)")
+    warm+=("$(first_test_ms "bench-$run")")
+    hot+=("$(first_test_ms "bench-$run")")
+    new_run+=("$(first_test_ms "bench-$run-next")")
 done
 
 echo "starting an external server on port $port..." >&2
@@ -101,6 +106,7 @@ done
 
 m() { printf '%s\n' "$@" | median; }
 cold_m="$(m "${cold[@]}")" warm_m="$(m "${warm[@]}")" hot_m="$(m "${hot[@]}")"
+new_run_m="$(m "${new_run[@]}")"
 emb_m="$(m "${on_embedded[@]}")" ext_m="$(m "${on_external[@]}")"
 cat <<TABLE
 
@@ -111,6 +117,7 @@ Embedded server, PostgreSQL $("$pg_bin/postgres" --version | awk '{print $3}'), 
 | cold start to first test done | $cold_m | 2000 | ${cold[*]} |
 | warm start to first test done | $warm_m | 300 | ${warm[*]} |
 | hot start to first test done | $hot_m | 50 | ${hot[*]} |
+| hot start, first test of a new run | $new_run_m | | ${new_run[*]} |
 | example suite, nextest, embedded | $emb_m | | ${on_embedded[*]} |
 | example suite, nextest, external | $ext_m | | ${on_external[*]} |
 | ratio embedded / external | $(awk -v a="$emb_m" -v b="$ext_m" 'BEGIN { printf "%.2f", a / b }') | | |
