@@ -406,3 +406,16 @@ fn two_transactions_writing_the_same_key_fail_with_a_message_not_a_hang() {
     std::fs::write(&go_file, b"").unwrap();
     assert_passed(&common::finish(holder, Duration::from_secs(60)), 1);
 }
+
+#[test]
+fn passed_tests_databases_are_swept_by_the_next_tests() {
+    let cluster = Cluster::start(&[]);
+    for _ in 0..4 {
+        assert_passed(
+            &run(in_run(&cluster, "fixture_database_fixed_ids", "run-1")),
+            1,
+        );
+    }
+    let left = test_databases(&cluster);
+    assert_eq!(left.len(), 1, "only the last test's database: {left:?}");
+}

@@ -32,8 +32,8 @@ use sqlx::postgres::PgConnection;
 
 use crate::Error;
 use crate::bootstrap::{
-    Kind, LOCK_CLASS, create_database, database_name, drop_database_if_unused, note_template_use,
-    now_secs, template_used,
+    Kind, create_database, database_name, drop_database_unclaimed, note_template_use, now_secs,
+    template_used,
 };
 use crate::budget::Budget;
 use crate::migrations::Migrations;
@@ -42,11 +42,10 @@ use crate::server::Server;
 
 /// How a test database's comment starts.
 const TEST_MARKER: &str = "pgtest: test database";
-/// Second key of the advisory lock that one sweeper at a time holds.
-const SWEEP_KEY: i32 = 0x7377_6570;
 /// The most databases one sweep drops, so that no test waits long for the
-/// sweep beside it; the next sweep goes on.
-const SWEEP_BATCH: usize = 8;
+/// sweep beside it (a drop can take a second on a busy server); with every
+/// test sweeping, two each outpace the one each makes.
+const SWEEP_BATCH: usize = 2;
 /// Age after which a test database made on another machine is swept.
 const FOREIGN_AGE: Duration = Duration::from_secs(24 * 60 * 60);
 /// How long a template may go without being copied before it is swept
@@ -180,10 +179,10 @@ impl TestDatabase {
     }
 }
 
-/// Drops the copies of templates that nobody can be using any more and the
-/// templates unused for a week, if no other process is sweeping, then
-/// closes `admin` (which releases the sweep lock). Errors are logged, never
-/// a test's failure.
+/// Drops a few of the copies of templates that nobody can be using any more
+/// and of the templates unused for a week (processes sweep side by side,
+/// each claiming a database before dropping it), then closes `admin`.
+/// Errors are logged, never a test's failure.
 pub(crate) async fn sweep(server: &Server, mut admin: PgConnection) {
     if let Err(error) = sweep_with(server, &mut admin).await {
         tracing::warn!(%error, "sweeping old databases failed");
@@ -192,15 +191,6 @@ pub(crate) async fn sweep(server: &Server, mut admin: PgConnection) {
 }
 
 async fn sweep_with(server: &Server, admin: &mut PgConnection) -> Result<(), Error> {
-    let locked: bool = sqlx::query_scalar("select pg_try_advisory_lock($1, $2)")
-        .bind(LOCK_CLASS)
-        .bind(SWEEP_KEY)
-        .fetch_one(&mut *admin)
-        .await
-        .map_err(|error| server.query_error("taking the sweep lock", &error))?;
-    if !locked {
-        return Ok(());
-    }
     let databases: Vec<(String, String)> = sqlx::query_as(
         "select datname, description from (select datname, shobj_description(oid, 'pg_database') as description \
          from pg_database) d where description like $1 or description like $2 or description like $3",
@@ -220,7 +210,7 @@ async fn sweep_with(server: &Server, admin: &mut PgConnection) -> Result<(), Err
         if let Some(used) = template_used(&description) {
             if now_secs().saturating_sub(used) > UNUSED_TEMPLATE_AGE.as_secs() {
                 tracing::debug!(database = name, "sweeping a template unused for a week");
-                dropped += usize::from(drop_database_if_unused(server, admin, &name).await?);
+                dropped += usize::from(drop_database_unclaimed(server, admin, &name).await?);
             }
             continue;
         }
@@ -232,13 +222,12 @@ async fn sweep_with(server: &Server, admin: &mut PgConnection) -> Result<(), Err
             continue;
         };
         tracing::debug!(database = name, test = comment.test, "sweeping");
-        if drop_database_if_unused(server, admin, &name).await? {
+        if drop_database_unclaimed(server, admin, &name).await? {
             dropped += 1;
             let _ = fs::remove_file(passed_path(&comment.lock));
             let _ = fs::remove_file(&comment.lock);
         }
     }
-    // Closing the connection releases the sweep lock.
     Ok(())
 }
 

@@ -13,7 +13,7 @@ use crate::runner::Script;
 use crate::server::Server;
 
 /// First key of pgtest's advisory locks ("pgts"); the second is per database.
-pub(crate) const LOCK_CLASS: i32 = 0x7067_7473;
+const LOCK_CLASS: i32 = 0x7067_7473;
 
 /// The cold path: under the advisory lock, build the database unless
 /// another process finished it first; for a copy, its template first.
@@ -249,6 +249,33 @@ async fn fill(
     }
     let _ = connection.close().await;
     result
+}
+
+/// Drops `database` unless another process is building or dropping it
+/// (its advisory lock is taken) or someone is connected to it; whether it
+/// went.
+pub(crate) async fn drop_database_unclaimed(
+    server: &Server,
+    admin: &mut PgConnection,
+    database: &str,
+) -> Result<bool, Error> {
+    let claimed: bool = sqlx::query_scalar("select pg_try_advisory_lock($1, $2)")
+        .bind(LOCK_CLASS)
+        .bind(lock_key(database))
+        .fetch_one(&mut *admin)
+        .await
+        .map_err(|error| server.query_error(format!("claiming {database}"), &error))?;
+    if !claimed {
+        return Ok(false);
+    }
+    let dropped = drop_database_if_unused(server, admin, database).await;
+    sqlx::query("select pg_advisory_unlock($1, $2)")
+        .bind(LOCK_CLASS)
+        .bind(lock_key(database))
+        .execute(&mut *admin)
+        .await
+        .map_err(|error| server.query_error(format!("releasing {database}"), &error))?;
+    dropped
 }
 
 /// Drops `database` unless someone is connected to it; whether it went.

@@ -22,7 +22,7 @@ use tokio::sync::OnceCell;
 
 use self::build::build;
 pub(crate) use self::build::{
-    LOCK_CLASS, create_database, drop_database_if_unused, marker, quote_ident,
+    create_database, drop_database_if_unused, drop_database_unclaimed, marker, quote_ident,
 };
 use crate::Error;
 use crate::budget::Budget;
