@@ -187,9 +187,13 @@ fn emit(function: &ItemFn, args: &Args) -> TokenStream {
         }
         Migrations::None => quote! { #krate::__private::MigrationSource::None },
     };
+    // A transaction's test uses the one connection it is given.
     let max_connections = args
         .max_connections
-        .unwrap_or_else(|| default_max_connections(block));
+        .unwrap_or_else(|| match args.isolation {
+            Some(Isolation::Transaction) => 1,
+            _ => default_max_connections(block),
+        });
     let role = match &args.role {
         Some(role) => quote! { ::core::option::Option::Some(#role) },
         None => quote! { ::core::option::Option::None },
@@ -378,6 +382,18 @@ mod tests {
             ),
         );
         assert!(explicit.contains("max_connections: 2u32"), "{explicit}");
+        let transaction = pretty(
+            quote!(isolation = "transaction"),
+            quote!(
+                async fn t(mut conn: PoolConnection<Postgres>) {
+                    let tx = conn.begin().await;
+                }
+            ),
+        );
+        assert!(
+            transaction.contains("max_connections: 1u32"),
+            "{transaction}"
+        );
     }
 
     #[test]
