@@ -211,7 +211,7 @@ pub(crate) async fn create_database(
 }
 
 /// Drops `database`, whoever is connected to it.
-pub(crate) async fn drop_database(
+async fn drop_database(
     server: &Server,
     admin: &mut PgConnection,
     database: &str,

@@ -144,7 +144,7 @@ pub(crate) fn database_name(package: &str, hash: &str) -> String {
 
 /// The connections a build holds at once: an admin connection (which holds
 /// the bootstrap lock) and the migration's.
-pub(crate) const BUILD_CONNECTIONS: u32 = 2;
+const BUILD_CONNECTIONS: u32 = 2;
 
 /// Whether the shared database `database` is ready: known in this process,
 /// or asked through `pool` (the test's own pool, pointing at it), so that
