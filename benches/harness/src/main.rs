@@ -312,10 +312,15 @@ fn counts(printed: &str) -> (usize, usize) {
         let line = line.trim();
         if line.starts_with("Summary [") {
             let tally = line.split_once("run: ").map_or("", |(_, tally)| tally);
+            // "373 passed (2 slow), 75 failed, 3 skipped"
             let number = |word: &str| {
                 tally
                     .split(", ")
-                    .find_map(|part| part.strip_suffix(word)?.trim().parse().ok())
+                    .find_map(|part| {
+                        let mut words = part.split_whitespace();
+                        let count = words.next()?.parse().ok()?;
+                        (words.next()? == word).then_some(count)
+                    })
                     .unwrap_or(0)
             };
             return (number("passed"), number("failed"));
@@ -400,5 +405,27 @@ fn print_table(options: &Options, rows: &[(&str, usize, Vec<Vec<Sample>>)]) {
                 overhead.join(", ")
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::counts;
+
+    #[test]
+    fn nextest_summaries_are_counted_with_their_notes() {
+        let printed =
+            "     Summary [ 104.040s] 448 tests run: 373 passed (2 slow), 75 failed, 0 skipped";
+        assert_eq!(counts(printed), (373, 75));
+        assert_eq!(
+            counts("Summary [ 1.0s] 4 tests run: 4 passed, 0 skipped"),
+            (4, 0)
+        );
+    }
+
+    #[test]
+    fn libtest_results_are_added_up() {
+        let printed = "test result: ok. 3 passed; 0 failed; 0 ignored\ntest result: FAILED. 1 passed; 2 failed;";
+        assert_eq!(counts(printed), (4, 2));
     }
 }
