@@ -32,8 +32,7 @@ use sqlx::postgres::PgConnection;
 
 use crate::Error;
 use crate::bootstrap::{
-    Kind, create_database, database_name, drop_database_unclaimed, note_template_use, now_secs,
-    template_used,
+    Kind, create_database, database_name, drop_database_unclaimed, now_secs, template_used,
 };
 use crate::budget::Budget;
 use crate::migrations::Migrations;
@@ -153,7 +152,6 @@ impl TestDatabase {
             lock: lock_path.clone(),
         };
         create_database(server, admin, &name, Some(template), &comment.to_string()).await?;
-        note_template_use(server, admin, template).await?;
         Ok(Self {
             name,
             lock,

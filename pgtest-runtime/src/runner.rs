@@ -234,8 +234,16 @@ async fn prepare(spec: &TestSpec) -> Result<(TestContext, Teardown), Error> {
             let database = database::run_database_name(&template);
             database::hold_run_database(&budget, &database).await?;
             let pool = test_pool(&server, &database, tenant, spec, acquire_timeout);
-            let (slots, sweep) =
-                shared(&server, &budget, &pool, &database, &migrations, spec).await?;
+            let (slots, sweep) = shared(
+                &server,
+                &budget,
+                &pool,
+                &database,
+                &template,
+                &migrations,
+                spec,
+            )
+            .await?;
             let context = TestContext::new(pool, tenant, database, spec.name);
             let teardown = Teardown {
                 slots,
@@ -316,6 +324,7 @@ async fn shared(
     budget: &Budget,
     pool: &PgPool,
     database: &str,
+    template: &str,
     migrations: &Migrations,
     spec: &TestSpec,
 ) -> Result<(Slots, Option<tokio::task::JoinHandle<()>>), Error> {
@@ -326,9 +335,8 @@ async fn shared(
     // Waiting for a build holds no slots, so waiters cannot starve the
     // builder of the connections it needs.
     drop(slots);
-    let template = template_name(spec.package, migrations, &[]);
     let template_comment = bootstrap::template_comment();
-    let built = template_target(&template, &template_comment, migrations, &[]);
+    let built = template_target(template, &template_comment, migrations, &[]);
     let comment = database::run_database_comment(budget, database, spec.name);
     let copied = Target {
         database,
@@ -362,9 +370,12 @@ async fn with_template(
     let mut admin = server.connect(server.admin_database()).await?;
     let ready = Kind::Template.ready_marker();
     let marker = bootstrap::marker(server, &mut admin, target.database).await?;
-    if marker.is_some_and(|marker| marker.starts_with(ready)) {
+    if let Some(marker) = marker.filter(|marker| marker.starts_with(ready)) {
+        // The marker read here is the stamp: no second query per test.
+        bootstrap::note_template_use(server, &mut admin, target.database, &marker).await?;
         return Ok((slots, admin));
     }
+    // Built below, stamped as used by the build.
     let _ = admin.close().await;
     drop(slots);
     bootstrap::build_once(server, budget, None, target, spec.role, spec.name).await?;

@@ -67,7 +67,8 @@ async fn build_locked(
     };
     create_database(server, admin, &building, template, kind.building_marker()).await?;
     if let Some(template) = template {
-        super::note_template_use(server, admin, template).await?;
+        let comment = marker(server, admin, template).await?.unwrap_or_default();
+        super::note_template_use(server, admin, template, &comment).await?;
     }
     if let Source::Build {
         migrations,

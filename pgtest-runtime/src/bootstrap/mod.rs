@@ -89,15 +89,16 @@ pub(crate) fn template_used(comment: &str) -> Option<u64> {
         .ok()
 }
 
-/// Renews the last-use stamp of `template`, about to be copied, when it is
-/// older than an hour, so that sweeps keep templates in use.
+/// Renews the last-use stamp of `template`, about to be copied, when its
+/// `comment` (as just read) is older than an hour, so that sweeps keep
+/// templates in use.
 pub(crate) async fn note_template_use(
     server: &Server,
     admin: &mut PgConnection,
     template: &str,
+    comment: &str,
 ) -> Result<(), Error> {
-    let comment = marker(server, admin, template).await?.unwrap_or_default();
-    let used = template_used(&comment).unwrap_or(0);
+    let used = template_used(comment).unwrap_or(0);
     if now_secs().saturating_sub(used) < USE_STAMP_EVERY {
         return Ok(());
     }
