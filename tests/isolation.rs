@@ -206,6 +206,14 @@ fn in_run(cluster: &Cluster, test: &str, run: &str) -> std::process::Command {
     command
 }
 
+/// Like [`in_run`], without the spares helper: the tests sweep passed
+/// tests' databases themselves, as when `psql` is missing.
+fn in_run_without_spares(cluster: &Cluster, test: &str, run: &str) -> std::process::Command {
+    let mut command = in_run(cluster, test, run);
+    command.env("PGTEST_SPARE_DATABASES", "0");
+    command
+}
+
 fn test_databases(cluster: &Cluster) -> Vec<String> {
     let names = cluster.psql(
         "select datname from pg_database \
@@ -217,7 +225,11 @@ fn test_databases(cluster: &Cluster) -> Vec<String> {
 #[test]
 fn a_failed_tests_database_is_kept_named_and_swept_by_the_next_run() {
     let cluster = Cluster::start(&[]);
-    let output = run(in_run(&cluster, "fixture_database_fails", "run-1"));
+    let output = run(in_run_without_spares(
+        &cluster,
+        "fixture_database_fails",
+        "run-1",
+    ));
     let printed = assert_failed_without_password(&output);
     let kept = test_databases(&cluster);
     assert_eq!(kept.len(), 1, "{kept:?}");
@@ -234,13 +246,21 @@ fn a_failed_tests_database_is_kept_named_and_swept_by_the_next_run() {
     );
     // The same run leaves it alone.
     assert_passed(
-        &run(in_run(&cluster, "fixture_database_fixed_ids", "run-1")),
+        &run(in_run_without_spares(
+            &cluster,
+            "fixture_database_fixed_ids",
+            "run-1",
+        )),
         1,
     );
     assert!(test_databases(&cluster).contains(&kept[0]));
     // The next one sweeps it (and the passed test's database too).
     assert_passed(
-        &run(in_run(&cluster, "fixture_database_fixed_ids", "run-2")),
+        &run(in_run_without_spares(
+            &cluster,
+            "fixture_database_fixed_ids",
+            "run-2",
+        )),
         1,
     );
     let left = test_databases(&cluster);
@@ -297,18 +317,20 @@ async fn fixture_remove_all() {
 fn remove_all_drops_what_pgtest_made_and_nothing_else() {
     let cluster = Cluster::start(&[]);
     let _ = run(cluster.exact("fixture_database_fails"));
+    // The helper's spare, made once the test is over.
+    cluster.wait_until(&count_is(SPARES, 1), Duration::from_secs(60));
     assert_passed(&run(cluster.exact("fixture_transaction_commits")), 1);
     cluster.psql("create database mine");
     let made = cluster.pgtest_databases();
     assert_eq!(
         made.len(),
-        3,
-        "a template, a kept test database, the shared one: {made:?}"
+        4,
+        "a template, its spare, a kept test database, the shared one: {made:?}"
     );
     let output = run(cluster.exact("fixture_remove_all"));
     assert_passed(&output, 1);
     let printed = common::text(&output);
-    assert!(printed.contains("dropped 3 databases"), "{printed}");
+    assert!(printed.contains("dropped 4 databases"), "{printed}");
     assert_eq!(cluster.pgtest_databases(), Vec::<String>::new());
     assert_eq!(
         cluster.psql("select count(*) from pg_database where datname = 'mine'"),
@@ -412,10 +434,92 @@ fn passed_tests_databases_are_swept_by_the_next_tests() {
     let cluster = Cluster::start(&[]);
     for _ in 0..4 {
         assert_passed(
-            &run(in_run(&cluster, "fixture_database_fixed_ids", "run-1")),
+            &run(in_run_without_spares(
+                &cluster,
+                "fixture_database_fixed_ids",
+                "run-1",
+            )),
             1,
         );
     }
     let left = test_databases(&cluster);
     assert_eq!(left.len(), 1, "only the last test's database: {left:?}");
+}
+
+/// The databases whose comment starts with a marker.
+const SPARES: &str = "pgtest: spare database;";
+const TEST_DATABASES: &str = "pgtest: test database;";
+
+/// A query that tells whether `count` databases are marked with `marker`.
+fn count_is(marker: &str, count: usize) -> String {
+    format!(
+        "select count(*) = {count} from pg_database \
+         where shobj_description(oid, 'pg_database') like '{marker}%'"
+    )
+}
+
+/// The oids of the databases marked with `marker`.
+fn oids(cluster: &Cluster, marker: &str) -> Vec<String> {
+    let oids = cluster.psql(&format!(
+        "select oid from pg_database where shobj_description(oid, 'pg_database') like '{marker}%' \
+         order by oid"
+    ));
+    oids.lines().map(str::to_owned).collect()
+}
+
+/// The connection budget's `clients.lock` of the cluster's runs.
+fn clients_lock(cluster: &Cluster) -> std::fs::File {
+    let tmp = cluster.tmp_dir();
+    let found = std::fs::read_dir(&tmp)
+        .unwrap()
+        .flatten()
+        .flat_map(|budgets| std::fs::read_dir(budgets.path()).unwrap().flatten())
+        .map(|server| server.path().join("clients.lock"))
+        .find(|path| path.exists())
+        .unwrap_or_else(|| panic!("no clients.lock under {}", tmp.display()));
+    std::fs::File::open(found).unwrap()
+}
+
+#[test]
+fn after_a_run_the_helper_drops_passed_databases_and_the_next_run_claims_its_spares() {
+    let cluster = Cluster::start(&[]);
+    for output in run_together(3, |_| {
+        in_run(&cluster, "fixture_database_fixed_ids", "run-1")
+    }) {
+        assert_passed(&output, 1);
+    }
+    // Once the run is over: no test database left, a spare for each test.
+    cluster.wait_until(
+        &format!(
+            "select ({}) and ({})",
+            count_is(SPARES, 3),
+            count_is(TEST_DATABASES, 0)
+        ),
+        Duration::from_secs(60),
+    );
+    let spares = oids(&cluster, SPARES);
+    // Held as a test process would, so that the helper waits while the
+    // next run's databases are looked at.
+    let clients = clients_lock(&cluster);
+    clients.lock_shared().unwrap();
+    for output in run_together(3, |_| {
+        in_run(&cluster, "fixture_database_fixed_ids", "run-2")
+    }) {
+        assert_passed(&output, 1);
+    }
+    assert_eq!(
+        oids(&cluster, TEST_DATABASES),
+        spares,
+        "the second run's tests got the spares, renamed"
+    );
+    assert_eq!(oids(&cluster, SPARES), Vec::<String>::new());
+    drop(clients);
+    cluster.wait_until(
+        &format!(
+            "select ({}) and ({})",
+            count_is(SPARES, 3),
+            count_is(TEST_DATABASES, 0)
+        ),
+        Duration::from_secs(60),
+    );
 }

@@ -9,10 +9,12 @@
 //! A slot is a locked file: a panicking test drops its guard, a killed
 //! process has its locks released by the operating system.
 
+use std::collections::HashMap;
 use std::env;
 use std::fs::{self, File, OpenOptions, TryLockError};
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::{LazyLock, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
 
 use sha2::{Digest, Sha256};
@@ -117,6 +119,29 @@ impl Budget {
         timeout: Duration,
     ) -> Result<Option<File>, Error> {
         lock_within(&self.dir.join(name), timeout).await
+    }
+
+    /// Holds a shared lock on the file `name` of this budget's directory
+    /// until the process ends (once per process and name), so that whoever
+    /// takes it exclusively knows no process is using what it stands for.
+    /// Waits while someone holds it exclusively.
+    pub(crate) async fn hold_while_alive(&self, name: &str) -> Result<(), Error> {
+        static HELD: LazyLock<Mutex<HashMap<PathBuf, File>>> = LazyLock::new(Default::default);
+        let path = self.file(name);
+        let held = || HELD.lock().unwrap_or_else(PoisonError::into_inner);
+        if held().contains_key(&path) {
+            return Ok(());
+        }
+        let file = open(&path)?;
+        loop {
+            match file.try_lock_shared() {
+                Ok(()) => break,
+                Err(TryLockError::WouldBlock) => tokio::time::sleep(Duration::from_millis(5)).await,
+                Err(TryLockError::Error(error)) => return Err(budget_io(&path, &error)),
+            }
+        }
+        held().insert(path, file);
+        Ok(())
     }
 
     /// How many connections the suite may use on this server.

@@ -67,6 +67,8 @@ pub(crate) struct Config {
     pub(crate) budget_timeout: Duration,
     /// How long a test may wait for a connection of its own pool.
     pub(crate) acquire_timeout: Duration,
+    /// At most how many spare copies of a template to keep (0: none).
+    pub(crate) spare_databases: u32,
 }
 
 impl Config {
@@ -84,6 +86,7 @@ impl Config {
             embedded_idle: seconds(crate::embedded::IDLE_VAR, DEFAULT_EMBEDDED_IDLE)?,
             budget_timeout: seconds(crate::budget::TIMEOUT_VAR, DEFAULT_BUDGET_TIMEOUT)?,
             acquire_timeout: seconds(ACQUIRE_TIMEOUT_VAR, DEFAULT_ACQUIRE_TIMEOUT)?,
+            spare_databases: count(crate::spares::SPARES_VAR, crate::spares::DEFAULT_SPARES)?,
         })
     }
 }
@@ -154,6 +157,17 @@ fn seconds(var: &'static str, default: Duration) -> Result<Duration, Error> {
             expected: "a positive number of seconds",
         }),
     }
+}
+
+fn count(var: &'static str, default: u32) -> Result<u32, Error> {
+    let Some(value) = non_empty_var(var) else {
+        return Ok(default);
+    };
+    value.trim().parse().map_err(|_| Error::InvalidSetting {
+        var,
+        value,
+        expected: "a whole number (0 for none)",
+    })
 }
 
 #[cfg(test)]

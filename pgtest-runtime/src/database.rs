@@ -20,10 +20,8 @@
 //! sweeper holds the lock file while it drops, and `DROP DATABASE` without
 //! `FORCE` refuses while anyone is connected, which guards the rest.
 
-use std::collections::HashMap;
 use std::fs::{self, File, TryLockError};
 use std::path::{Path, PathBuf};
-use std::sync::{LazyLock, Mutex, PoisonError};
 use std::time::Duration;
 
 use sha2::{Digest, Sha256};
@@ -38,6 +36,7 @@ use crate::budget::Budget;
 use crate::migrations::Migrations;
 use crate::runner::Script;
 use crate::server::Server;
+use crate::spares::{self, SPARE_MARKER};
 
 /// How a test database's comment starts.
 const TEST_MARKER: &str = "pgtest: test database";
@@ -89,34 +88,18 @@ pub(crate) fn run_database_comment(budget: &Budget, database: &str, test: &str) 
 }
 
 fn run_lock_path(budget: &Budget, database: &str) -> PathBuf {
-    budget.file(&format!("run-{database}.lock"))
+    budget.file(&run_lock_name(database))
+}
+
+fn run_lock_name(database: &str) -> String {
+    format!("run-{database}.lock")
 }
 
 /// Marks this process as a user of the run's shared database `database`
 /// for as long as it lives (a shared lock on the run's lock file), so that
 /// no sweep drops it under the run. Waits while a sweep holds the file.
 pub(crate) async fn hold_run_database(budget: &Budget, database: &str) -> Result<(), Error> {
-    static HELD: LazyLock<Mutex<HashMap<PathBuf, File>>> = LazyLock::new(Default::default);
-    let path = run_lock_path(budget, database);
-    if HELD
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .contains_key(&path)
-    {
-        return Ok(());
-    }
-    let file = budget.open(&path)?;
-    loop {
-        match file.try_lock_shared() {
-            Ok(()) => break,
-            Err(TryLockError::WouldBlock) => tokio::time::sleep(Duration::from_millis(5)).await,
-            Err(TryLockError::Error(error)) => return Err(budget.io_error(&path, &error)),
-        }
-    }
-    HELD.lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .insert(path, file);
-    Ok(())
+    budget.hold_while_alive(&run_lock_name(database)).await
 }
 
 /// A test's own database, from its creation until the test ends.
@@ -129,7 +112,8 @@ pub(crate) struct TestDatabase {
 }
 
 impl TestDatabase {
-    /// Clones `template` into a new database for `test`, using `admin`.
+    /// Gives `test` a database of its own, a copy of `template`: a spare
+    /// one if there is one to claim, else a new copy, made with `admin`.
     pub(crate) async fn create(
         server: &Server,
         budget: &Budget,
@@ -151,7 +135,10 @@ impl TestDatabase {
             created: now_secs(),
             lock: lock_path.clone(),
         };
-        create_database(server, admin, &name, Some(template), &comment.to_string()).await?;
+        let comment = comment.to_string();
+        if !spares::claim(server, admin, template, &name, &comment).await? {
+            create_database(server, admin, &name, Some(template), &comment).await?;
+        }
         Ok(Self {
             name,
             lock,
@@ -178,55 +165,84 @@ impl TestDatabase {
 }
 
 /// Drops a few of the copies of templates that nobody can be using any more
-/// and of the templates unused for a week (processes sweep side by side,
-/// each claiming a database before dropping it), then closes `admin`.
-/// Errors are logged, never a test's failure.
-pub(crate) async fn sweep(server: &Server, mut admin: PgConnection) {
-    if let Err(error) = sweep_with(server, &mut admin).await {
+/// (but passed tests' databases when `leave_passed`, as the spares helper
+/// drops those after the run), templates unused for a week and spares of
+/// templates gone, then closes `admin`. Processes sweep side by side, each
+/// claiming a database before dropping it. Errors are logged, never a
+/// test's failure.
+pub(crate) async fn sweep(server: &Server, mut admin: PgConnection, leave_passed: bool) {
+    if let Err(error) = sweep_with(server, &mut admin, leave_passed).await {
         tracing::warn!(%error, "sweeping old databases failed");
     }
     let _ = admin.close().await;
 }
 
-async fn sweep_with(server: &Server, admin: &mut PgConnection) -> Result<(), Error> {
+async fn sweep_with(
+    server: &Server,
+    admin: &mut PgConnection,
+    leave_passed: bool,
+) -> Result<(), Error> {
     let databases: Vec<(String, String)> = sqlx::query_as(
         "select datname, description from (select datname, shobj_description(oid, 'pg_database') as description \
-         from pg_database) d where description like $1 or description like $2 or description like $3",
+         from pg_database) d where description like any($1) order by datname",
     )
-    .bind(format!("{TEST_MARKER};%"))
-    .bind(format!("{};%", Kind::Shared.ready_marker()))
-    .bind(format!("{};%", Kind::Template.ready_marker()))
+    .bind(
+        [TEST_MARKER, Kind::Shared.ready_marker(), Kind::Template.ready_marker(), SPARE_MARKER]
+            .map(|marker| format!("{marker};%")),
+    )
     .fetch_all(&mut *admin)
     .await
     .map_err(|error| server.query_error("listing templates and their copies", &error))?;
+    let templates: Vec<&str> = databases
+        .iter()
+        .filter(|(_, description)| template_used(description).is_some())
+        .map(|(name, _)| name.as_str())
+        .collect();
     let (host, run) = (host(), run_id());
     let mut dropped = 0;
-    for (name, description) in databases {
+    for (name, description) in &databases {
         if dropped == SWEEP_BATCH {
             break;
         }
-        if let Some(used) = template_used(&description) {
+        if let Some(used) = template_used(description) {
             if now_secs().saturating_sub(used) > UNUSED_TEMPLATE_AGE.as_secs() {
                 tracing::debug!(database = name, "sweeping a template unused for a week");
-                dropped += usize::from(drop_database_unclaimed(server, admin, &name).await?);
+                dropped += usize::from(drop_database_unclaimed(server, admin, name).await?);
             }
             continue;
         }
-        let Some(comment) = Comment::parse(&description) else {
+        if let Some(template) = spare_of(description) {
+            if !templates.contains(&template) {
+                tracing::debug!(database = name, "sweeping a spare of a template gone");
+                dropped += usize::from(drop_database_unclaimed(server, admin, name).await?);
+            }
+            continue;
+        }
+        let Some(comment) = Comment::parse(description) else {
             continue;
         };
+        if leave_passed && passed_path(&comment.lock).exists() {
+            continue;
+        }
         // Held while dropping, so that nobody starts using it meanwhile.
         let Some(_lock) = comment.sweepable(&host, &run) else {
             continue;
         };
         tracing::debug!(database = name, test = comment.test, "sweeping");
-        if drop_database_unclaimed(server, admin, &name).await? {
+        if drop_database_unclaimed(server, admin, name).await? {
             dropped += 1;
             let _ = fs::remove_file(passed_path(&comment.lock));
             let _ = fs::remove_file(&comment.lock);
         }
     }
     Ok(())
+}
+
+/// The template a spare was copied from, from its comment.
+fn spare_of(description: &str) -> Option<&str> {
+    description
+        .strip_prefix(SPARE_MARKER)?
+        .strip_prefix("; template=")
 }
 
 /// What the comment of a copy of a template records.

@@ -21,6 +21,7 @@ mod redact;
 mod runner;
 mod server;
 mod shapes;
+mod spares;
 mod tenant;
 
 pub use cleanup::{Removed, remove_all};

@@ -20,6 +20,7 @@ use crate::database::{self, TestDatabase, template_name};
 use crate::migrations::{MigrationSource, Migrations};
 use crate::server::Server;
 use crate::shapes::{TestFn, TestTermination};
+use crate::spares;
 use crate::{Error, Tenant, TestContext};
 
 /// The longest `application_name` PostgreSQL keeps.
@@ -224,8 +225,11 @@ async fn prepare(spec: &TestSpec) -> Result<(TestContext, Teardown), Error> {
     let manifest_dir = Path::new(spec.manifest_dir);
     let config = Config::load(manifest_dir)?;
     let (budget_timeout, acquire_timeout) = (config.budget_timeout, config.acquire_timeout);
+    let spare_limit = config.spare_databases;
     let server = Server::new(config)?;
     let budget = Budget::of(&server, budget_timeout).await?;
+    // The spares helper works only while no process holds this.
+    budget.hold_while_alive(spares::CLIENTS_LOCK).await?;
     let migrations = Migrations::load(spec.migrations, manifest_dir).await?;
     let tenant = Tenant::new();
     let (context, teardown) = match spec.isolation {
@@ -260,12 +264,13 @@ async fn prepare(spec: &TestSpec) -> Result<(TestContext, Teardown), Error> {
             let (slots, mut admin) = with_template(&server, &budget, built, spec).await?;
             let database =
                 TestDatabase::create(&server, &budget, &mut admin, &template, spec.name).await?;
+            spares::want(&server, &budget, &template, spare_limit);
             let name = database.name.clone();
             let pool = test_pool(&server, &name, tenant, spec, acquire_timeout);
             let context = TestContext::new(pool, tenant, name, spec.name);
             let teardown = Teardown {
                 slots,
-                sweep: Some(sweep_beside(&server, admin)),
+                sweep: Some(sweep_beside(&server, &budget, admin)),
                 own: Some((server.clone(), database)),
             };
             (context, teardown)
@@ -294,10 +299,16 @@ async fn prepare(spec: &TestSpec) -> Result<(TestContext, Teardown), Error> {
     Ok((context, teardown))
 }
 
-/// Sweeps old copies of templates on `admin`, beside the test's body.
-fn sweep_beside(server: &Server, admin: PgConnection) -> tokio::task::JoinHandle<()> {
+/// Sweeps old copies of templates on `admin`, beside the test's body;
+/// passed tests' databases are left to the spares helper if it runs.
+fn sweep_beside(
+    server: &Server,
+    budget: &Budget,
+    admin: PgConnection,
+) -> tokio::task::JoinHandle<()> {
     let server = server.clone();
-    tokio::spawn(async move { database::sweep(&server, admin).await })
+    let leave_passed = spares::helper_running(budget);
+    tokio::spawn(async move { database::sweep(&server, admin, leave_passed).await })
 }
 
 fn template_target<'a>(
@@ -354,7 +365,7 @@ async fn shared(
     }
     let slots = budget.take(sweeper, spec.name).await?;
     let admin = server.connect(server.admin_database()).await?;
-    Ok((slots, Some(sweep_beside(server, admin))))
+    Ok((slots, Some(sweep_beside(server, budget, admin))))
 }
 
 /// Makes sure the template is ready; takes the test's slots and opens the

@@ -3,7 +3,7 @@
 use std::str::FromStr;
 use std::time::{Duration, Instant};
 
-use sqlx::postgres::{PgConnectOptions, PgConnection};
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgSslMode};
 use sqlx::{ConnectOptions, Connection};
 
 use crate::Error;
@@ -34,6 +34,17 @@ fn parse_url(url: &str, origin: &UrlOrigin) -> Result<PgConnectOptions, Error> {
     PgConnectOptions::from_str(url).map_err(|e| invalid(e.to_string()))
 }
 
+/// The password of a URL, decoded.
+fn url_password(url: &str) -> Option<String> {
+    let parsed = url::Url::parse(url).ok()?;
+    let password = parsed.password()?;
+    Some(
+        percent_encoding::percent_decode_str(password)
+            .decode_utf8_lossy()
+            .into_owned(),
+    )
+}
+
 /// How long a server that refuses connections for want of slots is retried.
 pub(crate) const REFUSED_RETRY: Duration = Duration::from_secs(60);
 
@@ -49,6 +60,9 @@ pub(crate) fn is_refused_for_slots(error: &sqlx::Error) -> bool {
 #[derive(Clone)]
 pub(crate) struct Server {
     options: PgConnectOptions,
+    /// The URL's password, for `psql` run by the spares helper. Never
+    /// printed.
+    password: Option<String>,
     admin_database: String,
     url: String,
     origin: String,
@@ -61,16 +75,24 @@ pub(crate) struct Server {
 
 impl Server {
     pub(crate) fn new(config: Config) -> Result<Self, Error> {
-        let (options, url, origin, known_capacity) = match config.target {
+        let (options, password, url, origin, known_capacity) = match config.target {
             Target::Url { url, origin } => {
                 let options = parse_url(&url, &origin)?;
-                (options, redact_url(&url), origin.to_string(), None)
+                let password = url_password(&url);
+                (
+                    options,
+                    password,
+                    redact_url(&url),
+                    origin.to_string(),
+                    None,
+                )
             }
             Target::Embedded => {
                 let embedded = embedded::ensure(config.embedded_idle)?;
                 let capacity = Some(embedded.client_connections);
                 (
                     embedded.options,
+                    None,
                     embedded.description,
                     URL_VAR.to_owned(),
                     capacity,
@@ -83,6 +105,7 @@ impl Server {
             .to_owned();
         Ok(Self {
             options,
+            password,
             admin_database,
             url,
             origin,
@@ -149,6 +172,36 @@ impl Server {
             self.options.get_port(),
             self.user()
         )
+    }
+
+    /// The environment that makes `psql` connect to the admin database as
+    /// pgtest's role (the password, if any, in `PGPASSWORD`).
+    pub(crate) fn psql_env(&self) -> Vec<(&'static str, String)> {
+        let host = match self.options.get_socket() {
+            Some(socket) => socket.display().to_string(),
+            None => self.options.get_host().to_owned(),
+        };
+        let ssl_mode = match self.options.get_ssl_mode() {
+            PgSslMode::Disable => "disable",
+            PgSslMode::Allow => "allow",
+            PgSslMode::Prefer => "prefer",
+            PgSslMode::Require => "require",
+            PgSslMode::VerifyCa => "verify-ca",
+            PgSslMode::VerifyFull => "verify-full",
+        };
+        let mut env = vec![
+            ("PGHOST", host),
+            ("PGPORT", self.options.get_port().to_string()),
+            ("PGUSER", self.user().to_owned()),
+            ("PGDATABASE", self.admin_database.clone()),
+            ("PGSSLMODE", ssl_mode.to_owned()),
+            ("PGAPPNAME", "pgtest spares".to_owned()),
+            ("PGCONNECT_TIMEOUT", "10".to_owned()),
+        ];
+        if let Some(password) = &self.password {
+            env.push(("PGPASSWORD", password.clone()));
+        }
+        env
     }
 
     /// Options that connect to `database` on this server.

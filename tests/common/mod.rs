@@ -91,11 +91,16 @@ impl Cluster {
     /// This test binary, ready to run fixtures against this cluster, with a
     /// temporary directory (and so a connection budget) of the cluster's own.
     pub fn fixture(&self, filter: &str) -> Command {
-        let tmp = self.dir.path().join("tmp");
+        let tmp = self.tmp_dir();
         fs::create_dir_all(&tmp).expect("create the cluster's temporary directory");
         let mut command = fixture(filter, &self.url());
         command.env("TMPDIR", tmp);
         command
+    }
+
+    /// The `TMPDIR` of the fixtures run against this cluster.
+    pub fn tmp_dir(&self) -> PathBuf {
+        self.dir.path().join("tmp")
     }
 
     /// The fixture test named `test` alone, against this cluster.

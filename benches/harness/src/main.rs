@@ -37,6 +37,8 @@ struct Options {
 /// One flavour's run.
 struct Sample {
     wall: Duration,
+    /// How long pgtest's spares helper worked once the run was over.
+    after: Duration,
     passed: usize,
     failed: usize,
     peak: i64,
@@ -239,6 +241,7 @@ async fn measure(
     let output = command.output().await?;
     let wall = started.elapsed();
     sampler.abort();
+    let after = wait_for_spares_helper(&work.join("tmp")).await;
 
     let printed = format!(
         "{}{}",
@@ -263,6 +266,7 @@ async fn measure(
     let leftover = test_databases(admin).await? - leftover_before;
     Ok(Sample {
         wall,
+        after,
         passed,
         failed,
         peak: peak.load(Ordering::Relaxed),
@@ -277,7 +281,33 @@ async fn measure(
     })
 }
 
-/// How many databases `#[sqlx::test]` has left on the server.
+/// Waits for pgtest's spares helper (see pgtest-runtime/src/spares.rs),
+/// which drops passed tests' databases and copies templates once a run is
+/// over, so that its work is neither charged to the next flavour nor
+/// hidden; how long it worked.
+async fn wait_for_spares_helper(tmp: &Path) -> Duration {
+    let started = Instant::now();
+    let running = || {
+        let Ok(budgets) = std::fs::read_dir(tmp) else {
+            return false;
+        };
+        budgets
+            .flatten()
+            .flat_map(|budget| std::fs::read_dir(budget.path()).into_iter().flatten())
+            .flatten()
+            .filter_map(|server| {
+                std::fs::read_to_string(server.path().join("pgtest-spares.pid")).ok()
+            })
+            .any(|pid| Path::new("/proc").join(pid.trim()).exists())
+    };
+    // The helper starts its work 2 s after the last test process ends.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    while running() {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    started.elapsed()
+}
+
 /// Per-test databases left on the server: sqlx's, and pgtest's (which a
 /// later run sweeps).
 async fn test_databases(admin: &mut PgConnection) -> anyhow::Result<i64> {
@@ -355,9 +385,9 @@ fn print_table(options: &Options, rows: &[(&str, usize, Vec<Vec<Sample>>)]) {
         options.tests, options.binaries, options.runs
     );
     println!(
-        "| runner | -j | flavour | wall (s) | failed | peak conns | refused | conns opened/test | leftover dbs |"
+        "| runner | -j | flavour | wall (s) | each run (s) | after run (s) | failed | peak conns | refused | conns opened/test | leftover dbs |"
     );
-    println!("|---|---:|---|---:|---:|---:|---:|---:|---:|");
+    println!("|---|---:|---|---:|---|---:|---:|---:|---:|---:|---:|");
     for (runner, jobs, samples) in rows {
         let mut walls = std::collections::HashMap::new();
         for (flavour, runs) in options.flavours.iter().zip(samples) {
@@ -369,8 +399,14 @@ fn print_table(options: &Options, rows: &[(&str, usize, Vec<Vec<Sample>>)]) {
                     .map(|s| s.connections as f64 / (s.passed + s.failed).max(1) as f64)
                     .collect(),
             );
+            let each: Vec<String> = runs
+                .iter()
+                .map(|s| format!("{:.2}", s.wall.as_secs_f64()))
+                .collect();
+            let after = median(runs.iter().map(|s| s.after.as_secs_f64()).collect());
             println!(
-                "| {runner} | {jobs} | {flavour} | {wall:.2} | {} | {} | {} | {per_test:.1} | {} |",
+                "| {runner} | {jobs} | {flavour} | {wall:.2} | {} | {after:.1} | {} | {} | {} | {per_test:.1} | {} |",
+                each.join(" / "),
                 worst(|s| s.failed as f64),
                 worst(|s| s.peak as f64),
                 worst(|s| s.refusals as f64),
@@ -382,7 +418,7 @@ fn print_table(options: &Options, rows: &[(&str, usize, Vec<Vec<Sample>>)]) {
             _ => "-".to_owned(),
         };
         println!(
-            "| {runner} | {jobs} | **ratios** | pgtest/plain {}, sqlx/pgtest {} | | | | | |",
+            "| {runner} | {jobs} | **ratios** | pgtest/plain {}, sqlx/pgtest {} | | | | | | | |",
             ratio("pgtest", "plain"),
             ratio("sqlx", "pgtest")
         );
@@ -401,7 +437,7 @@ fn print_table(options: &Options, rows: &[(&str, usize, Vec<Vec<Sample>>)]) {
             .collect();
         if !overhead.is_empty() {
             println!(
-                "| {runner} | {jobs} | **ms per test above plain** | {} | | | | | |",
+                "| {runner} | {jobs} | **ms per test above plain** | {} | | | | | | | |",
                 overhead.join(", ")
             );
         }
