@@ -55,37 +55,51 @@ exec 9>>"$dir/pgtest-spares.lock"
 flock --nonblock 9 || exit 0
 echo $$ > "$dir/pgtest-spares.pid"
 idle() { flock --nonblock --exclusive "$dir/clients.lock" true; }
-sql() { psql -X -q -At -v ON_ERROR_STOP=1 -c "$1"; }
+sql() { psql -X -q -At -c "$1"; }
+# Runs the statements of the file $1, eight per psql, so long as no test
+# uses the server; fails as soon as one does.
+run_file() {
+    while [ -s "$1" ]; do
+        idle || return 1
+        head -n 8 "$1" > "$1.batch"
+        tail -n +9 "$1" > "$1.rest"
+        mv "$1.rest" "$1"
+        psql -X -q -f "$1.batch"
+    done
+    rm -f "$1" "$1.batch"
+}
 # One pass over the work; fails as soon as a test uses the server again.
 work() {
     for passed in "$dir"/live-*.passed; do
         [ -e "$passed" ] || break
-        idle || return 1
         lock=${passed%.passed}.lock
         name=${lock##*/live-}
         name=${name%.lock}
-        if flock --nonblock --exclusive "$lock" psql -X -q -c "drop database if exists \"$name\""; then
-            rm -f "$passed" "$lock"
-        fi
+        echo "drop database if exists \"$name\";" >> "$dir/spares.drops"
+        rm -f "$passed" "$lock"
     done
+    run_file "$dir/spares.drops" || return 1
     if [ -s "$dir/spares.wanted" ] && mv "$dir/spares.wanted" "$dir/spares.taken"; then
         cat "$dir/spares.taken" >> "$dir/spares.todo"
         rm -f "$dir/spares.taken"
     fi
-    [ -s "$dir/spares.todo" ] || return 0
-    sort "$dir/spares.todo" | uniq -c > "$dir/spares.counts"
-    while read -r count template; do
-        pattern=$(printf %s "$template" | sed 's/_/\\_/g')
-        missing=$(sql "select least($count, $limit, 2147483648 / greatest(pg_database_size('$template'), 1)) - count(*) from pg_database where datname like '${pattern}\_s%'") || missing=0
-        while [ "${missing:-0}" -gt 0 ]; do
-            idle || return 1
-            spare="${template}_s$(od -An -N4 -tx4 /dev/urandom | tr -d ' \n' | cut -c1-7)"
-            sql "create database \"$spare\" template \"$template\"" &&
-                sql "comment on database \"$spare\" is '$marker; template=$template'"
-            missing=$((missing - 1))
-        done
-    done < "$dir/spares.counts"
-    rm -f "$dir/spares.todo" "$dir/spares.counts"
+    # Counted again once the copies asked for before are made.
+    if [ -s "$dir/spares.todo" ] && [ ! -s "$dir/spares.creates" ]; then
+        sort "$dir/spares.todo" | uniq -c > "$dir/spares.counts"
+        rm -f "$dir/spares.todo"
+        while read -r count template; do
+            pattern=$(printf %s "$template" | sed 's/_/\\_/g')
+            missing=$(sql "select least($count, $limit, 2147483648 / greatest(pg_database_size('$template'), 1)) - count(*) from pg_database where datname like '${pattern}\_s%'") || missing=0
+            while [ "${missing:-0}" -gt 0 ]; do
+                spare="${template}_s$(od -An -N4 -tx4 /dev/urandom | tr -d ' \n' | cut -c1-7)"
+                echo "create database \"$spare\" template \"$template\";"
+                echo "comment on database \"$spare\" is '$marker; template=$template';"
+                missing=$((missing - 1))
+            done
+        done < "$dir/spares.counts" >> "$dir/spares.creates"
+        rm -f "$dir/spares.counts"
+    fi
+    run_file "$dir/spares.creates"
 }
 quiet=0
 while [ -d "$dir" ]; do
