@@ -385,6 +385,13 @@ mod tests {
     }
 
     #[test]
+    fn a_spare_names_its_template() {
+        let description = format!("{SPARE_MARKER}; template=pgtest_app_0123456789ab");
+        assert_eq!(spare_of(&description), Some("pgtest_app_0123456789ab"));
+        assert_eq!(spare_of(&comment().to_string()), None);
+    }
+
+    #[test]
     fn a_run_databases_comment_reads_back_too() {
         let run = Comment {
             prefix: Kind::Shared.ready_marker(),

@@ -354,3 +354,17 @@ impl Server {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::url_password;
+
+    #[test]
+    fn a_urls_password_is_decoded_for_psql() {
+        assert_eq!(
+            url_password("postgres://app:p%40ss%3Aword@db:5432/app").as_deref(),
+            Some("p@ss:word")
+        );
+        assert_eq!(url_password("postgres://app@db/app"), None);
+    }
+}

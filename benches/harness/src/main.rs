@@ -1,7 +1,9 @@
 //! Runs one generated suite as `#[pg_test]`, `#[sqlx::test]` and plain
 //! `#[tokio::test]` with a pre-migrated database, under `cargo nextest run
 //! -j J` and `cargo test -- --test-threads=J`, against a server started with
-//! `max_connections = 100`, and prints a markdown table of medians.
+//! `max_connections = 100`, and prints a markdown table of medians. After
+//! each run it waits for pgtest's spares helper and reports how long it
+//! worked.
 //!
 //! ```text
 //! cargo run -p pgtest-bench --release -- [--tests 200] [--binaries 8] [--jobs 16,64] [--runs 3] [--cargo-test]
