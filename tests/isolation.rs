@@ -480,6 +480,17 @@ fn clients_lock(cluster: &Cluster) -> std::fs::File {
     std::fs::File::open(found).unwrap()
 }
 
+/// Waits until the spares helper has done its work after a run of `tests`
+/// passing tests: no test database left, a spare for each test.
+fn wait_for_the_helper(cluster: &Cluster, tests: usize) {
+    let done = format!(
+        "select ({}) and ({})",
+        count_is(SPARES, tests),
+        count_is(TEST_DATABASES, 0)
+    );
+    cluster.wait_until(&done, Duration::from_secs(60));
+}
+
 #[test]
 fn after_a_run_the_helper_drops_passed_databases_and_the_next_run_claims_its_spares() {
     let cluster = Cluster::start(&[]);
@@ -488,15 +499,7 @@ fn after_a_run_the_helper_drops_passed_databases_and_the_next_run_claims_its_spa
     }) {
         assert_passed(&output, 1);
     }
-    // Once the run is over: no test database left, a spare for each test.
-    cluster.wait_until(
-        &format!(
-            "select ({}) and ({})",
-            count_is(SPARES, 3),
-            count_is(TEST_DATABASES, 0)
-        ),
-        Duration::from_secs(60),
-    );
+    wait_for_the_helper(&cluster, 3);
     let spares = oids(&cluster, SPARES);
     // Held as a test process would, so that the helper waits while the
     // next run's databases are looked at.
@@ -514,12 +517,5 @@ fn after_a_run_the_helper_drops_passed_databases_and_the_next_run_claims_its_spa
     );
     assert_eq!(oids(&cluster, SPARES), Vec::<String>::new());
     drop(clients);
-    cluster.wait_until(
-        &format!(
-            "select ({}) and ({})",
-            count_is(SPARES, 3),
-            count_is(TEST_DATABASES, 0)
-        ),
-        Duration::from_secs(60),
-    );
+    wait_for_the_helper(&cluster, 3);
 }

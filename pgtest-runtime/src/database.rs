@@ -9,12 +9,14 @@
 //!   rows that tests leave behind never pile up across runs. Every process
 //!   of the run holds a shared lock on the run's lock file while it lives;
 //! - a test's own database (`isolation = "database"`), `<template>_<8 hex>`:
-//!   its test holds an exclusive lock on its lock file while it runs, and
-//!   until its process ends when it fails.
+//!   a spare copy renamed (see [`crate::spares`]) or, when none is left, a
+//!   new one. Its test holds an exclusive lock on its lock file while it
+//!   runs, and until its process ends when it fails.
 //!
 //! Copies are swept, not dropped by their users: the drop is off the
-//! tests' critical path, and a failed test's database stays for
-//! inspection until a later run. A copy is swept once nobody can be using
+//! tests' critical path (a passed test's database is left to the spares
+//! helper, after the run, when one runs), and a failed test's database
+//! stays for inspection until a later run. A copy is swept once nobody can be using
 //! it: its lock file on this machine is free and it passed or belongs to
 //! another run; a copy made on another machine, once it is a day old. The
 //! sweeper holds the lock file while it drops, and `DROP DATABASE` without
