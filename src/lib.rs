@@ -51,7 +51,7 @@
 /// | argument | meaning | default |
 /// |---|---|---|
 /// | `isolation = "shared"` | the shared database; rows kept apart by the test's tenant | the default |
-/// | `isolation = "database"` | a database of the test's own, cloned from a template migrated once; kept when the test fails | with `fixtures(…)`, and in [`sqlx_test`] |
+/// | `isolation = "database"` | a database of the test's own, cloned from a template migrated once (a spare copy made after the previous run, when there is one); kept when the test fails | with `fixtures(…)`, and in [`sqlx_test`] |
 /// | `isolation = "transaction"` | one connection inside a transaction on the shared database, rolled back at the end | |
 /// | `fixtures("users", "posts")` | scripts as `#[sqlx::test]` reads them: `fixtures/<name>.sql` beside the test file; `"../x.sql"` relative to it; `fixtures(path = "dir", scripts("a", "b"))`; repeatable. In `database` isolation they are part of the template, run once | none |
 /// | `migrations = "dir"` | migrations directory, relative to the package's `Cargo.toml`; read when the test runs, so an edit needs no rebuild | `sqlx.toml`'s `[migrate] migrations-dir`, else `"./migrations"` when it exists, else none |
