@@ -24,7 +24,6 @@ use std::sync::OnceLock;
 
 use nix::sys::signal::kill;
 use nix::unistd::Pid;
-use sqlx::Connection;
 use sqlx::postgres::PgConnection;
 
 use crate::Error;
@@ -131,33 +130,17 @@ pub(crate) async fn claim(
     .await
     .map_err(|error| server.query_error(format!("listing spare copies of {template}"), &error))?;
     for spare in spares {
-        let statements = [
-            format!(
-                "alter database {} rename to {}",
-                quote_ident(&spare),
-                quote_ident(name)
-            ),
-            format!("comment on database {} is '{comment}'", quote_ident(name)),
-        ];
-        let mut transaction = admin
-            .begin()
+        // One simple query is one transaction: renamed and marked, or not.
+        let claim = format!(
+            "alter database {} rename to {name}; comment on database {name} is '{comment}'",
+            quote_ident(&spare),
+            name = quote_ident(name),
+        );
+        match sqlx::raw_sql(sqlx::AssertSqlSafe(claim))
+            .execute(&mut *admin)
             .await
-            .map_err(|error| server.query_error("beginning a claim", &error))?;
-        let mut renamed = Ok(());
-        for statement in statements {
-            renamed = sqlx::raw_sql(sqlx::AssertSqlSafe(statement))
-                .execute(&mut *transaction)
-                .await
-                .map(|_| ());
-            if renamed.is_err() {
-                break;
-            }
-        }
-        match renamed {
-            Ok(()) => match transaction.commit().await {
-                Ok(()) => return Ok(true),
-                Err(error) => tracing::debug!(spare, %error, "claiming a spare failed"),
-            },
+        {
+            Ok(_) => return Ok(true),
             // Another test took it first: try the next.
             Err(error) => tracing::debug!(spare, %error, "claiming a spare failed"),
         }
