@@ -361,7 +361,11 @@ fn a_template_unused_for_a_week_is_swept_and_one_in_use_is_kept() {
         "comment on database {notes_template} is 'pgtest: template, ready; used={week_ago}'"
     ));
     assert_passed(
-        &run(in_run(&cluster, "fixture_database_fixed_ids", "run-2")),
+        &run(in_run_without_spares(
+            &cluster,
+            "fixture_database_fixed_ids",
+            "run-2",
+        )),
         1,
     );
     let left = cluster.pgtest_databases();
@@ -381,6 +385,32 @@ fn a_template_unused_for_a_week_is_swept_and_one_in_use_is_kept() {
     assert!(
         stamp.starts_with("pgtest: template, ready; used="),
         "{stamp}"
+    );
+}
+
+#[test]
+fn spares_of_a_template_unused_for_a_day_are_swept() {
+    let cluster = Cluster::start(&[]);
+    assert_passed(
+        &run(in_run(&cluster, "fixture_database_fixed_ids", "run-1")),
+        1,
+    );
+    wait_for_the_helper(&cluster, 1);
+    let posts_template = cluster.pgtest_databases().remove(0);
+    let two_days_ago = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        - 2 * 24 * 60 * 60;
+    cluster.psql(&format!(
+        "comment on database {posts_template} is 'pgtest: template, ready; used={two_days_ago}'"
+    ));
+    // A run of another template sweeps beside its first test.
+    assert_passed(&run(in_run(&cluster, "fixture_shared_notes", "run-2")), 1);
+    assert_eq!(oids(&cluster, SPARES), Vec::<String>::new());
+    assert!(
+        cluster.pgtest_databases().contains(&posts_template),
+        "the template itself stays until it is a week unused"
     );
 }
 

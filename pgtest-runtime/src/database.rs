@@ -22,6 +22,7 @@
 //! sweeper holds the lock file while it drops, and `DROP DATABASE` without
 //! `FORCE` refuses while anyone is connected, which guards the rest.
 
+use std::collections::HashMap;
 use std::fs::{self, File, TryLockError};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -48,6 +49,10 @@ const TEST_MARKER: &str = "pgtest: test database";
 const SWEEP_BATCH: usize = 2;
 /// Age after which a test database made on another machine is swept.
 const FOREIGN_AGE: Duration = Duration::from_secs(24 * 60 * 60);
+/// How long a template may go without being copied before its spares are
+/// swept (a migration edited makes a new template; the old one's spares
+/// should not hold disk for a week).
+const UNUSED_SPARE_AGE: Duration = Duration::from_secs(24 * 60 * 60);
 /// How long a template may go without being copied before it is swept
 /// (along with the shared databases copied from it, long gone by then).
 const UNUSED_TEMPLATE_AGE: Duration = Duration::from_secs(7 * 24 * 60 * 60);
@@ -169,7 +174,7 @@ impl TestDatabase {
 /// Drops a few of the copies of templates that nobody can be using any more
 /// (but passed tests' databases when `leave_passed`, as the spares helper
 /// drops those after the run), templates unused for a week and spares of
-/// templates gone, then closes `admin`. Processes sweep side by side, each
+/// templates unused for a day, then closes `admin`. Processes sweep side by side, each
 /// claiming a database before dropping it. Errors are logged, never a
 /// test's failure.
 pub(crate) async fn sweep(server: &Server, mut admin: PgConnection, leave_passed: bool) {
@@ -195,10 +200,9 @@ async fn sweep_with(
     .fetch_all(&mut *admin)
     .await
     .map_err(|error| server.query_error("listing templates and their copies", &error))?;
-    let templates: Vec<&str> = databases
+    let templates: HashMap<&str, u64> = databases
         .iter()
-        .filter(|(_, description)| template_used(description).is_some())
-        .map(|(name, _)| name.as_str())
+        .filter_map(|(name, description)| Some((name.as_str(), template_used(description)?)))
         .collect();
     let (host, run) = (host(), run_id());
     let mut dropped = 0;
@@ -214,8 +218,12 @@ async fn sweep_with(
             continue;
         }
         if let Some(template) = spare_of(description) {
-            if !templates.contains(&template) {
-                tracing::debug!(database = name, "sweeping a spare of a template gone");
+            let used = templates.get(template).copied().unwrap_or(0);
+            if now_secs().saturating_sub(used) > UNUSED_SPARE_AGE.as_secs() {
+                tracing::debug!(
+                    database = name,
+                    "sweeping a spare of a template unused for a day"
+                );
                 dropped += usize::from(drop_database_unclaimed(server, admin, name).await?);
             }
             continue;
