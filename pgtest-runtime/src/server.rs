@@ -163,10 +163,7 @@ impl Server {
     /// A `psql` command that opens `database` as pgtest's role; it asks for
     /// the password rather than showing it.
     pub(crate) fn psql_command(&self, database: &str) -> String {
-        let host = match self.options.get_socket() {
-            Some(socket) => socket.display().to_string(),
-            None => self.options.get_host().to_owned(),
-        };
+        let host = self.psql_host();
         format!(
             "psql -h '{host}' -p {} -U '{}' '{database}'",
             self.options.get_port(),
@@ -174,13 +171,18 @@ impl Server {
         )
     }
 
+    /// The host as `psql -h` takes it: a socket's directory, or a name.
+    fn psql_host(&self) -> String {
+        match self.options.get_socket() {
+            Some(socket) => socket.display().to_string(),
+            None => self.options.get_host().to_owned(),
+        }
+    }
+
     /// The environment that makes `psql` connect to the admin database as
     /// pgtest's role (the password, if any, in `PGPASSWORD`).
     pub(crate) fn psql_env(&self) -> Vec<(&'static str, String)> {
-        let host = match self.options.get_socket() {
-            Some(socket) => socket.display().to_string(),
-            None => self.options.get_host().to_owned(),
-        };
+        let host = self.psql_host();
         let ssl_mode = match self.options.get_ssl_mode() {
             PgSslMode::Disable => "disable",
             PgSslMode::Allow => "allow",
