@@ -174,7 +174,18 @@ pub(crate) fn helper_running(budget: &Budget) -> bool {
     fs::read_to_string(pid_path(budget))
         .ok()
         .and_then(|text| text.trim().parse::<i32>().ok())
-        .is_some_and(|pid| kill(Pid::from_raw(pid), None).is_ok())
+        .is_some_and(|pid| kill(Pid::from_raw(pid), None).is_ok() && is_helper(pid))
+}
+
+/// Whether process `pid` runs the helper's script, not some process that
+/// got the pid of a helper killed before it could remove its pid file.
+/// Where there is no `/proc`, the pid is trusted.
+fn is_helper(pid: i32) -> bool {
+    fs::read(format!("/proc/{pid}/cmdline")).map_or(true, |cmdline| {
+        cmdline
+            .windows(b"pgtest-spares".len())
+            .any(|window| window == b"pgtest-spares")
+    })
 }
 
 fn pid_path(budget: &Budget) -> PathBuf {
