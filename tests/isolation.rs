@@ -347,19 +347,24 @@ async fn fixture_shared_notes(pool: PgPool) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Stamps `template` as last copied `days` ago.
+fn last_used(cluster: &Cluster, template: &str, days: u64) {
+    let then = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        - days * 24 * 60 * 60;
+    cluster.psql(&format!(
+        "comment on database {template} is 'pgtest: template, ready; used={then}'"
+    ));
+}
+
 #[test]
 fn a_template_unused_for_a_week_is_swept_and_one_in_use_is_kept() {
     let cluster = Cluster::start(&[]);
     assert_passed(&run(in_run(&cluster, "fixture_shared_notes", "run-1")), 1);
     let notes_template = cluster.pgtest_databases().remove(0);
-    let week_ago = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-        - 8 * 24 * 60 * 60;
-    cluster.psql(&format!(
-        "comment on database {notes_template} is 'pgtest: template, ready; used={week_ago}'"
-    ));
+    last_used(&cluster, &notes_template, 8);
     assert_passed(
         &run(in_run_without_spares(
             &cluster,
@@ -397,14 +402,7 @@ fn spares_of_a_template_unused_for_a_day_are_swept() {
     );
     wait_for_the_helper(&cluster, 1);
     let posts_template = cluster.pgtest_databases().remove(0);
-    let two_days_ago = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-        - 2 * 24 * 60 * 60;
-    cluster.psql(&format!(
-        "comment on database {posts_template} is 'pgtest: template, ready; used={two_days_ago}'"
-    ));
+    last_used(&cluster, &posts_template, 2);
     // A run of another template sweeps beside its first test.
     assert_passed(&run(in_run(&cluster, "fixture_shared_notes", "run-2")), 1);
     assert_eq!(oids(&cluster, SPARES), Vec::<String>::new());
