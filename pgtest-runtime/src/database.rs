@@ -89,13 +89,9 @@ pub(crate) fn run_database_comment(budget: &Budget, database: &str, test: &str) 
         host: host(),
         run: run_id(),
         created: now_secs(),
-        lock: run_lock_path(budget, database),
+        lock: budget.file(&run_lock_name(database)),
     }
     .to_string()
-}
-
-fn run_lock_path(budget: &Budget, database: &str) -> PathBuf {
-    budget.file(&run_lock_name(database))
 }
 
 fn run_lock_name(database: &str) -> String {

@@ -14,6 +14,7 @@ mod cleanup;
 mod config;
 mod context;
 mod database;
+mod detach;
 mod embedded;
 mod error;
 mod migrations;

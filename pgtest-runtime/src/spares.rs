@@ -16,19 +16,17 @@
 //! or `flock` there is no helper: tests copy the template themselves and
 //! sweep passed tests' databases beside their bodies.
 
-use std::fs::{self, OpenOptions};
+use std::fs::OpenOptions;
 use std::io::Write;
-use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::OnceLock;
 
-use nix::sys::signal::kill;
-use nix::unistd::Pid;
 use sqlx::postgres::PgConnection;
 
 use crate::Error;
 use crate::bootstrap::quote_ident;
 use crate::budget::Budget;
+use crate::detach;
 use crate::server::Server;
 
 /// How a spare's comment starts.
@@ -171,52 +169,31 @@ pub(crate) fn want(server: &Server, budget: &Budget, template: &str, limit: u32)
 
 /// Whether a helper will drop passed tests' databases once the run ends.
 pub(crate) fn helper_running(budget: &Budget) -> bool {
-    fs::read_to_string(pid_path(budget))
-        .ok()
-        .and_then(|text| text.trim().parse::<i32>().ok())
-        .is_some_and(|pid| kill(Pid::from_raw(pid), None).is_ok() && is_helper(pid))
-}
-
-/// Whether process `pid` runs the helper's script, not some process that
-/// got the pid of a helper killed before it could remove its pid file.
-/// Where there is no `/proc`, the pid is trusted.
-fn is_helper(pid: i32) -> bool {
-    fs::read(format!("/proc/{pid}/cmdline")).map_or(true, |cmdline| {
-        cmdline
-            .windows(b"pgtest-spares".len())
-            .any(|window| window == b"pgtest-spares")
-    })
-}
-
-fn pid_path(budget: &Budget) -> PathBuf {
-    budget.file("pgtest-spares.pid")
+    detach::running(
+        &budget.file("pgtest-spares.pid"),
+        &budget.file("pgtest-spares.sh"),
+    )
 }
 
 fn start_helper(server: &Server, budget: &Budget, limit: u32) {
     if !tools_present() {
         return;
     }
-    let script = budget.file("pgtest-spares.sh");
-    if let Err(error) = fs::write(&script, SCRIPT) {
-        tracing::warn!(%error, "cannot write the spares helper");
-        return;
-    }
-    // `sh -c '... &'` exits at once, leaving the loop to init: no child
-    // for the test runner to wait for.
-    let spawned = Command::new("sh")
-        .args([
-            "-c",
-            r#"sh "$0" "$@" < /dev/null >> "$1/pgtest-spares.log" 2>&1 &"#,
-        ])
-        .arg(&script)
-        .arg(budget.file(""))
-        .arg(limit.to_string())
-        .arg(SPARE_MARKER)
-        .envs(server.psql_env())
-        .status();
-    match spawned {
-        Ok(status) if status.success() => tracing::debug!("spares helper started"),
-        Ok(status) => tracing::warn!(%status, "the spares helper did not start"),
+    let mut sh = Command::new("sh");
+    sh.envs(server.psql_env());
+    let started = detach::start(
+        sh,
+        &budget.file("pgtest-spares.sh"),
+        SCRIPT,
+        &budget.file("pgtest-spares.log"),
+        [
+            budget.file("").into_os_string(),
+            limit.to_string().into(),
+            SPARE_MARKER.into(),
+        ],
+    );
+    match started {
+        Ok(()) => tracing::debug!("spares helper started"),
         Err(error) => tracing::warn!(%error, "the spares helper did not start"),
     }
 }
@@ -225,15 +202,7 @@ fn start_helper(server: &Server, budget: &Budget, limit: u32) {
 fn tools_present() -> bool {
     static PRESENT: OnceLock<bool> = OnceLock::new();
     *PRESENT.get_or_init(|| {
-        let runs = |program: &str| {
-            Command::new(program)
-                .arg("--version")
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status()
-                .is_ok_and(|status| status.success())
-        };
-        let present = runs("psql") && runs("flock");
+        let present = detach::runs("psql") && detach::runs("flock");
         if !present {
             tracing::debug!(
                 "no psql or flock: tests in isolation = \"database\" copy the template themselves"

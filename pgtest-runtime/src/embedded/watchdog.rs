@@ -7,13 +7,12 @@
 //! could take that lock exclusively, and stops the server while holding it,
 //! so that no process can start using the server during the stop.
 
-use std::fs;
-use std::process::{Command, Stdio};
+use std::ffi::OsStr;
+use std::path::PathBuf;
 use std::time::Duration;
 
-use nix::unistd::Pid;
-
-use super::cluster::{Cluster, is_alive};
+use super::cluster::Cluster;
+use crate::detach;
 
 const SCRIPT: &str = r#"#!/bin/sh
 # pgtest's watchdog for one embedded cluster: stops the server once no test
@@ -47,46 +46,37 @@ pub(crate) fn ensure(cluster: &Cluster, idle: Duration) {
     if is_running(cluster) {
         return;
     }
-    if !Command::new("flock")
-        .arg("--version")
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-    {
+    if !detach::runs("flock") {
         tracing::warn!(
             "no `flock` command (util-linux): the embedded server will not stop by itself"
         );
         return;
     }
-    let script = cluster.dir().join("watchdog.sh");
-    if let Err(error) = fs::write(&script, SCRIPT) {
-        tracing::warn!(%error, "cannot write the watchdog script; the embedded server will not stop by itself");
-        return;
-    }
     let idle_secs = idle.as_secs_f64().ceil().max(1.0) as u64;
-    // `sh -c '... &'` exits at once, leaving the loop to init: no zombie,
-    // no child for the test runner to wait for.
-    let spawned = cluster
-        .server_command("sh")
-        .args([
-            "-c",
-            r#"sh "$0" "$@" < /dev/null >> "$1/watchdog.log" 2>&1 &"#,
-        ])
-        .arg(&script)
-        .arg(cluster.dir())
-        .arg(cluster.binaries().dir.as_os_str())
-        .arg(idle_secs.to_string())
-        .status();
-    match spawned {
-        Ok(status) if status.success() => tracing::debug!(idle_secs, "watchdog started"),
-        Ok(status) => tracing::warn!(%status, "the watchdog did not start"),
-        Err(error) => tracing::warn!(%error, "the watchdog did not start"),
+    let started = detach::start(
+        cluster.server_command("sh"),
+        &script_path(cluster),
+        SCRIPT,
+        &cluster.dir().join("watchdog.log"),
+        [
+            cluster.dir().as_os_str(),
+            cluster.binaries().dir.as_os_str(),
+            OsStr::new(&idle_secs.to_string()),
+        ],
+    );
+    match started {
+        Ok(()) => tracing::debug!(idle_secs, "watchdog started"),
+        Err(error) => tracing::warn!(
+            %error,
+            "the watchdog did not start; the embedded server will not stop by itself"
+        ),
     }
 }
 
+fn script_path(cluster: &Cluster) -> PathBuf {
+    cluster.dir().join("watchdog.sh")
+}
+
 fn is_running(cluster: &Cluster) -> bool {
-    fs::read_to_string(cluster.dir().join("watchdog.pid"))
-        .ok()
-        .and_then(|text| text.trim().parse::<i32>().ok())
-        .is_some_and(|pid| is_alive(Pid::from_raw(pid)))
+    detach::running(&cluster.dir().join("watchdog.pid"), &script_path(cluster))
 }
