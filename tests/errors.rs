@@ -3,6 +3,8 @@
 
 mod common;
 
+use std::time::Duration;
+
 use common::{Cluster, PASSWORD, assert_failed_without_password, fixture, free_port, run};
 use pgtest::{PgPool, pg_test};
 
@@ -35,15 +37,41 @@ async fn fixture_missing_role(pool: PgPool) -> Result<(), sqlx::Error> {
     Ok(())
 }
 
-/// Holds its pool's only connection in a transaction while querying the
-/// pool: the second query can never get a connection.
-#[pg_test(migrations = false, max_connections = 1)]
+/// Application code the attribute cannot see: `workers` tasks that each
+/// hold a connection of the pool until all of them hold one.
+async fn rendezvous(pool: &PgPool, workers: usize) -> Result<(), sqlx::Error> {
+    let all_in = std::sync::Arc::new(tokio::sync::Barrier::new(workers));
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..workers {
+        let (pool, all_in) = (pool.clone(), all_in.clone());
+        tasks.spawn(async move {
+            let connection = pool.acquire().await?;
+            all_in.wait().await;
+            drop(connection);
+            Ok::<_, sqlx::Error>(())
+        });
+    }
+    // The first error ends the batch (dropping the set stops the others).
+    while let Some(done) = tasks.join_next().await {
+        done.expect("a worker panicked")?;
+    }
+    Ok(())
+}
+
+/// Needs one connection more than the default pool has.
+#[pg_test(migrations = false)]
 #[ignore = "a fixture, run in its own processes by the tests of this file"]
-async fn fixture_holds_its_only_connection(pool: PgPool) -> Result<(), sqlx::Error> {
-    let mut transaction = pool.begin().await?;
-    sqlx::query("select 1").execute(&mut *transaction).await?;
-    sqlx::query("select 1").execute(&pool).await?;
-    transaction.commit().await
+async fn fixture_needs_six_connections_at_once(pool: PgPool) -> Result<(), sqlx::Error> {
+    rendezvous(&pool, 6).await
+}
+
+/// The same, under a timeout of the test's own that ends it before the
+/// pool's acquire timeout does.
+#[pg_test(migrations = false)]
+#[ignore = "a fixture, run in its own processes by the tests of this file"]
+async fn fixture_gives_up_before_its_pool_does(pool: PgPool) {
+    let waited = tokio::time::timeout(Duration::from_secs(1), rendezvous(&pool, 6)).await;
+    assert!(waited.is_ok(), "the batch did not finish within 1 s");
 }
 
 /// Runs a fixture against `url` and returns what it printed, checking that
@@ -191,15 +219,31 @@ fn a_missing_role_says_how_to_create_and_grant_it() {
 fn a_test_starved_by_its_own_pool_is_told_to_ask_for_more_connections() {
     let cluster = Cluster::start(&[]);
     let output = run(cluster
-        .exact("fixture_holds_its_only_connection")
+        .exact("fixture_needs_six_connections_at_once")
         .env("PGTEST_ACQUIRE_TIMEOUT", "1"));
     let text = assert_failed_without_password(&output);
     assert_contains(
         &text,
         &[
-            "test `errors::fixture_holds_its_only_connection` returned an error: PoolTimedOut",
-            "waited 1s for a connection from its pool of 1, all of them held by the test itself",
-            "#[pg_test(max_connections = 2)]",
+            "test `errors::fixture_needs_six_connections_at_once` returned an error: PoolTimedOut",
+            "waited 1s for a connection from its pool of 5",
+            "#[pg_test(max_connections = 6)]",
+        ],
+    );
+}
+
+#[test]
+fn a_test_that_gives_up_first_is_still_told_its_pool_was_exhausted() {
+    let cluster = Cluster::start(&[]);
+    let output = run(cluster.exact("fixture_gives_up_before_its_pool_does"));
+    let text = assert_failed_without_password(&output);
+    assert_contains(
+        &text,
+        &[
+            "the batch did not finish within 1 s",
+            "test `errors::fixture_gives_up_before_its_pool_does` failed while all 5 connections \
+             of its pool were in use",
+            "#[pg_test(max_connections = 6)]",
         ],
     );
 }

@@ -3,8 +3,8 @@
 
 use std::path::PathBuf;
 
-use proc_macro2::{TokenStream, TokenTree};
-use quote::{ToTokens, quote, quote_spanned};
+use proc_macro2::TokenStream;
+use quote::{quote, quote_spanned};
 use syn::spanned::Spanned;
 use syn::{Attribute, FnArg, ItemFn};
 
@@ -187,13 +187,11 @@ fn emit(function: &ItemFn, args: &Args) -> TokenStream {
         }
         Migrations::None => quote! { #krate::__private::MigrationSource::None },
     };
-    // A transaction's test uses the one connection it is given.
-    let max_connections = args
-        .max_connections
-        .unwrap_or_else(|| match args.isolation {
-            Some(Isolation::Transaction) => 1,
-            _ => default_max_connections(block),
-        });
+    // The runtime picks the size when the attribute does not say.
+    let max_connections = match args.max_connections {
+        Some(max) => quote! { ::core::option::Option::Some(#max) },
+        None => quote! { ::core::option::Option::None },
+    };
     let role = match &args.role {
         Some(role) => quote! { ::core::option::Option::Some(#role) },
         None => quote! { ::core::option::Option::None },
@@ -230,54 +228,6 @@ fn emit(function: &ItemFn, args: &Args) -> TokenStream {
             )
         }
     }
-}
-
-/// Connections a test's pool opens when the attribute does not say: one for
-/// a body that runs its queries one after another, the fastest (sqlx's pool
-/// would open a second connection while the first is still on its way back);
-/// [`CONCURRENT_MAX_CONNECTIONS`] for a body that names anything that can
-/// hold one connection while using another.
-fn default_max_connections(block: &syn::Block) -> u32 {
-    if names_any(block.to_token_stream(), CONCURRENT_NAMES) {
-        CONCURRENT_MAX_CONNECTIONS
-    } else {
-        1
-    }
-}
-
-/// The pool's size for a body that may use several connections at once.
-const CONCURRENT_MAX_CONNECTIONS: u32 = 4;
-
-/// Names in a body that may hold a connection while another is used:
-/// transactions, acquired connections, listeners, and concurrency.
-const CONCURRENT_NAMES: &[&str] = &[
-    "begin",
-    "begin_with",
-    "try_begin",
-    "acquire",
-    "try_acquire",
-    "PgListener",
-    "spawn",
-    "join",
-    "try_join",
-    "join_all",
-    "try_join_all",
-    "select",
-    "JoinSet",
-    "FuturesUnordered",
-    "FuturesOrdered",
-    "buffered",
-    "buffer_unordered",
-    "for_each_concurrent",
-    "try_for_each_concurrent",
-];
-
-fn names_any(tokens: TokenStream, names: &[&str]) -> bool {
-    tokens.into_iter().any(|token| match token {
-        TokenTree::Ident(ident) => names.iter().any(|name| ident == name),
-        TokenTree::Group(group) => names_any(group.stream(), names),
-        TokenTree::Punct(_) | TokenTree::Literal(_) => false,
-    })
 }
 
 #[cfg(test)]
@@ -339,60 +289,31 @@ mod tests {
     }
 
     #[test]
-    fn the_pool_has_one_connection_unless_the_body_may_use_several_at_once() {
-        let max = |body: TokenStream| {
-            let text = pretty(quote!(), quote!(async fn t(pool: PgPool) #body));
+    fn the_pool_size_is_left_to_the_runtime_unless_the_attribute_says() {
+        let max = |args: TokenStream, body: TokenStream| {
+            let text = pretty(args, quote!(async fn t(pool: PgPool) #body));
             let line = text.lines().find(|line| line.contains("max_connections:"));
             line.expect("the spec has max_connections")
                 .trim()
                 .to_owned()
         };
-        assert_eq!(
-            max(quote!({
-                q(&pool).await;
-                q(&pool).await;
-            })),
-            "max_connections: 1u32,"
-        );
+        // No reading of the body: helpers it calls may need any number.
         for body in [
             quote!({
-                let tx = pool.begin().await;
                 q(&pool).await;
             }),
             quote!({
-                let c = pool.acquire().await;
-            }),
-            quote!({
-                tokio::join!(q(&pool), q(&pool));
-            }),
-            quote!({
-                if x {
-                    tokio::spawn(q(pool.clone()));
-                }
+                tokio::join!(a, b);
             }),
         ] {
-            assert_eq!(max(body), "max_connections: 4u32,");
+            assert_eq!(
+                max(quote!(), body),
+                "max_connections: ::core::option::Option::None,"
+            );
         }
-        let explicit = pretty(
-            quote!(max_connections = 2),
-            quote!(
-                async fn t(pool: PgPool) {
-                    tokio::join!(a, b);
-                }
-            ),
-        );
-        assert!(explicit.contains("max_connections: 2u32"), "{explicit}");
-        let transaction = pretty(
-            quote!(isolation = "transaction"),
-            quote!(
-                async fn t(mut conn: PoolConnection<Postgres>) {
-                    let tx = conn.begin().await;
-                }
-            ),
-        );
-        assert!(
-            transaction.contains("max_connections: 1u32"),
-            "{transaction}"
+        assert_eq!(
+            max(quote!(max_connections = 2), quote!({})),
+            "max_connections: ::core::option::Option::Some(2u32),"
         );
     }
 

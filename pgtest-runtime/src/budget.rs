@@ -3,9 +3,20 @@
 //! suite stays inside the server's `max_connections` whatever the number
 //! of processes and threads.
 //!
-//! A test takes all the slots its pool may use before it opens a
-//! connection, all at once or none (it never holds some while waiting for
-//! more, so two tests cannot deadlock), and gives them back when it ends.
+//! Every connection a test opens is covered by a slot it took before: a
+//! test starts with the slots of the connections it opens first plus one
+//! spare (all at once or none, holding nothing while it waits), and each
+//! time its pool opens a connection it takes the next spare, until it holds
+//! its pool's maximum ([`Slots::grow`]). So the server's limit is used by
+//! the connections tests really open, not by the pools' maxima.
+//!
+//! Growing is the one place where a test holds slots while it waits for
+//! more, so it cannot deadlock: a grower takes a free slot when there is
+//! one, else the **reserve**, a lock held by one test at a time that stands
+//! for [`RESERVE`] slots kept out of everyone's reach. The reserve's holder
+//! never waits again (its pool cannot grow by more than the reserve), so it
+//! finishes and passes the reserve on; every other waiter waits for it.
+//!
 //! A slot is a locked file: a panicking test drops its guard, a killed
 //! process has its locks released by the operating system.
 
@@ -28,8 +39,14 @@ pub(crate) const MAX_CONNECTIONS_VAR: &str = "PGTEST_MAX_CONNECTIONS";
 pub(crate) const TIMEOUT_VAR: &str = "PGTEST_BUDGET_TIMEOUT";
 /// How long a learned capacity is trusted before it is asked again.
 const CAPACITY_TTL: Duration = Duration::from_secs(600);
+/// Slots kept for the one test at a time that grows while no slot is free:
+/// the most a pool grows beyond what its test takes up front.
+const RESERVE: u32 = 4;
+/// The longest pause between two looks at the lock files.
+const MAX_PAUSE: Duration = Duration::from_millis(20);
 
 /// The slots of one server.
+#[derive(Clone)]
 pub(crate) struct Budget {
     dir: PathBuf,
     capacity: u32,
@@ -39,7 +56,27 @@ pub(crate) struct Budget {
 /// Slots taken by one test; dropping them gives them back.
 #[derive(Debug)]
 pub(crate) struct Slots {
-    _locked: Vec<File>,
+    budget: Budget,
+    holder: String,
+    /// Free slots taken, each a locked slot file.
+    locked: Vec<File>,
+    /// Slots grown into the reserve, while `reserve` is held.
+    from_reserve: u32,
+    /// The reserve's lock, once this test has had to grow into it. Dropped
+    /// after `locked` (field order), so the reserve's next holder never
+    /// finds more in use than there is.
+    reserve: Option<File>,
+}
+
+impl std::fmt::Debug for Budget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "Budget({} slots in {})",
+            self.capacity,
+            self.dir.display()
+        )
+    }
 }
 
 impl Budget {
@@ -63,42 +100,80 @@ impl Budget {
         })
     }
 
-    /// Takes `count` slots for `holder` (a test's name), waiting while
-    /// other tests hold them, at most the budget timeout.
+    /// Slots kept for growing (see the module's documentation): none on a
+    /// server so small that every slot must be free for the taking.
+    fn reserve(&self) -> u32 {
+        RESERVE.min(self.capacity.saturating_sub(2))
+    }
+
+    /// The slots anyone may take.
+    fn free_for_all(&self) -> u32 {
+        self.capacity - self.reserve()
+    }
+
+    /// How many slots a test whose pool opens at most `pool` connections,
+    /// beside `others` connections of its own, takes when it starts: the
+    /// first connection and a spare, and more when the pool could otherwise
+    /// grow by more than the reserve.
+    pub(crate) fn upfront(&self, pool: u32, others: u32) -> u32 {
+        others + pool.min(2).max(pool.saturating_sub(self.reserve()))
+    }
+
+    /// Whether a test may take `count` slots at once on this server.
+    pub(crate) fn fits(&self, count: u32) -> bool {
+        count <= self.free_for_all()
+    }
+
+    /// The largest pool a test with `others` connections of its own can
+    /// have on this server.
+    pub(crate) fn largest_pool(&self, others: u32) -> u32 {
+        (1..=self.capacity)
+            .rev()
+            .find(|&pool| self.fits(self.upfront(pool, others)))
+            .unwrap_or(1)
+    }
+
+    /// Takes `count` slots for `holder` (a test's name), all at once or
+    /// none, waiting while other tests hold them, at most the budget
+    /// timeout.
     ///
     /// Waiters queue on a lock file, so that only the first of them polls
-    /// the slots while the others sleep in the kernel.
+    /// the slots while the others look at one file now and then.
     pub(crate) async fn take(&self, count: u32, holder: &str) -> Result<Slots, Error> {
-        if count > self.capacity {
+        if !self.fits(count) {
             return Err(Error::BudgetTooSmall {
                 needed: count,
-                capacity: self.capacity,
+                capacity: self.free_for_all(),
             });
         }
         let mut files = SlotFiles::new(self);
-        if let Some(taken) = files.try_take(count, holder)? {
-            return Ok(taken);
+        let mut slots = Slots {
+            budget: self.clone(),
+            holder: holder.to_owned(),
+            locked: Vec::new(),
+            from_reserve: 0,
+            reserve: None,
+        };
+        if files.try_take(count, &mut slots)? {
+            return Ok(slots);
         }
         let started = Instant::now();
-        let timeout = || self.timeout_error(count);
-        let queue = open(&self.dir.join("queue.lock"))?;
-        let queued = tokio::task::spawn_blocking(move || queue.lock().map(|()| queue));
-        let _queue = match tokio::time::timeout(self.timeout, queued).await {
-            Ok(Ok(Ok(queue))) => queue,
-            Ok(Ok(Err(error))) => return Err(budget_io(&self.dir.join("queue.lock"), &error)),
-            Ok(Err(_)) | Err(_) => return Err(timeout()),
+        let deadline = started + self.timeout;
+        let queue = self.dir.join("queue.lock");
+        let Some(_queue) = lock_until(&queue, deadline).await? else {
+            return Err(self.timeout_error(count));
         };
         let mut pause = Duration::from_millis(1);
         loop {
-            if let Some(taken) = files.try_take(count, holder)? {
+            if files.try_take(count, &mut slots)? {
                 tracing::debug!(waited = ?started.elapsed(), count, "took connection slots");
-                return Ok(taken);
+                return Ok(slots);
             }
-            if started.elapsed() > self.timeout {
-                return Err(timeout());
+            if Instant::now() >= deadline {
+                return Err(self.timeout_error(count));
             }
             tokio::time::sleep(jitter(pause)).await;
-            pause = (pause * 2).min(Duration::from_millis(20));
+            pause = (pause * 2).min(MAX_PAUSE);
         }
     }
 
@@ -118,13 +193,13 @@ impl Budget {
         name: &str,
         timeout: Duration,
     ) -> Result<Option<File>, Error> {
-        lock_within(&self.dir.join(name), timeout).await
+        lock_until(&self.dir.join(name), Instant::now() + timeout).await
     }
 
     /// Holds a shared lock on the file `name` of this budget's directory
     /// until the process ends (once per process and name), so that whoever
     /// takes it exclusively knows no process is using what it stands for.
-    /// Waits while someone holds it exclusively.
+    /// Waits while someone holds it exclusively, at most the budget timeout.
     pub(crate) async fn hold_while_alive(&self, name: &str) -> Result<(), Error> {
         static HELD: LazyLock<Mutex<HashMap<PathBuf, File>>> = LazyLock::new(Default::default);
         let path = self.file(name);
@@ -133,10 +208,22 @@ impl Budget {
             return Ok(());
         }
         let file = open(&path)?;
+        let deadline = Instant::now() + self.timeout;
         loop {
             match file.try_lock_shared() {
                 Ok(()) => break,
-                Err(TryLockError::WouldBlock) => tokio::time::sleep(Duration::from_millis(5)).await,
+                Err(TryLockError::WouldBlock) if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                Err(TryLockError::WouldBlock) => {
+                    return Err(budget_io(
+                        &path,
+                        &std::io::Error::other(format!(
+                            "held exclusively for more than {} s",
+                            self.timeout.as_secs()
+                        )),
+                    ));
+                }
                 Err(TryLockError::Error(error)) => return Err(budget_io(&path, &error)),
             }
         }
@@ -170,8 +257,9 @@ impl Budget {
 
     /// Who holds slots now, for the timeout message.
     fn holders(&self) -> String {
-        let mut holders: Vec<String> = (0..self.capacity)
+        let mut holders: Vec<String> = (0..self.free_for_all())
             .map(|index| self.slot(index))
+            .chain([self.dir.join("reserve.lock")])
             .filter(|path| {
                 open(path)
                     .is_ok_and(|file| matches!(file.try_lock(), Err(TryLockError::WouldBlock)))
@@ -185,6 +273,51 @@ impl Budget {
     }
 }
 
+impl Slots {
+    /// How many slots these are.
+    pub(crate) fn count(&self) -> u32 {
+        self.locked.len() as u32 + self.from_reserve
+    }
+
+    /// Takes one slot more: a free one, else one of the reserve, waiting
+    /// for the reserve's holder when it has to (see the module's
+    /// documentation), at most the budget timeout.
+    pub(crate) async fn grow(&mut self) -> Result<(), Error> {
+        let budget = self.budget.clone();
+        let started = Instant::now();
+        let mut files = SlotFiles::new(&budget);
+        let mut pause = Duration::from_millis(1);
+        loop {
+            if self.reserve.is_some() && self.from_reserve < budget.reserve() {
+                self.from_reserve += 1;
+                return Ok(());
+            }
+            if files.try_take(1, self)? {
+                return Ok(());
+            }
+            if self.reserve.is_none() && budget.reserve() > 0 {
+                let path = budget.dir.join("reserve.lock");
+                let file = open(&path)?;
+                match file.try_lock() {
+                    Ok(()) => {
+                        note_holder(&file, &self.holder);
+                        tracing::debug!(waited = ?started.elapsed(), "took the reserve");
+                        self.reserve = Some(file);
+                        continue;
+                    }
+                    Err(TryLockError::WouldBlock) => {}
+                    Err(TryLockError::Error(error)) => return Err(budget_io(&path, &error)),
+                }
+            }
+            if started.elapsed() >= budget.timeout {
+                return Err(budget.timeout_error(1));
+            }
+            tokio::time::sleep(jitter(pause)).await;
+            pause = (pause * 2).min(MAX_PAUSE);
+        }
+    }
+}
+
 /// The slot files of one budget, opened as they are first needed.
 struct SlotFiles {
     paths: Vec<PathBuf>,
@@ -195,7 +328,7 @@ struct SlotFiles {
 
 impl SlotFiles {
     fn new(budget: &Budget) -> Self {
-        let paths: Vec<PathBuf> = (0..budget.capacity)
+        let paths: Vec<PathBuf> = (0..budget.free_for_all())
             .map(|index| budget.slot(index))
             .collect();
         Self {
@@ -205,8 +338,8 @@ impl SlotFiles {
         }
     }
 
-    /// `count` slots locked for `holder`, or none when fewer are free.
-    fn try_take(&mut self, count: u32, holder: &str) -> Result<Option<Slots>, Error> {
+    /// Locks `count` more slots into `slots`; none when fewer are free.
+    fn try_take(&mut self, count: u32, slots: &mut Slots) -> Result<bool, Error> {
         let mut locked = Vec::new();
         for offset in 0..self.paths.len() {
             let index = (self.start + offset) % self.paths.len();
@@ -221,14 +354,13 @@ impl SlotFiles {
                 Err(TryLockError::Error(error)) => return Err(budget_io(path, &error)),
             }
             if locked.len() == count as usize {
-                let taken: Vec<File> = locked
-                    .iter()
-                    .filter_map(|&index| self.files[index].take())
-                    .collect();
-                for file in &taken {
-                    note_holder(file, holder);
+                for index in locked {
+                    if let Some(file) = self.files[index].take() {
+                        note_holder(&file, &slots.holder);
+                        slots.locked.push(file);
+                    }
                 }
-                return Ok(Some(Slots { _locked: taken }));
+                return Ok(true);
             }
         }
         for index in locked {
@@ -236,7 +368,7 @@ impl SlotFiles {
                 let _ = file.unlock();
             }
         }
-        Ok(None)
+        Ok(false)
     }
 }
 
@@ -268,8 +400,8 @@ async fn learned_capacity(server: &Server, dir: &Path) -> Result<u32, Error> {
     if let Some(capacity) = fresh_capacity(&file) {
         return Ok(capacity);
     }
-    let Some(_lock) = lock_within(&dir.join("capacity.lock"), server.connect_timeout * 3).await?
-    else {
+    let deadline = Instant::now() + server.connect_timeout * 3;
+    let Some(_lock) = lock_until(&dir.join("capacity.lock"), deadline).await? else {
         return Err(server.timeout_error());
     };
     if let Some(capacity) = fresh_capacity(&file) {
@@ -283,15 +415,17 @@ async fn learned_capacity(server: &Server, dir: &Path) -> Result<u32, Error> {
 }
 
 /// An exclusive lock on the file at `path`, held until the file is dropped;
-/// `None` when its holder kept it longer than `timeout`.
-async fn lock_within(path: &Path, timeout: Duration) -> Result<Option<File>, Error> {
+/// `None` when its holder kept it past `deadline`. Polls, so that no thread
+/// blocks in the kernel and a timeout ends the wait on time.
+async fn lock_until(path: &Path, deadline: Instant) -> Result<Option<File>, Error> {
     let file = open(path)?;
-    let deadline = Instant::now() + timeout;
+    let mut pause = Duration::from_millis(1);
     loop {
         match file.try_lock() {
             Ok(()) => return Ok(Some(file)),
             Err(TryLockError::WouldBlock) if Instant::now() < deadline => {
-                tokio::time::sleep(jitter(Duration::from_millis(10))).await;
+                tokio::time::sleep(jitter(pause)).await;
+                pause = (pause * 2).min(MAX_PAUSE);
             }
             Err(TryLockError::WouldBlock) => return Ok(None),
             Err(TryLockError::Error(error)) => return Err(budget_io(path, &error)),

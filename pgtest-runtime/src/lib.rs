@@ -18,6 +18,7 @@ mod detach;
 mod embedded;
 mod error;
 mod migrations;
+mod pool;
 mod redact;
 mod runner;
 mod server;

@@ -6,11 +6,12 @@ use std::future::Future;
 use std::panic::{AssertUnwindSafe, catch_unwind, resume_unwind};
 use std::path::Path;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use sqlx::pool::PoolConnection;
-use sqlx::postgres::{PgConnection, PgPoolOptions};
+use sqlx::postgres::PgConnection;
 use sqlx::{Connection, PgPool, Postgres};
 
 use crate::bootstrap::{self, Kind, Source, Target};
@@ -18,13 +19,17 @@ use crate::budget::{Budget, Slots};
 use crate::config::Config;
 use crate::database::{self, TestDatabase, template_name};
 use crate::migrations::{MigrationSource, Migrations};
+use crate::pool::{Cover, TestPool, test_pool};
 use crate::server::Server;
 use crate::shapes::{TestFn, TestTermination};
 use crate::spares;
 use crate::{Error, Tenant, TestContext};
 
-/// The longest `application_name` PostgreSQL keeps.
-const MAX_APPLICATION_NAME: usize = 63;
+/// The size of a test's pool when the attribute does not say: what
+/// `#[sqlx::test]` gives, so that code which holds connections while it
+/// waits for more (a service's background tasks on the test's pool, say)
+/// does not starve. The budget covers only what a pool really opens.
+const DEFAULT_MAX_CONNECTIONS: u32 = 5;
 /// How long closing the pool may wait for connections the test still holds.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long the end of a test may wait for the sweep started beside it.
@@ -44,8 +49,8 @@ pub struct TestSpec {
     pub manifest_dir: &'static str,
     /// Where the migrations come from.
     pub migrations: MigrationSource,
-    /// The most connections the test's pool opens.
-    pub max_connections: u32,
+    /// The most connections the test's pool opens, when the attribute says.
+    pub max_connections: Option<u32>,
     /// The role every connection acts as (`SET ROLE`), if any.
     pub role: Option<&'static str>,
     /// Scripts run before the body, after the fixtures.
@@ -75,6 +80,24 @@ pub struct Script {
     pub path: &'static str,
     /// The script.
     pub sql: &'static str,
+}
+
+impl TestSpec {
+    /// The most connections the test's pool opens on a server with
+    /// `budget`, beside `others` connections of the test's own.
+    fn pool_max(&self, budget: &Budget, others: u32) -> Result<u32, Error> {
+        let largest = budget.largest_pool(others);
+        match self.max_connections {
+            Some(max) if max > largest => Err(Error::BudgetTooSmall {
+                needed: max + others,
+                capacity: budget.capacity(),
+            }),
+            Some(max) => Ok(max),
+            // A transaction's test uses the one connection it is given.
+            None if self.isolation == Isolation::Transaction => Ok(1),
+            None => Ok(DEFAULT_MAX_CONNECTIONS.min(largest)),
+        }
+    }
 }
 
 impl Script {
@@ -122,12 +145,12 @@ pub fn run<F: TestFn>(spec: TestSpec, test: F) {
         };
         let (context, teardown) = prepared.unzip();
         let pool = context.as_ref().map(|context| context.pool().clone());
+        let cover = teardown
+            .as_ref()
+            .map(|teardown| Arc::clone(&teardown.cover));
         let outcome = CatchUnwind(test.call(context))
             .await
             .map(TestTermination::into_result);
-        if let Some(pool) = &pool {
-            let _ = tokio::time::timeout(CLOSE_TIMEOUT, pool.close()).await;
-        }
         let failure = match &outcome {
             Ok(Ok(())) => None,
             Ok(Err(error)) => Some(error.clone()),
@@ -137,12 +160,19 @@ pub fn run<F: TestFn>(spec: TestSpec, test: F) {
                     .to_owned(),
             ),
         };
+        // Read before the pool closes: what the test's connections were doing.
+        let mut notes = match (&failure, &pool, &cover) {
+            (Some(failure), Some(pool), Some(cover)) => pool_hint(&spec, pool, cover, failure),
+            _ => String::new(),
+        };
+        if let Some(pool) = &pool {
+            let _ = tokio::time::timeout(CLOSE_TIMEOUT, pool.close()).await;
+        }
         let kept = match teardown {
             Some(teardown) => teardown.finish(failure.is_none()).await,
             None => None,
         };
         let Some(failure) = failure else { return };
-        let mut notes = pool_hint(&spec, pool.as_ref(), &failure);
         if let Some(kept) = kept {
             notes.push_str(&format!("\npgtest: test `{}` failed; {kept}\n", spec.name));
         }
@@ -166,11 +196,10 @@ fn panic_message(payload: &(dyn Any + Send)) -> Option<&str> {
         .or_else(|| payload.downcast_ref::<&str>().copied())
 }
 
-/// What to do when the test failed waiting for a connection of its own
-/// pool: with every connection held by the test itself, more waiting does
-/// not help. Empty when the failure is something else.
-fn pool_hint(spec: &TestSpec, pool: Option<&PgPool>, failure: &str) -> String {
-    let timed_out = failure.contains("PoolTimedOut") || failure.contains("pool timed out");
+/// What to do when the test failed for want of a connection: its pool's
+/// own (every connection held by the test's code, while some of it waited
+/// for one more) or the budget's. Empty when nothing points there.
+fn pool_hint(spec: &TestSpec, pool: &PgPool, cover: &Cover, failure: &str) -> String {
     if spec.isolation == Isolation::Transaction && failure.contains("lock timeout") {
         return format!(
             "\npgtest: test `{}` waited {LOCK_TIMEOUT} for a lock held by another test's \
@@ -180,17 +209,36 @@ fn pool_hint(spec: &TestSpec, pool: Option<&PgPool>, failure: &str) -> String {
             spec.name
         );
     }
-    let Some(pool) = pool.filter(|_| timed_out) else {
+    if let Some(budget) = cover.failure() {
+        return format!(
+            "\npgtest: test `{}` could not open another connection: {budget}\n",
+            spec.name
+        );
+    }
+    let max = cover.max();
+    let timed_out = failure.contains("PoolTimedOut") || failure.contains("pool timed out");
+    let exhausted = pool.size() >= max && pool.num_idle() == 0;
+    if !timed_out && !exhausted {
         return String::new();
+    }
+    let slots = match cover.waited() {
+        true => " (its pool also waited for connection slots held by other tests)",
+        false => "",
     };
-    let n = spec.max_connections;
+    let what = match timed_out {
+        true => format!(
+            "waited {}s for a connection from its pool of {max}",
+            pool.options().get_acquire_timeout().as_secs()
+        ),
+        false => format!("failed while all {max} connections of its pool were in use"),
+    };
     format!(
-        "\npgtest: test `{}` waited {}s for a connection from its pool of {n}, all of them \
-         held by the test itself (a transaction or acquired connection kept open while \
-         querying the pool, say). Give it more: #[pg_test(max_connections = {})]\n",
+        "\npgtest: test `{}` {what}{slots}. If its code holds connections while it waits for \
+         more (a transaction or acquired connection kept open while querying the pool, \
+         background tasks of a service on the pool), give it more: \
+         #[pg_test(max_connections = {})]\n",
         spec.name,
-        pool.options().get_acquire_timeout().as_secs(),
-        n + 1,
+        max + 1,
     )
 }
 
@@ -198,7 +246,7 @@ fn pool_hint(spec: &TestSpec, pool: Option<&PgPool>, failure: &str) -> String {
 /// started beside the body (if any) and, in `isolation = "database"`, the
 /// test's database.
 struct Teardown {
-    slots: Slots,
+    cover: Arc<Cover>,
     sweep: Option<tokio::task::JoinHandle<()>>,
     own: Option<(Server, TestDatabase)>,
 }
@@ -213,7 +261,7 @@ impl Teardown {
         let kept = self
             .own
             .and_then(|(server, database)| database.finish(passed, &server));
-        drop(self.slots);
+        drop(self.cover.release().await);
         kept
     }
 }
@@ -237,20 +285,17 @@ async fn prepare(spec: &TestSpec) -> Result<(TestContext, Teardown), Error> {
             let template = template_name(spec.package, &migrations, &[]);
             let database = database::run_database_name(&template);
             database::hold_run_database(&budget, &database).await?;
-            let pool = test_pool(&server, &database, tenant, spec, acquire_timeout);
-            let (slots, sweep) = shared(
-                &server,
-                &budget,
-                &pool,
-                &database,
-                &template,
-                &migrations,
-                spec,
-            )
-            .await?;
-            let context = TestContext::new(pool, tenant, database, spec.name);
+            let max = spec.pool_max(&budget, 0)?;
+            let pool = test_pool(&server, &database, tenant, spec, max, acquire_timeout);
+            let ready = Ready {
+                template: &template,
+                database: &database,
+                migrations: &migrations,
+            };
+            let sweep = shared(&server, &budget, &pool, ready, spec).await?;
+            let context = TestContext::new(pool.pool, tenant, database, spec.name);
             let teardown = Teardown {
-                slots,
+                cover: pool.cover,
                 sweep,
                 own: None,
             };
@@ -261,15 +306,17 @@ async fn prepare(spec: &TestSpec) -> Result<(TestContext, Teardown), Error> {
             let comment = bootstrap::template_comment();
             let built = template_target(&template, &comment, &migrations, spec.fixtures);
             // The pool's connections and an admin connection.
-            let (slots, mut admin) = with_template(&server, &budget, built, spec).await?;
+            let max = spec.pool_max(&budget, 1)?;
+            let (slots, mut admin) = with_template(&server, &budget, built, max, spec).await?;
             let database =
                 TestDatabase::create(&server, &budget, &mut admin, &template, spec.name).await?;
             spares::want(&server, &budget, &template, spare_limit);
             let name = database.name.clone();
-            let pool = test_pool(&server, &name, tenant, spec, acquire_timeout);
-            let context = TestContext::new(pool, tenant, name, spec.name);
+            let pool = test_pool(&server, &name, tenant, spec, max, acquire_timeout);
+            pool.cover.hold(slots, 1).await;
+            let context = TestContext::new(pool.pool, tenant, name, spec.name);
             let teardown = Teardown {
-                slots,
+                cover: pool.cover,
                 sweep: Some(sweep_beside(&server, &budget, admin)),
                 own: Some((server.clone(), database)),
             };
@@ -328,55 +375,75 @@ fn template_target<'a>(
     }
 }
 
-/// Makes sure this run's shared database (`database`, a copy of the
-/// migrations' template) is ready and takes the test's slots.
+/// The run's shared database and where it comes from.
+struct Ready<'a> {
+    template: &'a str,
+    database: &'a str,
+    migrations: &'a Migrations,
+}
+
+/// Makes sure this run's shared database (a copy of the migrations'
+/// template) is ready, with the test's slots in `pool`'s cover; returns the
+/// sweep started when this test made the copy.
 async fn shared(
     server: &Server,
     budget: &Budget,
-    pool: &PgPool,
-    database: &str,
-    template: &str,
-    migrations: &Migrations,
+    pool: &TestPool,
+    ready: Ready<'_>,
     spec: &TestSpec,
-) -> Result<(Slots, Option<tokio::task::JoinHandle<()>>), Error> {
-    let slots = budget.take(spec.max_connections, spec.name).await?;
-    if bootstrap::is_ready(server, pool, database, spec.role).await? {
-        return Ok((slots, None));
+) -> Result<Option<tokio::task::JoinHandle<()>>, Error> {
+    let max = pool.cover.max();
+    let slots = budget.take(budget.upfront(max, 0), spec.name).await?;
+    pool.cover.hold(slots, 0).await;
+    if bootstrap::is_ready(server, &pool.pool, ready.database, spec.role).await? {
+        return Ok(None);
     }
     // Waiting for a build holds no slots, so waiters cannot starve the
     // builder of the connections it needs.
-    drop(slots);
+    drop(pool.cover.release().await);
     let template_comment = bootstrap::template_comment();
-    let built = template_target(template, &template_comment, migrations, &[]);
-    let comment = database::run_database_comment(budget, database, spec.name);
+    let built = template_target(ready.template, &template_comment, ready.migrations, &[]);
+    let comment = database::run_database_comment(budget, ready.database, spec.name);
     let copied = Target {
-        database,
+        database: ready.database,
         kind: Kind::Shared,
         comment: &comment,
         source: Source::Copy { template: &built },
     };
-    let copied_here =
-        bootstrap::build_once(server, budget, Some(pool), copied, spec.role, spec.name).await?;
+    let copied_here = bootstrap::build_once(
+        server,
+        budget,
+        Some(&pool.pool),
+        copied,
+        spec.role,
+        spec.name,
+    )
+    .await?;
     // Whoever copied it sweeps older copies beside its body, on one more
     // slot (when the budget has room for it).
-    let sweeper = spec.max_connections + 1;
-    if !copied_here || sweeper > budget.capacity() {
-        return Ok((budget.take(spec.max_connections, spec.name).await?, None));
+    let sweeper = budget.upfront(max, 1);
+    if !copied_here || !budget.fits(sweeper) {
+        let slots = budget.take(budget.upfront(max, 0), spec.name).await?;
+        pool.cover.hold(slots, 0).await;
+        return Ok(None);
     }
     let slots = budget.take(sweeper, spec.name).await?;
+    pool.cover.hold(slots, 1).await;
     let admin = server.connect(server.admin_database()).await?;
-    Ok((slots, Some(sweep_beside(server, budget, admin))))
+    Ok(Some(sweep_beside(server, budget, admin)))
 }
 
-/// Makes sure the template is ready; takes the test's slots and opens the
-/// admin connection that clones it.
+/// Makes sure the template is ready; takes the test's slots (for a pool
+/// of `max` and the admin connection) and opens the admin connection that
+/// clones it.
 async fn with_template(
     server: &Server,
     budget: &Budget,
     target: Target<'_>,
+    max: u32,
     spec: &TestSpec,
 ) -> Result<(Slots, PgConnection), Error> {
-    let needed = spec.max_connections + 1;
+    let needed = budget.upfront(max, 1);
     let slots = budget.take(needed, spec.name).await?;
     let mut admin = server.connect(server.admin_database()).await?;
     let ready = Kind::Template.ready_marker();
@@ -456,40 +523,6 @@ fn script_error(
     }
 }
 
-/// A lazy pool: it opens connections only when the test uses them, each
-/// carrying the tenant, the test's name and the test's role.
-fn test_pool(
-    server: &Server,
-    database: &str,
-    tenant: Tenant,
-    spec: &TestSpec,
-    acquire_timeout: Duration,
-) -> PgPool {
-    let mut startup = vec![(Tenant::SETTING, tenant.to_string())];
-    if let Some(role) = spec.role {
-        startup.push(("role", role.to_owned()));
-    }
-    let options = server
-        .options_for(database)
-        .application_name(&application_name(spec.name))
-        .options(startup);
-    PgPoolOptions::new()
-        .max_connections(spec.max_connections)
-        .min_connections(0)
-        .acquire_timeout(acquire_timeout)
-        .test_before_acquire(false)
-        .connect_lazy_with(options)
-}
-
-/// The test's path, shortened from the left to what PostgreSQL keeps.
-fn application_name(test: &str) -> String {
-    let mut start = test.len().saturating_sub(MAX_APPLICATION_NAME);
-    while !test.is_char_boundary(start) {
-        start += 1;
-    }
-    test[start..].to_owned()
-}
-
 /// Polls a future, catching a panic so that cleanup runs before the panic
 /// goes on.
 struct CatchUnwind<F>(F);
@@ -505,18 +538,5 @@ impl<F: Future> Future for CatchUnwind<F> {
             Ok(Poll::Ready(output)) => Poll::Ready(Ok(output)),
             Err(payload) => Poll::Ready(Err(payload)),
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::application_name;
-
-    #[test]
-    fn a_long_test_name_keeps_its_end() {
-        let name = format!("{}::the_test", "module".repeat(20));
-        let shown = application_name(&name);
-        assert_eq!(shown.len(), 63);
-        assert!(shown.ends_with("::the_test"));
     }
 }

@@ -75,9 +75,9 @@ impl<Fut: Future<Output: TestTermination>> TestFn for fn(PgPoolOptions, PgConnec
     const OPENS_CONNECTIONS: bool = true;
     fn call(self, context: Option<TestContext>) -> impl Future<Output = Self::Output> {
         let pool = expect_context(context).into_pool();
-        let options = PgPoolOptions::new()
-            .max_connections(pool.options().get_max_connections())
-            .min_connections(0);
+        // The test pool's options, hooks included: the connections of a
+        // pool built from them are covered by the test's slots too.
+        let options = pool.options().clone();
         self(options, (*pool.connect_options()).clone())
     }
 }
