@@ -282,9 +282,9 @@ fn check_dir(dir: &LitStr, manifest_dir: Option<&Path>) -> syn::Result<()> {
     Err(syn::Error::new(
         dir.span(),
         format!(
-            "no migrations directory at {} (paths are relative to the package's Cargo.toml); \
-             create it, fix the path, or write `migrations = false`",
-            path.display()
+            "no migrations directory {:?} beside the package's Cargo.toml (paths are relative \
+             to it); create it, fix the path, or write `migrations = false`",
+            dir.value()
         ),
     ))
 }

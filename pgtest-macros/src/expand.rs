@@ -89,6 +89,12 @@ fn check_function(function: &ItemFn) -> syn::Result<()> {
             ));
         }
     }
+    // Another test attribute that expanded first (`#[tokio::test]` above
+    // this one) rewrote the fn: its shape is no longer the user's, so say
+    // only what to remove.
+    if !errors.is_empty() {
+        return combined(errors);
+    }
     let sig = &function.sig;
     if sig.asyncness.is_none() && !sig.inputs.is_empty() {
         errors.push(syn::Error::new(
@@ -116,6 +122,10 @@ fn check_function(function: &ItemFn) -> syn::Result<()> {
             ));
         }
     }
+    combined(errors)
+}
+
+fn combined(errors: Vec<syn::Error>) -> syn::Result<()> {
     let mut errors = errors.into_iter();
     match errors.next() {
         None => Ok(()),
@@ -154,12 +164,15 @@ fn check_transaction_inputs(function: &ItemFn) -> syn::Result<()> {
     Ok(())
 }
 
-/// `#[test]`, `#[tokio::test]`, `#[sqlx::test]`, `#[pg_test]` and the like.
+/// `#[test]`, `#[tokio::test]`, `#[sqlx::test]`, `#[pg_test]` and the like,
+/// and the marker the built-in `#[test]` leaves when it expands first.
 fn is_test_attribute(attribute: &Attribute) -> bool {
     let path = attribute.path();
-    path.segments
-        .last()
-        .is_some_and(|last| last.ident == "test" || last.ident == "pg_test")
+    path.segments.last().is_some_and(|last| {
+        ["test", "pg_test", "sqlx_test", "rustc_test_marker"]
+            .iter()
+            .any(|name| last.ident == name)
+    })
 }
 
 fn emit(function: &ItemFn, args: &Args) -> TokenStream {
@@ -474,21 +487,29 @@ mod tests {
 
     #[test]
     fn shape_errors_are_all_reported_with_argument_errors() {
-        let message = error(
-            quote!(bogus = 1),
-            quote!(
-                #[test]
-                fn t<T>(pool: PgPool) {}
-            ),
-        );
+        let message = error(quote!(bogus = 1), quote!(fn t<T>(pool: PgPool) {}));
         for part in [
             "unknown #[pg_test] argument",
-            "remove this attribute",
             "must be `async fn`",
             "cannot be generic",
         ] {
             assert!(message.contains(part), "{part} missing from {message}");
         }
+    }
+
+    #[test]
+    fn a_second_test_attribute_is_named_without_errors_about_the_shape_it_left() {
+        // What `#[tokio::test]` above `#[pg_test]` hands over: a sync fn
+        // with a test attribute of its own.
+        let message = error(
+            quote!(),
+            quote!(
+                #[::core::prelude::v1::test]
+                fn t(pool: PgPool) {}
+            ),
+        );
+        assert!(message.contains("remove this attribute"), "{message}");
+        assert!(!message.contains("async fn"), "{message}");
     }
 
     #[test]
@@ -499,7 +520,7 @@ mod tests {
                 async fn t(pool: PgPool) {}
             ),
         );
-        assert!(message.contains("no migrations directory at"), "{message}");
+        assert!(message.contains("no migrations directory \""), "{message}");
     }
 
     #[test]

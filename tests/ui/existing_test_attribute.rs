@@ -1,8 +1,15 @@
-use pgtest::{PgPool, pg_test};
+use pgtest::pg_test;
+use sqlx::PgPool;
 
 #[pg_test]
 #[tokio::test]
 async fn twice_a_test(pool: PgPool) {
+    let _ = pool;
+}
+
+#[tokio::test]
+#[pg_test]
+async fn tokio_first(pool: PgPool) {
     let _ = pool;
 }
 
