@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Cluster, assert_passed, run, run_together, text};
+use common::{Cluster, PASSWORD, assert_passed, run, run_together, text};
 use pgtest::{PgPool, Tenant, pg_test};
 use sqlx::types::Uuid;
 
@@ -14,6 +14,19 @@ const NOTES_MIGRATION_MARKER: &str = "pgtest fixture: the notes migration ran";
 #[pg_test(migrations = "tests/fixtures/notes", seed = "fixtures/seeds/note.sql")]
 #[ignore = "a fixture, run in its own processes by the tests of this file"]
 async fn fixture_notes(pool: PgPool, tenant: Tenant) -> Result<(), sqlx::Error> {
+    assert_one_seeded_note(pool, tenant).await
+}
+
+#[pg_test(
+    migrations = "tests/fixtures/notes",
+    seed = "fixtures/seeds/note.sql",
+    isolation = "database"
+)]
+#[ignore = "a fixture, run in its own processes by the tests of this file"]
+async fn fixture_notes_in_a_database_of_its_own(
+    pool: PgPool,
+    tenant: Tenant,
+) -> Result<(), sqlx::Error> {
     assert_one_seeded_note(pool, tenant).await
 }
 
@@ -255,5 +268,35 @@ fn rows_of_earlier_runs_do_not_pile_up() {
         cluster.psql_in(&cluster.run_database(), "select count(*) from notes"),
         "1",
         "only the last run's row"
+    );
+}
+
+#[test]
+fn a_development_database_named_by_database_url_is_left_as_it_was() {
+    let cluster = Cluster::start(&[]);
+    cluster.psql("create database app_dev");
+    // A table of the same name as the migrations', which would show any
+    // migration or seed that ran there.
+    cluster.psql_in(
+        "app_dev",
+        "create table notes (id int primary key, body text); insert into notes values (1, 'mine')",
+    );
+    let before = cluster.dump("app_dev");
+    let output = run(cluster
+        .fixture("fixture_notes")
+        .env_remove("PGTEST_DATABASE_URL")
+        .env(
+            "DATABASE_URL",
+            cluster.url_for("postgres", PASSWORD, "app_dev"),
+        ));
+    assert_passed(&output, 2);
+    assert_eq!(
+        cluster.dump("app_dev"),
+        before,
+        "the development database changed"
+    );
+    assert!(
+        !cluster.pgtest_databases().is_empty(),
+        "the tests ran on databases of pgtest's own on that server"
     );
 }

@@ -487,7 +487,12 @@ mod tests {
 
     #[test]
     fn shape_errors_are_all_reported_with_argument_errors() {
-        let message = error(quote!(bogus = 1), quote!(fn t<T>(pool: PgPool) {}));
+        let message = error(
+            quote!(bogus = 1),
+            quote!(
+                fn t<T>(pool: PgPool) {}
+            ),
+        );
         for part in [
             "unknown #[pg_test] argument",
             "must be `async fn`",

@@ -29,9 +29,9 @@ const DEFAULT_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(30);
 #[derive(Clone, PartialEq, Eq, Debug)]
 pub(crate) enum UrlOrigin {
     /// A variable of the process environment.
-    Env(&'static str),
+    Env(String),
     /// A variable in a `.env` file.
-    DotEnv(&'static str, PathBuf),
+    DotEnv(String, PathBuf),
 }
 
 impl fmt::Display for UrlOrigin {
@@ -91,24 +91,56 @@ impl Config {
     }
 }
 
-/// `PGTEST_DATABASE_URL`, else `DATABASE_URL`, each first from the process
-/// environment, then from the nearest `.env` file at or above `manifest_dir`.
+/// `PGTEST_DATABASE_URL`, else `DATABASE_URL`, else the variable that the
+/// package's `sqlx.toml` names (`[common] database-url-var`, as sqlx 0.9's
+/// macros and CLI read it), each first from the process environment, then
+/// from the nearest `.env` file at or above `manifest_dir`.
 fn server_url(
     manifest_dir: &Path,
     env_var: impl Fn(&str) -> Option<String>,
 ) -> Result<Option<(String, UrlOrigin)>, Error> {
     let dotenv = find_dotenv(manifest_dir);
-    for var in [URL_VAR, FALLBACK_URL_VAR] {
-        if let Some(url) = env_var(var) {
+    let named = sqlx_toml_value(manifest_dir, "common", "database-url-var")?;
+    let vars = [URL_VAR, FALLBACK_URL_VAR]
+        .into_iter()
+        .map(str::to_owned)
+        .chain(named);
+    for var in vars {
+        if let Some(url) = env_var(&var) {
             return Ok(Some((url, UrlOrigin::Env(var))));
         }
         if let Some(path) = &dotenv
-            && let Some(url) = dotenv_var(path, var)?
+            && let Some(url) = dotenv_var(path, &var)?
         {
             return Ok(Some((url, UrlOrigin::DotEnv(var, path.clone()))));
         }
     }
     Ok(None)
+}
+
+/// The string `key` of `[section]` in the package's `sqlx.toml`, if the
+/// file and the key are there.
+pub(crate) fn sqlx_toml_value(
+    manifest_dir: &Path,
+    section: &str,
+    key: &str,
+) -> Result<Option<String>, Error> {
+    let path = manifest_dir.join("sqlx.toml");
+    let Ok(text) = std::fs::read_to_string(&path) else {
+        return Ok(None);
+    };
+    let unreadable = |reason: String| Error::ConfigFile {
+        path: path.clone(),
+        reason,
+    };
+    let table: toml::Table = text
+        .parse()
+        .map_err(|e: toml::de::Error| unreadable(e.message().to_owned()))?;
+    match table.get(section).and_then(|table| table.get(key)) {
+        None => Ok(None),
+        Some(toml::Value::String(value)) => Ok(Some(value.clone())),
+        Some(_) => Err(unreadable(format!("`[{section}] {key}` must be a string"))),
+    }
 }
 
 fn non_empty_var(var: &str) -> Option<String> {
@@ -195,7 +227,7 @@ mod tests {
         let (url, origin) = server_url(dir.path(), env).unwrap().unwrap();
         assert_eq!(
             (url.as_str(), origin),
-            ("postgres://a", UrlOrigin::Env(URL_VAR))
+            ("postgres://a", UrlOrigin::Env(URL_VAR.to_owned()))
         );
     }
 
@@ -245,6 +277,33 @@ mod tests {
         let (url, _) = server_url(dir.path(), env_of(&[("DATABASE_URL", "postgres://env")]))
             .unwrap()
             .unwrap();
+        assert_eq!(url, "postgres://file");
+    }
+
+    #[test]
+    fn the_variable_sqlx_toml_names_comes_after_database_url() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(
+            dir.path().join("sqlx.toml"),
+            "[common]\ndatabase-url-var = \"APP_DATABASE_URL\"\n",
+        )
+        .unwrap();
+        let named = env_of(&[("APP_DATABASE_URL", "postgres://named")]);
+        let (url, origin) = server_url(dir.path(), named).unwrap().unwrap();
+        assert_eq!(url, "postgres://named");
+        assert_eq!(origin.to_string(), "APP_DATABASE_URL");
+        let both = env_of(&[
+            ("APP_DATABASE_URL", "postgres://named"),
+            ("DATABASE_URL", "postgres://plain"),
+        ]);
+        let (url, _) = server_url(dir.path(), both).unwrap().unwrap();
+        assert_eq!(url, "postgres://plain");
+        fs::write(
+            dir.path().join(".env"),
+            "APP_DATABASE_URL=postgres://file\n",
+        )
+        .unwrap();
+        let (url, _) = server_url(dir.path(), env_of(&[])).unwrap().unwrap();
         assert_eq!(url, "postgres://file");
     }
 

@@ -106,27 +106,8 @@ async fn read_dir(dir: &Path) -> Result<Resolved, Error> {
 /// The migrations directory that the package's `sqlx.toml` names, as sqlx
 /// 0.9 reads it, else `migrations`.
 fn sqlx_toml_migrations_dir(manifest_dir: &Path) -> Result<PathBuf, Error> {
-    let path = manifest_dir.join("sqlx.toml");
-    let Ok(text) = std::fs::read_to_string(&path) else {
-        return Ok(PathBuf::from("migrations"));
-    };
-    let unreadable = |reason: String| Error::ConfigFile {
-        path: path.clone(),
-        reason,
-    };
-    let table: toml::Table = text
-        .parse()
-        .map_err(|e: toml::de::Error| unreadable(e.message().to_owned()))?;
-    match table
-        .get("migrate")
-        .and_then(|migrate| migrate.get("migrations-dir"))
-    {
-        None => Ok(PathBuf::from("migrations")),
-        Some(toml::Value::String(dir)) => Ok(PathBuf::from(dir)),
-        Some(_) => Err(unreadable(
-            "`[migrate] migrations-dir` must be a string".to_owned(),
-        )),
-    }
+    let dir = crate::config::sqlx_toml_value(manifest_dir, "migrate", "migrations-dir")?;
+    Ok(PathBuf::from(dir.as_deref().unwrap_or("migrations")))
 }
 
 /// Changes whenever pgtest builds databases differently, so that a newer

@@ -134,6 +134,28 @@ impl Cluster {
         self.psql_in("postgres", sql)
     }
 
+    /// `pg_dump` of `database` (schema and data), as the superuser, less
+    /// the random key of the `\restrict` lines that newer pg_dumps write.
+    pub fn dump(&self, database: &str) -> String {
+        let output = Command::new(self.bin.join("pg_dump"))
+            .args(["-U", "postgres", "-d", database, "-h"])
+            .arg(self.dir.path())
+            .args(["-p", &self.port.to_string()])
+            .output()
+            .expect("run pg_dump");
+        assert!(
+            output.status.success(),
+            "pg_dump failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8(output.stdout)
+            .expect("utf-8")
+            .lines()
+            .filter(|line| !line.starts_with("\\restrict") && !line.starts_with("\\unrestrict"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
     /// Runs SQL in `database`.
     pub fn psql_in(&self, database: &str, sql: &str) -> String {
         let output = Command::new(self.bin.join("psql"))
