@@ -10,7 +10,8 @@
 //! rolled back; [`sqlx_test`] is a drop-in for `#[sqlx::test]`.
 //!
 //! ```no_run
-//! use pgtest::{PgPool, Tenant, pg_test};
+//! use pgtest::{Tenant, pg_test};
+//! use sqlx::PgPool;
 //!
 //! #[pg_test(migrations = false)]
 //! async fn sees_only_its_own_rows(pool: PgPool, tenant: Tenant) -> Result<(), sqlx::Error> {
@@ -57,7 +58,7 @@
 /// | `migrations = "dir"` | migrations directory, relative to the package's `Cargo.toml`; read when the test runs, so an edit needs no rebuild | `sqlx.toml`'s `[migrate] migrations-dir`, else `"./migrations"` when it exists, else none |
 /// | `migrations = false` | no migrations | |
 /// | `migrator = "path::TO::MIGRATOR"` | a `static` [`sqlx::migrate::Migrator`] (from `sqlx::migrate!`) | |
-/// | `max_connections = N` | the most connections the test's pool opens | 1, or 4 when the body names `begin`, `acquire`, `join`, `spawn`, `select` and the like |
+/// | `max_connections = N` | the most connections the test's pool opens | 5, as `#[sqlx::test]` (1 in `isolation = "transaction"`) |
 /// | `seed = "fixtures/x.sql"` | a script run on the test's pool before the body; repeatable, in order; the path is relative to the test file, as `include_str!` reads it | none |
 /// | `role = "app_user"` | every connection acts as this role (so row-level security applies to it) | the URL's role |
 /// | `crate = "path"` | where pgtest is, for a renamed dependency | `::pgtest` |
@@ -65,12 +66,13 @@
 /// Seeds insert rows for the test's tenant through the setting, for example
 /// `insert into notes (tenant_id, body) values (current_setting('pgtest.tenant_id')::uuid, 'hi')`.
 ///
-/// One connection is the fastest pool for a test that runs its queries one
-/// after another: sqlx returns a connection to its pool in the background,
-/// so a larger pool opens a new connection for nearly every query. A test
-/// that holds a connection (a transaction) while querying the pool needs
-/// two; pgtest gives four when the body names anything of the kind, and a
-/// test that still runs short fails saying which `max_connections` to set.
+/// The pool opens connections as the test needs them, up to five, so code
+/// that holds connections while it waits for more (a transaction, a
+/// service's background tasks on the pool) does not starve; a test that
+/// still runs short fails saying which `max_connections` to set. A test that
+/// runs its queries one after another is fastest with `max_connections = 1`:
+/// sqlx returns a connection to its pool in the background, so a larger
+/// pool opens a second connection for the next query.
 ///
 /// In `isolation = "transaction"` the test takes a connection, not a pool
 /// (a pool argument is a compile error): its `begin()` is a savepoint and
@@ -82,7 +84,8 @@
 /// # Example
 ///
 /// ```no_run
-/// use pgtest::{PgPool, Tenant, pg_test};
+/// use pgtest::{Tenant, pg_test};
+/// use sqlx::PgPool;
 ///
 /// #[pg_test(migrations = false, max_connections = 2)]
 /// async fn counts_only_my_rows(pool: PgPool, tenant: Tenant) -> Result<(), sqlx::Error> {
@@ -133,11 +136,131 @@ pub use pgtest_macros::pg_test;
 /// ```
 pub use pgtest_macros::sqlx_test;
 
-pub use pgtest_runtime::{Error, Removed, Tenant, TestContext, remove_all};
-pub use sqlx::PgPool;
+#[cfg(not(any(feature = "sqlx-0_9", feature = "sqlx-0_8")))]
+compile_error!(
+    "pgtest needs the sqlx version of your tests: keep its default feature `sqlx-0_9` for sqlx \
+     0.9, or set `default-features = false, features = [\"sqlx-0_8\"]` for sqlx 0.8"
+);
+
+/// What a test on sqlx 0.9 uses, when the feature `sqlx-0_9` is on (the
+/// default). The same items stand at the crate's root unless only
+/// `sqlx-0_8` is on.
+#[cfg(feature = "sqlx-0_9")]
+pub mod sqlx_0_9 {
+    pub use pgtest_runtime::{Error, Removed, TestContext, remove_all};
+}
+
+/// What a test on sqlx 0.8 uses, when the feature `sqlx-0_8` is on. A
+/// crate on sqlx 0.8 in a workspace where another crate turns `sqlx-0_9`
+/// on too names its context `pgtest::sqlx_0_8::TestContext`.
+#[cfg(feature = "sqlx-0_8")]
+pub mod sqlx_0_8 {
+    pub use pgtest_runtime_sqlx08::{Error, Removed, TestContext, remove_all};
+}
+
+#[cfg(feature = "sqlx-0_9")]
+use pgtest_runtime as main_runtime;
+#[cfg(all(feature = "sqlx-0_8", not(feature = "sqlx-0_9")))]
+use pgtest_runtime_sqlx08 as main_runtime;
+
+#[cfg(any(feature = "sqlx-0_9", feature = "sqlx-0_8"))]
+pub use main_runtime::__private::sqlx::PgPool;
+#[cfg(any(feature = "sqlx-0_9", feature = "sqlx-0_8"))]
+pub use main_runtime::{Error, Removed, TestContext, remove_all};
+pub use pgtest_core::Tenant;
 
 /// Used by the code `#[pg_test]` generates. Not a public API.
 #[doc(hidden)]
 pub mod __private {
-    pub use pgtest_runtime::__private::*;
+    pub use pgtest_core::{Isolation, MigrationSource, Script, TestSpec};
+    use pgtest_core::{Tenant, TestTermination};
+
+    /// Runs the test with the runtime of its own sqlx version, chosen by the
+    /// types of its arguments.
+    pub fn run<F: Dispatch>(spec: TestSpec, test: F) {
+        test.run(spec);
+    }
+
+    /// A test body of a supported signature, on one of the enabled sqlx
+    /// versions.
+    #[cfg_attr(
+        all(feature = "sqlx-0_9", not(feature = "sqlx-0_8")),
+        diagnostic::on_unimplemented(
+            message = "`#[pg_test]` does not support a test with the signature `{Self}` on sqlx 0.9",
+            note = "a #[pg_test] fn is async and takes (pool: PgPool), (pool: PgPool, tenant: \
+                    Tenant), (conn: PoolConnection<Postgres>), (conn: PoolConnection<Postgres>, \
+                    tenant: Tenant), (options: PgPoolOptions, connect: PgConnectOptions), \
+                    (ctx: TestContext) or nothing",
+            note = "pgtest is built for sqlx 0.9 (its default feature `sqlx-0_9`); if this test's \
+                    sqlx is 0.8, depend on pgtest with `default-features = false, features = \
+                    [\"sqlx-0_8\"]`"
+        )
+    )]
+    #[cfg_attr(
+        all(feature = "sqlx-0_8", not(feature = "sqlx-0_9")),
+        diagnostic::on_unimplemented(
+            message = "`#[pg_test]` does not support a test with the signature `{Self}` on sqlx 0.8",
+            note = "a #[pg_test] fn is async and takes (pool: PgPool), (pool: PgPool, tenant: \
+                    Tenant), (conn: PoolConnection<Postgres>), (conn: PoolConnection<Postgres>, \
+                    tenant: Tenant), (options: PgPoolOptions, connect: PgConnectOptions), \
+                    (ctx: TestContext) or nothing",
+            note = "pgtest is built for sqlx 0.8 (its feature `sqlx-0_8`); if this test's sqlx is \
+                    0.9, turn on pgtest's feature `sqlx-0_9` (its default)"
+        )
+    )]
+    #[cfg_attr(
+        all(feature = "sqlx-0_8", feature = "sqlx-0_9"),
+        diagnostic::on_unimplemented(
+            message = "`#[pg_test]` does not support a test with the signature `{Self}`",
+            note = "a #[pg_test] fn is async and takes (pool: PgPool), (pool: PgPool, tenant: \
+                    Tenant), (conn: PoolConnection<Postgres>), (conn: PoolConnection<Postgres>, \
+                    tenant: Tenant), (options: PgPoolOptions, connect: PgConnectOptions), \
+                    (ctx: TestContext) or nothing, of sqlx 0.8 or 0.9"
+        )
+    )]
+    pub trait Dispatch {
+        /// Runs the test; see [`run`].
+        fn run(self, spec: TestSpec);
+    }
+
+    /// One impl per signature that takes a database, for the runtime `$rt`.
+    macro_rules! dispatch {
+        ($rt:ident) => {
+            dispatch!($rt: (PgPool), (PgPool, Tenant), (PoolConnection<Postgres>),
+                (PoolConnection<Postgres>, Tenant), (PgPoolOptions, PgConnectOptions),
+                (TestContext));
+        };
+        ($rt:ident: $(($($arg:ident $(<$param:ident>)?),*)),*) => {$(
+            impl<Fut: ::std::future::Future<Output: TestTermination>> Dispatch
+                for fn($(dispatch!(@type $rt $arg $(<$param>)?)),*) -> Fut
+            {
+                fn run(self, spec: TestSpec) {
+                    $rt::__private::run(spec, self);
+                }
+            }
+        )*};
+        (@type $rt:ident Tenant) => { Tenant };
+        (@type $rt:ident TestContext) => { $rt::TestContext };
+        (@type $rt:ident PgPool) => { $rt::__private::sqlx::PgPool };
+        (@type $rt:ident PoolConnection<Postgres>) => {
+            $rt::__private::sqlx::pool::PoolConnection<$rt::__private::sqlx::Postgres>
+        };
+        (@type $rt:ident PgPoolOptions) => { $rt::__private::sqlx::postgres::PgPoolOptions };
+        (@type $rt:ident PgConnectOptions) => {
+            $rt::__private::sqlx::postgres::PgConnectOptions
+        };
+    }
+
+    #[cfg(feature = "sqlx-0_9")]
+    dispatch!(pgtest_runtime);
+    #[cfg(feature = "sqlx-0_8")]
+    dispatch!(pgtest_runtime_sqlx08);
+
+    /// A test without a database, on whichever runtime is there.
+    #[cfg(any(feature = "sqlx-0_9", feature = "sqlx-0_8"))]
+    impl<Fut: ::std::future::Future<Output: TestTermination>> Dispatch for fn() -> Fut {
+        fn run(self, spec: TestSpec) {
+            super::main_runtime::__private::run(spec, self);
+        }
+    }
 }

@@ -305,6 +305,16 @@ pub enum Error {
     },
 }
 
+impl Error {
+    /// The error for `script` failing with the server's `message`.
+    pub(crate) fn script(script: &crate::runner::Script, message: String) -> Self {
+        Self::Script {
+            path: script.path,
+            message,
+        }
+    }
+}
+
 /// A database error's message with its SQLSTATE, detail and hint; any other
 /// error's own words. Server messages never contain the password.
 pub(crate) fn describe(error: &sqlx::Error) -> String {

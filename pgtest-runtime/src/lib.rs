@@ -11,6 +11,7 @@
 mod bootstrap;
 mod budget;
 mod cleanup;
+mod compat;
 mod config;
 mod context;
 mod database;
@@ -24,17 +25,18 @@ mod runner;
 mod server;
 mod shapes;
 mod spares;
-mod tenant;
 
 pub use cleanup::{Removed, remove_all};
 pub use context::TestContext;
 pub use error::Error;
-pub use tenant::Tenant;
+pub use pgtest_core::Tenant;
 
 /// Items used by the code that `#[pg_test]` generates. Not a public API.
 #[doc(hidden)]
 pub mod __private {
-    pub use crate::migrations::MigrationSource;
-    pub use crate::runner::{Isolation, Script, TestSpec, run};
-    pub use crate::shapes::{TestFn, TestTermination};
+    pub use crate::runner::run;
+    pub use crate::shapes::TestFn;
+    pub use pgtest_core::{Isolation, MigrationSource, Script, TestSpec, TestTermination};
+    /// The sqlx this runtime is built against, for the facade's dispatch.
+    pub use sqlx;
 }

@@ -1,27 +1,15 @@
 //! The migration set: where it comes from, and the hash that names the
 //! shared database built from it.
 
+use std::any::Any;
 use std::path::{Path, PathBuf};
+use std::sync::LazyLock;
 
 use sha2::{Digest, Sha256};
 use sqlx::migrate::Migrator;
 
 use crate::Error;
-
-/// Where a test's migrations come from, as the attribute said.
-#[derive(Clone, Copy, Debug)]
-pub enum MigrationSource {
-    /// The directory `sqlx.toml` names (`[migrate] migrations-dir`), else
-    /// `./migrations` of the test's package when that directory exists,
-    /// else none (what `#[sqlx::test]` does).
-    Default,
-    /// A directory, relative to the test's package, read at run time.
-    Dir(&'static str),
-    /// A migrator built by `sqlx::migrate!`.
-    Migrator(&'static Migrator),
-    /// `migrations = false`: an empty schema.
-    None,
-}
+use crate::runner::MigrationSource;
 
 /// A resolved migration set.
 pub(crate) struct Migrations {
@@ -45,12 +33,25 @@ impl Migrations {
                 let dir = manifest_dir.join(dir);
                 (read_dir(&dir).await?, dir)
             }
-            MigrationSource::Migrator(migrator) => (
-                Resolved::Static(migrator),
-                PathBuf::from("the test's migrator"),
-            ),
+            MigrationSource::Migrator(migrator) => match static_migrator(migrator) {
+                Some(migrator) => (
+                    Resolved::Static(migrator),
+                    PathBuf::from("the test's migrator"),
+                ),
+                None => {
+                    return Err(Error::Migrations {
+                        origin: "the test's migrator".to_owned(),
+                        reason: format!(
+                            "it is not a `static` of type `sqlx::migrate::Migrator` or \
+                             `std::sync::LazyLock<Migrator>` of sqlx {}, the sqlx of this test's \
+                             pool; declare it so, with the same sqlx as the test",
+                            crate::compat::SQLX_VERSION
+                        ),
+                    });
+                }
+            },
             MigrationSource::Default | MigrationSource::None => (
-                Resolved::Read(Migrator::with_migrations(Vec::new())),
+                Resolved::Read(crate::compat::no_migrations()),
                 PathBuf::from("no migrations"),
             ),
         };
@@ -108,6 +109,18 @@ async fn read_dir(dir: &Path) -> Result<Resolved, Error> {
 fn sqlx_toml_migrations_dir(manifest_dir: &Path) -> Result<PathBuf, Error> {
     let dir = crate::config::sqlx_toml_value(manifest_dir, "migrate", "migrations-dir")?;
     Ok(PathBuf::from(dir.as_deref().unwrap_or("migrations")))
+}
+
+/// The migrator behind the attribute's `migrator = "PATH"`, when it is one
+/// of this runtime's sqlx, directly or in a `LazyLock`.
+pub(crate) fn static_migrator(
+    migrator: &'static (dyn Any + Send + Sync),
+) -> Option<&'static Migrator> {
+    migrator.downcast_ref::<Migrator>().or_else(|| {
+        migrator
+            .downcast_ref::<LazyLock<Migrator>>()
+            .map(|lazy| &**lazy)
+    })
 }
 
 /// Changes whenever pgtest builds databases differently, so that a newer

@@ -18,12 +18,13 @@ use crate::bootstrap::{self, Kind, Source, Target};
 use crate::budget::{Budget, Slots};
 use crate::config::Config;
 use crate::database::{self, TestDatabase, template_name};
-use crate::migrations::{MigrationSource, Migrations};
+use crate::migrations::Migrations;
 use crate::pool::{Cover, TestPool, test_pool};
 use crate::server::Server;
-use crate::shapes::{TestFn, TestTermination};
+use crate::shapes::TestFn;
 use crate::spares;
 use crate::{Error, Tenant, TestContext};
+pub(crate) use pgtest_core::{Isolation, MigrationSource, Script, TestSpec, TestTermination};
 
 /// The size of a test's pool when the attribute does not say: what
 /// `#[sqlx::test]` gives, so that code which holds connections while it
@@ -38,75 +39,19 @@ const SWEEP_WAIT: Duration = Duration::from_secs(10);
 /// before failing: such a wait is usually another test's transaction.
 const LOCK_TIMEOUT: &str = "5s";
 
-/// Everything the attribute knows about one test.
-#[derive(Debug)]
-pub struct TestSpec {
-    /// `module_path!()::fn_name`.
-    pub name: &'static str,
-    /// `CARGO_PKG_NAME` of the test's package.
-    pub package: &'static str,
-    /// `CARGO_MANIFEST_DIR` of the test's package.
-    pub manifest_dir: &'static str,
-    /// Where the migrations come from.
-    pub migrations: MigrationSource,
-    /// The most connections the test's pool opens, when the attribute says.
-    pub max_connections: Option<u32>,
-    /// The role every connection acts as (`SET ROLE`), if any.
-    pub role: Option<&'static str>,
-    /// Scripts run before the body, after the fixtures.
-    pub seeds: &'static [Script],
-    /// sqlx-style fixtures: part of the template in `isolation =
-    /// "database"`, else run before the body like seeds.
-    pub fixtures: &'static [Script],
-    /// How the test is kept apart from the others.
-    pub isolation: Isolation,
-}
-
-/// How a test is kept apart from the others; see the attribute's docs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Isolation {
-    /// The shared database, rows scoped by the test's tenant.
-    Shared,
-    /// A database of the test's own, cloned from a template.
-    Database,
-    /// One connection inside a transaction that is rolled back.
-    Transaction,
-}
-
-/// A SQL script embedded at compile time: a seed or a fixture.
-#[derive(Debug)]
-pub struct Script {
-    /// The path as written in the attribute.
-    pub path: &'static str,
-    /// The script.
-    pub sql: &'static str,
-}
-
-impl TestSpec {
-    /// The most connections the test's pool opens on a server with
-    /// `budget`, beside `others` connections of the test's own.
-    fn pool_max(&self, budget: &Budget, others: u32) -> Result<u32, Error> {
-        let largest = budget.largest_pool(others);
-        match self.max_connections {
-            Some(max) if max > largest => Err(Error::BudgetTooSmall {
-                needed: max + others,
-                capacity: budget.capacity(),
-            }),
-            Some(max) => Ok(max),
-            // A transaction's test uses the one connection it is given.
-            None if self.isolation == Isolation::Transaction => Ok(1),
-            None => Ok(DEFAULT_MAX_CONNECTIONS.min(largest)),
-        }
-    }
-}
-
-impl Script {
-    /// The error for this script failing with the server's `message`.
-    pub(crate) fn error(&self, message: String) -> Error {
-        Error::Script {
-            path: self.path,
-            message,
-        }
+/// The most connections the test's pool opens on a server with `budget`,
+/// beside `others` connections of the test's own.
+fn pool_max(spec: &TestSpec, budget: &Budget, others: u32) -> Result<u32, Error> {
+    let largest = budget.largest_pool(others);
+    match spec.max_connections {
+        Some(max) if max > largest => Err(Error::BudgetTooSmall {
+            needed: max + others,
+            capacity: budget.capacity(),
+        }),
+        Some(max) => Ok(max),
+        // A transaction's test uses the one connection it is given.
+        None if spec.isolation == Isolation::Transaction => Ok(1),
+        None => Ok(DEFAULT_MAX_CONNECTIONS.min(largest)),
     }
 }
 
@@ -118,6 +63,11 @@ impl Script {
 /// When the database cannot be prepared, when the body returns `Err`, and
 /// with the body's own panic. Each message names the test.
 pub fn run<F: TestFn>(spec: TestSpec, test: F) {
+    // A migrator in a `LazyLock` may start a runtime of its own to read its
+    // directory: let it, before this thread drives one.
+    if let MigrationSource::Migrator(migrator) = spec.migrations {
+        let _ = crate::migrations::static_migrator(migrator);
+    }
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -285,7 +235,7 @@ async fn prepare(spec: &TestSpec) -> Result<(TestContext, Teardown), Error> {
             let template = template_name(spec.package, &migrations, &[]);
             let database = database::run_database_name(&template);
             database::hold_run_database(&budget, &database).await?;
-            let max = spec.pool_max(&budget, 0)?;
+            let max = pool_max(spec, &budget, 0)?;
             let pool = test_pool(&server, &database, tenant, spec, max, acquire_timeout);
             let ready = Ready {
                 template: &template,
@@ -306,7 +256,7 @@ async fn prepare(spec: &TestSpec) -> Result<(TestContext, Teardown), Error> {
             let comment = bootstrap::template_comment();
             let built = template_target(&template, &comment, &migrations, spec.fixtures);
             // The pool's connections and an admin connection.
-            let max = spec.pool_max(&budget, 1)?;
+            let max = pool_max(spec, &budget, 1)?;
             let (slots, mut admin) = with_template(&server, &budget, built, max, spec).await?;
             let database =
                 TestDatabase::create(&server, &budget, &mut admin, &template, spec.name).await?;
@@ -481,12 +431,10 @@ async fn begin(
         .map_err(|error| server.query_error("beginning the test's transaction", &error))?;
     // Not dropped, which would roll back now: closing the pool ends it.
     std::mem::forget(outer);
-    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-        "set local lock_timeout = '{LOCK_TIMEOUT}'"
-    )))
-    .execute(&mut *connection)
-    .await
-    .map_err(|error| server.query_error("setting the lock timeout", &error))?;
+    crate::compat::raw(&format!("set local lock_timeout = '{LOCK_TIMEOUT}'"))
+        .execute(&mut *connection)
+        .await
+        .map_err(|error| server.query_error("setting the lock timeout", &error))?;
     Ok(connection)
 }
 
@@ -504,7 +452,7 @@ async fn run_script<'c>(
     executor: impl sqlx::Executor<'c, Database = Postgres>,
     script: &Script,
 ) -> Result<(), sqlx::Error> {
-    sqlx::raw_sql(sqlx::AssertSqlSafe(script.sql))
+    crate::compat::raw(script.sql)
         .execute(executor)
         .await
         .map(|_| ())
@@ -518,7 +466,7 @@ fn script_error(
     error: sqlx::Error,
 ) -> Error {
     match error {
-        sqlx::Error::Database(_) => script.error(crate::error::describe(&error)),
+        sqlx::Error::Database(_) => Error::script(script, crate::error::describe(&error)),
         connect => server.connect_error(connect, context.database(), spec.role),
     }
 }

@@ -1,13 +1,13 @@
 //! The test signatures `#[pg_test]` accepts: one [`TestFn`] impl each, and
 //! what a body may return.
 
-use std::fmt::Debug;
 use std::future::Future;
 
 use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{PgPool, Postgres};
 
+use crate::runner::TestTermination;
 use crate::{Tenant, TestContext};
 
 /// A test body that `#[pg_test]` can call: one impl per supported signature.
@@ -102,25 +102,4 @@ impl<Fut: Future<Output: TestTermination>> TestFn for fn() -> Fut {
 
 fn expect_context(context: Option<TestContext>) -> TestContext {
     context.expect("NEEDS_DATABASE is true, so the runner prepared a context")
-}
-
-/// What a test body may return: `()` or `Result<(), E: Debug>`.
-#[diagnostic::on_unimplemented(
-    message = "a #[pg_test] fn must return `()` or `Result<(), E>` with `E: Debug`, not `{Self}`"
-)]
-pub trait TestTermination {
-    /// `Err` with the error's `Debug` text when the test failed.
-    fn into_result(self) -> Result<(), String>;
-}
-
-impl TestTermination for () {
-    fn into_result(self) -> Result<(), String> {
-        Ok(())
-    }
-}
-
-impl<E: Debug> TestTermination for Result<(), E> {
-    fn into_result(self) -> Result<(), String> {
-        self.map_err(|error| format!("{error:?}"))
-    }
 }

@@ -134,10 +134,7 @@ pub(crate) async fn claim(
             quote_ident(&spare),
             name = quote_ident(name),
         );
-        match sqlx::raw_sql(sqlx::AssertSqlSafe(claim))
-            .execute(&mut *admin)
-            .await
-        {
+        match crate::compat::raw(&claim).execute(&mut *admin).await {
             Ok(_) => return Ok(true),
             // Another test took it first: try the next.
             Err(error) => tracing::debug!(spare, %error, "claiming a spare failed"),

@@ -86,7 +86,7 @@ async fn build_locked(
         database_q = quote_ident(database),
     );
     admin
-        .execute(sqlx::raw_sql(sqlx::AssertSqlSafe(finish)))
+        .execute(crate::compat::raw(&finish))
         .await
         .map_err(|error| server.query_error(format!("marking {database} ready"), &error))?;
     tracing::debug!(database, "built and ready");
@@ -97,7 +97,7 @@ async fn lock(server: &Server, admin: &mut PgConnection, database: &str) -> Resu
     let timeout_ms = server.bootstrap_timeout.as_millis().max(1);
     let statement = format!("set lock_timeout = {timeout_ms}");
     admin
-        .execute(sqlx::raw_sql(sqlx::AssertSqlSafe(statement)))
+        .execute(crate::compat::raw(&statement))
         .await
         .map_err(|error| server.query_error("setting the lock timeout", &error))?;
     let locked = sqlx::query("select pg_advisory_lock($1, $2)")
@@ -184,16 +184,14 @@ pub(crate) async fn create_database(
         .unwrap_or_default();
     // Two statements: CREATE DATABASE cannot run inside a transaction block.
     let created = match admin
-        .execute(sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        .execute(crate::compat::raw(&format!(
             "create database {name}{template}"
-        ))))
+        )))
         .await
     {
         Ok(_) => {
             let comment = format!("comment on database {name} is '{marker}'");
-            admin
-                .execute(sqlx::raw_sql(sqlx::AssertSqlSafe(comment)))
-                .await
+            admin.execute(crate::compat::raw(&comment)).await
         }
         Err(error) => Err(error),
     };
@@ -222,7 +220,7 @@ async fn drop_database(
         quote_ident(database)
     );
     admin
-        .execute(sqlx::raw_sql(sqlx::AssertSqlSafe(statement)))
+        .execute(crate::compat::raw(&statement))
         .await
         .map(|_| ())
         .map_err(|error| server.query_error(format!("dropping database {database}"), &error))
@@ -243,10 +241,10 @@ async fn fill(
             break;
         }
         result = connection
-            .execute(sqlx::raw_sql(sqlx::AssertSqlSafe(fixture.sql)))
+            .execute(crate::compat::raw(fixture.sql))
             .await
             .map(|_| ())
-            .map_err(|error| fixture.error(describe(&error)));
+            .map_err(|error| Error::script(fixture, describe(&error)));
     }
     let _ = connection.close().await;
     result
@@ -286,10 +284,7 @@ pub(crate) async fn drop_database_if_unused(
     database: &str,
 ) -> Result<bool, Error> {
     let statement = format!("drop database if exists {}", quote_ident(database));
-    match admin
-        .execute(sqlx::raw_sql(sqlx::AssertSqlSafe(statement)))
-        .await
-    {
+    match admin.execute(crate::compat::raw(&statement)).await {
         Ok(_) => Ok(true),
         // 55006: "database … is being accessed by other users".
         Err(error) if sqlstate(&error).as_deref() == Some("55006") => Ok(false),

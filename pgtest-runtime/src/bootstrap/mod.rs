@@ -107,7 +107,7 @@ pub(crate) async fn note_template_use(
         quote_ident(template),
         template_comment()
     );
-    sqlx::raw_sql(sqlx::AssertSqlSafe(statement))
+    crate::compat::raw(&statement)
         .execute(admin)
         .await
         .map(|_| ())

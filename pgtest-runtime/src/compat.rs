@@ -1,0 +1,43 @@
+//! What differs between the sqlx versions the runtime is built against
+//! (this crate for 0.9, `pgtest-runtime-sqlx08` from the same sources for
+//! 0.8): the one module that looks at which.
+
+use sqlx::migrate::Migrator;
+
+/// The sqlx this runtime is built against, for messages.
+#[cfg(not(pgtest_sqlx08))]
+pub(crate) const SQLX_VERSION: &str = "0.9";
+/// The sqlx this runtime is built against, for messages.
+#[cfg(pgtest_sqlx08)]
+pub(crate) const SQLX_VERSION: &str = "0.8";
+
+/// A statement pgtest built itself (names quoted by
+/// [`crate::bootstrap::quote_ident`], values by the server's comment
+/// format), or a user's script, run as it is.
+#[cfg(not(pgtest_sqlx08))]
+pub(crate) fn raw(sql: &str) -> sqlx::RawSql {
+    sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_owned()))
+}
+
+/// A statement pgtest built itself, or a user's script, run as it is.
+#[cfg(pgtest_sqlx08)]
+pub(crate) fn raw(sql: &str) -> sqlx::RawSql<'_> {
+    sqlx::raw_sql(sql)
+}
+
+/// A migrator without migrations.
+#[cfg(not(pgtest_sqlx08))]
+pub(crate) fn no_migrations() -> Migrator {
+    Migrator::with_migrations(Vec::new())
+}
+
+/// A migrator without migrations (sqlx 0.8 has no constructor for one).
+#[cfg(pgtest_sqlx08)]
+pub(crate) fn no_migrations() -> Migrator {
+    Migrator {
+        migrations: std::borrow::Cow::Borrowed(&[]),
+        ignore_missing: false,
+        locking: true,
+        no_tx: false,
+    }
+}
