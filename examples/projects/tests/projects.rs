@@ -1,10 +1,11 @@
 //! The project tracker's suite: every test shares one migrated database and
 //! keeps to its own organisation, the test's tenant.
 
-use pgtest::{PgPool, Tenant, TestContext, pg_test};
+use pgtest::{Tenant, TestContext, pg_test};
 use pgtest_example_projects::{
     active_projects, add_project, archive_project, create_org, visible_projects,
 };
+use sqlx::PgPool;
 
 #[pg_test]
 async fn a_new_org_has_no_projects(pool: PgPool, tenant: Tenant) -> anyhow::Result<()> {
