@@ -162,3 +162,59 @@ fn a_killed_process_gives_its_slots_back_and_a_waiter_is_told_who_holds_them() {
     );
     assert_passed(&output, 1);
 }
+
+/// Runs its queries one after another, on the default pool.
+#[pg_test(migrations = false)]
+#[ignore = "a fixture, run in its own processes by the tests of this file"]
+async fn fixture_pool_one_query_at_a_time(pool: PgPool) -> Result<(), sqlx::Error> {
+    for _ in 0..20 {
+        sqlx::query("select 1").execute(&pool).await?;
+        let _: i32 = sqlx::query_scalar("select 1").fetch_one(&pool).await?;
+    }
+    Ok(())
+}
+
+/// Three tasks that each hold a connection until all three do, then run
+/// queries one after another.
+#[pg_test(migrations = false)]
+#[ignore = "a fixture, run in its own processes by the tests of this file"]
+async fn fixture_pool_three_at_once(pool: PgPool) -> Result<(), sqlx::Error> {
+    let all_in = std::sync::Arc::new(tokio::sync::Barrier::new(3));
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..3 {
+        let (pool, all_in) = (pool.clone(), all_in.clone());
+        tasks.spawn(async move {
+            let connection = pool.acquire().await?;
+            all_in.wait().await;
+            drop(connection);
+            Ok::<_, sqlx::Error>(())
+        });
+    }
+    while let Some(done) = tasks.join_next().await {
+        done.expect("a task panicked")?;
+    }
+    for _ in 0..20 {
+        sqlx::query("select 1").execute(&pool).await?;
+    }
+    Ok(())
+}
+
+#[test]
+fn a_pool_opens_only_the_connections_its_test_uses_at_once() {
+    let cluster = Cluster::start(&[]);
+    // The run's first test builds the shared database, retrying its pool's
+    // connection while it waits: not what is measured here.
+    assert_passed(&run(cluster.exact("fixture_budget_one_at_a_time")), 1);
+    for (test, expected) in [
+        ("fixture_pool_one_query_at_a_time", 1),
+        ("fixture_pool_three_at_once", 3),
+    ] {
+        assert_passed(&run(cluster.exact(test)), 1);
+        let log = cluster.log();
+        let opened: Vec<&str> = log
+            .lines()
+            .filter(|line| line.contains("connection authorized") && line.contains(test))
+            .collect();
+        assert_eq!(opened.len(), expected, "{test}:\n{}", opened.join("\n"));
+    }
+}

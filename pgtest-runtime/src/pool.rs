@@ -1,12 +1,27 @@
 //! A test's pool: lazy, carrying the tenant, the test's name and role on
-//! every connection, and covered by the connection budget as it grows.
+//! every connection, covered by the connection budget as it grows, and
+//! opening a further connection only when the test waits for one.
+//!
+//! Why the gate: sqlx gives a used connection back to its pool in a spawned
+//! task, after a ping, and its `acquire` opens a new connection whenever the
+//! pool is below its maximum and has none idle. So a plain pool of five opens
+//! a second (and often a third) connection for a test that runs its queries
+//! one after another, each a new server process, while a pool of one starves
+//! code that holds a connection while it waits for another. The [`Gate`]
+//! gives both: the test's pool is a child of a pool that only lends it
+//! *permits* (sqlx's `PoolOptions::parent`, which `#[sqlx::test]`'s own
+//! machinery uses; a child opens a connection only with a permit of its own or
+//! one taken from its parent), and the gate lends one more only once the pool
+//! has handed out no connection for [`GROW_AFTER`] while all of its
+//! connections are in use. A connection on its way back is only a ping away,
+//! so a test that runs one query at a time keeps its one connection.
 
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use sqlx::PgPool;
-use sqlx::postgres::PgPoolOptions;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 
 use crate::budget::Slots;
 use crate::runner::TestSpec;
@@ -15,6 +30,12 @@ use crate::{Error, Tenant};
 
 /// The longest `application_name` PostgreSQL keeps.
 const MAX_APPLICATION_NAME: usize = 63;
+
+/// How long a pool whose connections are all in use may hand out none
+/// before the gate lends it a permit for one more.
+const GROW_AFTER: Duration = Duration::from_millis(10);
+/// How often the gate looks.
+const GATE_TICK: Duration = Duration::from_millis(2);
 
 /// A wait for a slot worth telling the user about when the test fails.
 const NOTABLE_WAIT: Duration = Duration::from_millis(100);
@@ -99,9 +120,85 @@ impl Cover {
     }
 }
 
+/// Lends a test's pool the permits for its connections: the first at once,
+/// each further one once the pool is starved (see the module's docs).
+struct Gate {
+    /// The parent whose permits the test's pool takes before it opens a
+    /// connection. It never opens a connection itself.
+    parent: PgPool,
+    /// One pool per permit held back, each holding one of the parent's
+    /// permits; dropping one lends its permit to the test's pool.
+    held: Vec<PgPool>,
+    /// Connections handed out by the test's pool so far, new or reused.
+    handouts: Arc<AtomicU64>,
+    /// The test's slots, which count the connections its pool opened.
+    cover: Arc<Cover>,
+}
+
+impl Gate {
+    /// A gate for a pool of `max`, with all permits but the first held back.
+    async fn new(max: u32, cover: Arc<Cover>) -> Self {
+        // Nothing listens there: a connection attempt fails at once, which
+        // is what moves a permit from the parent to a holder.
+        let nowhere = PgConnectOptions::new().socket("/nonexistent/pgtest-gate");
+        let quiet = || {
+            PgPoolOptions::new()
+                .min_connections(0)
+                .idle_timeout(None)
+                .max_lifetime(None)
+        };
+        let parent = quiet()
+            .max_connections(max)
+            .connect_lazy_with(nowhere.clone());
+        let mut held = Vec::new();
+        for _ in 1..max {
+            let holder = quiet()
+                .max_connections(1)
+                .parent(parent.clone())
+                .connect_lazy_with(nowhere.clone());
+            // Takes a permit of the parent, fails to connect, and keeps the
+            // permit in its own semaphore until it is dropped.
+            let _ = holder.acquire().await;
+            held.push(holder);
+        }
+        Self {
+            parent,
+            held,
+            handouts: Arc::new(AtomicU64::new(0)),
+            cover,
+        }
+    }
+
+    /// Lends one more permit whenever `pool` has handed out no connection
+    /// for [`GROW_AFTER`] while all of its connections are in use, until it
+    /// may open its maximum or closes.
+    async fn watch(mut self, pool: PgPool) {
+        let mut last = self.handouts.load(Ordering::Acquire);
+        let mut quiet_since = Instant::now();
+        while !self.held.is_empty() && !pool.is_closed() {
+            tokio::time::sleep(GATE_TICK).await;
+            let handouts = self.handouts.load(Ordering::Acquire);
+            let lent = pool.options().get_max_connections() - self.held.len() as u32;
+            // Every connection it may open is open (none still connecting,
+            // which can take long with a slow login) and in use.
+            let opened = self.cover.opened.load(Ordering::Acquire);
+            let size = pool.size();
+            let all_busy = pool.num_idle() == 0 && size >= lent && size <= opened;
+            if handouts != last || !all_busy {
+                (last, quiet_since) = (handouts, Instant::now());
+            } else if quiet_since.elapsed() >= GROW_AFTER {
+                tracing::debug!(lent = lent + 1, "pool starved: lending one more connection");
+                drop(self.held.pop());
+                quiet_since = Instant::now();
+            }
+        }
+        drop(self.parent);
+    }
+}
+
 /// A lazy pool of at most `max` connections on `database`, each carrying
 /// the tenant, the test's name and the test's role.
-pub(crate) fn test_pool(
+pub(crate) async fn test_pool(
     server: &Server,
     database: &str,
     tenant: Tenant,
@@ -125,22 +222,31 @@ pub(crate) fn test_pool(
         waited: AtomicBool::new(false),
         failure: Mutex::new(None),
     });
-    let hook = Arc::clone(&cover);
+    let gate = Gate::new(max, Arc::clone(&cover)).await;
+    let (on_connect, on_reuse) = (Arc::clone(&cover), Arc::clone(&gate.handouts));
+    let on_new = Arc::clone(&gate.handouts);
     let pool = PgPoolOptions::new()
         .max_connections(max)
         .min_connections(0)
         .acquire_timeout(acquire_timeout)
         .test_before_acquire(false)
+        .parent(gate.parent.clone())
         .after_connect(move |_, _| {
-            let cover = Arc::clone(&hook);
+            let (cover, handouts) = (Arc::clone(&on_connect), Arc::clone(&on_new));
             Box::pin(async move {
+                handouts.fetch_add(1, Ordering::AcqRel);
                 cover
                     .connected()
                     .await
                     .map_err(|error| sqlx::Error::Protocol(error.to_string()))
             })
         })
+        .before_acquire(move |_, _| {
+            on_reuse.fetch_add(1, Ordering::AcqRel);
+            Box::pin(async { Ok(true) })
+        })
         .connect_lazy_with(options);
+    tokio::spawn(gate.watch(pool.clone()));
     TestPool { pool, cover }
 }
 

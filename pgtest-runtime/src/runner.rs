@@ -236,7 +236,7 @@ async fn prepare(spec: &TestSpec) -> Result<(TestContext, Teardown), Error> {
             let database = database::run_database_name(&template);
             database::hold_run_database(&budget, &database).await?;
             let max = pool_max(spec, &budget, 0)?;
-            let pool = test_pool(&server, &database, tenant, spec, max, acquire_timeout);
+            let pool = test_pool(&server, &database, tenant, spec, max, acquire_timeout).await;
             let ready = Ready {
                 template: &template,
                 database: &database,
@@ -262,7 +262,7 @@ async fn prepare(spec: &TestSpec) -> Result<(TestContext, Teardown), Error> {
                 TestDatabase::create(&server, &budget, &mut admin, &template, spec.name).await?;
             spares::want(&server, &budget, &template, spare_limit);
             let name = database.name.clone();
-            let pool = test_pool(&server, &name, tenant, spec, max, acquire_timeout);
+            let pool = test_pool(&server, &name, tenant, spec, max, acquire_timeout).await;
             pool.cover.hold(slots, 1).await;
             let context = TestContext::new(pool.pool, tenant, name, spec.name);
             let teardown = Teardown {
