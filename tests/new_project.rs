@@ -1,6 +1,8 @@
-//! A new project, made from scratch the way a user would, depends on pgtest
-//! by path and runs its suite twice, with a migration edited in between and
-//! no rebuild: the second run builds and uses a new shared database.
+//! New projects, made from scratch the way a user would: the README's
+//! dependency lines, migration and test copied as they stand (in each form:
+//! git, path, sqlx 0.8), and a project whose suite runs twice with a
+//! migration edited in between and no rebuild, so that the second run builds
+//! and uses a new shared database.
 
 mod common;
 
@@ -48,8 +50,7 @@ fn write(root: &Path, path: &str, contents: &str) {
 /// Builds the project's test binary in a target directory of its own
 /// (kept between runs, so only the first run compiles the dependencies).
 fn build_tests(project: &Path) -> PathBuf {
-    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let target = repo.join("target").join("pgtest-it-new-project");
+    let target = projects_target();
     let child = Command::new(env!("CARGO"))
         .args([
             "test",
@@ -81,6 +82,12 @@ fn build_tests(project: &Path) -> PathBuf {
             Some(PathBuf::from(&line[start..end]))
         })
         .expect("cargo names the test executable")
+}
+
+/// The target directory of the projects these tests build, kept between
+/// runs (so only the first run compiles the dependencies).
+fn projects_target() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("target/pgtest-it-projects")
 }
 
 fn run_suite(binary: &Path, cluster: &Cluster, expected_things: u32) {
@@ -139,4 +146,91 @@ fn an_edited_migration_gets_a_new_database_without_a_rebuild() {
     );
     let copy = new.iter().find(|name| name.contains("_r")).unwrap();
     assert_eq!(cluster.psql_in(copy, "select count(*) from things"), "2");
+}
+
+/// The fenced blocks under the README's heading `heading`, in order.
+fn readme_blocks(heading: &str) -> Vec<String> {
+    let readme = fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md"))
+        .expect("read the README");
+    let section = readme
+        .split("\n## ")
+        .find(|section| section.starts_with(heading))
+        .expect("the README has the section");
+    section
+        .split("```")
+        .skip(1)
+        .step_by(2)
+        .map(|block| block.split_once('\n').expect("a fenced block").1.to_owned())
+        .collect()
+}
+
+/// A project of the README's `dependencies`, migration and test, its tests
+/// run with `cargo test` against `cluster`.
+fn run_readme_project(dir: &Path, dependencies: &str, cluster: &Cluster) {
+    let blocks = readme_blocks("A minimal test");
+    let [_, migration, test, ..] = &blocks[..] else {
+        panic!("the README's minimal test has its migration and test: {blocks:?}");
+    };
+    write(
+        dir,
+        "Cargo.toml",
+        &format!(
+            "[package]\nname = \"readme-app\"\nversion = \"0.1.0\"\nedition = \"2024\"\n\
+             publish = false\n\n{dependencies}\n[workspace]\n"
+        ),
+    );
+    fs::copy(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.lock"),
+        dir.join("Cargo.lock"),
+    )
+    .unwrap();
+    write(dir, "src/lib.rs", "");
+    write(dir, "migrations/20250101000000_orgs.sql", migration);
+    write(dir, "tests/orgs.rs", test);
+    // Not offline: a git dependency is fetched, here from this checkout.
+    let child = Command::new(env!("CARGO"))
+        .args(["test", "--test", "orgs"])
+        .current_dir(dir)
+        .env("CARGO_TARGET_DIR", projects_target())
+        .env_remove("DATABASE_URL")
+        .env("PGTEST_DATABASE_URL", cluster.url())
+        .env("TMPDIR", cluster.tmp_dir())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run cargo");
+    assert_passed(&finish(child, Duration::from_secs(900)), 1);
+}
+
+#[test]
+fn the_readme_example_runs_as_written() {
+    let blocks = readme_blocks("A minimal test");
+    let [dependencies, _, _, dependencies_0_8, ..] = &blocks[..] else {
+        panic!("the README's minimal test has two dependency blocks: {blocks:?}");
+    };
+    let git = "https://github.com/pgtest-rs/pgtest";
+    assert!(dependencies.contains(git) && dependencies_0_8.contains(git));
+    // The git form, from this checkout's history instead of the network.
+    let checkout = format!("file://{}", env!("CARGO_MANIFEST_DIR"));
+    let from_here = |lines: &str| lines.replace(git, &checkout);
+    // The path form, uncommented, for a checkout beside the project.
+    let by_path = dependencies
+        .replace("pgtest = { git", "# pgtest = { git")
+        .replace("# pgtest = { path", "pgtest = { path");
+    assert!(
+        by_path.contains("\npgtest = { path = \"../pgtest\" }"),
+        "{by_path}"
+    );
+
+    let cluster = Cluster::start(&[]);
+    fs::create_dir_all(cluster.tmp_dir()).unwrap();
+    let projects = tempfile::tempdir().unwrap();
+    std::os::unix::fs::symlink(env!("CARGO_MANIFEST_DIR"), projects.path().join("pgtest")).unwrap();
+    for (name, lines) in [
+        ("git", from_here(dependencies)),
+        ("path", by_path),
+        ("sqlx-0.8", from_here(dependencies_0_8)),
+    ] {
+        run_readme_project(&projects.path().join(name), &lines, &cluster);
+    }
 }

@@ -116,7 +116,7 @@ fn cargo_test(cluster: &Cluster, examples: &[(&str, &str)]) -> (Output, String) 
     for (name, version) in examples {
         add_example(workspace.path(), name, version);
     }
-    let target = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/pgtest-it-sqlx-versions");
+    let target = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/pgtest-it-projects");
     let child = Command::new(env!("CARGO"))
         .args(["test", "--workspace", "--offline"])
         .current_dir(workspace.path())
