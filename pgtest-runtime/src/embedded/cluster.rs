@@ -222,8 +222,9 @@ impl Cluster {
                 "--auth=trust",
                 "--encoding=UTF8",
                 "--no-locale",
+                // Not --no-instructions: PostgreSQL 13's initdb lacks it, and
+                // the output is captured anyway.
                 "--no-sync",
-                "--no-instructions",
             ])
             .output();
         self.check("initialize its data directory (initdb)", output)?;
