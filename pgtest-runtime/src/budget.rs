@@ -12,10 +12,13 @@
 //!
 //! Growing is the one place where a test holds slots while it waits for
 //! more, so it cannot deadlock: a grower takes a free slot when there is
-//! one, else the **reserve**, a lock held by one test at a time that stands
-//! for [`RESERVE`] slots kept out of everyone's reach. The reserve's holder
-//! never waits again (its pool cannot grow by more than the reserve), so it
-//! finishes and passes the reserve on; every other waiter waits for it.
+//! one. Else it waits in line behind other growers, and the one at the head
+//! takes all it may still need at once, or the **reserve**, a lock held by
+//! one test at a time that stands for [`RESERVE`] slots kept out of
+//! everyone's reach. Either way it never waits again (a pool cannot grow by
+//! more than the reserve beyond what its test took up front), so it
+//! finishes and gives its slots back; every other waiter waits only for it.
+//! Tests waiting to start leave freed slots to growers.
 //!
 //! A slot is a locked file: a panicking test drops its guard, a killed
 //! process has its locks released by the operating system.
@@ -42,6 +45,8 @@ const CAPACITY_TTL: Duration = Duration::from_secs(600);
 /// Slots kept for the one test at a time that grows while no slot is free:
 /// the most a pool grows beyond what its test takes up front.
 const RESERVE: u32 = 4;
+/// The lock file that tests waiting to grow hold shared.
+const GROWERS: &str = "growers.lock";
 /// The longest pause between two looks at the lock files.
 const MAX_PAUSE: Duration = Duration::from_millis(20);
 
@@ -147,13 +152,7 @@ impl Budget {
             });
         }
         let mut files = SlotFiles::new(self);
-        let mut slots = Slots {
-            budget: self.clone(),
-            holder: holder.to_owned(),
-            locked: Vec::new(),
-            from_reserve: 0,
-            reserve: None,
-        };
+        let mut slots = self.empty_slots(holder);
         if files.try_take(count, &mut slots)? {
             return Ok(slots);
         }
@@ -163,9 +162,14 @@ impl Budget {
         let Some(_queue) = lock_until(&queue, deadline).await? else {
             return Err(self.timeout_error(count));
         };
+        let growers = open(&self.dir.join(GROWERS))?;
         let mut pause = Duration::from_millis(1);
         loop {
-            if files.try_take(count, &mut slots)? {
+            // Slots that free up go to tests that wait to grow first: they
+            // hold connections already, and finish sooner with more.
+            let nobody_grows = growers.try_lock().is_ok();
+            let _ = growers.unlock();
+            if nobody_grows && files.try_take(count, &mut slots)? {
                 tracing::debug!(waited = ?started.elapsed(), count, "took connection slots");
                 return Ok(slots);
             }
@@ -174,6 +178,42 @@ impl Budget {
             }
             tokio::time::sleep(jitter(pause)).await;
             pause = (pause * 2).min(MAX_PAUSE);
+        }
+    }
+
+    /// `count` slots for `holder` if they are free now.
+    pub(crate) fn try_take(&self, count: u32, holder: &str) -> Result<Option<Slots>, Error> {
+        let mut slots = self.empty_slots(holder);
+        let taken = self.fits(count) && SlotFiles::new(self).try_take(count, &mut slots)?;
+        Ok(taken.then_some(slots))
+    }
+
+    /// The `count` slots a build needs, which tests that wait for the build
+    /// may hold all of: the reserve, whose holder never waits for anyone
+    /// (see the module's documentation), on a server large enough to have
+    /// one; else free slots.
+    pub(crate) async fn take_for_build(&self, count: u32, holder: &str) -> Result<Slots, Error> {
+        if count > self.reserve() {
+            return self.take(count, holder).await;
+        }
+        let path = self.dir.join("reserve.lock");
+        let Some(reserve) = lock_until(&path, Instant::now() + self.timeout).await? else {
+            return Err(self.timeout_error(count));
+        };
+        note_holder(&reserve, holder);
+        let mut slots = self.empty_slots(holder);
+        slots.from_reserve = count;
+        slots.reserve = Some(reserve);
+        Ok(slots)
+    }
+
+    fn empty_slots(&self, holder: &str) -> Slots {
+        Slots {
+            budget: self.clone(),
+            holder: holder.to_owned(),
+            locked: Vec::new(),
+            from_reserve: 0,
+            reserve: None,
         }
     }
 
@@ -274,28 +314,49 @@ impl Budget {
 }
 
 impl Slots {
+    /// Takes over `other`'s slots (free slots only).
+    pub(crate) fn absorb(&mut self, mut other: Slots) {
+        self.locked.append(&mut other.locked);
+    }
+
     /// How many slots these are.
     pub(crate) fn count(&self) -> u32 {
         self.locked.len() as u32 + self.from_reserve
     }
 
-    /// Takes one slot more: a free one, else one of the reserve, waiting
-    /// for the reserve's holder when it has to (see the module's
-    /// documentation), at most the budget timeout.
-    pub(crate) async fn grow(&mut self) -> Result<(), Error> {
+    /// Takes one slot more, of at most `ceiling` in all: a free one when
+    /// there is one. Else it waits (at most the budget timeout), in line
+    /// behind other tests that wait to grow, for all it may still need at
+    /// once, up to `ceiling`, or for the reserve: so that it never waits
+    /// again, and the slots that free up are not split among waiters that
+    /// each still need more (see the module's documentation).
+    pub(crate) async fn grow(&mut self, ceiling: u32) -> Result<(), Error> {
         let budget = self.budget.clone();
-        let started = Instant::now();
+        if self.reserve.is_some() && self.from_reserve < budget.reserve() {
+            self.from_reserve += 1;
+            return Ok(());
+        }
         let mut files = SlotFiles::new(&budget);
+        if files.try_take(1, self)? {
+            return Ok(());
+        }
+        let started = Instant::now();
+        let deadline = started + budget.timeout;
+        // Held shared while this test waits, so that tests waiting to start
+        // leave it the slots that free up. Refused only for the instant a
+        // starting test looks.
+        let growers = open(&budget.dir.join(GROWERS))?;
+        let _waiting = growers.try_lock_shared().is_ok().then_some(growers);
+        let Some(_line) = lock_until(&budget.dir.join("growers-line.lock"), deadline).await? else {
+            return Err(budget.timeout_error(1));
+        };
         let mut pause = Duration::from_millis(1);
         loop {
-            if self.reserve.is_some() && self.from_reserve < budget.reserve() {
-                self.from_reserve += 1;
+            let missing = ceiling.saturating_sub(self.count()).max(1);
+            if files.try_take(missing, self)? {
                 return Ok(());
             }
-            if files.try_take(1, self)? {
-                return Ok(());
-            }
-            if self.reserve.is_none() && budget.reserve() > 0 {
+            if budget.reserve() > 0 {
                 let path = budget.dir.join("reserve.lock");
                 let file = open(&path)?;
                 match file.try_lock() {
@@ -303,14 +364,15 @@ impl Slots {
                         note_holder(&file, &self.holder);
                         tracing::debug!(waited = ?started.elapsed(), "took the reserve");
                         self.reserve = Some(file);
-                        continue;
+                        self.from_reserve = 1;
+                        return Ok(());
                     }
                     Err(TryLockError::WouldBlock) => {}
                     Err(TryLockError::Error(error)) => return Err(budget_io(&path, &error)),
                 }
             }
-            if started.elapsed() >= budget.timeout {
-                return Err(budget.timeout_error(1));
+            if Instant::now() >= deadline {
+                return Err(budget.timeout_error(missing));
             }
             tokio::time::sleep(jitter(pause)).await;
             pause = (pause * 2).min(MAX_PAUSE);

@@ -37,9 +37,6 @@ const GROW_AFTER: Duration = Duration::from_millis(10);
 /// How often the gate looks.
 const GATE_TICK: Duration = Duration::from_millis(2);
 
-/// A wait for a slot worth telling the user about when the test fails.
-const NOTABLE_WAIT: Duration = Duration::from_millis(100);
-
 /// The pool of a test and the slots that cover it.
 pub(crate) struct TestPool {
     /// The pool the test gets.
@@ -59,7 +56,7 @@ pub(crate) struct Cover {
     opened: AtomicU32,
     /// `None` before the test takes its slots and after it gives them back.
     slots: tokio::sync::Mutex<Option<Slots>>,
-    /// Whether the hook ever waited for a slot, for the failure message.
+    /// Whether the hook ever had to wait for a slot, for the failure message.
     waited: AtomicBool,
     /// The budget's error, when growing failed.
     failure: Mutex<Option<String>>,
@@ -73,6 +70,14 @@ impl Cover {
         *self.slots.lock().await = Some(slots);
     }
 
+    /// Adds `more` slots, for `others` more connections beside the pool.
+    pub(crate) async fn add(&self, more: Slots, others: u32) {
+        self.others.fetch_add(others, Ordering::AcqRel);
+        if let Some(slots) = self.slots.lock().await.as_mut() {
+            slots.absorb(more);
+        }
+    }
+
     /// The pool's maximum.
     pub(crate) fn max(&self) -> u32 {
         self.max
@@ -83,7 +88,7 @@ impl Cover {
         self.slots.lock().await.take()
     }
 
-    /// Whether growing the pool ever had to wait for a slot.
+    /// Whether growing the pool ever found no slot free at once.
     pub(crate) fn waited(&self) -> bool {
         self.waited.load(Ordering::Relaxed)
     }
@@ -99,23 +104,26 @@ impl Cover {
     /// Called once a connection is open: takes the slot the pool's next
     /// connection needs, so that it is held before that one opens.
     async fn connected(&self) -> Result<(), Error> {
-        let opened = self.opened.fetch_add(1, Ordering::AcqRel) + 1;
-        let needed = self.others.load(Ordering::Acquire) + (opened + 1).min(self.max);
         let mut slots = self.slots.lock().await;
-        let Some(slots) = slots.as_mut() else {
-            return Ok(());
-        };
-        let started = Instant::now();
-        while slots.count() < needed {
-            if let Err(error) = slots.grow().await {
-                *self.failure.lock().unwrap_or_else(PoisonError::into_inner) =
-                    Some(error.to_string());
-                return Err(error);
+        let opened = self.opened.load(Ordering::Acquire) + 1;
+        let others = self.others.load(Ordering::Acquire);
+        let needed = others + (opened + 1).min(self.max);
+        if let Some(slots) = slots.as_mut() {
+            if slots.count() < needed {
+                // Told before the wait, which a timeout may cut short.
+                self.waited.store(true, Ordering::Relaxed);
+            }
+            while slots.count() < needed {
+                if let Err(error) = slots.grow(others + self.max).await {
+                    *self.failure.lock().unwrap_or_else(PoisonError::into_inner) =
+                        Some(error.to_string());
+                    return Err(error);
+                }
             }
         }
-        if started.elapsed() > NOTABLE_WAIT {
-            self.waited.store(true, Ordering::Relaxed);
-        }
+        // Counted only now: the gate lends no permit for another connection
+        // before this one's spare slot is held.
+        self.opened.store(opened, Ordering::Release);
         Ok(())
     }
 }

@@ -348,9 +348,8 @@ async fn shared(
     if bootstrap::is_ready(server, &pool.pool, ready.database, spec.role).await? {
         return Ok(None);
     }
-    // Waiting for a build holds no slots, so waiters cannot starve the
-    // builder of the connections it needs.
-    drop(pool.cover.release().await);
+    // The test keeps its slots while it waits: its pool may hold a
+    // connection already. The builder builds on the reserve.
     let template_comment = bootstrap::template_comment();
     let built = template_target(ready.template, &template_comment, ready.migrations, &[]);
     let comment = database::run_database_comment(budget, ready.database, spec.name);
@@ -370,15 +369,14 @@ async fn shared(
     )
     .await?;
     // Whoever copied it sweeps older copies beside its body, on one more
-    // slot (when the budget has room for it).
-    let sweeper = budget.upfront(max, 1);
-    if !copied_here || !budget.fits(sweeper) {
-        let slots = budget.take(budget.upfront(max, 0), spec.name).await?;
-        pool.cover.hold(slots, 0).await;
+    // slot when one is free at once (else a later run sweeps them).
+    if !copied_here {
         return Ok(None);
     }
-    let slots = budget.take(sweeper, spec.name).await?;
-    pool.cover.hold(slots, 1).await;
+    let Some(sweeper) = budget.try_take(1, spec.name)? else {
+        return Ok(None);
+    };
+    pool.cover.add(sweeper, 1).await;
     let admin = server.connect(server.admin_database()).await?;
     Ok(Some(sweep_beside(server, budget, admin)))
 }
@@ -403,11 +401,10 @@ async fn with_template(
         bootstrap::note_template_use(server, &mut admin, target.database, &marker).await?;
         return Ok((slots, admin));
     }
-    // Built below, stamped as used by the build.
+    // Built below (on the reserve; this test keeps its slots), stamped as
+    // used by the build.
     let _ = admin.close().await;
-    drop(slots);
     bootstrap::build_once(server, budget, None, target, spec.role, spec.name).await?;
-    let slots = budget.take(needed, spec.name).await?;
     Ok((slots, server.connect(server.admin_database()).await?))
 }
 

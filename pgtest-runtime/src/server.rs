@@ -46,7 +46,7 @@ fn url_password(url: &str) -> Option<String> {
 }
 
 /// How long a server that refuses connections for want of slots is retried.
-pub(crate) const REFUSED_RETRY: Duration = Duration::from_secs(60);
+const REFUSED_RETRY: Duration = Duration::from_secs(60);
 
 /// Whether the server refused a connection for want of slots (SQLSTATE
 /// 53300, "too many clients" or "remaining connection slots are

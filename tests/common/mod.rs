@@ -115,6 +115,16 @@ impl Cluster {
         self.url_for("postgres", PASSWORD, "postgres")
     }
 
+    /// A URL for the `postgres` superuser over the unix socket, where logins
+    /// are trusted: no password exchange, which a debug build makes slow.
+    pub fn socket_url(&self) -> String {
+        format!(
+            "postgres://postgres@localhost/postgres?host={}&port={}",
+            self.dir.path().display(),
+            self.port
+        )
+    }
+
     /// A URL for any role, password and database over TCP.
     pub fn url_for(&self, user: &str, password: &str, database: &str) -> String {
         format!(
@@ -293,6 +303,35 @@ fn drain(pipe: Option<impl Read + Send + 'static>) -> thread::JoinHandle<Vec<u8>
 
 fn collect(reader: thread::JoinHandle<Vec<u8>>) -> String {
     String::from_utf8_lossy(&reader.join().unwrap_or_default()).into_owned()
+}
+
+/// Runs `count` commands made by `make`, at most `at_once` at a time (as a
+/// test runner's `-j` does); returns their outputs in order.
+pub fn run_at_most(
+    count: usize,
+    at_once: usize,
+    make: impl Fn(usize) -> Command + Sync,
+) -> Vec<Output> {
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let outputs = std::sync::Mutex::new(Vec::new());
+    std::thread::scope(|scope| {
+        for _ in 0..at_once {
+            scope.spawn(|| {
+                loop {
+                    let index = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    if index >= count {
+                        break;
+                    }
+                    let child = make(index).spawn().expect("start a fixture");
+                    let output = finish(child, Duration::from_secs(300));
+                    outputs.lock().unwrap().push((index, output));
+                }
+            });
+        }
+    });
+    let mut outputs = outputs.into_inner().unwrap();
+    outputs.sort_by_key(|(index, _)| *index);
+    outputs.into_iter().map(|(_, output)| output).collect()
 }
 
 /// Starts `count` commands at once (`make` gets each one's index) and waits

@@ -17,7 +17,7 @@ use std::sync::{Arc, LazyLock, Mutex, PoisonError};
 use sqlx::Connection;
 use sqlx::Postgres;
 use sqlx::pool::PoolConnection;
-use sqlx::postgres::{PgConnection, PgPool};
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool};
 use tokio::sync::OnceCell;
 
 use self::build::build;
@@ -29,7 +29,7 @@ use crate::budget::Budget;
 use crate::error::sqlstate;
 use crate::migrations::Migrations;
 use crate::runner::Script;
-use crate::server::{REFUSED_RETRY, Server, is_refused_for_slots};
+use crate::server::{Server, is_refused_for_slots};
 
 mod build;
 
@@ -203,7 +203,7 @@ pub(crate) async fn build_once(
                     holders: format!("another test process on this machine ({lock_name})"),
                 });
             };
-            let _slots = budget.take(BUILD_CONNECTIONS, holder).await?;
+            let _slots = budget.take_for_build(BUILD_CONNECTIONS, holder).await?;
             let Some(pool) = pool.filter(|_| target.kind == Kind::Shared) else {
                 build(server, target).await?;
                 built.store(true, Ordering::Relaxed);
@@ -302,9 +302,11 @@ enum FirstConnection {
 }
 
 /// The pool's first connection. sqlx's pool keeps retrying a refused
-/// connection until its acquire timeout; when the first try is slow, one
-/// direct connection finds out why, so that a stopped server is reported at
-/// once rather than after the timeout.
+/// connection until its acquire timeout; when the first try is slow, a look
+/// at the server's socket finds out whether anything listens there, so that
+/// a stopped server is reported at once rather than after the timeout. The
+/// look starts no session: under load, when first connections are slow for
+/// many tests at once, sessions outside the budget would fill the server.
 async fn first_connection(
     server: &Server,
     pool: &PgPool,
@@ -319,37 +321,55 @@ async fn first_connection(
             FirstConnection::Failed(server.connect_error(error, database, role))
         }
     };
+    let started = std::time::Instant::now();
     let acquire = pool.acquire();
     tokio::pin!(acquire);
     tokio::select! {
         result = &mut acquire => return result.map_err(explain),
         () = tokio::time::sleep(DIAGNOSE_AFTER) => {}
     }
-    tracing::debug!(database, "first connection is slow; diagnosing");
-    let started = std::time::Instant::now();
-    let options = pool.connect_options();
-    let mut refused = false;
-    match tokio::time::timeout(server.connect_timeout, PgConnection::connect_with(&options)).await {
-        Ok(Ok(probe)) => {
-            let _ = probe.close().await;
-        }
-        // Full: the pool keeps retrying, as it should.
-        Ok(Err(error)) if is_refused_for_slots(&error) => refused = true,
-        Ok(Err(error)) => return Err(explain(error)),
-        Err(_) => return Err(FirstConnection::Failed(server.timeout_error())),
+    tracing::debug!(
+        database,
+        "first connection is slow; looking at the server's socket"
+    );
+    if let Err(error) = listens(&pool.connect_options()).await {
+        return Err(explain(sqlx::Error::Io(error)));
     }
-    let limit = if refused {
-        REFUSED_RETRY
-    } else {
-        server.connect_timeout
-    };
-    match tokio::time::timeout(limit, acquire).await {
-        Ok(Ok(connection)) => Ok(connection),
-        Ok(Err(sqlx::Error::PoolTimedOut)) | Err(_) if refused => Err(FirstConnection::Failed(
-            server.too_many_clients(started.elapsed()).await,
-        )),
-        Ok(Err(error)) => Err(explain(error)),
-        Err(_) => Err(FirstConnection::Failed(server.timeout_error())),
+    match acquire.await {
+        Ok(connection) => Ok(connection),
+        // Listening, yet no session within the acquire timeout: say whether
+        // the server refuses clients (one session, once, to find out).
+        Err(sqlx::Error::PoolTimedOut) => {
+            let options = pool.connect_options();
+            let probe = PgConnection::connect_with(&options);
+            match tokio::time::timeout(server.connect_timeout, probe).await {
+                Ok(Err(error)) if is_refused_for_slots(&error) => Err(FirstConnection::Failed(
+                    server.too_many_clients(started.elapsed()).await,
+                )),
+                Ok(Ok(probe)) => {
+                    let _ = probe.close().await;
+                    Err(FirstConnection::Failed(server.timeout_error()))
+                }
+                Ok(Err(error)) => Err(explain(error)),
+                Err(_) => Err(FirstConnection::Failed(server.timeout_error())),
+            }
+        }
+        Err(error) => Err(explain(error)),
+    }
+}
+
+/// Whether anything listens where `options` point, asked by connecting to
+/// the socket without starting a session.
+async fn listens(options: &PgConnectOptions) -> std::io::Result<()> {
+    match options.get_socket() {
+        Some(socket) if socket.is_dir() => {
+            let path = socket.join(format!(".s.PGSQL.{}", options.get_port()));
+            tokio::net::UnixStream::connect(path).await.map(drop)
+        }
+        Some(socket) => tokio::net::UnixStream::connect(socket).await.map(drop),
+        None => tokio::net::TcpStream::connect((options.get_host(), options.get_port()))
+            .await
+            .map(drop),
     }
 }
 
