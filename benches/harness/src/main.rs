@@ -6,7 +6,7 @@
 //! worked.
 //!
 //! ```text
-//! cargo run -p pgtest-bench --release -- [--tests 200] [--binaries 8] [--jobs 16,64] [--runs 3] [--cargo-test]
+//! cargo run -p pgtest-bench --release -- [--tests 200] [--binaries 8] [--jobs 16,64] [--runs 3] [--cargo-test] [--via-library]
 //! cargo run -p pgtest-bench -- --smoke
 //! ```
 
@@ -34,6 +34,7 @@ struct Options {
     runs: usize,
     cargo_test: bool,
     flavours: Vec<&'static str>,
+    via_library: bool,
 }
 
 /// One flavour's run.
@@ -57,6 +58,7 @@ fn parse_options() -> anyhow::Result<Options> {
         runs: 3,
         cargo_test: false,
         flavours: FLAVOURS.to_vec(),
+        via_library: false,
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -72,6 +74,7 @@ fn parse_options() -> anyhow::Result<Options> {
             }
             "--runs" => options.runs = value()?.parse()?,
             "--cargo-test" => options.cargo_test = true,
+            "--via-library" => options.via_library = true,
             "--flavours" => {
                 let wanted = value()?;
                 options.flavours = FLAVOURS
@@ -87,6 +90,7 @@ fn parse_options() -> anyhow::Result<Options> {
                     runs: 1,
                     cargo_test: true,
                     flavours: FLAVOURS.to_vec(),
+                    via_library: options.via_library,
                 }
             }
             other => bail!(
@@ -110,7 +114,13 @@ async fn main() -> anyhow::Result<()> {
         options.tests,
         suite_dir.display()
     );
-    suite::write(&suite_dir, &repo, options.tests, options.binaries)?;
+    suite::write(
+        &suite_dir,
+        &repo,
+        options.tests,
+        options.binaries,
+        options.via_library,
+    )?;
     std::fs::copy(repo.join("Cargo.lock"), suite_dir.join("Cargo.lock"))?;
 
     eprintln!("building the suite (the first time compiles its dependencies)");

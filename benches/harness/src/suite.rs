@@ -110,18 +110,33 @@ const BODY: &str = r#"
 "#;
 
 /// Writes the suite's crate into `dir`: `tests` tests per flavour, spread
-/// over `binaries` test binaries each.
+/// over `binaries` test binaries each. With `via_library`, the bodies call
+/// a function of the suite's library that runs the same queries (as tests
+/// that go through application code do) instead of running them inline;
+/// the transaction flavour, which takes a connection, stays inline.
 pub(crate) fn write(
     dir: &Path,
     pgtest: &Path,
     tests: usize,
     binaries: usize,
+    via_library: bool,
 ) -> anyhow::Result<()> {
     let _ = fs::remove_dir_all(dir.join("tests"));
     fs::create_dir_all(dir.join("tests"))?;
     fs::create_dir_all(dir.join("src"))?;
     fs::create_dir_all(dir.join("migrations"))?;
-    fs::write(dir.join("src/lib.rs"), "")?;
+    fs::write(
+        dir.join("src/lib.rs"),
+        format!(
+            "//! The bodies' queries, for `--via-library`.\n\nuse sqlx::PgPool;\nuse sqlx::types::Uuid;\n\n\
+             /// The scenario every test runs.\npub async fn scenario(pool: &PgPool, org: Uuid) {{{}}}\n",
+            BODY.replace("&pool", "pool")
+        ),
+    )?;
+    let body = match via_library {
+        true => "\n    bench_suite::scenario(&pool, org).await;\n",
+        false => BODY,
+    };
     for (name, sql) in MIGRATIONS {
         fs::write(dir.join("migrations").join(name), sql)?;
     }
@@ -134,9 +149,11 @@ version = "0.0.0"
 edition = "2024"
 publish = false
 
+[dependencies]
+sqlx = {{ version = "0.9", default-features = false, features = ["postgres", "runtime-tokio", "migrate", "macros", "uuid"] }}
+
 [dev-dependencies]
 pgtest = {{ path = "{pgtest}" }}
-sqlx = {{ version = "0.9", default-features = false, features = ["postgres", "runtime-tokio", "migrate", "macros", "uuid"] }}
 tokio = {{ version = "1", features = ["macros", "rt"] }}
 
 [workspace]
@@ -156,11 +173,11 @@ tokio = {{ version = "1", features = ["macros", "rt"] }}
                 match flavour {
                     "pgtest" => write!(
                         file,
-                        "\n#[pgtest::pg_test(migrations = \"./migrations\")]\nasync fn {name}(pool: PgPool, tenant: pgtest::Tenant) {{\n    let org: Uuid = tenant.id();{BODY}}}\n"
+                        "\n#[pgtest::pg_test(migrations = \"./migrations\")]\nasync fn {name}(pool: PgPool, tenant: pgtest::Tenant) {{\n    let org: Uuid = tenant.id();{body}}}\n"
                     )?,
                     "pgtestdb" => write!(
                         file,
-                        "\n#[pgtest::pg_test(isolation = \"database\", migrations = \"./migrations\")]\nasync fn {name}(pool: PgPool) {{\n    let org = Uuid::new_v4();{BODY}}}\n"
+                        "\n#[pgtest::pg_test(isolation = \"database\", migrations = \"./migrations\")]\nasync fn {name}(pool: PgPool) {{\n    let org = Uuid::new_v4();{body}}}\n"
                     )?,
                     "pgtesttx" => write!(
                         file,
@@ -169,11 +186,11 @@ tokio = {{ version = "1", features = ["macros", "rt"] }}
                     )?,
                     "sqlx" => write!(
                         file,
-                        "\n#[sqlx::test(migrations = \"./migrations\")]\nasync fn {name}(pool: PgPool) {{\n    let org = Uuid::new_v4();{BODY}}}\n"
+                        "\n#[sqlx::test(migrations = \"./migrations\")]\nasync fn {name}(pool: PgPool) {{\n    let org = Uuid::new_v4();{body}}}\n"
                     )?,
                     _ => write!(
                         file,
-                        "\n#[tokio::test]\nasync fn {name}() {{\n    let pool = PgPool::connect(&std::env::var(\"PLAIN_DATABASE_URL\").unwrap()).await.unwrap();\n    let org = Uuid::new_v4();{BODY}    pool.close().await;\n}}\n"
+                        "\n#[tokio::test]\nasync fn {name}() {{\n    let pool = PgPool::connect(&std::env::var(\"PLAIN_DATABASE_URL\").unwrap()).await.unwrap();\n    let org = Uuid::new_v4();{body}    pool.close().await;\n}}\n"
                     )?,
                 }
             }
