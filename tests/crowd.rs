@@ -9,29 +9,6 @@ mod common;
 use std::time::Duration;
 
 use common::{Cluster, assert_passed, finish, run_at_most};
-use sqlx::PgPool;
-
-/// Three tasks that each take a connection of the pool and keep it until
-/// all three hold one.
-async fn three_at_once(pool: &PgPool) -> Result<(), sqlx::Error> {
-    let all_in = std::sync::Arc::new(tokio::sync::Barrier::new(3));
-    let mut tasks = tokio::task::JoinSet::new();
-    for _ in 0..3 {
-        let (pool, all_in) = (pool.clone(), all_in.clone());
-        tasks.spawn(async move {
-            let mut connection = pool.acquire().await?;
-            all_in.wait().await;
-            sqlx::query("select pg_sleep(0.01)")
-                .execute(&mut *connection)
-                .await
-                .map(|_| ())
-        });
-    }
-    while let Some(done) = tasks.join_next().await {
-        done.expect("a task panicked")?;
-    }
-    Ok(())
-}
 
 /// Eight fixtures in a module of their own.
 macro_rules! eight {
@@ -44,27 +21,18 @@ macro_rules! eight {
         #[pgtest::pg_test(migrations = false)]
         #[ignore = "a fixture, run by the tests of this file"]
         async fn $test(pool: sqlx::PgPool) -> Result<(), sqlx::Error> {
-            super::three_at_once(&pool).await
+            crate::common::hold_together(&pool, 3).await
         }
     )*};
 }
 
 /// 56 modules of 8: 448 fixtures.
 mod crowd {
-    use super::three_at_once;
-
     eight! {
         m00 m01 m02 m03 m04 m05 m06 m07 m08 m09 m10 m11 m12 m13 m14 m15 m16 m17 m18 m19
         m20 m21 m22 m23 m24 m25 m26 m27 m28 m29 m30 m31 m32 m33 m34 m35 m36 m37 m38 m39
         m40 m41 m42 m43 m44 m45 m46 m47 m48 m49 m50 m51 m52 m53 m54 m55
     }
-}
-
-fn refusals(log: &str) -> usize {
-    log.matches("too many clients").count()
-        + log
-            .matches("remaining connection slots are reserved")
-            .count()
 }
 
 // The fixtures connect over the unix socket, where logins are trusted: over
@@ -82,11 +50,7 @@ fn four_hundred_forty_eight_tests_on_128_threads_fit_a_server_of_100() {
         .expect("run the fixtures");
     let output = finish(child, Duration::from_secs(600));
     assert_passed(&output, 448);
-    assert_eq!(
-        refusals(&cluster.log()),
-        0,
-        "the server refused no connection"
-    );
+    assert_eq!(cluster.refusals(), 0, "the server refused no connection");
 }
 
 #[test]
@@ -100,9 +64,5 @@ fn four_hundred_forty_eight_processes_128_at_a_time_fit_a_server_of_100() {
     for output in &outputs {
         assert_passed(output, 1);
     }
-    assert_eq!(
-        refusals(&cluster.log()),
-        0,
-        "the server refused no connection"
-    );
+    assert_eq!(cluster.refusals(), 0, "the server refused no connection");
 }

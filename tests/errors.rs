@@ -37,32 +37,11 @@ async fn fixture_missing_role(pool: PgPool) -> Result<(), sqlx::Error> {
     Ok(())
 }
 
-/// Application code the attribute cannot see: `workers` tasks that each
-/// hold a connection of the pool until all of them hold one.
-async fn rendezvous(pool: &PgPool, workers: usize) -> Result<(), sqlx::Error> {
-    let all_in = std::sync::Arc::new(tokio::sync::Barrier::new(workers));
-    let mut tasks = tokio::task::JoinSet::new();
-    for _ in 0..workers {
-        let (pool, all_in) = (pool.clone(), all_in.clone());
-        tasks.spawn(async move {
-            let connection = pool.acquire().await?;
-            all_in.wait().await;
-            drop(connection);
-            Ok::<_, sqlx::Error>(())
-        });
-    }
-    // The first error ends the batch (dropping the set stops the others).
-    while let Some(done) = tasks.join_next().await {
-        done.expect("a worker panicked")?;
-    }
-    Ok(())
-}
-
 /// Needs one connection more than the default pool has.
 #[pg_test(migrations = false)]
 #[ignore = "a fixture, run in its own processes by the tests of this file"]
 async fn fixture_needs_six_connections_at_once(pool: PgPool) -> Result<(), sqlx::Error> {
-    rendezvous(&pool, 6).await
+    common::hold_together(&pool, 6).await
 }
 
 /// The same, under a timeout of the test's own that ends it before the
@@ -70,7 +49,8 @@ async fn fixture_needs_six_connections_at_once(pool: PgPool) -> Result<(), sqlx:
 #[pg_test(migrations = false)]
 #[ignore = "a fixture, run in its own processes by the tests of this file"]
 async fn fixture_gives_up_before_its_pool_does(pool: PgPool) {
-    let waited = tokio::time::timeout(Duration::from_secs(1), rendezvous(&pool, 6)).await;
+    let waited =
+        tokio::time::timeout(Duration::from_secs(1), common::hold_together(&pool, 6)).await;
     assert!(waited.is_ok(), "the batch did not finish within 1 s");
 }
 

@@ -18,12 +18,16 @@ const CONNECT_TIMEOUT_VAR: &str = "PGTEST_CONNECT_TIMEOUT";
 const BOOTSTRAP_TIMEOUT_VAR: &str = "PGTEST_BOOTSTRAP_TIMEOUT";
 /// How long a test may wait for a connection of its own pool.
 const ACQUIRE_TIMEOUT_VAR: &str = "PGTEST_ACQUIRE_TIMEOUT";
+/// How long a pool whose connections are all in use hands out none before
+/// it may open one more.
+const GROW_AFTER_VAR: &str = "PGTEST_GROW_AFTER";
 
 const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const DEFAULT_BOOTSTRAP_TIMEOUT: Duration = Duration::from_secs(300);
 const DEFAULT_EMBEDDED_IDLE: Duration = Duration::from_secs(60);
 const DEFAULT_BUDGET_TIMEOUT: Duration = Duration::from_secs(600);
 const DEFAULT_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(30);
+const DEFAULT_GROW_AFTER: Duration = Duration::from_millis(10);
 
 /// Where the server URL came from, so that messages name the right knob.
 #[derive(Clone, PartialEq, Eq, Debug)]
@@ -67,6 +71,8 @@ pub(crate) struct Config {
     pub(crate) budget_timeout: Duration,
     /// How long a test may wait for a connection of its own pool.
     pub(crate) acquire_timeout: Duration,
+    /// How long a starved pool waits before it opens one more connection.
+    pub(crate) grow_after: Duration,
     /// At most how many spare copies of a template to keep (0: none).
     pub(crate) spare_databases: u32,
 }
@@ -86,6 +92,7 @@ impl Config {
             embedded_idle: seconds(crate::embedded::IDLE_VAR, DEFAULT_EMBEDDED_IDLE)?,
             budget_timeout: seconds(crate::budget::TIMEOUT_VAR, DEFAULT_BUDGET_TIMEOUT)?,
             acquire_timeout: seconds(ACQUIRE_TIMEOUT_VAR, DEFAULT_ACQUIRE_TIMEOUT)?,
+            grow_after: seconds(GROW_AFTER_VAR, DEFAULT_GROW_AFTER)?,
             spare_databases: count(crate::spares::SPARES_VAR, crate::spares::DEFAULT_SPARES)?,
         })
     }

@@ -9,11 +9,11 @@
 //! one after another, each a new server process, while a pool of one starves
 //! code that holds a connection while it waits for another. The [`Gate`]
 //! gives both: the test's pool is a child of a pool that only lends it
-//! *permits* (sqlx's `PoolOptions::parent`, which `#[sqlx::test]`'s own
-//! machinery uses; a child opens a connection only with a permit of its own or
-//! one taken from its parent), and the gate lends one more only once the pool
-//! has handed out no connection for [`GROW_AFTER`] while all of its
-//! connections are in use. A connection on its way back is only a ping away,
+//! *permits* (sqlx's `PoolOptions::parent`, public in sqlx 0.8 and 0.9 but
+//! hidden from its documentation: a child opens a connection only with a
+//! permit of its own or one taken from its parent), and the gate lends one
+//! more only once the pool has handed out no connection for
+//! `PGTEST_GROW_AFTER` (10 ms) while all of its connections are in use. A connection on its way back is only a ping away,
 //! so a test that runs one query at a time keeps its one connection.
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
@@ -31,10 +31,7 @@ use crate::{Error, Tenant};
 /// The longest `application_name` PostgreSQL keeps.
 const MAX_APPLICATION_NAME: usize = 63;
 
-/// How long a pool whose connections are all in use may hand out none
-/// before the gate lends it a permit for one more.
-const GROW_AFTER: Duration = Duration::from_millis(10);
-/// How often the gate looks.
+/// How often the gate looks, at most.
 const GATE_TICK: Duration = Duration::from_millis(2);
 
 /// The pool of a test and the slots that cover it.
@@ -178,13 +175,13 @@ impl Gate {
     }
 
     /// Lends one more permit whenever `pool` has handed out no connection
-    /// for [`GROW_AFTER`] while all of its connections are in use, until it
+    /// for `grow_after` while all of its connections are in use, until it
     /// may open its maximum or closes.
-    async fn watch(mut self, pool: PgPool) {
+    async fn watch(mut self, pool: PgPool, grow_after: Duration) {
         let mut last = self.handouts.load(Ordering::Acquire);
         let mut quiet_since = Instant::now();
         while !self.held.is_empty() && !pool.is_closed() {
-            tokio::time::sleep(GATE_TICK).await;
+            tokio::time::sleep(GATE_TICK.min(grow_after / 4)).await;
             let handouts = self.handouts.load(Ordering::Acquire);
             let lent = pool.options().get_max_connections() - self.held.len() as u32;
             // Every connection it may open is open (none still connecting,
@@ -194,7 +191,7 @@ impl Gate {
             let all_busy = pool.num_idle() == 0 && size >= lent && size <= opened;
             if handouts != last || !all_busy {
                 (last, quiet_since) = (handouts, Instant::now());
-            } else if quiet_since.elapsed() >= GROW_AFTER {
+            } else if quiet_since.elapsed() >= grow_after {
                 tracing::debug!(lent = lent + 1, "pool starved: lending one more connection");
                 drop(self.held.pop());
                 quiet_since = Instant::now();
@@ -212,7 +209,7 @@ pub(crate) async fn test_pool(
     tenant: Tenant,
     spec: &TestSpec,
     max: u32,
-    acquire_timeout: Duration,
+    (acquire_timeout, grow_after): (Duration, Duration),
 ) -> TestPool {
     let mut startup = vec![(Tenant::SETTING, tenant.to_string())];
     if let Some(role) = spec.role {
@@ -254,7 +251,7 @@ pub(crate) async fn test_pool(
             Box::pin(async { Ok(true) })
         })
         .connect_lazy_with(options);
-    tokio::spawn(gate.watch(pool.clone()));
+    tokio::spawn(gate.watch(pool.clone(), grow_after));
     TestPool { pool, cover }
 }
 

@@ -222,7 +222,8 @@ impl Teardown {
 async fn prepare(spec: &TestSpec) -> Result<(TestContext, Teardown), Error> {
     let manifest_dir = Path::new(spec.manifest_dir);
     let config = Config::load(manifest_dir)?;
-    let (budget_timeout, acquire_timeout) = (config.budget_timeout, config.acquire_timeout);
+    let budget_timeout = config.budget_timeout;
+    let waits = (config.acquire_timeout, config.grow_after);
     let spare_limit = config.spare_databases;
     let server = Server::new(config)?;
     let budget = Budget::of(&server, budget_timeout).await?;
@@ -236,7 +237,7 @@ async fn prepare(spec: &TestSpec) -> Result<(TestContext, Teardown), Error> {
             let database = database::run_database_name(&template);
             database::hold_run_database(&budget, &database).await?;
             let max = pool_max(spec, &budget, 0)?;
-            let pool = test_pool(&server, &database, tenant, spec, max, acquire_timeout).await;
+            let pool = test_pool(&server, &database, tenant, spec, max, waits).await;
             let ready = Ready {
                 template: &template,
                 database: &database,
@@ -262,7 +263,7 @@ async fn prepare(spec: &TestSpec) -> Result<(TestContext, Teardown), Error> {
                 TestDatabase::create(&server, &budget, &mut admin, &template, spec.name).await?;
             spares::want(&server, &budget, &template, spare_limit);
             let name = database.name.clone();
-            let pool = test_pool(&server, &name, tenant, spec, max, acquire_timeout).await;
+            let pool = test_pool(&server, &name, tenant, spec, max, waits).await;
             pool.cover.hold(slots, 1).await;
             let context = TestContext::new(pool.pool, tenant, name, spec.name);
             let teardown = Teardown {

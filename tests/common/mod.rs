@@ -138,6 +138,15 @@ impl Cluster {
         self.port
     }
 
+    /// How many connections the server refused for want of slots so far.
+    pub fn refusals(&self) -> usize {
+        let log = self.log();
+        log.matches("too many clients").count()
+            + log
+                .matches("remaining connection slots are reserved")
+                .count()
+    }
+
     /// Runs SQL as the superuser over the socket; returns the unaligned
     /// output rows.
     pub fn psql(&self, sql: &str) -> String {
@@ -556,4 +565,27 @@ impl Drop for EmbeddedHome {
 /// Runs a command as the server user when the tests run as root.
 pub fn server_user_command(command: &mut Command) -> Option<Command> {
     running_as_root().then(|| as_server_user(command))
+}
+
+/// What application code does that holds several connections at once:
+/// `count` tasks that each take a connection of `pool` and keep it until all
+/// of them hold one, then run a query on it. The first error ends it.
+pub async fn hold_together(pool: &sqlx::PgPool, count: usize) -> Result<(), sqlx::Error> {
+    let all_in = std::sync::Arc::new(tokio::sync::Barrier::new(count));
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..count {
+        let (pool, all_in) = (pool.clone(), all_in.clone());
+        tasks.spawn(async move {
+            let mut connection = pool.acquire().await?;
+            all_in.wait().await;
+            sqlx::query("select 1")
+                .execute(&mut *connection)
+                .await
+                .map(|_| ())
+        });
+    }
+    while let Some(done) = tasks.join_next().await {
+        done.expect("a task panicked")?;
+    }
+    Ok(())
 }
