@@ -37,7 +37,7 @@
 /// | `(pool: PgPool, tenant: Tenant)` | the pool and the test's tenant |
 /// | `(conn: PoolConnection<Postgres>)` | one connection (in `isolation = "transaction"`, inside the transaction) |
 /// | `(conn: PoolConnection<Postgres>, tenant: Tenant)` | the connection and the tenant |
-/// | `(options: PgPoolOptions, connect: PgConnectOptions)` | what to build a pool of your own from |
+/// | `(options: PgPoolOptions, connect: PgConnectOptions)` | what to build a pool of your own from; it shares the test's connections, so size it with `max_connections = N` (raising it on the options panics in sqlx) |
 /// | `(ctx: TestContext)` | pool, tenant, database name and test name |
 /// | none | no database: a plain async test |
 ///

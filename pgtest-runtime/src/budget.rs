@@ -28,6 +28,7 @@ use std::env;
 use std::fs::{self, File, OpenOptions, TryLockError};
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{LazyLock, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -329,8 +330,10 @@ impl Slots {
     /// behind other tests that wait to grow, for all it may still need at
     /// once, up to `ceiling`, or for the reserve: so that it never waits
     /// again, and the slots that free up are not split among waiters that
-    /// each still need more (see the module's documentation).
-    pub(crate) async fn grow(&mut self, ceiling: u32) -> Result<(), Error> {
+    /// each still need more (see the module's documentation). Sets
+    /// `waited` when it has to wait (before the wait, which a timeout of the
+    /// caller's may cut short).
+    pub(crate) async fn grow(&mut self, ceiling: u32, waited: &AtomicBool) -> Result<(), Error> {
         let budget = self.budget.clone();
         if self.reserve.is_some() && self.from_reserve < budget.reserve() {
             self.from_reserve += 1;
@@ -340,6 +343,7 @@ impl Slots {
         if files.try_take(1, self)? {
             return Ok(());
         }
+        waited.store(true, Ordering::Relaxed);
         let started = Instant::now();
         let deadline = started + budget.timeout;
         // Held shared while this test waits, so that tests waiting to start

@@ -13,8 +13,9 @@
 //! hidden from its documentation: a child opens a connection only with a
 //! permit of its own or one taken from its parent), and the gate lends one
 //! more only once the pool has handed out no connection for
-//! `PGTEST_GROW_AFTER` (10 ms) while all of its connections are in use. A connection on its way back is only a ping away,
-//! so a test that runs one query at a time keeps its one connection.
+//! `PGTEST_GROW_AFTER` (10 ms) while all of its connections are in use. A
+//! connection on its way back is only a ping away, so a test that runs one
+//! query at a time keeps its one connection.
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -49,7 +50,8 @@ pub(crate) struct Cover {
     max: u32,
     /// Connections the test opens beside the pool (an admin connection).
     others: AtomicU32,
-    /// Connections the pool opened so far.
+    /// Connections the pool opened so far, each counted once its spare slot
+    /// is held.
     opened: AtomicU32,
     /// `None` before the test takes its slots and after it gives them back.
     slots: tokio::sync::Mutex<Option<Slots>>,
@@ -106,12 +108,8 @@ impl Cover {
         let others = self.others.load(Ordering::Acquire);
         let needed = others + (opened + 1).min(self.max);
         if let Some(slots) = slots.as_mut() {
-            if slots.count() < needed {
-                // Told before the wait, which a timeout may cut short.
-                self.waited.store(true, Ordering::Relaxed);
-            }
             while slots.count() < needed {
-                if let Err(error) = slots.grow(others + self.max).await {
+                if let Err(error) = slots.grow(others + self.max, &self.waited).await {
                     *self.failure.lock().unwrap_or_else(PoisonError::into_inner) =
                         Some(error.to_string());
                     return Err(error);
