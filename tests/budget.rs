@@ -38,12 +38,13 @@ async fn fixture_budget_2_needs_every_slot(pool: PgPool) -> Result<(), sqlx::Err
 }
 
 /// One query at a time on a pool of one connection: it never holds a
-/// connection while it waits for another.
+/// connection while it waits for another. It holds it for two seconds, so
+/// that processes started together overlap.
 #[pg_test(migrations = false, max_connections = 1)]
 #[ignore = "a fixture, run in its own processes by the tests of this file"]
 async fn fixture_budget_one_at_a_time(pool: PgPool) -> Result<(), sqlx::Error> {
-    for _ in 0..4 {
-        sqlx::query("select pg_sleep(0.05)").execute(&pool).await?;
+    for _ in 0..2 {
+        sqlx::query("select pg_sleep(1)").execute(&pool).await?;
     }
     Ok(())
 }
@@ -74,7 +75,9 @@ fn two_runners_without_a_shared_budget_still_finish() {
         // each hold connections while waiting for one more; tests that use
         // one connection at a time always finish, on the retry alone.
         let mut command = cluster.fixture("fixture_budget_one_at_a_time");
-        command.arg("--exact");
+        // 16 each (12 to take, 4 kept for growing): together more than the
+        // server's 20.
+        command.arg("--exact").env("PGTEST_MAX_CONNECTIONS", "16");
         if index.is_multiple_of(2) {
             // A second runner: a budget of its own, unaware of the first.
             command.env("TMPDIR", other_tmp.path());
@@ -84,7 +87,7 @@ fn two_runners_without_a_shared_budget_still_finish() {
     for output in &outputs {
         assert_passed(output, 1);
     }
-    // Each runner let 17 tests run on a server that takes 17 clients in
+    // Each runner let 12 tests run on a server that takes 20 clients in
     // all: the server refused some, and the retry carried them.
     assert!(
         cluster.refusals() > 0,
