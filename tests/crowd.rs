@@ -38,6 +38,12 @@ mod crowd {
 // The fixtures connect over the unix socket, where logins are trusted: over
 // TCP, 1,344 password exchanges in a debug build cost the 2-core machine more
 // CPU than the tests themselves, and that is not what is measured here.
+//
+// PGTEST_ACQUIRE_TIMEOUT is raised to 120 s: growing waits inside the pool's
+// acquire, and with the rest of the suite running beside these on 2 cores,
+// some waits passed the default 30 s (25 of 448 in one CI run; none when run
+// alone). What is checked is that none fails and none is refused.
+const ACQUIRE_TIMEOUT: &str = "120";
 
 #[test]
 fn four_hundred_forty_eight_tests_on_128_threads_fit_a_server_of_100() {
@@ -46,6 +52,7 @@ fn four_hundred_forty_eight_tests_on_128_threads_fit_a_server_of_100() {
         .fixture("crowd::")
         .arg("--test-threads=128")
         .env("PGTEST_DATABASE_URL", cluster.socket_url())
+        .env("PGTEST_ACQUIRE_TIMEOUT", ACQUIRE_TIMEOUT)
         .spawn()
         .expect("run the fixtures");
     let output = finish(child, Duration::from_secs(600));
@@ -58,7 +65,9 @@ fn four_hundred_forty_eight_processes_128_at_a_time_fit_a_server_of_100() {
     let cluster = Cluster::start(&[("max_connections", "100")]);
     let outputs = run_at_most(448, 128, |index| {
         let mut command = cluster.exact(&format!("crowd::m{:02}::t{}", index / 8, index % 8));
-        command.env("PGTEST_DATABASE_URL", cluster.socket_url());
+        command
+            .env("PGTEST_DATABASE_URL", cluster.socket_url())
+            .env("PGTEST_ACQUIRE_TIMEOUT", ACQUIRE_TIMEOUT);
         command
     });
     for output in &outputs {
