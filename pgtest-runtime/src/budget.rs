@@ -563,7 +563,34 @@ fn jitter(pause: Duration) -> Duration {
 
 #[cfg(test)]
 mod tests {
-    use super::usable;
+    use super::{Budget, usable};
+    use std::time::Duration;
+
+    fn budget(capacity: u32) -> Budget {
+        Budget {
+            dir: std::env::temp_dir(),
+            capacity,
+            timeout: Duration::from_secs(1),
+        }
+    }
+
+    #[test]
+    fn a_test_takes_a_connection_and_a_spare_and_never_grows_past_the_reserve() {
+        let large = budget(93);
+        assert_eq!(large.upfront(1, 0), 1);
+        assert_eq!(large.upfront(5, 0), 2);
+        assert_eq!(large.upfront(5, 1), 3);
+        // A pool of 10 takes 6 up front: it can grow by the reserve's 4 at most.
+        assert_eq!(large.upfront(10, 0), 6);
+        for pool in 1..=20 {
+            assert!(pool - large.upfront(pool, 0).min(pool) <= large.reserve());
+        }
+        // A server of 2 has no reserve: a test takes its whole pool at once.
+        let tiny = budget(2);
+        assert_eq!(tiny.upfront(2, 0), 2);
+        assert_eq!(tiny.largest_pool(0), 2);
+        assert_eq!(tiny.largest_pool(1), 1);
+    }
 
     #[test]
     fn the_margin_is_five_percent_and_at_least_three() {
