@@ -4,11 +4,11 @@
 //! of processes and threads.
 //!
 //! Every connection a test opens is covered by a slot it took before: a
-//! test starts with the slots of the connections it opens first plus one
-//! spare (all at once or none, holding nothing while it waits), and each
-//! time its pool opens a connection it takes the next spare, until it holds
-//! its pool's maximum ([`Slots::grow`]). So the server's limit is used by
-//! the connections tests really open, not by the pools' maxima.
+//! test starts with the slots of the connections it opens first (all at
+//! once or none, holding nothing while it waits), and its pool's gate takes
+//! one more before it lets the pool open one more connection
+//! ([`Slots::grow`]). So the server's limit is used by the connections
+//! tests really open, not by the pools' maxima.
 //!
 //! Growing is the one place where a test holds slots while it waits for
 //! more, so it cannot deadlock: a grower takes a free slot when there is
@@ -118,11 +118,11 @@ impl Budget {
     }
 
     /// How many slots a test whose pool opens at most `pool` connections,
-    /// beside `others` connections of its own, takes when it starts: the
-    /// first connection and a spare, and more when the pool could otherwise
-    /// grow by more than the reserve.
+    /// beside `others` connections of its own, takes when it starts: its
+    /// first connection's, and more when the pool could otherwise grow by
+    /// more than the reserve.
     pub(crate) fn upfront(&self, pool: u32, others: u32) -> u32 {
-        others + pool.min(2).max(pool.saturating_sub(self.reserve()))
+        others + pool.saturating_sub(self.reserve()).max(1)
     }
 
     /// Whether a test may take `count` slots at once on this server.
@@ -323,6 +323,16 @@ impl Slots {
     /// How many slots these are.
     pub(crate) fn count(&self) -> u32 {
         self.locked.len() as u32 + self.from_reserve
+    }
+
+    /// Gives back slots beyond `count`: free slots first, then slots of
+    /// the reserve (whose lock it keeps, to grow into again).
+    pub(crate) fn shrink_to(&mut self, count: u32) {
+        while self.count() > count && self.locked.pop().is_some() {}
+        if self.count() > count {
+            // No free slot left: only the reserve's.
+            self.from_reserve = count;
+        }
     }
 
     /// Takes one slot more, of at most `ceiling` in all: a free one when
@@ -575,11 +585,11 @@ mod tests {
     }
 
     #[test]
-    fn a_test_takes_a_connection_and_a_spare_and_never_grows_past_the_reserve() {
+    fn a_test_takes_its_first_connection_and_never_grows_past_the_reserve() {
         let large = budget(93);
         assert_eq!(large.upfront(1, 0), 1);
-        assert_eq!(large.upfront(5, 0), 2);
-        assert_eq!(large.upfront(5, 1), 3);
+        assert_eq!(large.upfront(5, 0), 1);
+        assert_eq!(large.upfront(5, 1), 2);
         // A pool of 10 takes 6 up front: it can grow by the reserve's 4 at most.
         assert_eq!(large.upfront(10, 0), 6);
         for pool in 1..=20 {

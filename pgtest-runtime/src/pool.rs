@@ -12,13 +12,19 @@
 //! *permits* (sqlx's `PoolOptions::parent`, public in sqlx 0.8 and 0.9 but
 //! hidden from its documentation: a child opens a connection only with a
 //! permit of its own or one taken from its parent), and the gate lends one
-//! more only once the pool has handed out no connection for
-//! `PGTEST_GROW_AFTER` (10 ms) while all of its connections are in use. A
-//! connection on its way back is only a ping away, so a test that runs one
-//! query at a time keeps its one connection.
+//! more only when a task of the test waits for a connection. Once the pool
+//! has handed out no connection for `PGTEST_GROW_AFTER` (10 ms) while all
+//! of its connections are in use, the gate queues for a permit of the
+//! parent itself and lets one go: the parent's semaphore is fair, so a task
+//! already waiting gets it, and else the gate gets it back. A connection on
+//! its way back is only a ping away, and a slow query has no one waiting
+//! behind it, so a test that runs one query at a time keeps its one
+//! connection.
 
+use std::pin::pin;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use sqlx::PgPool;
@@ -35,27 +41,27 @@ const MAX_APPLICATION_NAME: usize = 63;
 /// How often the gate looks, at most.
 const GATE_TICK: Duration = Duration::from_millis(2);
 
+/// How long the gate looks for who took a permit it let go.
+const PROBE_LIMIT: Duration = Duration::from_secs(1);
+
 /// The pool of a test and the slots that cover it.
 pub(crate) struct TestPool {
     /// The pool the test gets.
     pub(crate) pool: PgPool,
-    /// Its slots, shared with the pool's `after_connect` hook.
+    /// Its slots, shared with the pool's gate.
     pub(crate) cover: Arc<Cover>,
 }
 
-/// The slots of one test, grown by its pool's `after_connect` hook so that
-/// the pool always holds a slot for the next connection it may open.
+/// The slots of one test, grown by its pool's gate before it lends the
+/// pool a permit, so that every connection the pool may open has its slot.
 pub(crate) struct Cover {
     /// The pool's maximum.
     max: u32,
     /// Connections the test opens beside the pool (an admin connection).
     others: AtomicU32,
-    /// Connections the pool opened so far, each counted once its spare slot
-    /// is held.
-    opened: AtomicU32,
     /// `None` before the test takes its slots and after it gives them back.
     slots: tokio::sync::Mutex<Option<Slots>>,
-    /// Whether the hook ever had to wait for a slot, for the failure message.
+    /// Whether growing ever had to wait for a slot, for the failure message.
     waited: AtomicBool,
     /// The budget's error, when growing failed.
     failure: Mutex<Option<String>>,
@@ -100,15 +106,13 @@ impl Cover {
             .clone()
     }
 
-    /// Called once a connection is open: takes the slot the pool's next
-    /// connection needs, so that it is held before that one opens.
-    async fn connected(&self) -> Result<(), Error> {
+    /// Makes the slots cover `permits` connections of the pool, beside the
+    /// test's others, growing them as needed (see [`Slots::grow`]).
+    async fn cover(&self, permits: u32) -> Result<(), Error> {
         let mut slots = self.slots.lock().await;
-        let opened = self.opened.load(Ordering::Acquire) + 1;
         let others = self.others.load(Ordering::Acquire);
-        let needed = others + (opened + 1).min(self.max);
         if let Some(slots) = slots.as_mut() {
-            while slots.count() < needed {
+            while slots.count() < others + permits {
                 if let Err(error) = slots.grow(others + self.max, &self.waited).await {
                     *self.failure.lock().unwrap_or_else(PoisonError::into_inner) =
                         Some(error.to_string());
@@ -116,49 +120,53 @@ impl Cover {
                 }
             }
         }
-        // Counted only now: the gate lends no permit for another connection
-        // before this one's spare slot is held.
-        self.opened.store(opened, Ordering::Release);
         Ok(())
+    }
+
+    /// Gives back the slots beyond `permits` connections of the pool.
+    async fn trim(&self, permits: u32) {
+        let others = self.others.load(Ordering::Acquire);
+        if let Some(slots) = self.slots.lock().await.as_mut() {
+            slots.shrink_to(others + permits);
+        }
     }
 }
 
 /// Lends a test's pool the permits for its connections: the first at once,
-/// each further one once the pool is starved (see the module's docs).
+/// each further one when a task of the test waits for one (see the
+/// module's docs).
 struct Gate {
     /// The parent whose permits the test's pool takes before it opens a
     /// connection. It never opens a connection itself.
     parent: PgPool,
     /// One pool per permit held back, each holding one of the parent's
-    /// permits; dropping one lends its permit to the test's pool.
+    /// permits; dropping one lends its permit to the first in the
+    /// parent's queue.
     held: Vec<PgPool>,
-    /// Connections handed out by the test's pool so far, new or reused.
-    handouts: Arc<AtomicU64>,
-    /// The test's slots, which count the connections its pool opened.
+    /// What the test's pool did so far, counted by its hooks.
+    counts: Arc<Counts>,
+    /// The test's slots, which cover every permit lent.
     cover: Arc<Cover>,
+}
+
+/// What a test's pool did so far.
+#[derive(Default)]
+struct Counts {
+    /// Connections handed out, new or reused.
+    handouts: AtomicU64,
+    /// Connections opened.
+    opened: AtomicU32,
 }
 
 impl Gate {
     /// A gate for a pool of `max`, with all permits but the first held back.
     async fn new(max: u32, cover: Arc<Cover>) -> Self {
-        // Nothing listens there: a connection attempt fails at once, which
-        // is what moves a permit from the parent to a holder.
-        let nowhere = PgConnectOptions::new().socket("/nonexistent/pgtest-gate");
-        let quiet = || {
-            PgPoolOptions::new()
-                .min_connections(0)
-                .idle_timeout(None)
-                .max_lifetime(None)
-        };
-        let parent = quiet()
+        let parent = quiet_pool()
             .max_connections(max)
-            .connect_lazy_with(nowhere.clone());
+            .connect_lazy_with(nowhere());
         let mut held = Vec::new();
         for _ in 1..max {
-            let holder = quiet()
-                .max_connections(1)
-                .parent(parent.clone())
-                .connect_lazy_with(nowhere.clone());
+            let holder = holder(&parent);
             // Takes a permit of the parent, fails to connect, and keeps the
             // permit in its own semaphore until it is dropped.
             let _ = holder.acquire().await;
@@ -167,36 +175,115 @@ impl Gate {
         Self {
             parent,
             held,
-            handouts: Arc::new(AtomicU64::new(0)),
+            counts: Arc::default(),
             cover,
         }
     }
 
     /// Lends one more permit whenever `pool` has handed out no connection
-    /// for `grow_after` while all of its connections are in use, until it
-    /// may open its maximum or closes.
+    /// for `grow_after` while all of its connections are in use and a task
+    /// waits for one, until it may open its maximum or closes.
     async fn watch(mut self, pool: PgPool, grow_after: Duration) {
-        let mut last = self.handouts.load(Ordering::Acquire);
+        let mut last = self.counts.handouts.load(Ordering::Acquire);
         let mut quiet_since = Instant::now();
         while !self.held.is_empty() && !pool.is_closed() {
             tokio::time::sleep(GATE_TICK.min(grow_after / 4)).await;
-            let handouts = self.handouts.load(Ordering::Acquire);
+            let handouts = self.counts.handouts.load(Ordering::Acquire);
             let lent = pool.options().get_max_connections() - self.held.len() as u32;
             // Every connection it may open is open (none still connecting,
             // which can take long with a slow login) and in use.
-            let opened = self.cover.opened.load(Ordering::Acquire);
+            let opened = self.counts.opened.load(Ordering::Acquire);
             let size = pool.size();
             let all_busy = pool.num_idle() == 0 && size >= lent && size <= opened;
             if handouts != last || !all_busy {
                 (last, quiet_since) = (handouts, Instant::now());
             } else if quiet_since.elapsed() >= grow_after {
-                tracing::debug!(lent = lent + 1, "pool starved: lending one more connection");
-                drop(self.held.pop());
+                let lend = tokio::select! {
+                    lend = self.lend_if_waited_for(&pool, lent) => lend,
+                    () = pool.close_event() => break,
+                };
+                match lend {
+                    Ok(true) => {
+                        tracing::debug!(lent = lent + 1, "pool starved: lent one more connection")
+                    }
+                    Ok(false) => {}
+                    // The budget's error is the cover's, for the test's hint.
+                    Err(_) => break,
+                }
                 quiet_since = Instant::now();
             }
         }
         drop(self.parent);
     }
+
+    /// Lends one more permit if a task of the test waits for a connection
+    /// (all `lent` are in use), after taking the slot that covers it; gives
+    /// the slot back when none waits. Whether one waits, only the parent's
+    /// queue knows: a new holder queues for the permit behind any task
+    /// already waiting, and the permit goes to the first in line.
+    async fn lend_if_waited_for(&mut self, pool: &PgPool, lent: u32) -> Result<bool, Error> {
+        self.cover.cover(lent + 1).await?;
+        let holder = holder(&self.parent);
+        let mut acquire = pin!(holder.acquire());
+        // sqlx's child pool looks at its own permits first and at its
+        // parent's on the next poll: two polls queue it on the parent.
+        let free = std::future::poll_fn(|cx| {
+            let polls = [(); 2].map(|()| acquire.as_mut().poll(cx).is_ready());
+            Poll::Ready(polls.contains(&true))
+        })
+        .await;
+        if free {
+            // A permit the pool gave back (a failed connection attempt):
+            // held back again.
+            self.held.push(holder);
+            self.cover
+                .trim(self.cover.max - self.held.len() as u32)
+                .await;
+            return Ok(false);
+        }
+        drop(self.held.pop());
+        let size = pool.size();
+        let taken_by_test = async {
+            while pool.size() <= size {
+                tokio::time::sleep(GATE_TICK).await;
+            }
+        };
+        // Without a sign either way, the permit counts as lent: its slot
+        // stays.
+        let waited_for = tokio::select! {
+            _ = &mut acquire => false,
+            () = taken_by_test => true,
+            () = tokio::time::sleep(PROBE_LIMIT) => true,
+        };
+        if !waited_for {
+            self.held.push(holder);
+            self.cover.trim(lent).await;
+        }
+        Ok(waited_for)
+    }
+}
+
+/// A pool that takes one of `parent`'s permits when its `acquire` fails,
+/// and holds it until it is dropped.
+fn holder(parent: &PgPool) -> PgPool {
+    quiet_pool()
+        .max_connections(1)
+        .parent(parent.clone())
+        .connect_lazy_with(nowhere())
+}
+
+/// Options of a pool that never keeps or opens a connection of its own.
+fn quiet_pool() -> PgPoolOptions {
+    PgPoolOptions::new()
+        .min_connections(0)
+        .idle_timeout(None)
+        .max_lifetime(None)
+}
+
+/// Where nothing listens: a connection attempt fails at once, which is
+/// what moves a permit from the parent to a holder.
+fn nowhere() -> PgConnectOptions {
+    PgConnectOptions::new().socket("/nonexistent/pgtest-gate")
 }
 
 /// A lazy pool of at most `max` connections on `database`, each carrying
@@ -220,14 +307,12 @@ pub(crate) async fn test_pool(
     let cover = Arc::new(Cover {
         max,
         others: AtomicU32::new(0),
-        opened: AtomicU32::new(0),
         slots: tokio::sync::Mutex::new(None),
         waited: AtomicBool::new(false),
         failure: Mutex::new(None),
     });
     let gate = Gate::new(max, Arc::clone(&cover)).await;
-    let (on_connect, on_reuse) = (Arc::clone(&cover), Arc::clone(&gate.handouts));
-    let on_new = Arc::clone(&gate.handouts);
+    let (on_new, on_reuse) = (Arc::clone(&gate.counts), Arc::clone(&gate.counts));
     let pool = PgPoolOptions::new()
         .max_connections(max)
         .min_connections(0)
@@ -235,17 +320,12 @@ pub(crate) async fn test_pool(
         .test_before_acquire(false)
         .parent(gate.parent.clone())
         .after_connect(move |_, _| {
-            let (cover, handouts) = (Arc::clone(&on_connect), Arc::clone(&on_new));
-            Box::pin(async move {
-                handouts.fetch_add(1, Ordering::AcqRel);
-                cover
-                    .connected()
-                    .await
-                    .map_err(|error| sqlx::Error::Protocol(error.to_string()))
-            })
+            on_new.handouts.fetch_add(1, Ordering::AcqRel);
+            on_new.opened.fetch_add(1, Ordering::AcqRel);
+            Box::pin(async { Ok(()) })
         })
         .before_acquire(move |_, _| {
-            on_reuse.fetch_add(1, Ordering::AcqRel);
+            on_reuse.handouts.fetch_add(1, Ordering::AcqRel);
             Box::pin(async { Ok(true) })
         })
         .connect_lazy_with(options);
