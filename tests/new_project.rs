@@ -234,3 +234,95 @@ fn the_readme_example_runs_as_written() {
         run_readme_project(&projects.path().join(name), &lines, &cluster);
     }
 }
+
+/// Two tests of a package, in shared and in database isolation.
+const NAMED_SUITE: &str = r#"
+#[pgtest::pg_test]
+async fn shared(pool: sqlx::PgPool) -> Result<(), sqlx::Error> {
+    let things: i64 = sqlx::query_scalar("select count(*) from things").fetch_one(&pool).await?;
+    assert_eq!(things, 1);
+    Ok(())
+}
+
+#[pgtest::pg_test(isolation = "database")]
+async fn own_database(pool: sqlx::PgPool) -> Result<(), sqlx::Error> {
+    sqlx::query("insert into things values (2)").execute(&pool).await?;
+    let things: i64 = sqlx::query_scalar("select count(*) from things").fetch_one(&pool).await?;
+    assert_eq!(things, 2);
+    Ok(())
+}
+"#;
+
+#[test]
+fn packages_with_names_of_any_length_pass_twice() {
+    // PostgreSQL cuts names at 63 bytes; from 26 characters on, a run's
+    // copy under construction once took its finished name.
+    let mut names: Vec<String> = [1, 26, 33, 34, 35, 40, 70]
+        .map(|length| "billing-service-integration-tests-v2-".repeat(2)[..length].to_owned())
+        .into();
+    names[0] = "b".to_owned();
+    names.push("Billing-Service-MixedCase".to_owned());
+    let workspace = tempfile::tempdir().unwrap();
+    let root = workspace.path();
+    let members: Vec<String> = (0..names.len())
+        .map(|index| format!("\"m{index}\""))
+        .collect();
+    write(
+        root,
+        "Cargo.toml",
+        &format!(
+            "[workspace]\nresolver = \"3\"\nmembers = [{}]\n",
+            members.join(", ")
+        ),
+    );
+    fs::copy(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.lock"),
+        root.join("Cargo.lock"),
+    )
+    .unwrap();
+    for (index, name) in names.iter().enumerate() {
+        let member = root.join(format!("m{index}"));
+        write(
+            &member,
+            "Cargo.toml",
+            &MANIFEST
+                .replace("fresh-app", name)
+                .replace("PGTEST_PATH", env!("CARGO_MANIFEST_DIR"))
+                .replace("\n[workspace]\n", ""),
+        );
+        write(&member, "src/lib.rs", "");
+        write(&member, "tests/names.rs", NAMED_SUITE);
+        write(
+            &member,
+            MIGRATION,
+            "create table things (id int);\ninsert into things values (1);\n",
+        );
+    }
+
+    let cluster = Cluster::start(&[]);
+    fs::create_dir_all(cluster.tmp_dir()).unwrap();
+    for run in ["first", "second"] {
+        let child = Command::new(env!("CARGO"))
+            .args(["test", "--offline", "--workspace", "--test", "names"])
+            .current_dir(root)
+            .env("CARGO_TARGET_DIR", projects_target())
+            .env_remove("DATABASE_URL")
+            .env("PGTEST_DATABASE_URL", cluster.url())
+            .env("TMPDIR", cluster.tmp_dir())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("run cargo");
+        let output = finish(child, Duration::from_secs(900));
+        let printed = text(&output);
+        assert!(
+            output.status.success()
+                && printed.matches("test result: ok. 2 passed").count() == names.len(),
+            "{run} run: expected 2 passing tests in each of {} packages, got:\n{printed}",
+            names.len()
+        );
+    }
+    for name in cluster.pgtest_databases() {
+        assert!(name.len() <= 63, "{name} was cut");
+    }
+}

@@ -32,11 +32,10 @@ use sqlx::Connection;
 use sqlx::postgres::PgConnection;
 
 use crate::Error;
-use crate::bootstrap::{
-    Kind, create_database, database_name, drop_database_unclaimed, now_secs, template_used,
-};
+use crate::bootstrap::{Kind, create_database, drop_database_unclaimed, now_secs, template_used};
 use crate::budget::Budget;
 use crate::migrations::Migrations;
+use crate::names;
 use crate::runner::Script;
 use crate::server::Server;
 use crate::spares::{self, SPARE_MARKER};
@@ -69,7 +68,7 @@ pub(crate) fn template_name(package: &str, migrations: &Migrations, fixtures: &[
         hash.update(fixture.sql.as_bytes());
     }
     let hex: String = hash.finalize().iter().map(|b| format!("{b:02x}")).collect();
-    database_name(package, &hex)
+    names::template(package, &hex)
 }
 
 /// The name of this run's shared database, a copy of `template`.
@@ -78,7 +77,7 @@ pub(crate) fn run_database_name(template: &str) -> String {
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect();
-    format!("{template}_r{}", &key[..7])
+    names::run_copy(template, &key)
 }
 
 /// The comment that marks this run's shared database ready, made by `test`.
@@ -124,8 +123,7 @@ impl TestDatabase {
         template: &str,
         test: &str,
     ) -> Result<Self, Error> {
-        let suffix = uuid::Uuid::new_v4().simple().to_string();
-        let name = format!("{template}_{}", &suffix[..8]);
+        let name = names::own_copy(template, &uuid::Uuid::new_v4().simple().to_string());
         let lock_path = budget.file(&format!("live-{name}.lock"));
         let lock = budget.open(&lock_path)?;
         lock.lock()

@@ -19,6 +19,7 @@ mod detach;
 mod embedded;
 mod error;
 mod migrations;
+mod names;
 mod pool;
 mod redact;
 mod runner;

@@ -5,10 +5,11 @@
 use sqlx::postgres::PgConnection;
 use sqlx::{Connection, Executor};
 
-use super::{BUILDING_SUFFIX, MARKER_PREFIX, Source, Target};
+use super::{MARKER_PREFIX, Source, Target};
 use crate::Error;
 use crate::error::{describe, sqlstate};
 use crate::migrations::Migrations;
+use crate::names;
 use crate::runner::Script;
 use crate::server::Server;
 
@@ -59,7 +60,7 @@ async fn build_locked(
         _ => {}
     }
     tracing::debug!(database, ?kind, "building");
-    let building = format!("{database}{BUILDING_SUFFIX}");
+    let building = names::building(database);
     drop_database(server, admin, &building).await?;
     let template = match source {
         Source::Copy { template } => Some(template.database),

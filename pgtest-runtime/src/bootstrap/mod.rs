@@ -33,12 +33,6 @@ use crate::server::{Server, is_refused_for_slots};
 
 mod build;
 
-/// The longest database name PostgreSQL keeps (NAMEDATALEN - 1).
-const MAX_NAME_LEN: usize = 63;
-/// Hex digits of the migration hash in the name.
-const HASH_LEN: usize = 12;
-/// Suffix of the copy under construction.
-const BUILDING_SUFFIX: &str = "_building";
 /// Every pgtest marker starts so; a database without it is not pgtest's.
 pub(crate) const MARKER_PREFIX: &str = "pgtest:";
 
@@ -120,27 +114,6 @@ pub(crate) fn now_secs() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default()
         .as_secs()
-}
-
-/// The name of a database built for a package from a hash of what goes in it.
-///
-/// ```text
-/// database_name("my-app", "0123456789abcdef…") == "pgtest_my_app_0123456789ab"
-/// ```
-pub(crate) fn database_name(package: &str, hash: &str) -> String {
-    let room = MAX_NAME_LEN - BUILDING_SUFFIX.len() - "pgtest__".len() - HASH_LEN;
-    let package: String = package
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() {
-                c.to_ascii_lowercase()
-            } else {
-                '_'
-            }
-        })
-        .take(room)
-        .collect();
-    format!("pgtest_{package}_{}", &hash[..HASH_LEN])
 }
 
 /// The connections a build holds at once: an admin connection (which holds
@@ -370,23 +343,5 @@ async fn listens(options: &PgConnectOptions) -> std::io::Result<()> {
         None => tokio::net::TcpStream::connect((options.get_host(), options.get_port()))
             .await
             .map(drop),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_name_keeps_the_package_and_twelve_hash_digits() {
-        let name = database_name("my-App.rs", "0123456789abcdef0123");
-        assert_eq!(name, "pgtest_my_app_rs_0123456789ab");
-    }
-
-    #[test]
-    fn a_long_package_name_leaves_room_for_the_building_suffix() {
-        let name = database_name(&"x".repeat(100), &"f".repeat(64));
-        assert!(name.len() + BUILDING_SUFFIX.len() <= MAX_NAME_LEN, "{name}");
-        assert!(name.ends_with("_ffffffffffff"), "{name}");
     }
 }
