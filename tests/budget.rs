@@ -80,7 +80,7 @@ fn two_runners_without_a_shared_budget_still_finish() {
         command.arg("--exact").env("PGTEST_MAX_CONNECTIONS", "16");
         if index.is_multiple_of(2) {
             // A second runner: a budget of its own, unaware of the first.
-            command.env("TMPDIR", other_tmp.path());
+            command.env("PGTEST_HOME", other_tmp.path().join("pgtest"));
         }
         command
     });

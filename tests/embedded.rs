@@ -126,9 +126,13 @@ fn a_server_killed_with_its_pid_file_left_behind_does_not_block_the_next_run() {
 #[test]
 fn the_idle_server_stops_by_itself() {
     let home = EmbeddedHome::new();
+    // No program on PATH (no sh, flock or psql): the watchdog needs none.
+    let nothing = tempfile::tempdir().unwrap();
     let output = run(home
         .exact("fixture_embedded")
-        .env("PGTEST_EMBEDDED_IDLE", "1"));
+        .env("PGTEST_EMBEDDED_IDLE", "1")
+        .env("PGTEST_PG_BIN", common::pg_bin())
+        .env("PATH", nothing.path()));
     assert_passed(&output, 1);
     let watchdog_log =
         || fs::read_to_string(home.cluster().join("watchdog.log")).unwrap_or_default();

@@ -497,14 +497,13 @@ fn oids(cluster: &Cluster, marker: &str) -> Vec<String> {
 
 /// The connection budget's `clients.lock` of the cluster's runs.
 fn clients_lock(cluster: &Cluster) -> std::fs::File {
-    let tmp = cluster.tmp_dir();
-    let found = std::fs::read_dir(&tmp)
+    let budgets = cluster.home().join("budget");
+    let found = std::fs::read_dir(&budgets)
         .unwrap()
         .flatten()
-        .flat_map(|budgets| std::fs::read_dir(budgets.path()).unwrap().flatten())
         .map(|server| server.path().join("clients.lock"))
         .find(|path| path.exists())
-        .unwrap_or_else(|| panic!("no clients.lock under {}", tmp.display()));
+        .unwrap_or_else(|| panic!("no clients.lock under {}", budgets.display()));
     std::fs::File::open(found).unwrap()
 }
 

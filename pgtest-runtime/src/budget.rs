@@ -15,17 +15,18 @@
 //! one. Else it waits in line behind other growers, and the one at the head
 //! takes all it may still need at once, or the **reserve**, a lock held by
 //! one test at a time that stands for [`RESERVE`] slots kept out of
-//! everyone's reach. Either way it never waits again (a pool cannot grow by
-//! more than the reserve beyond what its test took up front), so it
-//! finishes and gives its slots back; every other waiter waits only for it.
-//! Tests waiting to start leave freed slots to growers.
+//! everyone's reach, which it keeps until it ends. The reserve's holder
+//! never waits again (a pool cannot grow by more than the reserve beyond
+//! what its test took up front), so it finishes and gives the reserve back:
+//! the head of the line waits at most for that, and every other grower for
+//! the head. Tests waiting to start leave freed slots to growers.
 //!
 //! A slot is a locked file: a panicking test drops its guard, a killed
 //! process has its locks released by the operating system.
 
 use std::collections::HashMap;
 use std::env;
-use std::fs::{self, File, OpenOptions, TryLockError};
+use std::fs::{self, File, TryLockError};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -36,6 +37,7 @@ use sha2::{Digest, Sha256};
 
 use crate::Error;
 use crate::server::Server;
+use crate::state::{self, StateDir};
 
 /// Overrides the number of connections the suite may use.
 pub(crate) const MAX_CONNECTIONS_VAR: &str = "PGTEST_MAX_CONNECTIONS";
@@ -90,8 +92,7 @@ impl Budget {
     /// the embedded server's settings, or (asked once in a while per
     /// machine) the server itself.
     pub(crate) async fn of(server: &Server, timeout: Duration) -> Result<Self, Error> {
-        let dir = budget_dir(&server.address());
-        fs::create_dir_all(&dir).map_err(|error| budget_io(&dir, &error))?;
+        let dir = budget_dir(&server.address())?;
         let capacity = match configured_capacity()? {
             Some(capacity) => capacity,
             None => match server.known_capacity() {
@@ -522,28 +523,22 @@ fn fresh_capacity(file: &Path) -> Option<u32> {
         .map(usable)
 }
 
-/// `$TMPDIR/pgtest-budget-<uid>/<hash of the server's address>`: per user,
-/// since another user's locks may not be shared (the retry on refused
-/// connections covers what this cannot).
-fn budget_dir(address: &str) -> PathBuf {
+/// `budget/<hash of the server's address>` in the user's pgtest home:
+/// per user, since another user's locks may not be shared (the retry on
+/// refused connections covers what this cannot).
+fn budget_dir(address: &str) -> Result<PathBuf, Error> {
     let hash: String = Sha256::digest(address.as_bytes())
         .iter()
         .take(8)
         .map(|byte| format!("{byte:02x}"))
         .collect();
-    env::temp_dir()
-        .join(format!("pgtest-budget-{}", nix::unistd::Uid::effective()))
-        .join(hash)
+    let me = nix::unistd::Uid::effective();
+    let dir = StateDir::home()?.dir("budget", me)?.dir(&hash, me)?;
+    Ok(dir.path().to_owned())
 }
 
 fn open(path: &Path) -> Result<File, Error> {
-    OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(path)
-        .map_err(|error| budget_io(path, &error))
+    state::open_no_follow(path, 0o600).map_err(|error| budget_io(path, &error))
 }
 
 /// Writes who holds a slot into it, for others' timeout messages.

@@ -327,11 +327,12 @@ fn passed_path(lock: &Path) -> PathBuf {
     lock.with_extension("passed")
 }
 
+/// This machine's name, from the system call (every platform has it).
 fn host() -> String {
-    fs::read_to_string("/proc/sys/kernel/hostname")
-        .or_else(|_| fs::read_to_string("/etc/hostname"))
-        .map(|name| name.trim().to_owned())
-        .unwrap_or_else(|_| "unknown".to_owned())
+    nix::unistd::gethostname()
+        .ok()
+        .and_then(|name| name.into_string().ok())
+        .unwrap_or_else(|| "unknown".to_owned())
 }
 
 /// Names the run this process belongs to: nextest's run id, else the

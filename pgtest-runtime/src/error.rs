@@ -258,12 +258,27 @@ pub enum Error {
     },
 
     /// The budget's lock files cannot be used.
-    #[error("cannot use the connection budget's file {}: {reason}. Check the temporary directory", path.display())]
+    #[error("cannot use the connection budget's file {}: {reason}. Check pgtest's home (PGTEST_HOME)", path.display())]
     BudgetFiles {
         /// The file.
         path: PathBuf,
         /// What went wrong.
         reason: String,
+    },
+
+    /// pgtest's home, or a directory in it, is not safe to use on a
+    /// machine shared with other users.
+    #[error(
+        "pgtest will not use {}: {problem}. pgtest keeps its locks and the embedded server \
+         there, and another user could make it overwrite or run what they put there. Remove \
+         it if it is not yours, or set PGTEST_HOME to a directory of your own",
+        path.display()
+    )]
+    UnsafeDirectory {
+        /// The directory.
+        path: PathBuf,
+        /// What is wrong with it.
+        problem: String,
     },
 
     /// The server refused connections for want of slots until the deadline.

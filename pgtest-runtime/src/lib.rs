@@ -18,6 +18,7 @@ mod database;
 mod detach;
 mod embedded;
 mod error;
+mod helper;
 mod migrations;
 mod names;
 mod pool;
@@ -26,6 +27,7 @@ mod runner;
 mod server;
 mod shapes;
 mod spares;
+mod state;
 
 pub use cleanup::{Removed, remove_all};
 pub use context::TestContext;

@@ -63,6 +63,7 @@ fn pool_max(spec: &TestSpec, budget: &Budget, others: u32) -> Result<u32, Error>
 /// When the database cannot be prepared, when the body returns `Err`, and
 /// with the body's own panic. Each message names the test.
 pub fn run<F: TestFn>(spec: TestSpec, test: F) {
+    crate::helper::enter(spec.name);
     // A migrator in a `LazyLock` may start a runtime of its own to read its
     // directory: let it, before this thread drives one.
     if let MigrationSource::Migrator(migrator) = spec.migrations {

@@ -89,18 +89,24 @@ impl Cluster {
     }
 
     /// This test binary, ready to run fixtures against this cluster, with a
-    /// temporary directory (and so a connection budget) of the cluster's own.
+    /// temporary directory and a pgtest home (and so a connection budget)
+    /// of the cluster's own.
     pub fn fixture(&self, filter: &str) -> Command {
         let tmp = self.tmp_dir();
         fs::create_dir_all(&tmp).expect("create the cluster's temporary directory");
         let mut command = fixture(filter, &self.url());
-        command.env("TMPDIR", tmp);
+        command.env("TMPDIR", &tmp).env("PGTEST_HOME", self.home());
         command
     }
 
     /// The `TMPDIR` of the fixtures run against this cluster.
     pub fn tmp_dir(&self) -> PathBuf {
         self.dir.path().join("tmp")
+    }
+
+    /// The `PGTEST_HOME` of the fixtures run against this cluster.
+    pub fn home(&self) -> PathBuf {
+        self.tmp_dir().join("pgtest")
     }
 
     /// The fixture test named `test` alone, against this cluster.
@@ -411,7 +417,7 @@ pub fn free_port() -> u16 {
 
 /// The newest PostgreSQL binaries: `PGTEST_PG_BIN`, `pg_config --bindir`,
 /// then `/usr/lib/postgresql/*/bin`.
-fn pg_bin() -> PathBuf {
+pub fn pg_bin() -> PathBuf {
     if let Some(dir) = env::var_os("PGTEST_PG_BIN") {
         return PathBuf::from(dir);
     }

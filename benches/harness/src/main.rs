@@ -242,10 +242,9 @@ async fn measure(
         .env("DATABASE_URL", server.url("postgres"))
         .env("PGTEST_DATABASE_URL", server.url("postgres"))
         .env("PLAIN_DATABASE_URL", server.url("bench_plain"))
-        .env("TMPDIR", work.join("tmp"))
+        .env("PGTEST_HOME", work.join("home"))
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    std::fs::create_dir_all(work.join("tmp"))?;
 
     let peak = Arc::new(AtomicI64::new(0));
     let sampler = tokio::spawn(sample_connections(server.url("postgres"), peak.clone()));
@@ -253,7 +252,7 @@ async fn measure(
     let output = command.output().await?;
     let wall = started.elapsed();
     sampler.abort();
-    let after = wait_for_spares_helper(&work.join("tmp")).await;
+    let after = wait_for_spares_helper(&work.join("home/budget")).await;
 
     let printed = format!(
         "{}{}",
@@ -297,15 +296,13 @@ async fn measure(
 /// which drops passed tests' databases and copies templates once a run is
 /// over, so that its work is neither charged to the next flavour nor
 /// hidden; how long it worked.
-async fn wait_for_spares_helper(tmp: &Path) -> Duration {
+async fn wait_for_spares_helper(budgets: &Path) -> Duration {
     let started = Instant::now();
     let running = || {
-        let Ok(budgets) = std::fs::read_dir(tmp) else {
+        let Ok(servers) = std::fs::read_dir(budgets) else {
             return false;
         };
-        budgets
-            .flatten()
-            .flat_map(|budget| std::fs::read_dir(budget.path()).into_iter().flatten())
+        servers
             .flatten()
             .filter_map(|server| {
                 std::fs::read_to_string(server.path().join("pgtest-spares.pid")).ok()

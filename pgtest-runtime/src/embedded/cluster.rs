@@ -1,9 +1,8 @@
 //! The embedded cluster's files and processes: where it lives, who runs
 //! it, `initdb`, `pg_ctl start`, and what its `postmaster.pid` says.
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -15,10 +14,15 @@ use nix::unistd::{Pid, Uid, User};
 
 use super::binaries::Binaries;
 use crate::Error;
+use crate::state::{self, StateDir};
 
 /// The port number in the socket's name; the server listens on no TCP port.
 pub(crate) const PORT: u16 = 5432;
 /// The longest unix socket path the kernel accepts, less its terminator.
+#[cfg(target_os = "macos")]
+const MAX_SOCKET_PATH: usize = 103;
+/// The longest unix socket path the kernel accepts, less its terminator.
+#[cfg(not(target_os = "macos"))]
 const MAX_SOCKET_PATH: usize = 107;
 /// How long to wait for `pg_ctl start`, and for another process's start.
 const START_TIMEOUT: Duration = Duration::from_secs(60);
@@ -41,14 +45,14 @@ pub(crate) enum State {
 }
 
 impl Cluster {
-    /// The cluster of these binaries under `base`, its directory made and
+    /// The cluster of these binaries in `home`, its directory made and
     /// owned by whoever runs the server.
-    pub(crate) fn prepare(binaries: Binaries, base: &Path) -> Result<Self, Error> {
+    pub(crate) fn prepare(binaries: Binaries, home: &StateDir) -> Result<Self, Error> {
         let server_user = server_user()?;
-        let dir = base.join(format!("pg{}", binaries.major));
+        let name = format!("pg{}", binaries.major);
         let cluster = Self {
+            dir: home.file(&name),
             binaries,
-            dir,
             server_user,
         };
         let socket = cluster.dir.join(format!(".s.PGSQL.{PORT}"));
@@ -62,35 +66,12 @@ impl Cluster {
                 "Set PGTEST_HOME to a shorter directory".to_owned(),
             ));
         }
-        cluster.make_dirs(base).map_err(|error| {
-            cluster.failure(
-                "create its directory",
-                error.to_string(),
-                "Set PGTEST_HOME to a writable directory".to_owned(),
-            )
-        })?;
+        let owner = match &cluster.server_user {
+            Some(user) => user.uid,
+            None => Uid::effective(),
+        };
+        home.dir(&name, owner)?;
         Ok(cluster)
-    }
-
-    fn make_dirs(&self, base: &Path) -> io::Result<()> {
-        // The base must be traversable by the server user; the cluster
-        // directory is private to it.
-        fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o755)
-            .create(base)?;
-        fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&self.dir)?;
-        if let Some(user) = &self.server_user {
-            let mode = fs::metadata(base)?.permissions().mode();
-            if mode & 0o011 != 0o011 {
-                fs::set_permissions(base, fs::Permissions::from_mode(mode | 0o011))?;
-            }
-            std::os::unix::fs::chown(&self.dir, Some(user.uid.as_raw()), Some(user.gid.as_raw()))?;
-        }
-        fs::set_permissions(&self.dir, fs::Permissions::from_mode(0o700))
     }
 
     pub(crate) fn dir(&self) -> &Path {
@@ -113,13 +94,7 @@ impl Cluster {
     /// server user so that the watchdog can lock it too.
     pub(crate) fn lock_file(&self, name: &str) -> Result<File, Error> {
         let path = self.dir.join(name);
-        let opened = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o644)
-            .open(&path);
+        let opened = state::open_no_follow(&path, 0o644);
         let file = opened.map_err(|error| {
             self.failure(
                 "open its lock file",

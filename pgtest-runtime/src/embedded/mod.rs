@@ -5,22 +5,18 @@
 
 mod binaries;
 mod cluster;
-mod watchdog;
+pub(crate) mod watchdog;
 
-use std::env;
 use std::fs::{File, TryLockError};
-use std::path::PathBuf;
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use nix::unistd::Uid;
 use sqlx::postgres::PgConnectOptions;
 
 use self::cluster::{Cluster, PORT, State};
 use crate::Error;
+use crate::state::StateDir;
 
-/// Where the clusters live, overriding the default.
-pub(crate) const HOME_VAR: &str = "PGTEST_HOME";
 /// Seconds without a client after which the server stops itself.
 pub(crate) const IDLE_VAR: &str = "PGTEST_EMBEDDED_IDLE";
 /// How long a process may wait for another to finish starting the server.
@@ -51,9 +47,9 @@ pub(crate) fn ensure(idle: Duration) -> Result<Embedded, Error> {
     if let Some(in_use) = in_use.as_ref() {
         return Ok(in_use.embedded.clone());
     }
-    let base = base_dir();
-    let binaries = binaries::find(&base)?;
-    let cluster = Cluster::prepare(binaries, &base)?;
+    let home = StateDir::home()?;
+    let binaries = binaries::find(home.path())?;
+    let cluster = Cluster::prepare(binaries, &home)?;
     let started = Instant::now();
     let start_lock = cluster.lock_file("start.lock")?;
     wait_for_lock(&cluster, &start_lock, "start.lock", |file| file.try_lock())?;
@@ -124,25 +120,5 @@ fn wait_for_lock(
                 ));
             }
         }
-    }
-}
-
-/// `PGTEST_HOME`, else a per-user cache directory: `$XDG_CACHE_HOME/pgtest`
-/// or `~/.cache/pgtest`. As root it is `/var/tmp/pgtest-root`, since the
-/// server runs as another user who cannot enter `/root`.
-fn base_dir() -> PathBuf {
-    if let Some(home) = env::var_os(HOME_VAR).filter(|home| !home.is_empty()) {
-        return PathBuf::from(home);
-    }
-    if Uid::effective().is_root() {
-        return PathBuf::from("/var/tmp/pgtest-root");
-    }
-    let cache = env::var_os("XDG_CACHE_HOME")
-        .filter(|dir| !dir.is_empty())
-        .map(PathBuf::from)
-        .or_else(|| env::var_os("HOME").map(|home| PathBuf::from(home).join(".cache")));
-    match cache {
-        Some(cache) => cache.join("pgtest"),
-        None => env::temp_dir().join(format!("pgtest-{}", Uid::effective())),
     }
 }

@@ -1,71 +1,45 @@
-//! The watchdog: a small detached shell loop that stops the embedded server
-//! once no test process has used it for a while.
+//! The watchdog: a helper process (see [`crate::helper`]) that stops the
+//! embedded server once no test process has used it for a while.
 //!
 //! Every process that uses the server holds a shared lock on
 //! `clients.lock` for as long as it lives (the OS drops it when the process
 //! dies, however it dies). The watchdog counts the seconds during which it
 //! could take that lock exclusively, and stops the server while holding it,
-//! so that no process can start using the server during the stop.
+//! so that no process can start using the server during the stop. It holds
+//! `watchdog.lock` while it lives, which is how a test process knows that
+//! one runs.
 
-use std::ffi::OsStr;
-use std::path::PathBuf;
-use std::time::Duration;
+use std::fs::TryLockError;
+use std::io::Write;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
 
 use super::cluster::Cluster;
-use crate::detach;
+use crate::helper::{self, Job};
+use crate::state::open_no_follow;
 
-const SCRIPT: &str = r#"#!/bin/sh
-# pgtest's watchdog for one embedded cluster: stops the server once no test
-# process has held clients.lock for IDLE seconds. Started by pgtest.
-dir=$1 bin=$2 idle=$3
-echo $$ > "$dir/watchdog.pid"
-quiet=0
-while [ -f "$dir/data/postmaster.pid" ]; do
-    sleep 1
-    if flock --nonblock --exclusive "$dir/clients.lock" true; then
-        quiet=$((quiet + 1))
-    else
-        quiet=0
-    fi
-    if [ "$quiet" -ge "$idle" ] &&
-        flock --nonblock --exclusive "$dir/clients.lock" \
-            "$bin/pg_ctl" -D "$dir/data" -m fast -w -s stop; then
-        echo "$(date): stopped the server after $idle s without a client"
-        break
-    fi
-done
-if [ "$(cat "$dir/watchdog.pid" 2>/dev/null)" = "$$" ]; then
-    rm -f "$dir/watchdog.pid"
-fi
-"#;
+/// How long the watchdog waits for the server to stop.
+const STOP_TIMEOUT: Duration = Duration::from_secs(60);
+/// How often the watchdog looks.
+const TICK: Duration = Duration::from_secs(1);
 
-/// Starts a watchdog for `cluster` unless one is running. Without the
-/// `flock` command (util-linux) there is none, and the server keeps running
-/// until stopped by hand.
+/// Starts a watchdog for `cluster` unless one is running.
 pub(crate) fn ensure(cluster: &Cluster, idle: Duration) {
-    if is_running(cluster) {
+    let lock = cluster.dir().join("watchdog.lock");
+    let running = open_no_follow(&lock, 0o644)
+        .is_ok_and(|file| matches!(file.try_lock_shared(), Err(TryLockError::WouldBlock)));
+    if running {
         return;
     }
-    if !detach::runs("flock") {
-        tracing::warn!(
-            "no `flock` command (util-linux): the embedded server will not stop by itself"
-        );
-        return;
-    }
-    let idle_secs = idle.as_secs_f64().ceil().max(1.0) as u64;
-    let started = detach::start(
-        cluster.server_command("sh"),
-        &script_path(cluster),
-        SCRIPT,
-        &cluster.dir().join("watchdog.log"),
-        [
-            cluster.dir().as_os_str(),
-            cluster.binaries().dir.as_os_str(),
-            OsStr::new(&idle_secs.to_string()),
-        ],
-    );
-    match started {
-        Ok(()) => tracing::debug!(idle_secs, "watchdog started"),
+    let job = Job::Watchdog {
+        cluster: cluster.dir().to_owned(),
+        idle: idle.max(TICK),
+    };
+    match helper::start(&job, &cluster.dir().join("watchdog.log")) {
+        Ok(()) => tracing::debug!(?idle, "watchdog started"),
         Err(error) => tracing::warn!(
             %error,
             "the watchdog did not start; the embedded server will not stop by itself"
@@ -73,10 +47,82 @@ pub(crate) fn ensure(cluster: &Cluster, idle: Duration) {
     }
 }
 
-fn script_path(cluster: &Cluster) -> PathBuf {
-    cluster.dir().join("watchdog.sh")
+/// The watchdog's work, in its own process: returns its exit code.
+pub(crate) fn run(cluster: &Path, idle: Duration) -> i32 {
+    let open = |name: &str| open_no_follow(&cluster.join(name), 0o644);
+    let (me, clients) = match (open("watchdog.lock"), open("clients.lock")) {
+        (Ok(me), Ok(clients)) => (me, clients),
+        (Err(error), _) | (_, Err(error)) => {
+            eprintln!(
+                "watchdog: cannot open its lock files in {}: {error}",
+                cluster.display()
+            );
+            return 1;
+        }
+    };
+    if me.try_lock().is_err() {
+        // Another watchdog runs.
+        return 0;
+    }
+    let pid_file = cluster.join("data/postmaster.pid");
+    let mut quiet_since = Instant::now();
+    while pid_file.exists() {
+        std::thread::sleep(TICK);
+        match clients.try_lock() {
+            Ok(()) if quiet_since.elapsed() >= idle => {
+                let stopped = stop(&pid_file);
+                let _ = clients.unlock();
+                match stopped {
+                    Ok(()) => {
+                        say(&format!(
+                            "stopped the server after {} s without a client",
+                            idle.as_secs()
+                        ));
+                        return 0;
+                    }
+                    Err(error) => {
+                        say(&error);
+                        return 1;
+                    }
+                }
+            }
+            Ok(()) => {
+                let _ = clients.unlock();
+            }
+            Err(_) => quiet_since = Instant::now(),
+        }
+    }
+    0
 }
 
-fn is_running(cluster: &Cluster) -> bool {
-    detach::running(&cluster.dir().join("watchdog.pid"), &script_path(cluster))
+/// Asks the postmaster of `pid_file` for a fast shutdown and waits until
+/// it is done. Works as root too: root may signal the server's user.
+fn stop(pid_file: &Path) -> Result<(), String> {
+    let text = std::fs::read_to_string(pid_file).unwrap_or_default();
+    let Some(pid) = text
+        .lines()
+        .next()
+        .and_then(|line| line.trim().parse().ok())
+    else {
+        return Ok(());
+    };
+    kill(Pid::from_raw(pid), Signal::SIGINT)
+        .map_err(|error| format!("cannot signal the server (pid {pid}): {error}"))?;
+    let deadline = Instant::now() + STOP_TIMEOUT;
+    while pid_file.exists() {
+        if Instant::now() > deadline {
+            return Err(format!(
+                "the server (pid {pid}) did not stop within {} s",
+                STOP_TIMEOUT.as_secs()
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
+/// Writes `line` to the watchdog's log (its stderr; not `eprintln!`, which
+/// the test harness captures).
+fn say(line: &str) {
+    let _ = writeln!(std::io::stderr(), "{line}");
 }
