@@ -9,7 +9,8 @@ mod common;
 
 use std::fs;
 use std::os::unix::fs::{PermissionsExt, symlink};
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::process::Output;
 
 use common::{Cluster, EmbeddedHome, assert_failed_without_password, assert_passed, run};
 use nix::unistd::{Uid, User};
@@ -20,15 +21,6 @@ use pgtest::{PgPool, pg_test};
 async fn fixture_home_one_query(pool: PgPool) -> Result<(), sqlx::Error> {
     sqlx::query("select 1").execute(&pool).await?;
     Ok(())
-}
-
-/// Whether this process may give files away; says so when it may not.
-fn may_chown() -> bool {
-    let root = Uid::effective().is_root();
-    if !root {
-        eprintln!("SKIPPED: giving a directory to another user needs root");
-    }
-    root
 }
 
 fn give_to_nobody(path: &Path) {
@@ -49,12 +41,30 @@ fn entries(dir: &Path) -> Vec<String> {
     names
 }
 
-/// Runs the fixture with `home` as its pgtest home and checks that it is
-/// refused for `problem`.
-fn assert_refused(cluster: &Cluster, home: &Path, problem: &str) {
+/// A cluster, and a directory `pgtest` made in a temporary parent; `None`
+/// (said so) without root.
+fn cluster_and_home() -> Option<(Cluster, tempfile::TempDir, PathBuf)> {
+    if !Uid::effective().is_root() {
+        eprintln!("SKIPPED: giving a directory to another user needs root");
+        return None;
+    }
+    let parent = tempfile::tempdir().unwrap();
+    let home = parent.path().join("pgtest");
+    fs::create_dir(&home).unwrap();
+    Some((Cluster::start(&[]), parent, home))
+}
+
+/// The fixture, run with `home` as its pgtest home.
+fn run_in(cluster: &Cluster, home: &Path) -> Output {
     let mut fixture = cluster.exact("fixture_home_one_query");
     fixture.env("PGTEST_HOME", home);
-    let printed = assert_failed_without_password(&run(fixture));
+    run(fixture)
+}
+
+/// Checks that a run with `home` as its pgtest home is refused for
+/// `problem`.
+fn assert_refused(cluster: &Cluster, home: &Path, problem: &str) {
+    let printed = assert_failed_without_password(&run_in(cluster, home));
     assert!(
         printed.contains("pgtest will not use") && printed.contains(problem),
         "expected a refusal naming {problem:?}:\n{printed}"
@@ -63,13 +73,9 @@ fn assert_refused(cluster: &Cluster, home: &Path, problem: &str) {
 
 #[test]
 fn a_home_another_user_owns_is_refused_and_left_untouched() {
-    if !may_chown() {
+    let Some((cluster, _parent, home)) = cluster_and_home() else {
         return;
-    }
-    let cluster = Cluster::start(&[]);
-    let parent = tempfile::tempdir().unwrap();
-    let home = parent.path().join("pgtest");
-    fs::create_dir(&home).unwrap();
+    };
     chmod(&home, 0o755);
     give_to_nobody(&home);
     assert_refused(&cluster, &home, "owned by nobody");
@@ -78,13 +84,9 @@ fn a_home_another_user_owns_is_refused_and_left_untouched() {
 
 #[test]
 fn a_home_others_may_write_to_is_refused() {
-    if !may_chown() {
+    let Some((cluster, parent, home)) = cluster_and_home() else {
         return;
-    }
-    let cluster = Cluster::start(&[]);
-    let parent = tempfile::tempdir().unwrap();
-    let home = parent.path().join("pgtest");
-    fs::create_dir(&home).unwrap();
+    };
     chmod(&home, 0o777);
     assert_refused(&cluster, &home, "others may write to it (mode 777)");
     assert!(entries(&home).is_empty(), "{:?}", entries(&home));
@@ -95,21 +97,15 @@ fn a_home_others_may_write_to_is_refused() {
     assert_refused(&cluster, &home, "without the sticky bit");
     // With the sticky bit (as /tmp has), it is safe.
     chmod(parent.path(), 0o1777);
-    let mut fixture = cluster.exact("fixture_home_one_query");
-    fixture.env("PGTEST_HOME", &home);
-    assert_passed(&run(fixture), 1);
+    assert_passed(&run_in(&cluster, &home), 1);
 }
 
 #[test]
 fn a_symbolic_link_in_the_home_is_not_followed() {
-    if !may_chown() {
+    let Some((cluster, parent, home)) = cluster_and_home() else {
         return;
-    }
-    let cluster = Cluster::start(&[]);
-    let parent = tempfile::tempdir().unwrap();
-    let home = parent.path().join("pgtest");
+    };
     let elsewhere = parent.path().join("elsewhere");
-    fs::create_dir(&home).unwrap();
     fs::create_dir(&elsewhere).unwrap();
     symlink(&elsewhere, home.join("budget")).unwrap();
     assert_refused(&cluster, &home, "it is a symbolic link");
@@ -117,9 +113,7 @@ fn a_symbolic_link_in_the_home_is_not_followed() {
 
     // A file of the budget that links to another file.
     fs::remove_file(home.join("budget")).unwrap();
-    let mut fixture = cluster.exact("fixture_home_one_query");
-    fixture.env("PGTEST_HOME", &home);
-    assert_passed(&run(fixture), 1);
+    assert_passed(&run_in(&cluster, &home), 1);
     let victim = parent.path().join("victim");
     fs::write(&victim, "keep me\n").unwrap();
     let budgets = home.join("budget");
@@ -130,9 +124,7 @@ fn a_symbolic_link_in_the_home_is_not_followed() {
             symlink(&victim, &path).unwrap();
         }
     }
-    let mut fixture = cluster.exact("fixture_home_one_query");
-    fixture.env("PGTEST_HOME", &home);
-    let printed = assert_failed_without_password(&run(fixture));
+    let printed = assert_failed_without_password(&run_in(&cluster, &home));
     assert!(
         printed.contains("Too many levels of symbolic links") || printed.contains("symbolic link"),
         "{printed}"
@@ -142,7 +134,8 @@ fn a_symbolic_link_in_the_home_is_not_followed() {
 
 #[test]
 fn an_embedded_home_another_user_owns_is_refused() {
-    if !may_chown() {
+    if !Uid::effective().is_root() {
+        eprintln!("SKIPPED: giving a directory to another user needs root");
         return;
     }
     let home = EmbeddedHome::new();

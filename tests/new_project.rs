@@ -188,8 +188,16 @@ fn run_readme_project(dir: &Path, dependencies: &str, cluster: &Cluster) {
     write(dir, "migrations/20250101000000_orgs.sql", migration);
     write(dir, "tests/orgs.rs", test);
     // Not offline: a git dependency is fetched, here from this checkout.
+    assert_passed(&cargo_test(dir, &["--test", "orgs"], cluster), 1);
+}
+
+/// `cargo test args` in `dir`, in the projects' target directory, against
+/// `cluster`.
+fn cargo_test(dir: &Path, args: &[&str], cluster: &Cluster) -> std::process::Output {
+    fs::create_dir_all(cluster.tmp_dir()).unwrap();
     let child = Command::new(env!("CARGO"))
-        .args(["test", "--test", "orgs"])
+        .arg("test")
+        .args(args)
         .current_dir(dir)
         .env("CARGO_TARGET_DIR", projects_target())
         .env_remove("DATABASE_URL")
@@ -200,7 +208,7 @@ fn run_readme_project(dir: &Path, dependencies: &str, cluster: &Cluster) {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("run cargo");
-    assert_passed(&finish(child, Duration::from_secs(900)), 1);
+    finish(child, Duration::from_secs(900))
 }
 
 #[test]
@@ -224,7 +232,6 @@ fn the_readme_example_runs_as_written() {
     );
 
     let cluster = Cluster::start(&[]);
-    fs::create_dir_all(cluster.tmp_dir()).unwrap();
     let projects = tempfile::tempdir().unwrap();
     std::os::unix::fs::symlink(env!("CARGO_MANIFEST_DIR"), projects.path().join("pgtest")).unwrap();
     for (name, lines) in [
@@ -301,22 +308,9 @@ fn packages_with_names_of_any_length_pass_twice() {
     }
 
     let cluster = Cluster::start(&[]);
-    fs::create_dir_all(cluster.tmp_dir()).unwrap();
     for run in ["first", "second"] {
-        let child = Command::new(env!("CARGO"))
-            .args(["test", "--offline", "--workspace", "--test", "names"])
-            .current_dir(root)
-            .env("CARGO_TARGET_DIR", projects_target())
-            .env_remove("DATABASE_URL")
-            .env("PGTEST_DATABASE_URL", cluster.url())
-            .env("TMPDIR", cluster.tmp_dir())
-            .env("PGTEST_HOME", cluster.home())
-            .env("PGTEST_HOME", cluster.home())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .expect("run cargo");
-        let output = finish(child, Duration::from_secs(900));
+        let args = ["--offline", "--workspace", "--test", "names"];
+        let output = cargo_test(root, &args, &cluster);
         let printed = text(&output);
         assert!(
             output.status.success()
