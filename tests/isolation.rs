@@ -106,6 +106,13 @@ async fn fixture_database_fixed_ids(pool: PgPool) -> anyhow::Result<()> {
     fixed_ids(&pool).await
 }
 
+/// Hangs, as a test that a runner's timeout ends.
+#[pg_test(isolation = "database", migrations = "tests/fixtures/posts")]
+#[ignore = "a fixture, run in its own processes by the tests of this file"]
+async fn fixture_database_hangs(_pool: PgPool) {
+    std::future::pending::<()>().await;
+}
+
 async fn fixed_ids(pool: &PgPool) -> anyhow::Result<()> {
     sqlx::query("insert into posts (id, title) values (1, 'one')")
         .execute(pool)
@@ -207,7 +214,7 @@ fn in_run(cluster: &Cluster, test: &str, run: &str) -> std::process::Command {
 }
 
 /// Like [`in_run`], without the spares helper: the tests sweep passed
-/// tests' databases themselves, as when `psql` is missing.
+/// tests' databases themselves.
 fn in_run_without_spares(cluster: &Cluster, test: &str, run: &str) -> std::process::Command {
     let mut command = in_run(cluster, test, run);
     command.env("PGTEST_SPARE_DATABASES", "0");
@@ -545,4 +552,123 @@ fn after_a_run_the_helper_drops_passed_databases_and_the_next_run_claims_its_spa
     assert_eq!(oids(&cluster, SPARES), Vec::<String>::new());
     drop(clients);
     wait_for_the_helper(&cluster, 3);
+}
+
+/// The spares helper of the cluster's runs: the process whose environment
+/// names the helper and the cluster's home (Linux: read from `/proc`).
+fn spares_helper(cluster: &Cluster) -> Option<i32> {
+    let home = cluster.home();
+    let home = home.as_os_str().as_encoded_bytes();
+    std::fs::read_dir("/proc")
+        .ok()?
+        .flatten()
+        .find_map(|entry| {
+            let pid: i32 = entry.file_name().to_str()?.parse().ok()?;
+            let environ = std::fs::read(entry.path().join("environ")).ok()?;
+            let mine = environ.split(|&byte| byte == 0).any(|var| {
+                var.starts_with(b"PGTEST_HELPER=spares ")
+                    && var.windows(home.len()).any(|w| w == home)
+            });
+            mine.then_some(pid)
+        })
+}
+
+#[test]
+fn a_helper_killed_midway_leaves_its_work_to_the_next() {
+    let cluster = Cluster::start(&[]);
+    for output in run_together(8, |_| {
+        in_run(&cluster, "fixture_database_fixed_ids", "run-1")
+    }) {
+        assert_passed(&output, 1);
+    }
+    // Held as a test process would (before the helper's 2 s of quiet), so
+    // that the helper waits until it is watched.
+    let clients = clients_lock(&cluster);
+    clients.lock_shared().unwrap();
+    let helper = spares_helper(&cluster).expect("a spares helper runs");
+    let budgets = cluster.home().join("budget");
+    let queued = || {
+        std::fs::read_dir(&budgets)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .flat_map(|server| {
+                std::fs::read_dir(server.path().join("jobs"))
+                    .into_iter()
+                    .flatten()
+            })
+            .flatten()
+            .filter(|job| job.path().extension().is_some_and(|ext| ext == "job"))
+            .count()
+    };
+    drop(clients);
+    // Killed once it has queued its work, before it is done.
+    let started = Instant::now();
+    while queued() == 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the helper queued nothing"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(helper),
+        nix::sys::signal::SIGKILL,
+    )
+    .unwrap();
+    let left = queued();
+    assert!(left > 0, "the helper finished before it was killed");
+
+    // The next run's test starts the next helper, which does it all.
+    assert_passed(
+        &run(in_run(&cluster, "fixture_database_fixed_ids", "run-2")),
+        1,
+    );
+    cluster.wait_until(&count_is(TEST_DATABASES, 0), Duration::from_secs(60));
+    let started = Instant::now();
+    while queued() > 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "{} jobs left",
+            queued()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let spares = oids(&cluster, SPARES).len();
+    assert!(
+        spares >= 8,
+        "the spares asked for were made: {spares} ({left} jobs were left)"
+    );
+}
+
+#[test]
+fn a_helper_outlives_a_test_its_runner_kills_and_does_the_runs_work() {
+    use std::os::unix::process::CommandExt;
+
+    let cluster = Cluster::start(&[]);
+    let mut hung = in_run(&cluster, "fixture_database_hangs", "run-1");
+    // In a process group of its own, as nextest runs each test.
+    let mut hung = hung.process_group(0).spawn().unwrap();
+    let started = Instant::now();
+    let helper = loop {
+        if let Some(helper) = spares_helper(&cluster) {
+            break helper;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "no helper started"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    // What nextest does on a timeout: SIGTERM, then SIGKILL, to the group.
+    let group = nix::unistd::Pid::from_raw(-(hung.id() as i32));
+    nix::sys::signal::kill(group, nix::sys::signal::SIGTERM).unwrap();
+    nix::sys::signal::kill(group, nix::sys::signal::SIGKILL).unwrap();
+    let _ = hung.wait();
+    assert!(
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(helper), None).is_ok(),
+        "the helper died with the test's group"
+    );
+    // The spare the test asked for is made once the server is idle.
+    cluster.wait_until(&count_is(SPARES, 1), Duration::from_secs(60));
 }

@@ -278,6 +278,11 @@ impl Budget {
         self.capacity
     }
 
+    /// This budget's directory.
+    pub(crate) fn dir(&self) -> &Path {
+        &self.dir
+    }
+
     /// A file of this budget's directory, for machine-wide state.
     pub(crate) fn file(&self, name: &str) -> PathBuf {
         self.dir.join(name)

@@ -1,12 +1,12 @@
 //! Helpers that outlive the test process that starts them (the embedded
-//! server's watchdog): the test binary itself, run again for one of its
+//! server's watchdog, the spares helper): the test binary itself, run again for one of its
 //! pgtest tests with a marker that makes pgtest's runner do the helper's
 //! work instead of the test (the technique of rusty-fork and of nextest's
 //! double spawn). The helper runs in a session and process group of its
 //! own, so that signals to the test's group (a nextest timeout) do not
 //! reach it, with its input empty and its output on a log file, holding no
 //! pipe of the test runner's, and with no environment but what it needs:
-//! no credentials.
+//! credentials reach it through a pipe of its own.
 
 use std::env;
 use std::ffi::OsString;
@@ -22,6 +22,7 @@ use std::time::Duration;
 use nix::fcntl::OFlag;
 
 use crate::embedded::watchdog;
+use crate::spares;
 
 /// Set in a helper's environment: which helper it is and its arguments.
 const HELPER_VAR: &str = "PGTEST_HELPER";
@@ -39,6 +40,9 @@ pub(crate) enum Job {
     /// Stop the embedded server in `cluster` once it has had no client for
     /// `idle`.
     Watchdog { cluster: PathBuf, idle: Duration },
+    /// Do the server work queued in the budget directory `budget` once no
+    /// test uses the server, making at most `limit` spares of a template.
+    Spares { budget: PathBuf, limit: u32 },
 }
 
 impl Job {
@@ -48,6 +52,11 @@ impl Job {
             Self::Watchdog { cluster, idle } => {
                 let mut value = OsString::from(format!("watchdog {} ", idle.as_secs()));
                 value.push(cluster);
+                value
+            }
+            Self::Spares { budget, limit } => {
+                let mut value = OsString::from(format!("spares {limit} "));
+                value.push(budget);
                 value
             }
         }
@@ -61,6 +70,13 @@ impl Job {
                 Some(Self::Watchdog {
                     cluster: PathBuf::from(cluster),
                     idle: Duration::from_secs(idle.parse().ok()?),
+                })
+            }
+            "spares" => {
+                let (limit, budget) = rest.split_once(' ')?;
+                Some(Self::Spares {
+                    budget: PathBuf::from(budget),
+                    limit: limit.parse().ok()?,
                 })
             }
             _ => None,
@@ -79,6 +95,7 @@ pub(crate) fn enter(name: &str) {
     if let Some(value) = env::var_os(HELPER_VAR) {
         let code = match value.to_str().and_then(Job::decode) {
             Some(Job::Watchdog { cluster, idle }) => watchdog::run(&cluster, idle),
+            Some(Job::Spares { budget, limit }) => spares::run_helper(&budget, limit),
             None => {
                 let _ = writeln!(io::stderr(), "pgtest: unknown helper {value:?}");
                 2
@@ -90,8 +107,9 @@ pub(crate) fn enter(name: &str) {
     let _ = TEST.set(libtest_name.to_owned());
 }
 
-/// Starts a helper for `job`, its output appended to `log`.
-pub(crate) fn start(job: &Job, log: &Path) -> io::Result<()> {
+/// Starts a helper for `job`, its output appended to `log`, `secret` (if
+/// any) written to its input through a pipe.
+pub(crate) fn start(job: &Job, log: &Path, secret: Option<&str>) -> io::Result<()> {
     let test = TEST
         .get()
         .ok_or_else(|| io::Error::other("no pgtest test runs in this process"))?;
@@ -111,15 +129,22 @@ pub(crate) fn start(job: &Job, log: &Path) -> io::Result<()> {
                 .filter_map(|var| Some((var, env::var_os(var)?))),
         )
         .env(HELPER_VAR, job.encode())
-        .stdin(Stdio::null())
+        .stdin(match secret {
+            Some(_) => Stdio::piped(),
+            None => Stdio::null(),
+        })
         .stdout(log.try_clone()?)
         .stderr(log);
     // SAFETY: `setsid` is async-signal-safe and touches no memory.
     unsafe {
         command.pre_exec(|| nix::unistd::setsid().map(drop).map_err(io::Error::from));
     }
+    let mut child = command.spawn()?;
+    if let (Some(secret), Some(mut input)) = (secret, child.stdin.take()) {
+        input.write_all(secret.as_bytes())?;
+    }
     // Not waited for: it outlives this process, and init reaps it then.
-    command.spawn().map(drop)
+    Ok(())
 }
 
 #[cfg(test)]
@@ -131,6 +156,12 @@ mod tests {
         let job = Job::Watchdog {
             cluster: PathBuf::from("/home/a user/.cache/pgtest/pg15"),
             idle: Duration::from_secs(30),
+        };
+        let marker = job.encode().into_string().unwrap();
+        assert_eq!(Job::decode(&marker), Some(job));
+        let job = Job::Spares {
+            budget: PathBuf::from("/var/tmp/pgtest-root/budget/0123abcd"),
+            limit: 256,
         };
         let marker = job.encode().into_string().unwrap();
         assert_eq!(Job::decode(&marker), Some(job));

@@ -15,7 +15,6 @@ mod compat;
 mod config;
 mod context;
 mod database;
-mod detach;
 mod embedded;
 mod error;
 mod helper;

@@ -8,8 +8,8 @@
 //! template("my-app", "0123456789abcdef…")   == "pgtest_my_app_0123456789ab"
 //! run_copy(template, "f00dcafe…")           == "pgtest_my_app_0123456789ab_rf00dcaf"
 //! own_copy(template, "2b1a…")  (a test's)   == "pgtest_my_app_0123456789ab_2b1a09c3"
+//! spare(template, "5e77a01c…")              == "pgtest_my_app_0123456789ab_s5e77a01"
 //! building(any of these)                    == "…_building"
-//! (the spares helper's copies: the template's name, `_s`, 7 digits)
 //! ```
 
 /// The longest database name PostgreSQL keeps (NAMEDATALEN - 1).
@@ -51,6 +51,11 @@ pub(crate) fn own_copy(template: &str, key: &str) -> String {
     format!("{template}_{}", &key[..COPY_KEY_LEN + 1])
 }
 
+/// A spare copy of `template`, `key` (hex) telling it apart.
+pub(crate) fn spare(template: &str, key: &str) -> String {
+    format!("{template}_s{}", &key[..COPY_KEY_LEN])
+}
+
 /// The name `name` is built under before it is renamed to `name`.
 pub(crate) fn building(name: &str) -> String {
     format!("{name}{BUILDING_SUFFIX}")
@@ -78,6 +83,7 @@ mod tests {
                 run_copy(&template, HASH),
                 building(&run_copy(&template, HASH)),
                 own_copy(&template, "fedcba9876543210"),
+                spare(&template, "fedcba9876543210"),
                 building(&own_copy(&template, "fedcba9876543210")),
             ];
             for name in &names {

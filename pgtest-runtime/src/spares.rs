@@ -3,31 +3,37 @@
 //! instead of copying the template on its critical path (60 to 300 ms,
 //! most of it the server writing 8 MB and some 300 files).
 //!
-//! The work is done by a helper: a small detached shell loop per server
-//! (`psql` and util-linux `flock`, like the embedded server's watchdog),
-//! started by the first database-mode test that finds none. Every pgtest
-//! process holds a shared lock on the server's `clients.lock` for as long
-//! as it lives; once nobody has held it for two seconds (the run is over),
-//! the helper drops the databases of passed tests and makes as many spares
-//! of each template as the tests since its last pass asked for (at most
-//! `PGTEST_SPARE_DATABASES`, and at most 2 GiB of copies per template). It
-//! checks between statements that the server is still idle, leaves the
-//! rest for later when a run starts, and exits once done. Without `psql`
-//! or `flock` there is no helper: tests copy the template themselves and
-//! sweep passed tests' databases beside their bodies.
+//! The work is done by a helper per server (see [`crate::helper`]), started
+//! by the first database-mode test that finds none. Every pgtest process
+//! holds a shared lock on the server's `clients.lock` for as long as it
+//! lives; once nobody has held it for two seconds (the run is over), the
+//! helper plans the run's work into a queue of jobs (drop the databases of
+//! passed tests; make as many spares of each template as the tests since
+//! its last pass asked for, at most `PGTEST_SPARE_DATABASES` and 2 GiB of
+//! copies per template) and does them one by one, checking before each
+//! that the server is still idle, and exits once the queue is empty. A job
+//! leaves the queue only once done, and doing one twice changes nothing, so
+//! a helper killed at any point leaves its work to the next one. It
+//! connects as the tests do, the credentials passed through a pipe.
 
-use std::fs::OpenOptions;
-use std::io::Write;
-use std::process::Command;
-use std::sync::OnceLock;
+use std::collections::HashMap;
+use std::fs::{self, OpenOptions, TryLockError};
+use std::io::{Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime};
 
-use sqlx::postgres::PgConnection;
+use nix::fcntl::OFlag;
+use sqlx::Connection;
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgSslMode};
 
 use crate::Error;
 use crate::bootstrap::quote_ident;
 use crate::budget::Budget;
-use crate::detach;
+use crate::helper::{self, Job};
+use crate::names;
 use crate::server::Server;
+use crate::state::open_no_follow;
 
 /// How a spare's comment starts.
 pub(crate) const SPARE_MARKER: &str = "pgtest: spare database";
@@ -41,74 +47,18 @@ pub(crate) const CLIENTS_LOCK: &str = "clients.lock";
 /// How many spares a test tries to claim before copying the template (a
 /// claim fails when another test renamed the same spare first).
 const CLAIM_TRIES: i64 = 4;
-
-const SCRIPT: &str = r#"#!/bin/sh
-# pgtest's spares helper for one server. Started by pgtest; psql connects
-# through the PG* variables it was given. Once no test process has held
-# clients.lock for 2 s: drops passed tests' databases, then copies each
-# template asked for in spares.wanted into spare databases; exits when done.
-dir=$1 limit=$2 marker=$3
-exec 9>>"$dir/pgtest-spares.lock"
-flock --nonblock 9 || exit 0
-echo $$ > "$dir/pgtest-spares.pid"
-idle() { flock --nonblock --exclusive "$dir/clients.lock" true; }
-sql() { psql -X -q -At -c "$1"; }
-# Runs the statements of the file $1, eight per psql, so long as no test
-# uses the server; fails as soon as one does.
-run_file() {
-    while [ -s "$1" ]; do
-        idle || return 1
-        head -n 8 "$1" > "$1.batch"
-        tail -n +9 "$1" > "$1.rest"
-        mv "$1.rest" "$1"
-        psql -X -q -f "$1.batch"
-    done
-    rm -f "$1" "$1.batch"
-}
-# One pass over the work; fails as soon as a test uses the server again.
-work() {
-    for passed in "$dir"/live-*.passed; do
-        [ -e "$passed" ] || break
-        lock=${passed%.passed}.lock
-        name=${lock##*/live-}
-        name=${name%.lock}
-        echo "drop database if exists \"$name\";" >> "$dir/spares.drops"
-        rm -f "$passed" "$lock"
-    done
-    run_file "$dir/spares.drops" || return 1
-    if [ -s "$dir/spares.wanted" ] && mv "$dir/spares.wanted" "$dir/spares.taken"; then
-        cat "$dir/spares.taken" >> "$dir/spares.todo"
-        rm -f "$dir/spares.taken"
-    fi
-    # Counted again once the copies asked for before are made.
-    if [ -s "$dir/spares.todo" ] && [ ! -s "$dir/spares.creates" ]; then
-        sort "$dir/spares.todo" | uniq -c > "$dir/spares.counts"
-        rm -f "$dir/spares.todo"
-        while read -r count template; do
-            pattern=$(printf %s "$template" | sed 's/_/\\_/g')
-            missing=$(sql "select least($count, $limit, 2147483648 / greatest(pg_database_size('$template'), 1)) - count(*) from pg_database where datname like '${pattern}\_s%'") || missing=0
-            while [ "${missing:-0}" -gt 0 ]; do
-                spare="${template}_s$(od -An -N4 -tx4 /dev/urandom | tr -d ' \n' | cut -c1-7)"
-                echo "create database \"$spare\" template \"$template\";"
-                echo "comment on database \"$spare\" is '$marker; template=$template';"
-                missing=$((missing - 1))
-            done
-        done < "$dir/spares.counts" >> "$dir/spares.creates"
-        rm -f "$dir/spares.counts"
-    fi
-    run_file "$dir/spares.creates"
-}
-quiet=0
-while [ -d "$dir" ]; do
-    sleep 1
-    if idle; then quiet=$((quiet + 1)); else quiet=0; fi
-    if [ "$quiet" -ge 2 ]; then
-        if work; then break; fi
-        quiet=0
-    fi
-done
-rm -f "$dir/pgtest-spares.pid"
-"#;
+/// The most disk a template's spares may take.
+const SPARE_BYTES: u64 = 2 << 30;
+/// How long the server must go without a client before the helper works.
+const QUIET: Duration = Duration::from_secs(2);
+/// The helper holds this while it lives.
+const HELPER_LOCK: &str = "pgtest-spares.lock";
+/// Templates asked for, one line each, until the helper takes them.
+const WANTED: &str = "spares.wanted";
+/// What the helper took from `WANTED` and has not planned yet.
+const TAKEN: &str = "spares.taken";
+/// The queue of jobs, one file each.
+const QUEUE: &str = "jobs";
 
 /// Claims a spare copy of `template` as `name`, giving it `comment`;
 /// whether there was one to claim.
@@ -149,12 +99,8 @@ pub(crate) fn want(server: &Server, budget: &Budget, template: &str, limit: u32)
     if limit == 0 {
         return;
     }
-    let path = budget.file("spares.wanted");
-    let appended = OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&path)
-        .and_then(|mut file| file.write_all(format!("{template}\n").as_bytes()));
+    let path = budget.file(WANTED);
+    let appended = append_to(&path).and_then(|mut file| writeln!(file, "{template}"));
     if let Err(error) = appended {
         tracing::warn!(%error, path = %path.display(), "cannot ask for a spare database");
         return;
@@ -166,45 +112,454 @@ pub(crate) fn want(server: &Server, budget: &Budget, template: &str, limit: u32)
 
 /// Whether a helper will drop passed tests' databases once the run ends.
 pub(crate) fn helper_running(budget: &Budget) -> bool {
-    detach::running(
-        &budget.file("pgtest-spares.pid"),
-        &budget.file("pgtest-spares.sh"),
-    )
+    open_no_follow(&budget.file(HELPER_LOCK), 0o600)
+        .is_ok_and(|file| matches!(file.try_lock_shared(), Err(TryLockError::WouldBlock)))
 }
 
 fn start_helper(server: &Server, budget: &Budget, limit: u32) {
-    if !tools_present() {
-        return;
-    }
-    let mut sh = Command::new("sh");
-    sh.envs(server.psql_env());
-    let started = detach::start(
-        sh,
-        &budget.file("pgtest-spares.sh"),
-        SCRIPT,
-        &budget.file("pgtest-spares.log"),
-        [
-            budget.file("").into_os_string(),
-            limit.to_string().into(),
-            SPARE_MARKER.into(),
-        ],
-    );
-    match started {
+    let job = Job::Spares {
+        budget: budget.dir().to_owned(),
+        limit,
+    };
+    let credentials: String = server
+        .psql_env()
+        .into_iter()
+        .map(|(key, value)| format!("{key}={value}\n"))
+        .collect();
+    match helper::start(&job, &budget.file("pgtest-spares.log"), Some(&credentials)) {
         Ok(()) => tracing::debug!("spares helper started"),
         Err(error) => tracing::warn!(%error, "the spares helper did not start"),
     }
 }
 
-/// Whether `psql` and `flock` can be run, asked once per process.
-fn tools_present() -> bool {
-    static PRESENT: OnceLock<bool> = OnceLock::new();
-    *PRESENT.get_or_init(|| {
-        let present = detach::runs("psql") && detach::runs("flock");
-        if !present {
-            tracing::debug!(
-                "no psql or flock: tests in isolation = \"database\" copy the template themselves"
-            );
+fn append_to(path: &Path) -> std::io::Result<fs::File> {
+    OpenOptions::new()
+        .append(true)
+        .create(true)
+        .mode(0o600)
+        .custom_flags(OFlag::O_NOFOLLOW.bits())
+        .open(path)
+}
+
+/// A job of the queue: server work that changes nothing when done twice.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum ServerJob {
+    /// Drop a passed test's database.
+    Drop { database: String },
+    /// Copy `template` into the spare `database`.
+    Copy { template: String, database: String },
+}
+
+impl ServerJob {
+    /// One line, versioned, so that a later pgtest can read or skip it.
+    fn encode(&self) -> String {
+        match self {
+            Self::Drop { database } => format!("v1 drop {database}"),
+            Self::Copy { template, database } => format!("v1 copy {template} {database}"),
         }
-        present
-    })
+    }
+
+    fn decode(line: &str) -> Option<Self> {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        match words[..] {
+            ["v1", "drop", database] => Some(Self::Drop {
+                database: database.to_owned(),
+            }),
+            ["v1", "copy", template, database] => Some(Self::Copy {
+                template: template.to_owned(),
+                database: database.to_owned(),
+            }),
+            _ => None,
+        }
+    }
+}
+
+/// The jobs waiting in a budget's directory, one file each, done in the
+/// order they were queued.
+struct Queue {
+    dir: PathBuf,
+}
+
+impl Queue {
+    fn open(budget_dir: &Path) -> std::io::Result<Self> {
+        let dir = budget_dir.join(QUEUE);
+        match fs::create_dir(&dir) {
+            Err(error) if error.kind() != std::io::ErrorKind::AlreadyExists => Err(error),
+            _ => Ok(Self { dir }),
+        }
+    }
+
+    /// Adds `job`: written under a temporary name, then renamed, so that a
+    /// helper killed midway leaves no half job.
+    fn push(&self, job: &ServerJob) -> std::io::Result<()> {
+        let stamp = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos();
+        let name = format!(
+            "{stamp:024}-{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..8]
+        );
+        let partial = self.dir.join(format!("{name}.partial"));
+        fs::write(&partial, job.encode())?;
+        fs::rename(&partial, self.dir.join(format!("{name}.job")))
+    }
+
+    /// The jobs, oldest first, with their files.
+    fn jobs(&self) -> Vec<(PathBuf, ServerJob)> {
+        let mut paths: Vec<PathBuf> = fs::read_dir(&self.dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|entry| entry.path())
+            .filter(|path| path.extension().is_some_and(|extension| extension == "job"))
+            .collect();
+        paths.sort();
+        paths
+            .into_iter()
+            .filter_map(|path| {
+                let job = ServerJob::decode(&fs::read_to_string(&path).ok()?)?;
+                Some((path, job))
+            })
+            .collect()
+    }
+}
+
+/// The spares to make: for each template asked for `n` times in `wanted`,
+/// as many as asked, at most `limit` and `SPARE_BYTES` of copies in all,
+/// less those it has (`have`: spares on the server or queued, and the
+/// template's size).
+fn plan_copies(
+    wanted: &[String],
+    have: &HashMap<String, (u32, u64)>,
+    limit: u32,
+) -> Vec<(String, u32)> {
+    let mut asked: Vec<(String, u32)> = Vec::new();
+    for template in wanted {
+        match asked.iter_mut().find(|(name, _)| name == template) {
+            Some((_, count)) => *count += 1,
+            None => asked.push((template.clone(), 1)),
+        }
+    }
+    asked
+        .into_iter()
+        .filter_map(|(template, count)| {
+            let (spares, size) = have.get(&template).copied().unwrap_or((0, 1));
+            let by_disk = u32::try_from(SPARE_BYTES / size.max(1)).unwrap_or(u32::MAX);
+            let missing = count.min(limit).min(by_disk).saturating_sub(spares);
+            (missing > 0).then_some((template, missing))
+        })
+        .collect()
+}
+
+/// The spares helper's work, in its own process (see the module's docs):
+/// returns its exit code.
+pub(crate) fn run_helper(dir: &Path, limit: u32) -> i32 {
+    let mut credentials = String::new();
+    if let Err(error) = std::io::stdin().read_to_string(&mut credentials) {
+        say(&format!("cannot read its credentials: {error}"));
+        return 1;
+    }
+    let options = connect_options(&credentials);
+    let open = |name: &str| open_no_follow(&dir.join(name), 0o600);
+    let (me, clients) = match (open(HELPER_LOCK), open(CLIENTS_LOCK)) {
+        (Ok(me), Ok(clients)) => (me, clients),
+        (Err(error), _) | (_, Err(error)) => {
+            say(&format!(
+                "cannot open its lock files in {}: {error}",
+                dir.display()
+            ));
+            return 1;
+        }
+    };
+    if me.try_lock().is_err() {
+        // Another helper runs.
+        return 0;
+    }
+    let idle = || {
+        let free = clients.try_lock().is_ok();
+        let _ = clients.unlock();
+        free
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            say(&format!("cannot start a runtime: {error}"));
+            return 1;
+        }
+    };
+    let mut quiet_since = Instant::now();
+    while dir.is_dir() {
+        std::thread::sleep(Duration::from_millis(500));
+        if !idle() {
+            quiet_since = Instant::now();
+            continue;
+        }
+        if quiet_since.elapsed() < QUIET {
+            continue;
+        }
+        match runtime.block_on(work(dir, limit, &options, &idle)) {
+            Ok(true) => return 0,
+            // A test came: later.
+            Ok(false) => quiet_since = Instant::now(),
+            Err(error) => {
+                say(&error);
+                return 1;
+            }
+        }
+    }
+    0
+}
+
+/// One pass: plans the run's work into the queue, then does the queued
+/// jobs while `idle`. Whether it got through the queue.
+async fn work(
+    dir: &Path,
+    limit: u32,
+    options: &PgConnectOptions,
+    idle: &dyn Fn() -> bool,
+) -> Result<bool, String> {
+    let queue = Queue::open(dir).map_err(|error| format!("cannot open its queue: {error}"))?;
+    queue_drops(dir, &queue).map_err(|error| format!("cannot queue drops: {error}"))?;
+    let mut admin = PgConnection::connect_with(options)
+        .await
+        .map_err(|error| format!("cannot connect: {error}"))?;
+    queue_copies(dir, &queue, &mut admin, limit).await?;
+    let mut finished = true;
+    for (path, job) in queue.jobs() {
+        if !idle() {
+            let _ = admin.close().await;
+            return Ok(false);
+        }
+        match run_job(&mut admin, &job).await {
+            Ok(()) => {
+                let _ = fs::remove_file(&path);
+            }
+            Err(error) => {
+                // Kept for the next helper (a session still on the
+                // database, say).
+                say(&format!("{}: {error}", job.encode()));
+                finished = false;
+            }
+        }
+    }
+    let _ = admin.close().await;
+    if !finished {
+        say("some jobs failed; the next helper retries them");
+    }
+    Ok(true)
+}
+
+/// Queues a drop of each passed test's database, then forgets the test's
+/// files (a helper killed in between queues the drop again: harmless).
+fn queue_drops(dir: &Path, queue: &Queue) -> std::io::Result<()> {
+    for entry in fs::read_dir(dir)?.flatten() {
+        let file_name = entry.file_name();
+        let Some(database) = file_name
+            .to_str()
+            .and_then(|name| name.strip_prefix("live-"))
+            .and_then(|name| name.strip_suffix(".passed"))
+        else {
+            continue;
+        };
+        queue.push(&ServerJob::Drop {
+            database: database.to_owned(),
+        })?;
+        let _ = fs::remove_file(entry.path());
+        let _ = fs::remove_file(dir.join(format!("live-{database}.lock")));
+    }
+    Ok(())
+}
+
+/// Queues the spares the tests asked for since the last pass.
+async fn queue_copies(
+    dir: &Path,
+    queue: &Queue,
+    admin: &mut PgConnection,
+    limit: u32,
+) -> Result<(), String> {
+    let (wanted, taken) = (dir.join(WANTED), dir.join(TAKEN));
+    // What a killed helper took stays in `TAKEN`; new asks join it.
+    if let Ok(text) = fs::read_to_string(&wanted) {
+        let appended = append_to(&taken).and_then(|mut file| file.write_all(text.as_bytes()));
+        appended.map_err(|error| format!("cannot take {}: {error}", wanted.display()))?;
+        let _ = fs::remove_file(&wanted);
+    }
+    let asked: Vec<String> = fs::read_to_string(&taken)
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    if asked.is_empty() {
+        return Ok(());
+    }
+    let mut have: HashMap<String, (u32, u64)> = HashMap::new();
+    for template in &asked {
+        if have.contains_key(template) {
+            continue;
+        }
+        let (spares, size): (i64, i64) = sqlx::query_as(
+            "select (select count(*) from pg_database where datname like $1), \
+             coalesce((select pg_database_size(datname) from pg_database where datname = $2), 0)",
+        )
+        .bind(format!("{}\\_s%", template.replace('_', "\\_")))
+        .bind(template)
+        .fetch_one(&mut *admin)
+        .await
+        .map_err(|error| format!("cannot count the spares of {template}: {error}"))?;
+        if size == 0 {
+            // The template is gone: nothing to copy.
+            have.insert(template.clone(), (u32::MAX, 1));
+            continue;
+        }
+        have.insert(template.clone(), (spares as u32, size as u64));
+    }
+    for (_, job) in queue.jobs() {
+        if let ServerJob::Copy { template, .. } = job
+            && let Some((spares, _)) = have.get_mut(&template)
+        {
+            *spares = spares.saturating_add(1);
+        }
+    }
+    for (template, missing) in plan_copies(&asked, &have, limit) {
+        for _ in 0..missing {
+            let key = uuid::Uuid::new_v4().simple().to_string();
+            let database = names::spare(&template, &key);
+            let job = ServerJob::Copy {
+                template: template.clone(),
+                database,
+            };
+            queue
+                .push(&job)
+                .map_err(|error| format!("cannot queue a copy: {error}"))?;
+        }
+    }
+    let _ = fs::remove_file(&taken);
+    Ok(())
+}
+
+/// Does `job`; done twice, it changes nothing.
+async fn run_job(admin: &mut PgConnection, job: &ServerJob) -> Result<(), sqlx::Error> {
+    match job {
+        ServerJob::Drop { database } => {
+            let drop = format!("drop database if exists {}", quote_ident(database));
+            crate::compat::raw(&drop).execute(&mut *admin).await?;
+        }
+        ServerJob::Copy { template, database } => {
+            let create = format!(
+                "create database {} template {}",
+                quote_ident(database),
+                quote_ident(template)
+            );
+            match crate::compat::raw(&create).execute(&mut *admin).await {
+                Ok(_) => {}
+                // Made before the helper that queued it was killed.
+                Err(sqlx::Error::Database(error)) if error.code().as_deref() == Some("42P04") => {}
+                Err(error) => return Err(error),
+            }
+            let comment = format!(
+                "comment on database {} is '{SPARE_MARKER}; template={template}'",
+                quote_ident(database)
+            );
+            crate::compat::raw(&comment).execute(&mut *admin).await?;
+        }
+    }
+    Ok(())
+}
+
+/// The connect options of the `KEY=VALUE` lines the helper was given: the
+/// variables `psql` would take.
+fn connect_options(credentials: &str) -> PgConnectOptions {
+    let mut options = PgConnectOptions::new_without_pgpass().application_name("pgtest spares");
+    for line in credentials.lines() {
+        let Some((key, value)) = line.split_once('=') else {
+            continue;
+        };
+        options = match key {
+            "PGHOST" if value.starts_with('/') => options.socket(value),
+            "PGHOST" => options.host(value),
+            "PGPORT" => options.port(value.parse().unwrap_or(5432)),
+            "PGUSER" => options.username(value),
+            "PGPASSWORD" => options.password(value),
+            "PGDATABASE" => options.database(value),
+            "PGSSLMODE" => options.ssl_mode(value.parse().unwrap_or(PgSslMode::Prefer)),
+            _ => options,
+        };
+    }
+    options
+}
+
+/// Writes `line` to the helper's log (its stderr; not `eprintln!`, which
+/// the test harness captures).
+fn say(line: &str) {
+    let _ = writeln!(std::io::stderr(), "{line}");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_job_reads_back_and_an_unknown_one_is_skipped() {
+        for job in [
+            ServerJob::Drop {
+                database: "pgtest_app_0123456789ab_1f2e3d4c".to_owned(),
+            },
+            ServerJob::Copy {
+                template: "pgtest_app_0123456789ab".to_owned(),
+                database: "pgtest_app_0123456789ab_s5e77a01".to_owned(),
+            },
+        ] {
+            assert_eq!(ServerJob::decode(&job.encode()), Some(job));
+        }
+        assert_eq!(ServerJob::decode("v2 truncate pgtest_app"), None);
+    }
+
+    #[test]
+    fn copies_are_planned_per_template_within_the_limits() {
+        let wanted: Vec<String> = ["a", "b", "a", "a", "c", "c"].map(str::to_owned).into();
+        let have = HashMap::from([
+            ("a".to_owned(), (1, 8 << 20)),
+            ("b".to_owned(), (0, 1 << 30)),
+            ("c".to_owned(), (5, 8 << 20)),
+        ]);
+        // a: asked 3, has 1; b: asked 1, 2 GiB / 1 GiB allows 2; c: has enough.
+        assert_eq!(
+            plan_copies(&wanted, &have, 256),
+            [("a".to_owned(), 2), ("b".to_owned(), 1)]
+        );
+        // At most the limit of spares per template.
+        assert_eq!(
+            plan_copies(&wanted, &have, 2),
+            [("a".to_owned(), 1), ("b".to_owned(), 1)]
+        );
+        assert_eq!(plan_copies(&wanted, &have, 0), []);
+    }
+
+    #[test]
+    fn the_queue_keeps_its_order_and_a_job_until_it_is_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let queue = Queue::open(dir.path()).unwrap();
+        let jobs: Vec<ServerJob> = (0..3)
+            .map(|index| ServerJob::Drop {
+                database: format!("d{index}"),
+            })
+            .collect();
+        for job in &jobs {
+            queue.push(job).unwrap();
+        }
+        let queued = queue.jobs();
+        assert_eq!(
+            queued
+                .iter()
+                .map(|(_, job)| job.clone())
+                .collect::<Vec<_>>(),
+            jobs
+        );
+        fs::remove_file(&queued[0].0).unwrap();
+        assert_eq!(Queue::open(dir.path()).unwrap().jobs().len(), 2);
+    }
 }

@@ -298,16 +298,20 @@ async fn measure(
 /// hidden; how long it worked.
 async fn wait_for_spares_helper(budgets: &Path) -> Duration {
     let started = Instant::now();
+    // A helper holds its lock file while it lives.
     let running = || {
         let Ok(servers) = std::fs::read_dir(budgets) else {
             return false;
         };
         servers
             .flatten()
-            .filter_map(|server| {
-                std::fs::read_to_string(server.path().join("pgtest-spares.pid")).ok()
+            .filter_map(|server| std::fs::File::open(server.path().join("pgtest-spares.lock")).ok())
+            .any(|lock| {
+                matches!(
+                    lock.try_lock_shared(),
+                    Err(std::fs::TryLockError::WouldBlock)
+                )
             })
-            .any(|pid| Path::new("/proc").join(pid.trim()).exists())
     };
     // The helper starts its work 2 s after the last test process ends.
     tokio::time::sleep(Duration::from_millis(100)).await;

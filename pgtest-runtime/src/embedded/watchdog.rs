@@ -38,7 +38,7 @@ pub(crate) fn ensure(cluster: &Cluster, idle: Duration) {
         cluster: cluster.dir().to_owned(),
         idle: idle.max(TICK),
     };
-    match helper::start(&job, &cluster.dir().join("watchdog.log")) {
+    match helper::start(&job, &cluster.dir().join("watchdog.log"), None) {
         Ok(()) => tracing::debug!(?idle, "watchdog started"),
         Err(error) => tracing::warn!(
             %error,
