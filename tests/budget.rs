@@ -131,8 +131,13 @@ fn a_killed_process_gives_its_slots_back_and_a_waiter_is_told_who_holds_them() {
         Duration::from_secs(60),
     );
 
+    let started = std::time::Instant::now();
     let refused =
         run(with_four_slots("fixture_budget_2_needs_every_slot").env("PGTEST_BUDGET_TIMEOUT", "1"));
+    // The timeout and a second, and a second for the process to start: not
+    // whenever the holder lets go.
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(3), "the wait took {took:?}");
     let text = assert_failed_without_password(&refused);
     for part in [
         // A pool of 4 starts with its first connection's slot and a spare;

@@ -135,7 +135,10 @@ fn suites_start_only_postgresql_and_themselves() {
 
     let calls = fs::read_to_string(&log).unwrap();
     // The shims work: the embedded server's binaries were looked up.
-    assert!(calls.contains("pg_config --bindir"), "no call logged:\n{calls}");
+    assert!(
+        calls.contains("pg_config --bindir"),
+        "no call logged:\n{calls}"
+    );
     let others: Vec<&str> = calls
         .lines()
         .filter(|call| *call != "pg_config --bindir")

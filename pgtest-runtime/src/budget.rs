@@ -36,6 +36,7 @@ use std::time::{Duration, Instant, SystemTime};
 use sha2::{Digest, Sha256};
 
 use crate::Error;
+use crate::lock::{LockFile, Mode, Pauses};
 use crate::server::Server;
 use crate::state::{self, StateDir};
 
@@ -50,8 +51,6 @@ const CAPACITY_TTL: Duration = Duration::from_secs(600);
 const RESERVE: u32 = 4;
 /// The lock file that tests waiting to grow hold shared.
 const GROWERS: &str = "growers.lock";
-/// The longest pause between two looks at the lock files.
-const MAX_PAUSE: Duration = Duration::from_millis(20);
 
 /// The slots of one server.
 #[derive(Clone)]
@@ -164,13 +163,14 @@ impl Budget {
         let Some(_queue) = lock_until(&queue, deadline).await? else {
             return Err(self.timeout_error(count));
         };
-        let growers = open(&self.dir.join(GROWERS))?;
-        let mut pause = Duration::from_millis(1);
+        let growers = self.lock_file(GROWERS)?;
+        let mut pauses = Pauses::new();
         loop {
             // Slots that free up go to tests that wait to grow first: they
             // hold connections already, and finish sooner with more.
-            let nobody_grows = growers.try_lock().is_ok();
-            let _ = growers.unlock();
+            let nobody_grows = !growers
+                .is_held(Mode::Exclusive)
+                .map_err(|error| budget_io(growers.path(), &error))?;
             if nobody_grows && files.try_take(count, &mut slots)? {
                 tracing::debug!(waited = ?started.elapsed(), count, "took connection slots");
                 return Ok(slots);
@@ -178,8 +178,7 @@ impl Budget {
             if Instant::now() >= deadline {
                 return Err(self.timeout_error(count));
             }
-            tokio::time::sleep(jitter(pause)).await;
-            pause = (pause * 2).min(MAX_PAUSE);
+            tokio::time::sleep(pauses.next_until(deadline)).await;
         }
     }
 
@@ -249,26 +248,22 @@ impl Budget {
         if held().contains_key(&path) {
             return Ok(());
         }
-        let file = open(&path)?;
+        let lock = LockFile::open(&path, 0o600).map_err(|error| budget_io(&path, &error))?;
         let deadline = Instant::now() + self.timeout;
-        loop {
-            match file.try_lock_shared() {
-                Ok(()) => break,
-                Err(TryLockError::WouldBlock) if Instant::now() < deadline => {
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                }
-                Err(TryLockError::WouldBlock) => {
-                    return Err(budget_io(
-                        &path,
-                        &std::io::Error::other(format!(
-                            "held exclusively for more than {} s",
-                            self.timeout.as_secs()
-                        )),
-                    ));
-                }
-                Err(TryLockError::Error(error)) => return Err(budget_io(&path, &error)),
-            }
+        let taken = lock
+            .lock_until(Mode::Shared, deadline)
+            .await
+            .map_err(|error| budget_io(&path, &error))?;
+        if !taken {
+            return Err(budget_io(
+                &path,
+                &std::io::Error::other(format!(
+                    "held exclusively for more than {} s",
+                    self.timeout.as_secs()
+                )),
+            ));
         }
+        let file = lock.into_file();
         held().insert(path, file);
         Ok(())
     }
@@ -296,6 +291,12 @@ impl Budget {
     /// The error for a file of this budget that could not be used.
     pub(crate) fn io_error(&self, path: &Path, error: &std::io::Error) -> Error {
         budget_io(path, error)
+    }
+
+    /// A lock file of this budget's directory.
+    fn lock_file(&self, name: &str) -> Result<LockFile, Error> {
+        let path = self.dir.join(name);
+        LockFile::open(&path, 0o600).map_err(|error| budget_io(&path, &error))
     }
 
     fn slot(&self, index: u32) -> PathBuf {
@@ -365,12 +366,15 @@ impl Slots {
         // Held shared while this test waits, so that tests waiting to start
         // leave it the slots that free up. Refused only for the instant a
         // starting test looks.
-        let growers = open(&budget.dir.join(GROWERS))?;
-        let _waiting = growers.try_lock_shared().is_ok().then_some(growers);
+        let growers = budget.lock_file(GROWERS)?;
+        let _waiting = growers
+            .try_lock(Mode::Shared)
+            .is_ok_and(|taken| taken)
+            .then_some(growers);
         let Some(_line) = lock_until(&budget.dir.join("growers-line.lock"), deadline).await? else {
             return Err(budget.timeout_error(1));
         };
-        let mut pause = Duration::from_millis(1);
+        let mut pauses = Pauses::new();
         loop {
             let missing = ceiling.saturating_sub(self.count()).max(1);
             if files.try_take(missing, self)? {
@@ -394,8 +398,7 @@ impl Slots {
             if Instant::now() >= deadline {
                 return Err(budget.timeout_error(missing));
             }
-            tokio::time::sleep(jitter(pause)).await;
-            pause = (pause * 2).min(MAX_PAUSE);
+            tokio::time::sleep(pauses.next_until(deadline)).await;
         }
     }
 }
@@ -497,21 +500,13 @@ async fn learned_capacity(server: &Server, dir: &Path) -> Result<u32, Error> {
 }
 
 /// An exclusive lock on the file at `path`, held until the file is dropped;
-/// `None` when its holder kept it past `deadline`. Polls, so that no thread
-/// blocks in the kernel and a timeout ends the wait on time.
+/// `None` when its holder kept it past `deadline` (see [`crate::lock`]).
 async fn lock_until(path: &Path, deadline: Instant) -> Result<Option<File>, Error> {
-    let file = open(path)?;
-    let mut pause = Duration::from_millis(1);
-    loop {
-        match file.try_lock() {
-            Ok(()) => return Ok(Some(file)),
-            Err(TryLockError::WouldBlock) if Instant::now() < deadline => {
-                tokio::time::sleep(jitter(pause)).await;
-                pause = (pause * 2).min(MAX_PAUSE);
-            }
-            Err(TryLockError::WouldBlock) => return Ok(None),
-            Err(TryLockError::Error(error)) => return Err(budget_io(path, &error)),
-        }
+    let lock = LockFile::open(path, 0o600).map_err(|error| budget_io(path, &error))?;
+    match lock.lock_until(Mode::Exclusive, deadline).await {
+        Ok(true) => Ok(Some(lock.into_file())),
+        Ok(false) => Ok(None),
+        Err(error) => Err(budget_io(path, &error)),
     }
 }
 
@@ -559,16 +554,6 @@ fn budget_io(path: &Path, error: &std::io::Error) -> Error {
         path: path.to_owned(),
         reason: error.to_string(),
     }
-}
-
-/// `pause` give or take a quarter, so that waiting processes spread out.
-fn jitter(pause: Duration) -> Duration {
-    let nanos = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .unwrap_or_default()
-        .subsec_nanos();
-    let spread = pause / 2;
-    pause - pause / 4 + spread.mul_f64(f64::from(nanos % 1000) / 1000.0)
 }
 
 #[cfg(test)]

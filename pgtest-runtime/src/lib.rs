@@ -18,6 +18,7 @@ mod database;
 mod embedded;
 mod error;
 mod helper;
+mod lock;
 mod migrations;
 mod names;
 mod pool;

@@ -41,6 +41,9 @@ const MAX_APPLICATION_NAME: usize = 63;
 /// How often the gate looks for who took a permit it let go.
 const GATE_TICK: Duration = Duration::from_millis(2);
 
+/// The longest a connection given back counts as on its way to idle.
+const RETURN_LIMIT: Duration = Duration::from_secs(1);
+
 /// How long the gate looks for who took a permit it let go.
 const PROBE_LIMIT: Duration = Duration::from_secs(1);
 
@@ -150,12 +153,32 @@ struct Gate {
 }
 
 /// What a test's pool did so far.
-#[derive(Default)]
 struct Counts {
     /// Connections handed out, new or reused.
     handouts: AtomicU64,
     /// Connections opened.
     opened: AtomicU32,
+    /// Connections given back (before sqlx's ping on the way to idle).
+    released: AtomicU64,
+    /// Idle connections handed out again.
+    reused: AtomicU64,
+    /// When the last connection was given back, in ms since `since`.
+    last_release: AtomicU64,
+    since: Instant,
+}
+
+impl Counts {
+    /// Whether a connection given back is still on its way to idle (the
+    /// ping sqlx sends first can take long on a busy server): a task that
+    /// waits for it is not starved. A connection that never arrives (its
+    /// ping failed) counts for a second at most.
+    fn on_its_way_back(&self, idle: usize) -> bool {
+        let released = self.released.load(Ordering::Acquire);
+        let arrived = self.reused.load(Ordering::Acquire) + idle as u64;
+        let now = self.since.elapsed().as_millis() as u64;
+        let since_release = now.saturating_sub(self.last_release.load(Ordering::Acquire));
+        released > arrived && since_release < RETURN_LIMIT.as_millis() as u64
+    }
 }
 
 impl Gate {
@@ -175,7 +198,14 @@ impl Gate {
         Self {
             parent,
             held,
-            counts: Arc::default(),
+            counts: Arc::new(Counts {
+                handouts: AtomicU64::new(0),
+                opened: AtomicU32::new(0),
+                released: AtomicU64::new(0),
+                reused: AtomicU64::new(0),
+                last_release: AtomicU64::new(0),
+                since: Instant::now(),
+            }),
             cover,
         }
     }
@@ -195,8 +225,9 @@ impl Gate {
             // Every connection it may open is open (none still connecting,
             // which can take long with a slow login) and in use.
             let opened = self.counts.opened.load(Ordering::Acquire);
-            let size = pool.size();
-            let all_busy = pool.num_idle() == 0 && size >= lent && size <= opened;
+            let (size, idle) = (pool.size(), pool.num_idle());
+            let all_busy =
+                idle == 0 && size >= lent && size <= opened && !self.counts.on_its_way_back(idle);
             if handouts != last || !all_busy {
                 (last, quiet_since) = (handouts, Instant::now());
             } else if quiet_since.elapsed() >= grow_after {
@@ -315,6 +346,7 @@ pub(crate) async fn test_pool(
     });
     let gate = Gate::new(max, Arc::clone(&cover)).await;
     let (on_new, on_reuse) = (Arc::clone(&gate.counts), Arc::clone(&gate.counts));
+    let on_release = Arc::clone(&gate.counts);
     let pool = PgPoolOptions::new()
         .max_connections(max)
         .min_connections(0)
@@ -328,6 +360,13 @@ pub(crate) async fn test_pool(
         })
         .before_acquire(move |_, _| {
             on_reuse.handouts.fetch_add(1, Ordering::AcqRel);
+            on_reuse.reused.fetch_add(1, Ordering::AcqRel);
+            Box::pin(async { Ok(true) })
+        })
+        .after_release(move |_, _| {
+            let now = on_release.since.elapsed().as_millis() as u64;
+            on_release.last_release.store(now, Ordering::Release);
+            on_release.released.fetch_add(1, Ordering::AcqRel);
             Box::pin(async { Ok(true) })
         })
         .connect_lazy_with(options);

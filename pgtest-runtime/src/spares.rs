@@ -17,7 +17,7 @@
 //! connects as the tests do, the credentials passed through a pipe.
 
 use std::collections::HashMap;
-use std::fs::{self, OpenOptions, TryLockError};
+use std::fs::{self, OpenOptions};
 use std::io::{Read, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
@@ -31,9 +31,9 @@ use crate::Error;
 use crate::bootstrap::quote_ident;
 use crate::budget::Budget;
 use crate::helper::{self, Job};
+use crate::lock::{LockFile, Mode};
 use crate::names;
 use crate::server::Server;
-use crate::state::open_no_follow;
 
 /// How a spare's comment starts.
 pub(crate) const SPARE_MARKER: &str = "pgtest: spare database";
@@ -112,8 +112,9 @@ pub(crate) fn want(server: &Server, budget: &Budget, template: &str, limit: u32)
 
 /// Whether a helper will drop passed tests' databases once the run ends.
 pub(crate) fn helper_running(budget: &Budget) -> bool {
-    open_no_follow(&budget.file(HELPER_LOCK), 0o600)
-        .is_ok_and(|file| matches!(file.try_lock_shared(), Err(TryLockError::WouldBlock)))
+    LockFile::open(&budget.file(HELPER_LOCK), 0o600)
+        .and_then(|lock| lock.is_held(Mode::Shared))
+        .unwrap_or(false)
 }
 
 fn start_helper(server: &Server, budget: &Budget, limit: u32) {
@@ -261,7 +262,7 @@ pub(crate) fn run_helper(dir: &Path, limit: u32) -> i32 {
         return 1;
     }
     let options = connect_options(&credentials);
-    let open = |name: &str| open_no_follow(&dir.join(name), 0o600);
+    let open = |name: &str| LockFile::open(&dir.join(name), 0o600);
     let (me, clients) = match (open(HELPER_LOCK), open(CLIENTS_LOCK)) {
         (Ok(me), Ok(clients)) => (me, clients),
         (Err(error), _) | (_, Err(error)) => {
@@ -272,15 +273,11 @@ pub(crate) fn run_helper(dir: &Path, limit: u32) -> i32 {
             return 1;
         }
     };
-    if me.try_lock().is_err() {
+    if !me.try_lock(Mode::Exclusive).unwrap_or(false) {
         // Another helper runs.
         return 0;
     }
-    let idle = || {
-        let free = clients.try_lock().is_ok();
-        let _ = clients.unlock();
-        free
-    };
+    let idle = || !clients.is_held(Mode::Exclusive).unwrap_or(true);
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -1,7 +1,7 @@
 //! The embedded cluster's files and processes: where it lives, who runs
 //! it, `initdb`, `pg_ctl start`, and what its `postmaster.pid` says.
 
-use std::fs::{self, File};
+use std::fs;
 use std::io;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -14,7 +14,8 @@ use nix::unistd::{Pid, Uid, User};
 
 use super::binaries::Binaries;
 use crate::Error;
-use crate::state::{self, StateDir};
+use crate::lock::LockFile;
+use crate::state::StateDir;
 
 /// The port number in the socket's name; the server listens on no TCP port.
 pub(crate) const PORT: u16 = 5432;
@@ -92,10 +93,9 @@ impl Cluster {
 
     /// Opens (creating) one of the cluster's lock files, readable by the
     /// server user so that the watchdog can lock it too.
-    pub(crate) fn lock_file(&self, name: &str) -> Result<File, Error> {
+    pub(crate) fn lock_file(&self, name: &str) -> Result<LockFile, Error> {
         let path = self.dir.join(name);
-        let opened = state::open_no_follow(&path, 0o644);
-        let file = opened.map_err(|error| {
+        let file = LockFile::open(&path, 0o644).map_err(|error| {
             self.failure(
                 "open its lock file",
                 format!("{}: {error}", path.display()),

@@ -7,7 +7,6 @@ mod binaries;
 mod cluster;
 pub(crate) mod watchdog;
 
-use std::fs::{File, TryLockError};
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -15,6 +14,7 @@ use sqlx::postgres::PgConnectOptions;
 
 use self::cluster::{Cluster, PORT, State};
 use crate::Error;
+use crate::lock::{LockFile, Mode};
 use crate::state::StateDir;
 
 /// Seconds without a client after which the server stops itself.
@@ -36,7 +36,7 @@ pub(crate) struct Embedded {
 /// that tells the watchdog the server is in use while the process lives.
 struct InUse {
     embedded: Embedded,
-    _clients: File,
+    _clients: LockFile,
 }
 
 /// Starts the embedded server or finds it running. Once per process: later
@@ -52,11 +52,9 @@ pub(crate) fn ensure(idle: Duration) -> Result<Embedded, Error> {
     let cluster = Cluster::prepare(binaries, &home)?;
     let started = Instant::now();
     let start_lock = cluster.lock_file("start.lock")?;
-    wait_for_lock(&cluster, &start_lock, "start.lock", |file| file.try_lock())?;
+    wait_for_lock(&cluster, &start_lock, Mode::Exclusive)?;
     let clients = cluster.lock_file("clients.lock")?;
-    wait_for_lock(&cluster, &clients, "clients.lock", |file| {
-        file.try_lock_shared()
-    })?;
+    wait_for_lock(&cluster, &clients, Mode::Shared)?;
     if cluster.settle()? == State::Stopped {
         cluster.init()?;
         cluster.start()?;
@@ -85,40 +83,25 @@ pub(crate) fn ensure(idle: Duration) -> Result<Embedded, Error> {
     Ok(embedded)
 }
 
-/// Takes a file lock, waiting at most `LOCK_TIMEOUT` for its holder.
-fn wait_for_lock(
-    cluster: &Cluster,
-    file: &File,
-    name: &str,
-    try_lock: impl Fn(&File) -> Result<(), TryLockError>,
-) -> Result<(), Error> {
-    let deadline = Instant::now() + LOCK_TIMEOUT;
-    loop {
-        match try_lock(file) {
-            Ok(()) => return Ok(()),
-            Err(TryLockError::WouldBlock) if Instant::now() < deadline => {
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            Err(TryLockError::WouldBlock) => {
-                return Err(cluster.failure(
-                    &format!(
-                        "be shared: another process held {name} for {} s",
-                        LOCK_TIMEOUT.as_secs()
-                    ),
-                    "that process may hang".to_owned(),
-                    format!(
-                        "Find it with `fuser {}/{name}` and stop it",
-                        cluster.dir().display()
-                    ),
-                ));
-            }
-            Err(TryLockError::Error(error)) => {
-                return Err(cluster.failure(
-                    &format!("lock {name}"),
-                    error.to_string(),
-                    String::new(),
-                ));
-            }
+/// Takes `lock` in `mode`, waiting at most `LOCK_TIMEOUT` for its holder.
+fn wait_for_lock(cluster: &Cluster, lock: &LockFile, mode: Mode) -> Result<(), Error> {
+    let name = lock
+        .path()
+        .file_name()
+        .unwrap_or_default()
+        .to_string_lossy();
+    match lock.lock_until_blocking(mode, Instant::now() + LOCK_TIMEOUT) {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(cluster.failure(
+            &format!(
+                "be shared: another process held {name} for {} s",
+                LOCK_TIMEOUT.as_secs()
+            ),
+            "that process may hang".to_owned(),
+            format!("Find it with `fuser {}` and stop it", lock.path().display()),
+        )),
+        Err(error) => {
+            Err(cluster.failure(&format!("lock {name}"), error.to_string(), String::new()))
         }
     }
 }

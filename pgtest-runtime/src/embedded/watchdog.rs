@@ -9,7 +9,6 @@
 //! `watchdog.lock` while it lives, which is how a test process knows that
 //! one runs.
 
-use std::fs::TryLockError;
 use std::io::Write;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -19,7 +18,7 @@ use nix::unistd::Pid;
 
 use super::cluster::Cluster;
 use crate::helper::{self, Job};
-use crate::state::open_no_follow;
+use crate::lock::{LockFile, Mode};
 
 /// How long the watchdog waits for the server to stop.
 const STOP_TIMEOUT: Duration = Duration::from_secs(60);
@@ -28,9 +27,9 @@ const TICK: Duration = Duration::from_secs(1);
 
 /// Starts a watchdog for `cluster` unless one is running.
 pub(crate) fn ensure(cluster: &Cluster, idle: Duration) {
-    let lock = cluster.dir().join("watchdog.lock");
-    let running = open_no_follow(&lock, 0o644)
-        .is_ok_and(|file| matches!(file.try_lock_shared(), Err(TryLockError::WouldBlock)));
+    let running = LockFile::open(&cluster.dir().join("watchdog.lock"), 0o644)
+        .and_then(|lock| lock.is_held(Mode::Shared))
+        .unwrap_or(false);
     if running {
         return;
     }
@@ -49,7 +48,7 @@ pub(crate) fn ensure(cluster: &Cluster, idle: Duration) {
 
 /// The watchdog's work, in its own process: returns its exit code.
 pub(crate) fn run(cluster: &Path, idle: Duration) -> i32 {
-    let open = |name: &str| open_no_follow(&cluster.join(name), 0o644);
+    let open = |name: &str| LockFile::open(&cluster.join(name), 0o644);
     let (me, clients) = match (open("watchdog.lock"), open("clients.lock")) {
         (Ok(me), Ok(clients)) => (me, clients),
         (Err(error), _) | (_, Err(error)) => {
@@ -60,7 +59,7 @@ pub(crate) fn run(cluster: &Path, idle: Duration) -> i32 {
             return 1;
         }
     };
-    if me.try_lock().is_err() {
+    if !me.try_lock(Mode::Exclusive).unwrap_or(false) {
         // Another watchdog runs.
         return 0;
     }
@@ -68,10 +67,10 @@ pub(crate) fn run(cluster: &Path, idle: Duration) -> i32 {
     let mut quiet_since = Instant::now();
     while pid_file.exists() {
         std::thread::sleep(TICK);
-        match clients.try_lock() {
-            Ok(()) if quiet_since.elapsed() >= idle => {
+        match clients.try_lock(Mode::Exclusive) {
+            Ok(true) if quiet_since.elapsed() >= idle => {
                 let stopped = stop(&pid_file);
-                let _ = clients.unlock();
+                clients.unlock();
                 match stopped {
                     Ok(()) => {
                         say(&format!(
@@ -86,10 +85,8 @@ pub(crate) fn run(cluster: &Path, idle: Duration) -> i32 {
                     }
                 }
             }
-            Ok(()) => {
-                let _ = clients.unlock();
-            }
-            Err(_) => quiet_since = Instant::now(),
+            Ok(true) => clients.unlock(),
+            Ok(false) | Err(_) => quiet_since = Instant::now(),
         }
     }
     0
