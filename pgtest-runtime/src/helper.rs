@@ -1,28 +1,26 @@
 //! Helpers that outlive the test process that starts them (the embedded
-//! server's watchdog, the spares helper): the test binary itself, run again for one of its
-//! pgtest tests with a marker that makes pgtest's runner do the helper's
-//! work instead of the test (the technique of rusty-fork and of nextest's
-//! double spawn). The helper runs in a session and process group of its
-//! own, so that signals to the test's group (a nextest timeout) do not
-//! reach it, with its input empty and its output on a log file, holding no
-//! pipe of the test runner's, and with no environment but what it needs:
-//! credentials reach it through a pipe of its own.
+//! server's watchdog, the spares helper): the test binary itself, run again
+//! for one of its pgtest tests with a marker that makes pgtest's runner do
+//! the helper's work instead of the test (the technique of rusty-fork and
+//! of nextest's double spawn). A helper runs in a session and process group
+//! of its own, so that signals to the test's group (a nextest timeout) do
+//! not reach it; its output goes to a log file and its input is empty or a
+//! pipe of its own, so it holds no pipe of the test runner's; and it keeps
+//! no environment but what it needs: credentials reach it through that
+//! pipe.
 
 use std::env;
 use std::ffi::OsString;
-use std::fs::OpenOptions;
 use std::io::{self, Write};
-use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use nix::fcntl::OFlag;
-
 use crate::embedded::watchdog;
 use crate::spares;
+use crate::state::append_no_follow;
 
 /// Set in a helper's environment: which helper it is and its arguments.
 const HELPER_VAR: &str = "PGTEST_HELPER";
@@ -97,7 +95,7 @@ pub(crate) fn enter(name: &str) {
             Some(Job::Watchdog { cluster, idle }) => watchdog::run(&cluster, idle),
             Some(Job::Spares { budget, limit }) => spares::run_helper(&budget, limit),
             None => {
-                let _ = writeln!(io::stderr(), "pgtest: unknown helper {value:?}");
+                say(&format!("pgtest: unknown helper {value:?}"));
                 2
             }
         };
@@ -107,18 +105,19 @@ pub(crate) fn enter(name: &str) {
     let _ = TEST.set(libtest_name.to_owned());
 }
 
+/// Writes `line` to a helper's log (its stderr; not `eprintln!`, which the
+/// test harness captures).
+pub(crate) fn say(line: &str) {
+    let _ = writeln!(io::stderr(), "{line}");
+}
+
 /// Starts a helper for `job`, its output appended to `log`, `secret` (if
 /// any) written to its input through a pipe.
 pub(crate) fn start(job: &Job, log: &Path, secret: Option<&str>) -> io::Result<()> {
     let test = TEST
         .get()
         .ok_or_else(|| io::Error::other("no pgtest test runs in this process"))?;
-    let log = OpenOptions::new()
-        .append(true)
-        .create(true)
-        .mode(0o600)
-        .custom_flags(OFlag::O_NOFOLLOW.bits())
-        .open(log)?;
+    let log = append_no_follow(log)?;
     let mut command = Command::new(env::current_exe()?);
     command
         .args(["--exact", test, "--include-ignored", "--test-threads=1"])

@@ -60,7 +60,7 @@ pub(crate) fn is_refused_for_slots(error: &sqlx::Error) -> bool {
 #[derive(Clone)]
 pub(crate) struct Server {
     options: PgConnectOptions,
-    /// The URL's password, for `psql` run by the spares helper. Never
+    /// The URL's password, for the spares helper (through its pipe). Never
     /// printed.
     password: Option<String>,
     admin_database: String,
@@ -179,9 +179,10 @@ impl Server {
         }
     }
 
-    /// The environment that makes `psql` connect to the admin database as
-    /// pgtest's role (the password, if any, in `PGPASSWORD`).
-    pub(crate) fn psql_env(&self) -> Vec<(&'static str, String)> {
+    /// How to connect to the admin database as pgtest's role, as the
+    /// variables `psql` takes (the password, if any, in `PGPASSWORD`): what
+    /// the spares helper is sent through its pipe.
+    pub(crate) fn connection_vars(&self) -> Vec<(&'static str, String)> {
         let host = self.psql_host();
         let ssl_mode = match self.options.get_ssl_mode() {
             PgSslMode::Disable => "disable",

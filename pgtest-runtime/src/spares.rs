@@ -17,23 +17,22 @@
 //! connects as the tests do, the credentials passed through a pipe.
 
 use std::collections::HashMap;
-use std::fs::{self, OpenOptions};
+use std::fs;
 use std::io::{Read, Write};
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
-use nix::fcntl::OFlag;
 use sqlx::Connection;
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgSslMode};
 
 use crate::Error;
 use crate::bootstrap::quote_ident;
 use crate::budget::Budget;
-use crate::helper::{self, Job};
+use crate::helper::{self, Job, say};
 use crate::lock::{LockFile, Mode};
 use crate::names;
 use crate::server::Server;
+use crate::state::append_no_follow;
 
 /// How a spare's comment starts.
 pub(crate) const SPARE_MARKER: &str = "pgtest: spare database";
@@ -100,7 +99,7 @@ pub(crate) fn want(server: &Server, budget: &Budget, template: &str, limit: u32)
         return;
     }
     let path = budget.file(WANTED);
-    let appended = append_to(&path).and_then(|mut file| writeln!(file, "{template}"));
+    let appended = append_no_follow(&path).and_then(|mut file| writeln!(file, "{template}"));
     if let Err(error) = appended {
         tracing::warn!(%error, path = %path.display(), "cannot ask for a spare database");
         return;
@@ -123,7 +122,7 @@ fn start_helper(server: &Server, budget: &Budget, limit: u32) {
         limit,
     };
     let credentials: String = server
-        .psql_env()
+        .connection_vars()
         .into_iter()
         .map(|(key, value)| format!("{key}={value}\n"))
         .collect();
@@ -131,15 +130,6 @@ fn start_helper(server: &Server, budget: &Budget, limit: u32) {
         Ok(()) => tracing::debug!("spares helper started"),
         Err(error) => tracing::warn!(%error, "the spares helper did not start"),
     }
-}
-
-fn append_to(path: &Path) -> std::io::Result<fs::File> {
-    OpenOptions::new()
-        .append(true)
-        .create(true)
-        .mode(0o600)
-        .custom_flags(OFlag::O_NOFOLLOW.bits())
-        .open(path)
 }
 
 /// A job of the queue: server work that changes nothing when done twice.
@@ -381,7 +371,8 @@ async fn queue_copies(
     let (wanted, taken) = (dir.join(WANTED), dir.join(TAKEN));
     // What a killed helper took stays in `TAKEN`; new asks join it.
     if let Ok(text) = fs::read_to_string(&wanted) {
-        let appended = append_to(&taken).and_then(|mut file| file.write_all(text.as_bytes()));
+        let appended =
+            append_no_follow(&taken).and_then(|mut file| file.write_all(text.as_bytes()));
         appended.map_err(|error| format!("cannot take {}: {error}", wanted.display()))?;
         let _ = fs::remove_file(&wanted);
     }
@@ -487,12 +478,6 @@ fn connect_options(credentials: &str) -> PgConnectOptions {
         };
     }
     options
-}
-
-/// Writes `line` to the helper's log (its stderr; not `eprintln!`, which
-/// the test harness captures).
-fn say(line: &str) {
-    let _ = writeln!(std::io::stderr(), "{line}");
 }
 
 #[cfg(test)]

@@ -112,6 +112,17 @@ pub(crate) fn open_no_follow(path: &Path, mode: u32) -> io::Result<File> {
         .open(path)
 }
 
+/// Opens `path` for appending, creating it (mode 0600) if missing; a
+/// symbolic link there is an error.
+pub(crate) fn append_no_follow(path: &Path) -> io::Result<File> {
+    OpenOptions::new()
+        .append(true)
+        .create(true)
+        .mode(0o600)
+        .custom_flags(OFlag::O_NOFOLLOW.bits())
+        .open(path)
+}
+
 /// Makes the directory `path` (mode `mode`) unless it exists, and checks
 /// it either way.
 fn make_checked(path: &Path, mode: u32, owner: Uid) -> Result<(), Error> {

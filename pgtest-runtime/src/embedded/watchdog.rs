@@ -9,7 +9,6 @@
 //! `watchdog.lock` while it lives, which is how a test process knows that
 //! one runs.
 
-use std::io::Write;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -17,7 +16,7 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
 use super::cluster::Cluster;
-use crate::helper::{self, Job};
+use crate::helper::{self, Job, say};
 use crate::lock::{LockFile, Mode};
 
 /// How long the watchdog waits for the server to stop.
@@ -116,10 +115,4 @@ fn stop(pid_file: &Path) -> Result<(), String> {
         std::thread::sleep(Duration::from_millis(50));
     }
     Ok(())
-}
-
-/// Writes `line` to the watchdog's log (its stderr; not `eprintln!`, which
-/// the test harness captures).
-fn say(line: &str) {
-    let _ = writeln!(std::io::stderr(), "{line}");
 }
