@@ -134,10 +134,11 @@ fn make_checked(path: &Path, mode: u32, owner: Uid) -> Result<(), Error> {
 
 /// Makes the directory `path` under another name, gives it its mode and
 /// owner, and renames it into place, so that a process that finds it never
-/// sees it half made. Losing the race to another process is fine.
+/// sees it half made. Losing the race to another process or thread is fine.
 fn make(path: &Path, mode: u32, owner: Uid) -> io::Result<()> {
     let mut partial = path.as_os_str().to_owned();
-    partial.push(format!(".{}.partial", std::process::id()));
+    // Unique to this call: threads of one process make it side by side.
+    partial.push(format!(".{}.partial", uuid::Uuid::new_v4().simple()));
     let partial = PathBuf::from(partial);
     fs::DirBuilder::new().mode(mode).create(&partial)?;
     // The umask may have taken bits away; none may be added.
