@@ -7,9 +7,11 @@ use std::sync::LazyLock;
 
 use sha2::{Digest, Sha256};
 use sqlx::migrate::Migrator;
+use tokio::sync::OnceCell;
 
 use crate::Error;
 use crate::runner::MigrationSource;
+use crate::state::StateDir;
 
 /// A resolved migration set.
 pub(crate) struct Migrations {
@@ -22,23 +24,16 @@ pub(crate) struct Migrations {
 
 impl Migrations {
     /// Resolves `source` for the package at `manifest_dir`. A directory is
-    /// read now, so an edited migration is picked up without a rebuild.
+    /// looked at now, so an edited migration is picked up without a
+    /// rebuild; it is read only when its hash is not known yet for its
+    /// files' names, sizes and times, or when a build needs it.
     pub(crate) async fn load(source: MigrationSource, manifest_dir: &Path) -> Result<Self, Error> {
         let default_dir = manifest_dir.join(sqlx_toml_migrations_dir(manifest_dir)?);
-        let (migrator, origin) = match source {
-            MigrationSource::Default if default_dir.is_dir() => {
-                (read_dir(&default_dir).await?, default_dir)
-            }
-            MigrationSource::Dir(dir) => {
-                let dir = manifest_dir.join(dir);
-                (read_dir(&dir).await?, dir)
-            }
-            MigrationSource::Migrator(migrator) => match static_migrator(migrator) {
-                Some(migrator) => (
-                    Resolved::Static(migrator),
-                    PathBuf::from("the test's migrator"),
-                ),
-                None => {
+        let dir = match source {
+            MigrationSource::Default if default_dir.is_dir() => default_dir,
+            MigrationSource::Dir(dir) => manifest_dir.join(dir),
+            MigrationSource::Migrator(migrator) => {
+                let Some(migrator) = static_migrator(migrator) else {
                     return Err(Error::Migrations {
                         origin: "the test's migrator".to_owned(),
                         reason: format!(
@@ -48,60 +43,119 @@ impl Migrations {
                             crate::compat::SQLX_VERSION
                         ),
                     });
-                }
-            },
-            MigrationSource::Default | MigrationSource::None => (
-                Resolved::Read(crate::compat::no_migrations()),
-                PathBuf::from("no migrations"),
-            ),
+                };
+                return Ok(Self {
+                    hash: hash(migrator),
+                    migrator: Resolved::Static(migrator),
+                    origin: "the test's migrator".to_owned(),
+                });
+            }
+            MigrationSource::Default | MigrationSource::None => {
+                let none = crate::compat::no_migrations();
+                return Ok(Self {
+                    hash: hash(&none),
+                    migrator: Resolved::Read(none),
+                    origin: "no migrations".to_owned(),
+                });
+            }
         };
-        let hash = hash(migrator.get());
+        let origin = dir.display().to_string();
+        let stamp = stamp(&dir).map_err(|error| Error::Migrations {
+            origin: origin.clone(),
+            reason: error.to_string(),
+        })?;
+        let cache = StateDir::home()?
+            .dir("migrations", nix::unistd::Uid::effective())?
+            .file(&hex(&Sha256::digest(stamp.as_bytes()))[..32]);
+        if let Some(hash) = std::fs::read_to_string(&cache)
+            .ok()
+            .filter(|hash| hash.len() == 64)
+        {
+            let migrator = Resolved::Dir(dir, OnceCell::new());
+            return Ok(Self {
+                migrator,
+                origin,
+                hash,
+            });
+        }
+        let migrator = read_dir(&dir).await?;
+        let hash = hash(&migrator);
+        // Known from now on, for every process (a lost race writes the same).
+        let partial = cache.with_extension(uuid::Uuid::new_v4().simple().to_string());
+        if std::fs::write(&partial, &hash).is_ok() {
+            let _ = std::fs::rename(&partial, &cache);
+        }
         Ok(Self {
-            migrator,
-            origin: origin.display().to_string(),
+            migrator: Resolved::Read(migrator),
+            origin,
             hash,
         })
     }
 
-    pub(crate) fn migrator(&self) -> &Migrator {
-        self.migrator.get()
-    }
-
-    /// The description of the migration with this version.
-    pub(crate) fn description(&self, version: i64) -> String {
-        self.migrator()
-            .iter()
-            .find(|migration| migration.version == version)
-            .map_or_else(
-                || "unknown".to_owned(),
-                |migration| migration.description.to_string(),
-            )
-    }
-}
-
-/// A migrator read at run time, or the test's own `static` one.
-enum Resolved {
-    Read(Migrator),
-    Static(&'static Migrator),
-}
-
-impl Resolved {
-    fn get(&self) -> &Migrator {
-        match self {
-            Self::Read(migrator) => migrator,
-            Self::Static(migrator) => migrator,
+    /// The migrator, read from its directory now if it was not before.
+    pub(crate) async fn migrator(&self) -> Result<&Migrator, Error> {
+        match &self.migrator {
+            Resolved::Read(migrator) => Ok(migrator),
+            Resolved::Static(migrator) => Ok(migrator),
+            Resolved::Dir(dir, migrator) => migrator.get_or_try_init(|| read_dir(dir)).await,
         }
     }
 }
 
-async fn read_dir(dir: &Path) -> Result<Resolved, Error> {
-    Migrator::new(dir)
-        .await
-        .map(Resolved::Read)
-        .map_err(|error| Error::Migrations {
-            origin: dir.display().to_string(),
-            reason: error.to_string(),
-        })
+/// The description of the migration of `migrator` with this version.
+pub(crate) fn description(migrator: &Migrator, version: i64) -> String {
+    migrator
+        .iter()
+        .find(|migration| migration.version == version)
+        .map_or_else(
+            || "unknown".to_owned(),
+            |migration| migration.description.to_string(),
+        )
+}
+
+/// A migrator read at run time, the test's own `static` one, or a
+/// directory read when first needed.
+enum Resolved {
+    Read(Migrator),
+    Static(&'static Migrator),
+    Dir(PathBuf, OnceCell<Migrator>),
+}
+
+async fn read_dir(dir: &Path) -> Result<Migrator, Error> {
+    Migrator::new(dir).await.map_err(|error| Error::Migrations {
+        origin: dir.display().to_string(),
+        reason: error.to_string(),
+    })
+}
+
+/// The names, sizes and modification times of the files in `dir`: what
+/// changes when a migration is added, removed or edited.
+fn stamp(dir: &Path) -> std::io::Result<String> {
+    let mut lines = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let metadata = entry.metadata()?;
+        let modified = metadata
+            .modified()?
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos();
+        lines.push(format!(
+            "{}\0{}\0{modified}",
+            entry.file_name().to_string_lossy(),
+            metadata.len()
+        ));
+    }
+    lines.sort();
+    Ok(format!(
+        "{}\n{}",
+        String::from_utf8_lossy(RECIPE),
+        lines.join("\n")
+    ))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|byte| format!("{byte:02x}")).collect()
 }
 
 /// The migrations directory that the package's `sqlx.toml` names, as sqlx
@@ -136,11 +190,7 @@ fn hash(migrator: &Migrator) -> String {
         hasher.update([u8::from(migration.no_tx)]);
         hasher.update(&*migration.checksum);
     }
-    hasher
-        .finalize()
-        .iter()
-        .map(|byte| format!("{byte:02x}"))
-        .collect()
+    hex(&hasher.finalize())
 }
 
 #[cfg(test)]

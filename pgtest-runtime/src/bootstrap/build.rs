@@ -298,15 +298,16 @@ async fn migrate(
     database: &str,
     migrations: &Migrations,
 ) -> Result<(), Error> {
-    if migrations.migrator().iter().next().is_none() {
+    let migrator = migrations.migrator().await?;
+    if migrator.iter().next().is_none() {
         // Nothing to run, and no `_sqlx_migrations` table either.
         return Ok(());
     }
-    let result = migrations.migrator().run(connection).await;
+    let result = migrator.run(connection).await;
     result.map_err(|error| match error {
         sqlx::migrate::MigrateError::ExecuteMigration(source, version) => Error::MigrationFailed {
             version,
-            description: migrations.description(version),
+            description: crate::migrations::description(migrator, version),
             origin: migrations.origin.clone(),
             database: database.to_owned(),
             message: describe(&source),
