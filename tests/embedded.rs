@@ -6,11 +6,11 @@ mod common;
 
 use std::fs;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::{
     EmbeddedHome, assert_failed_without_password, assert_passed, finish, run, run_together,
-    server_user_command, text,
+    server_user_command, text, wait_for,
 };
 use pgtest::{PgPool, pg_test};
 
@@ -26,15 +26,6 @@ async fn fixture_embedded(pool: PgPool) -> Result<(), sqlx::Error> {
     .await?;
     assert_eq!(notes, 1);
     Ok(())
-}
-
-/// Waits for `done`, at most `limit`.
-fn wait_for(what: &str, limit: Duration, done: impl Fn() -> bool) {
-    let deadline = Instant::now() + limit;
-    while !done() {
-        assert!(Instant::now() < deadline, "waited {limit:?} for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 #[test]

@@ -6,7 +6,7 @@ mod common;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use common::{Cluster, assert_failed_without_password, assert_passed, run, run_together};
+use common::{Cluster, assert_failed_without_password, assert_passed, run, run_together, wait_for};
 use pgtest::{PgPool, TestContext, pg_test};
 use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
@@ -525,25 +525,26 @@ fn wait_for_the_helper(cluster: &Cluster, tests: usize) {
     cluster.wait_until(&done, Duration::from_secs(60));
 }
 
-#[test]
-fn after_a_run_the_helper_drops_passed_databases_and_the_next_run_claims_its_spares() {
-    let cluster = Cluster::start(&[]);
-    for output in run_together(3, |_| {
-        in_run(&cluster, "fixture_database_fixed_ids", "run-1")
+/// Runs `count` database-mode tests of the run `run` at once; all pass.
+fn fixed_ids_together(cluster: &Cluster, count: usize, run: &str) {
+    for output in run_together(count, |_| {
+        in_run(cluster, "fixture_database_fixed_ids", run)
     }) {
         assert_passed(&output, 1);
     }
+}
+
+#[test]
+fn after_a_run_the_helper_drops_passed_databases_and_the_next_run_claims_its_spares() {
+    let cluster = Cluster::start(&[]);
+    fixed_ids_together(&cluster, 3, "run-1");
     wait_for_the_helper(&cluster, 3);
     let spares = oids(&cluster, SPARES);
     // Held as a test process would, so that the helper waits while the
     // next run's databases are looked at.
     let clients = clients_lock(&cluster);
     clients.lock_shared().unwrap();
-    for output in run_together(3, |_| {
-        in_run(&cluster, "fixture_database_fixed_ids", "run-2")
-    }) {
-        assert_passed(&output, 1);
-    }
+    fixed_ids_together(&cluster, 3, "run-2");
     assert_eq!(
         oids(&cluster, TEST_DATABASES),
         spares,
@@ -576,11 +577,7 @@ fn spares_helper(cluster: &Cluster) -> Option<i32> {
 #[test]
 fn a_helper_killed_midway_leaves_its_work_to_the_next() {
     let cluster = Cluster::start(&[]);
-    for output in run_together(8, |_| {
-        in_run(&cluster, "fixture_database_fixed_ids", "run-1")
-    }) {
-        assert_passed(&output, 1);
-    }
+    fixed_ids_together(&cluster, 8, "run-1");
     // Held as a test process would (before the helper's 2 s of quiet), so
     // that the helper waits until it is watched.
     let clients = clients_lock(&cluster);
@@ -603,14 +600,11 @@ fn a_helper_killed_midway_leaves_its_work_to_the_next() {
     };
     drop(clients);
     // Killed once it has queued its work, before it is done.
-    let started = Instant::now();
-    while queued() == 0 {
-        assert!(
-            started.elapsed() < Duration::from_secs(30),
-            "the helper queued nothing"
-        );
-        std::thread::sleep(Duration::from_millis(1));
-    }
+    wait_for(
+        "the helper to queue its work",
+        Duration::from_secs(30),
+        || queued() > 0,
+    );
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(helper),
         nix::sys::signal::SIGKILL,
@@ -625,15 +619,11 @@ fn a_helper_killed_midway_leaves_its_work_to_the_next() {
         1,
     );
     cluster.wait_until(&count_is(TEST_DATABASES, 0), Duration::from_secs(60));
-    let started = Instant::now();
-    while queued() > 0 {
-        assert!(
-            started.elapsed() < Duration::from_secs(60),
-            "{} jobs left",
-            queued()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_for(
+        "the next helper to do every job",
+        Duration::from_secs(60),
+        || queued() == 0,
+    );
     let spares = oids(&cluster, SPARES).len();
     assert!(
         spares >= 8,
@@ -649,17 +639,12 @@ fn a_helper_outlives_a_test_its_runner_kills_and_does_the_runs_work() {
     let mut hung = in_run(&cluster, "fixture_database_hangs", "run-1");
     // In a process group of its own, as nextest runs each test.
     let mut hung = hung.process_group(0).spawn().unwrap();
-    let started = Instant::now();
-    let helper = loop {
-        if let Some(helper) = spares_helper(&cluster) {
-            break helper;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(30),
-            "no helper started"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let mut helper = None;
+    wait_for("a helper to start", Duration::from_secs(30), || {
+        helper = spares_helper(&cluster);
+        helper.is_some()
+    });
+    let helper = helper.unwrap();
     // What nextest does on a timeout: SIGTERM, then SIGKILL, to the group.
     let group = nix::unistd::Pid::from_raw(-(hung.id() as i32));
     nix::sys::signal::kill(group, nix::sys::signal::SIGTERM).unwrap();

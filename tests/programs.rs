@@ -10,9 +10,9 @@ use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{Cluster, EmbeddedHome, assert_passed, run};
+use common::{Cluster, EmbeddedHome, assert_passed, run, wait_for};
 use pgtest::{PgPool, pg_test};
 use sqlx::Postgres;
 use sqlx::pool::PoolConnection;
@@ -84,15 +84,6 @@ fn shims(dir: &Path, log: &Path) {
         )
         .unwrap();
         fs::set_permissions(&shim, fs::Permissions::from_mode(0o755)).unwrap();
-    }
-}
-
-/// Waits until `done`, at most `limit`.
-fn wait_for(what: &str, limit: Duration, done: impl Fn() -> bool) {
-    let started = Instant::now();
-    while !done() {
-        assert!(started.elapsed() < limit, "waited {limit:?} for {what}");
-        std::thread::sleep(Duration::from_millis(50));
     }
 }
 

@@ -83,13 +83,10 @@ impl LockFile {
     pub(crate) async fn lock_until(&self, mode: Mode, deadline: Instant) -> io::Result<bool> {
         let mut pauses = Pauses::new();
         loop {
-            if self.try_lock(mode)? {
-                return Ok(true);
+            match self.look(mode, deadline, &mut pauses)? {
+                Look::Wait(pause) => tokio::time::sleep(pause).await,
+                Look::Done(taken) => return Ok(taken),
             }
-            if Instant::now() >= deadline {
-                return Ok(false);
-            }
-            tokio::time::sleep(pauses.next_until(deadline)).await;
         }
     }
 
@@ -98,15 +95,31 @@ impl LockFile {
     pub(crate) fn lock_until_blocking(&self, mode: Mode, deadline: Instant) -> io::Result<bool> {
         let mut pauses = Pauses::new();
         loop {
-            if self.try_lock(mode)? {
-                return Ok(true);
+            match self.look(mode, deadline, &mut pauses)? {
+                Look::Wait(pause) => std::thread::sleep(pause),
+                Look::Done(taken) => return Ok(taken),
             }
-            if Instant::now() >= deadline {
-                return Ok(false);
-            }
-            std::thread::sleep(pauses.next_until(deadline));
         }
     }
+
+    /// One look at the lock while waiting for it.
+    fn look(&self, mode: Mode, deadline: Instant, pauses: &mut Pauses) -> io::Result<Look> {
+        if self.try_lock(mode)? {
+            return Ok(Look::Done(true));
+        }
+        if Instant::now() >= deadline {
+            return Ok(Look::Done(false));
+        }
+        Ok(Look::Wait(pauses.next_until(deadline)))
+    }
+}
+
+/// What one look at a lock found.
+enum Look {
+    /// Taken, or not by the deadline.
+    Done(bool),
+    /// Held: look again after this pause.
+    Wait(Duration),
 }
 
 /// Pauses that double from 1 ms to 20 ms, each give or take a quarter, so

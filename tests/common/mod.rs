@@ -369,6 +369,15 @@ pub fn run(mut command: impl std::borrow::BorrowMut<Command>) -> Output {
     )
 }
 
+/// Waits until `done`, at most `limit`, looking every 5 ms.
+pub fn wait_for(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !done() {
+        assert!(Instant::now() < deadline, "waited {limit:?} for {what}");
+        thread::sleep(Duration::from_millis(5));
+    }
+}
+
 /// Stdout and stderr together.
 pub fn text(output: &Output) -> String {
     format!(
