@@ -261,8 +261,12 @@ impl Gate {
         // sqlx's child pool looks at its own permits first and at its
         // parent's on the next poll: two polls queue it on the parent.
         let free = std::future::poll_fn(|cx| {
-            let polls = [(); 2].map(|()| acquire.as_mut().poll(cx).is_ready());
-            Poll::Ready(polls.contains(&true))
+            for _ in 0..2 {
+                if acquire.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(true);
+                }
+            }
+            Poll::Ready(false)
         })
         .await;
         if free {
