@@ -42,6 +42,8 @@ struct Sample {
     wall: Duration,
     /// How long pgtest's spares helper worked once the run was over.
     after: Duration,
+    /// The server's time in the helper's sessions, from its log.
+    helper_sessions: Duration,
     passed: usize,
     failed: usize,
     peak: i64,
@@ -278,6 +280,7 @@ async fn measure(
     Ok(Sample {
         wall,
         after,
+        helper_sessions: helper_sessions(log),
         passed,
         failed,
         peak: peak.load(Ordering::Relaxed),
@@ -290,6 +293,29 @@ async fn measure(
             .saturating_sub(1),
         leftover,
     })
+}
+
+/// The time the server spent in sessions of pgtest's spares helper (its
+/// application name), from the `disconnection: session time: H:MM:SS.mmm`
+/// lines of `log` (each line starts with the application's name).
+fn helper_sessions(log: &str) -> Duration {
+    log.lines()
+        .filter(|line| line.contains("pgtest spares"))
+        .filter_map(|line| {
+            line.split("session time: ")
+                .nth(1)?
+                .split_whitespace()
+                .next()
+        })
+        .filter_map(|time| {
+            let mut parts = time.split(':');
+            let (hours, minutes, seconds) = (parts.next()?, parts.next()?, parts.next()?);
+            let seconds = hours.parse::<f64>().ok()? * 3600.0
+                + minutes.parse::<f64>().ok()? * 60.0
+                + seconds.parse::<f64>().ok()?;
+            Some(Duration::from_secs_f64(seconds))
+        })
+        .sum()
 }
 
 /// Waits for pgtest's spares helper (see pgtest-runtime/src/spares.rs),
@@ -398,9 +424,9 @@ fn print_table(options: &Options, rows: &[(&str, usize, Vec<Vec<Sample>>)]) {
         options.tests, options.binaries, options.runs
     );
     println!(
-        "| runner | -j | flavour | wall (s) | each run (s) | after run (s) | failed | peak conns | refused | conns opened/test | leftover dbs |"
+        "| runner | -j | flavour | wall (s) | each run (s) | after run (s) | helper at the server (s) | failed | peak conns | refused | conns opened/test | leftover dbs |"
     );
-    println!("|---|---:|---|---:|---|---:|---:|---:|---:|---:|---:|");
+    println!("|---|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---:|");
     for (runner, jobs, samples) in rows {
         let mut walls = std::collections::HashMap::new();
         for (flavour, runs) in options.flavours.iter().zip(samples) {
@@ -417,8 +443,13 @@ fn print_table(options: &Options, rows: &[(&str, usize, Vec<Vec<Sample>>)]) {
                 .map(|s| format!("{:.2}", s.wall.as_secs_f64()))
                 .collect();
             let after = median(runs.iter().map(|s| s.after.as_secs_f64()).collect());
+            let helper = median(
+                runs.iter()
+                    .map(|s| s.helper_sessions.as_secs_f64())
+                    .collect(),
+            );
             println!(
-                "| {runner} | {jobs} | {flavour} | {wall:.2} | {} | {after:.1} | {} | {} | {} | {per_test:.1} | {} |",
+                "| {runner} | {jobs} | {flavour} | {wall:.2} | {} | {after:.1} | {helper:.1} | {} | {} | {} | {per_test:.1} | {} |",
                 each.join(" / "),
                 worst(|s| s.failed as f64),
                 worst(|s| s.peak as f64),
@@ -431,7 +462,7 @@ fn print_table(options: &Options, rows: &[(&str, usize, Vec<Vec<Sample>>)]) {
             _ => "-".to_owned(),
         };
         println!(
-            "| {runner} | {jobs} | **ratios** | pgtest/plain {}, sqlx/pgtest {} | | | | | | | |",
+            "| {runner} | {jobs} | **ratios** | pgtest/plain {}, sqlx/pgtest {} | | | | | | | | |",
             ratio("pgtest", "plain"),
             ratio("sqlx", "pgtest")
         );
@@ -450,7 +481,7 @@ fn print_table(options: &Options, rows: &[(&str, usize, Vec<Vec<Sample>>)]) {
             .collect();
         if !overhead.is_empty() {
             println!(
-                "| {runner} | {jobs} | **ms per test above plain** | {} | | | | | | | |",
+                "| {runner} | {jobs} | **ms per test above plain** | {} | | | | | | | | |",
                 overhead.join(", ")
             );
         }

@@ -37,7 +37,8 @@ impl Server {
             "--no-sync",
         ])?;
         let options = format!(
-            "-p {port} -k {} -c listen_addresses=127.0.0.1 -c max_connections=100 -c log_connections=on",
+            "-p {port} -k {} -c listen_addresses=127.0.0.1 -c max_connections=100 -c log_connections=on \
+             -c log_disconnections=on -c log_line_prefix='%a [%p] '",
             dir.display()
         );
         server.as_server_user(&[
