@@ -124,40 +124,26 @@ pub(crate) fn append_no_follow(path: &Path) -> io::Result<File> {
 }
 
 /// Makes the directory `path` (mode `mode`) unless it exists, and checks
-/// it either way.
+/// it either way. Processes and threads make it side by side: `mkdir`
+/// makes it once, and whoever finds it still this user's while it should
+/// be `owner`'s (made by another, not yet given away) gives it away.
 fn make_checked(path: &Path, mode: u32, owner: Uid) -> Result<(), Error> {
-    if fs::symlink_metadata(path).is_err() {
-        make(path, mode, owner).map_err(|error| unusable(path, &error.to_string()))?;
+    match fs::DirBuilder::new().mode(mode).create(path) {
+        // The umask may have taken bits away; none may be added.
+        Ok(()) => fs::set_permissions(path, fs::Permissions::from_mode(mode))
+            .map_err(|error| unusable(path, &error.to_string()))?,
+        Err(error) if error.kind() == io::ErrorKind::AlreadyExists => {}
+        Err(error) => return Err(unusable(path, &error.to_string())),
+    }
+    if owner != Uid::effective() {
+        let mine = fs::symlink_metadata(path)
+            .is_ok_and(|metadata| metadata.is_dir() && metadata.uid() == Uid::effective().as_raw());
+        if mine {
+            std::os::unix::fs::chown(path, Some(owner.as_raw()), None)
+                .map_err(|error| unusable(path, &error.to_string()))?;
+        }
     }
     check(path, owner)
-}
-
-/// Makes the directory `path` under another name, gives it its mode and
-/// owner, and renames it into place, so that a process that finds it never
-/// sees it half made. Losing the race to another process or thread is fine.
-fn make(path: &Path, mode: u32, owner: Uid) -> io::Result<()> {
-    let mut partial = path.as_os_str().to_owned();
-    // Unique to this call: threads of one process make it side by side.
-    partial.push(format!(".{}.partial", uuid::Uuid::new_v4().simple()));
-    let partial = PathBuf::from(partial);
-    fs::DirBuilder::new().mode(mode).create(&partial)?;
-    // The umask may have taken bits away; none may be added.
-    let made = fs::set_permissions(&partial, fs::Permissions::from_mode(mode))
-        .and_then(|()| match owner == Uid::effective() {
-            true => Ok(()),
-            false => std::os::unix::fs::chown(&partial, Some(owner.as_raw()), None),
-        })
-        .and_then(|()| fs::rename(&partial, path));
-    if made.is_err() {
-        let _ = fs::remove_dir(&partial);
-    }
-    match made {
-        Err(error) if fs::symlink_metadata(path).is_ok() => {
-            tracing::debug!(%error, path = %path.display(), "made by another process first");
-            Ok(())
-        }
-        other => other,
-    }
 }
 
 /// Refuses a directory that another user owns or may write to, or whose
