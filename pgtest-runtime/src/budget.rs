@@ -24,38 +24,24 @@
 //! A slot is a locked file: a panicking test drops its guard, a killed
 //! process has its locks released by the operating system.
 
-use std::collections::HashMap;
-use std::env;
 use std::fs::{self, File, TryLockError};
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{LazyLock, Mutex, PoisonError};
-use std::time::{Duration, Instant, SystemTime};
-
-use sha2::{Digest, Sha256};
+use std::time::{Duration, Instant};
 
 use crate::Error;
-use crate::lock::{LockFile, Mode, Pauses};
-use crate::server::Server;
-use crate::state::{self, StateDir};
+use crate::lock::{Mode, Pauses, open_no_follow};
+use crate::state::{Entry, ServerDir, files_error};
 
-/// Overrides the number of connections the suite may use.
-pub(crate) const MAX_CONNECTIONS_VAR: &str = "PGTEST_MAX_CONNECTIONS";
-/// How long a test may wait for slots.
-pub(crate) const TIMEOUT_VAR: &str = "PGTEST_BUDGET_TIMEOUT";
-/// How long a learned capacity is trusted before it is asked again.
-const CAPACITY_TTL: Duration = Duration::from_secs(600);
 /// Slots kept for the one test at a time that grows while no slot is free:
 /// the most a pool grows beyond what its test takes up front.
 const RESERVE: u32 = 4;
-/// The lock file that tests waiting to grow hold shared.
-const GROWERS: &str = "growers.lock";
 
 /// The slots of one server.
 #[derive(Clone)]
 pub(crate) struct Budget {
-    dir: PathBuf,
+    dir: ServerDir,
     capacity: u32,
     timeout: Duration,
 }
@@ -81,29 +67,20 @@ impl std::fmt::Debug for Budget {
             f,
             "Budget({} slots in {})",
             self.capacity,
-            self.dir.display()
+            self.dir.path().display()
         )
     }
 }
 
 impl Budget {
-    /// The budget of `server`, its capacity from `PGTEST_MAX_CONNECTIONS`,
-    /// the embedded server's settings, or (asked once in a while per
-    /// machine) the server itself.
-    pub(crate) async fn of(server: &Server, timeout: Duration) -> Result<Self, Error> {
-        let dir = budget_dir(&server.address())?;
-        let capacity = match configured_capacity()? {
-            Some(capacity) => capacity,
-            None => match server.known_capacity() {
-                Some(max_connections) => usable(max_connections),
-                None => learned_capacity(server, &dir).await?,
-            },
-        };
-        Ok(Self {
+    /// The budget of the server whose directory is `dir`: `capacity`
+    /// slots, each wait for them at most `timeout`.
+    pub(crate) fn new(dir: ServerDir, capacity: u32, timeout: Duration) -> Self {
+        Self {
             dir,
             capacity,
             timeout,
-        })
+        }
     }
 
     /// Slots kept for growing (see the module's documentation): none on a
@@ -159,18 +136,20 @@ impl Budget {
         }
         let started = Instant::now();
         let deadline = started + self.timeout;
-        let queue = self.dir.join("queue.lock");
-        let Some(_queue) = lock_until(&queue, deadline).await? else {
+        let line = self
+            .dir
+            .lock_until(Entry::StartLine, Mode::Exclusive, deadline);
+        let Some(_line) = line.await? else {
             return Err(self.timeout_error(count));
         };
-        let growers = self.lock_file(GROWERS)?;
+        let growers = self.dir.lock(Entry::Growers)?;
         let mut pauses = Pauses::new();
         loop {
             // Slots that free up go to tests that wait to grow first: they
             // hold connections already, and finish sooner with more.
             let nobody_grows = !growers
                 .is_held(Mode::Exclusive)
-                .map_err(|error| budget_io(growers.path(), &error))?;
+                .map_err(|error| self.dir.error(Entry::Growers, &error))?;
             if nobody_grows && files.try_take(count, &mut slots)? {
                 tracing::debug!(waited = ?started.elapsed(), count, "took connection slots");
                 return Ok(slots);
@@ -197,10 +176,14 @@ impl Budget {
         if count > self.reserve() {
             return self.take(count, holder).await;
         }
-        let path = self.dir.join("reserve.lock");
-        let Some(reserve) = lock_until(&path, Instant::now() + self.timeout).await? else {
+        let deadline = Instant::now() + self.timeout;
+        let reserve = self
+            .dir
+            .lock_until(Entry::Reserve, Mode::Exclusive, deadline);
+        let Some(reserve) = reserve.await? else {
             return Err(self.timeout_error(count));
         };
+        let reserve = reserve.into_file();
         note_holder(&reserve, holder);
         let mut slots = self.empty_slots(holder);
         slots.from_reserve = count;
@@ -227,87 +210,20 @@ impl Budget {
         }
     }
 
-    /// A machine-wide lock named `name`, held until the file is dropped;
-    /// waits at most `timeout` for its holder.
-    pub(crate) async fn exclusive(
-        &self,
-        name: &str,
-        timeout: Duration,
-    ) -> Result<Option<File>, Error> {
-        lock_until(&self.dir.join(name), Instant::now() + timeout).await
-    }
-
-    /// Holds a shared lock on the file `name` of this budget's directory
-    /// until the process ends (once per process and name), so that whoever
-    /// takes it exclusively knows no process is using what it stands for.
-    /// Waits while someone holds it exclusively, at most the budget timeout.
-    pub(crate) async fn hold_while_alive(&self, name: &str) -> Result<(), Error> {
-        static HELD: LazyLock<Mutex<HashMap<PathBuf, File>>> = LazyLock::new(Default::default);
-        let path = self.file(name);
-        let held = || HELD.lock().unwrap_or_else(PoisonError::into_inner);
-        if held().contains_key(&path) {
-            return Ok(());
-        }
-        let lock = LockFile::open(&path, 0o600).map_err(|error| budget_io(&path, &error))?;
-        let deadline = Instant::now() + self.timeout;
-        let taken = lock
-            .lock_until(Mode::Shared, deadline)
-            .await
-            .map_err(|error| budget_io(&path, &error))?;
-        if !taken {
-            return Err(budget_io(
-                &path,
-                &std::io::Error::other(format!(
-                    "held exclusively for more than {} s",
-                    self.timeout.as_secs()
-                )),
-            ));
-        }
-        let file = lock.into_file();
-        held().insert(path, file);
-        Ok(())
-    }
-
     /// How many connections the suite may use on this server.
     pub(crate) fn capacity(&self) -> u32 {
         self.capacity
     }
 
-    /// This budget's directory.
-    pub(crate) fn dir(&self) -> &Path {
-        &self.dir
-    }
-
-    /// A file of this budget's directory, for machine-wide state.
-    pub(crate) fn file(&self, name: &str) -> PathBuf {
-        self.dir.join(name)
-    }
-
-    /// Opens (creating) a file of this budget's directory.
-    pub(crate) fn open(&self, path: &Path) -> Result<File, Error> {
-        open(path)
-    }
-
-    /// The error for a file of this budget that could not be used.
-    pub(crate) fn io_error(&self, path: &Path, error: &std::io::Error) -> Error {
-        budget_io(path, error)
-    }
-
-    /// A lock file of this budget's directory.
-    fn lock_file(&self, name: &str) -> Result<LockFile, Error> {
-        let path = self.dir.join(name);
-        LockFile::open(&path, 0o600).map_err(|error| budget_io(&path, &error))
-    }
-
     fn slot(&self, index: u32) -> PathBuf {
-        self.dir.join(format!("slot-{index}"))
+        self.dir.entry(Entry::Slot(index))
     }
 
     /// Who holds slots now, for the timeout message.
     fn holders(&self) -> String {
         let mut holders: Vec<String> = (0..self.free_for_all())
             .map(|index| self.slot(index))
-            .chain([self.dir.join("reserve.lock")])
+            .chain([self.dir.entry(Entry::Reserve)])
             .filter(|path| {
                 open(path)
                     .is_ok_and(|file| matches!(file.try_lock(), Err(TryLockError::WouldBlock)))
@@ -366,12 +282,15 @@ impl Slots {
         // Held shared while this test waits, so that tests waiting to start
         // leave it the slots that free up. Refused only for the instant a
         // starting test looks.
-        let growers = budget.lock_file(GROWERS)?;
+        let growers = budget.dir.lock(Entry::Growers)?;
         let _waiting = growers
             .try_lock(Mode::Shared)
             .is_ok_and(|taken| taken)
             .then_some(growers);
-        let Some(_line) = lock_until(&budget.dir.join("growers-line.lock"), deadline).await? else {
+        let line = budget
+            .dir
+            .lock_until(Entry::GrowersLine, Mode::Exclusive, deadline);
+        let Some(_line) = line.await? else {
             return Err(budget.timeout_error(1));
         };
         let mut pauses = Pauses::new();
@@ -381,7 +300,7 @@ impl Slots {
                 return Ok(());
             }
             if budget.reserve() > 0 {
-                let path = budget.dir.join("reserve.lock");
+                let path = budget.dir.entry(Entry::Reserve);
                 let file = open(&path)?;
                 match file.try_lock() {
                     Ok(()) => {
@@ -392,7 +311,7 @@ impl Slots {
                         return Ok(());
                     }
                     Err(TryLockError::WouldBlock) => {}
-                    Err(TryLockError::Error(error)) => return Err(budget_io(&path, &error)),
+                    Err(TryLockError::Error(error)) => return Err(files_error(&path, &error)),
                 }
             }
             if Instant::now() >= deadline {
@@ -436,7 +355,7 @@ impl SlotFiles {
             match file.try_lock() {
                 Ok(()) => locked.push(index),
                 Err(TryLockError::WouldBlock) => continue,
-                Err(TryLockError::Error(error)) => return Err(budget_io(path, &error)),
+                Err(TryLockError::Error(error)) => return Err(files_error(path, &error)),
             }
             if locked.len() == count as usize {
                 for index in locked {
@@ -459,86 +378,12 @@ impl SlotFiles {
 
 /// The server's connections less a margin for other clients (psql, a
 /// monitoring agent): 5%, at least 3.
-fn usable(connections: u32) -> u32 {
+pub(crate) fn usable(connections: u32) -> u32 {
     connections.saturating_sub((connections / 20).max(3)).max(1)
 }
 
-fn configured_capacity() -> Result<Option<u32>, Error> {
-    let Ok(value) = env::var(MAX_CONNECTIONS_VAR) else {
-        return Ok(None);
-    };
-    match value.trim().parse::<u32>() {
-        Ok(capacity) if capacity >= 1 => Ok(Some(capacity)),
-        _ => Err(Error::InvalidSetting {
-            var: MAX_CONNECTIONS_VAR,
-            value,
-            expected: "a whole number of connections, at least 1",
-        }),
-    }
-}
-
-/// Asks the server how many connections it takes (`max_connections` less
-/// `superuser_reserved_connections`), once per `CAPACITY_TTL` on this
-/// machine: one process asks while the others wait for its answer.
-async fn learned_capacity(server: &Server, dir: &Path) -> Result<u32, Error> {
-    let file = dir.join("capacity");
-    if let Some(capacity) = fresh_capacity(&file) {
-        return Ok(capacity);
-    }
-    let deadline = Instant::now() + server.connect_timeout * 3;
-    let Some(_lock) = lock_until(&dir.join("capacity.lock"), deadline).await? else {
-        return Err(server.timeout_error());
-    };
-    if let Some(capacity) = fresh_capacity(&file) {
-        return Ok(capacity);
-    }
-    let connections = server.max_client_connections().await?;
-    let written = fs::write(file.with_extension("new"), connections.to_string())
-        .and_then(|()| fs::rename(file.with_extension("new"), &file));
-    written.map_err(|error| budget_io(&file, &error))?;
-    Ok(usable(connections))
-}
-
-/// An exclusive lock on the file at `path`, held until the file is dropped;
-/// `None` when its holder kept it past `deadline` (see [`crate::lock`]).
-async fn lock_until(path: &Path, deadline: Instant) -> Result<Option<File>, Error> {
-    let lock = LockFile::open(path, 0o600).map_err(|error| budget_io(path, &error))?;
-    match lock.lock_until(Mode::Exclusive, deadline).await {
-        Ok(true) => Ok(Some(lock.into_file())),
-        Ok(false) => Ok(None),
-        Err(error) => Err(budget_io(path, &error)),
-    }
-}
-
-fn fresh_capacity(file: &Path) -> Option<u32> {
-    let age = fs::metadata(file).ok()?.modified().ok()?;
-    if SystemTime::now().duration_since(age).unwrap_or_default() > CAPACITY_TTL {
-        return None;
-    }
-    fs::read_to_string(file)
-        .ok()?
-        .trim()
-        .parse()
-        .ok()
-        .map(usable)
-}
-
-/// `budget/<hash of the server's address>` in the user's pgtest home:
-/// per user, since another user's locks may not be shared (the retry on
-/// refused connections covers what this cannot).
-fn budget_dir(address: &str) -> Result<PathBuf, Error> {
-    let hash: String = Sha256::digest(address.as_bytes())
-        .iter()
-        .take(8)
-        .map(|byte| format!("{byte:02x}"))
-        .collect();
-    let me = nix::unistd::Uid::effective();
-    let dir = StateDir::home()?.dir("budget", me)?.dir(&hash, me)?;
-    Ok(dir.path().to_owned())
-}
-
-fn open(path: &Path) -> Result<File, Error> {
-    state::open_no_follow(path, 0o600).map_err(|error| budget_io(path, &error))
+fn open(path: &std::path::Path) -> Result<File, Error> {
+    open_no_follow(path, 0o600).map_err(|error| files_error(path, &error))
 }
 
 /// Writes who holds a slot into it, for others' timeout messages.
@@ -549,24 +394,15 @@ fn note_holder(file: &File, holder: &str) {
         .and_then(|()| writeln!(file, "pid {} ({holder})", std::process::id()));
 }
 
-fn budget_io(path: &Path, error: &std::io::Error) -> Error {
-    Error::BudgetFiles {
-        path: path.to_owned(),
-        reason: error.to_string(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::{Budget, usable};
+    use crate::state::ServerDir;
     use std::time::Duration;
 
     fn budget(capacity: u32) -> Budget {
-        Budget {
-            dir: std::env::temp_dir(),
-            capacity,
-            timeout: Duration::from_secs(1),
-        }
+        let dir = ServerDir::unchecked(&std::env::temp_dir());
+        Budget::new(dir, capacity, Duration::from_secs(1))
     }
 
     #[test]

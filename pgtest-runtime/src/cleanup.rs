@@ -4,10 +4,10 @@ use std::path::Path;
 
 use sqlx::Connection;
 
-use crate::Error;
-use crate::bootstrap::{MARKER_PREFIX, drop_database_if_unused};
 use crate::config::Config;
 use crate::server::Server;
+use crate::state::StateDir;
+use crate::{Error, catalog};
 
 /// What [`remove_all`] did.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -42,19 +42,18 @@ pub struct Removed {
 /// dropped; the error says what to do.
 pub async fn remove_all() -> Result<Removed, Error> {
     let here = std::env::current_dir().unwrap_or_else(|_| Path::new(".").to_owned());
-    let server = Server::new(Config::load(&here)?)?;
+    let config = Config::load(&here)?;
+    let server = Server::new(&config, &StateDir::home(&config.home)?)?;
     let mut admin = server.connect(server.admin_database()).await?;
-    let names: Vec<String> = sqlx::query_scalar(
-        "select datname from pg_database where shobj_description(oid, 'pg_database') like $1 \
-         order by datname",
-    )
-    .bind(format!("{MARKER_PREFIX}%"))
-    .fetch_all(&mut admin)
-    .await
-    .map_err(|error| server.query_error("listing pgtest's databases", &error))?;
+    let marked = catalog::marked(&mut admin)
+        .await
+        .map_err(|error| server.query_error("listing pgtest's databases", &error))?;
     let mut removed = Removed::default();
-    for name in names {
-        match drop_database_if_unused(&server, &mut admin, &name).await? {
+    for (name, _) in marked {
+        let dropped = catalog::drop_unused(&mut admin, &name).await;
+        let dropped = dropped
+            .map_err(|error| server.query_error(format!("dropping database {name}"), &error))?;
+        match dropped {
             true => removed.dropped.push(name),
             false => removed.in_use.push(name),
         }

@@ -11,9 +11,8 @@ pub(crate) const SQLX_VERSION: &str = "0.9";
 #[cfg(pgtest_sqlx08)]
 pub(crate) const SQLX_VERSION: &str = "0.8";
 
-/// A statement pgtest built itself (names quoted by
-/// [`crate::bootstrap::quote_ident`], values by the server's comment
-/// format), or a user's script, run as it is.
+/// A statement pgtest built itself (names and texts quoted by
+/// [`crate::catalog`]), or a user's script, run as it is.
 #[cfg(not(pgtest_sqlx08))]
 pub(crate) fn raw(sql: &str) -> sqlx::RawSql {
     sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_owned()))

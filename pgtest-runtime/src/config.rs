@@ -1,7 +1,10 @@
-//! Configuration: where the server is and how long to wait, from the
-//! environment, a `.env` file and defaults, resolved once per test.
+//! Configuration: every environment variable pgtest reads, with the
+//! `.env` file and `sqlx.toml` of the test's package and the defaults,
+//! resolved once per test process (see [`crate::session`]). No other
+//! module reads the environment.
 
 use std::env;
+use std::ffi::OsString;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -21,6 +24,27 @@ const ACQUIRE_TIMEOUT_VAR: &str = "PGTEST_ACQUIRE_TIMEOUT";
 /// How long a pool whose connections are all in use hands out none before
 /// it may open one more.
 const GROW_AFTER_VAR: &str = "PGTEST_GROW_AFTER";
+/// Seconds without a client after which the embedded server stops itself.
+const IDLE_VAR: &str = "PGTEST_EMBEDDED_IDLE";
+/// How long a test may wait for connection slots.
+const BUDGET_TIMEOUT_VAR: &str = "PGTEST_BUDGET_TIMEOUT";
+/// Overrides the number of connections the suite may use.
+const MAX_CONNECTIONS_VAR: &str = "PGTEST_MAX_CONNECTIONS";
+/// Caps the spare copies of a template.
+const SPARES_VAR: &str = "PGTEST_SPARE_DATABASES";
+/// Where pgtest keeps its state, overriding the default.
+const HOME_VAR: &str = "PGTEST_HOME";
+/// Where a user points pgtest at server binaries explicitly.
+pub(crate) const BIN_VAR: &str = "PGTEST_PG_BIN";
+/// Set in a helper's environment: which helper it is and its arguments.
+pub(crate) const HELPER_VAR: &str = "PGTEST_HELPER";
+/// What a helper keeps of the test process's environment.
+const HELPER_KEEPS: [&str; 4] = [
+    "PATH",
+    "HOME",
+    "LD_LIBRARY_PATH",
+    "DYLD_FALLBACK_LIBRARY_PATH",
+];
 
 const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const DEFAULT_BOOTSTRAP_TIMEOUT: Duration = Duration::from_secs(300);
@@ -28,6 +52,7 @@ const DEFAULT_EMBEDDED_IDLE: Duration = Duration::from_secs(60);
 const DEFAULT_BUDGET_TIMEOUT: Duration = Duration::from_secs(600);
 const DEFAULT_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(30);
 const DEFAULT_GROW_AFTER: Duration = Duration::from_millis(10);
+const DEFAULT_SPARES: u32 = 256;
 
 /// Where the server URL came from, so that messages name the right knob.
 #[derive(Clone, PartialEq, Eq, Debug)]
@@ -75,6 +100,23 @@ pub(crate) struct Config {
     pub(crate) grow_after: Duration,
     /// At most how many spare copies of a template to keep (0: none).
     pub(crate) spare_databases: u32,
+    /// The connections the suite may use, when set rather than learned.
+    pub(crate) max_connections: Option<u32>,
+    /// pgtest's home on this machine (see [`crate::state`]).
+    pub(crate) home: PathBuf,
+    /// Where to look for the embedded server's binaries.
+    pub(crate) binaries: BinariesSearch,
+    /// Names the run this process belongs to.
+    pub(crate) run_id: String,
+}
+
+/// Where the embedded server's binaries are looked for.
+pub(crate) enum BinariesSearch {
+    /// `PGTEST_PG_BIN`, and nowhere else.
+    Dir(PathBuf),
+    /// `pg_config` and the directories of this `PATH`, then the
+    /// distribution's places.
+    Path(OsString),
 }
 
 impl Config {
@@ -85,17 +127,67 @@ impl Config {
             Some((url, origin)) => Target::Url { url, origin },
             None => Target::Embedded,
         };
+        let binaries = match env::var_os(BIN_VAR).filter(|dir| !dir.is_empty()) {
+            Some(dir) => BinariesSearch::Dir(PathBuf::from(dir)),
+            None => BinariesSearch::Path(env::var_os("PATH").unwrap_or_default()),
+        };
         Ok(Self {
             target,
             connect_timeout: seconds(CONNECT_TIMEOUT_VAR, DEFAULT_CONNECT_TIMEOUT)?,
             bootstrap_timeout: seconds(BOOTSTRAP_TIMEOUT_VAR, DEFAULT_BOOTSTRAP_TIMEOUT)?,
-            embedded_idle: seconds(crate::embedded::IDLE_VAR, DEFAULT_EMBEDDED_IDLE)?,
-            budget_timeout: seconds(crate::budget::TIMEOUT_VAR, DEFAULT_BUDGET_TIMEOUT)?,
+            embedded_idle: seconds(IDLE_VAR, DEFAULT_EMBEDDED_IDLE)?,
+            budget_timeout: seconds(BUDGET_TIMEOUT_VAR, DEFAULT_BUDGET_TIMEOUT)?,
             acquire_timeout: seconds(ACQUIRE_TIMEOUT_VAR, DEFAULT_ACQUIRE_TIMEOUT)?,
             grow_after: seconds(GROW_AFTER_VAR, DEFAULT_GROW_AFTER)?,
-            spare_databases: count(crate::spares::SPARES_VAR, crate::spares::DEFAULT_SPARES)?,
+            spare_databases: count(SPARES_VAR, DEFAULT_SPARES)?,
+            max_connections: connections(MAX_CONNECTIONS_VAR)?,
+            home: home(),
+            binaries,
+            run_id: run_id(),
         })
     }
+}
+
+/// The user's pgtest home: `PGTEST_HOME`, else `$XDG_CACHE_HOME/pgtest` or
+/// `~/.cache/pgtest`. As root it is `/var/tmp/pgtest-root`, since the
+/// embedded server runs as another user, who cannot enter `/root`; without
+/// a home directory, `pgtest-<uid>` in the temporary directory.
+fn home() -> PathBuf {
+    if let Some(home) = env::var_os(HOME_VAR).filter(|home| !home.is_empty()) {
+        return PathBuf::from(home);
+    }
+    let me = nix::unistd::Uid::effective();
+    if me.is_root() {
+        return PathBuf::from("/var/tmp/pgtest-root");
+    }
+    let cache = env::var_os("XDG_CACHE_HOME")
+        .filter(|dir| !dir.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| env::var_os("HOME").map(|home| PathBuf::from(home).join(".cache")));
+    match cache {
+        Some(cache) => cache.join("pgtest"),
+        None => env::temp_dir().join(format!("pgtest-{me}")),
+    }
+}
+
+/// Names the run this process belongs to: nextest's run id, else the
+/// parent process (cargo test runs a suite's binaries as its children).
+fn run_id() -> String {
+    env::var("NEXTEST_RUN_ID").unwrap_or_else(|_| format!("parent-{}", nix::unistd::getppid()))
+}
+
+/// The helper's marker, when this process is a helper (see
+/// [`crate::helper`]).
+pub(crate) fn helper_marker() -> Option<OsString> {
+    env::var_os(HELPER_VAR)
+}
+
+/// The variables a helper keeps of this process's environment.
+pub(crate) fn helper_environment() -> Vec<(&'static str, OsString)> {
+    HELPER_KEEPS
+        .iter()
+        .filter_map(|&var| Some((var, env::var_os(var)?)))
+        .collect()
 }
 
 /// `PGTEST_DATABASE_URL`, else `DATABASE_URL`, else the variable that the
@@ -194,6 +286,20 @@ fn seconds(var: &'static str, default: Duration) -> Result<Duration, Error> {
             var,
             value,
             expected: "a positive number of seconds",
+        }),
+    }
+}
+
+fn connections(var: &'static str) -> Result<Option<u32>, Error> {
+    let Some(value) = non_empty_var(var) else {
+        return Ok(None);
+    };
+    match value.trim().parse::<u32>() {
+        Ok(capacity) if capacity >= 1 => Ok(Some(capacity)),
+        _ => Err(Error::InvalidSetting {
+            var,
+            value,
+            expected: "a whole number of connections, at least 1",
         }),
     }
 }

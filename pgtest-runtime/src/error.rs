@@ -322,7 +322,7 @@ pub enum Error {
 
 impl Error {
     /// The error for `script` failing with the server's `message`.
-    pub(crate) fn script(script: &crate::runner::Script, message: String) -> Self {
+    pub(crate) fn script(script: &pgtest_core::Script, message: String) -> Self {
         Self::Script {
             path: script.path,
             message,

@@ -18,19 +18,8 @@ use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use crate::embedded::watchdog;
-use crate::spares;
+use crate::config::{self, HELPER_VAR};
 use crate::state::append_no_follow;
-
-/// Set in a helper's environment: which helper it is and its arguments.
-const HELPER_VAR: &str = "PGTEST_HELPER";
-/// What a helper keeps of the test process's environment.
-const KEPT_VARS: [&str; 4] = [
-    "PATH",
-    "HOME",
-    "LD_LIBRARY_PATH",
-    "DYLD_FALLBACK_LIBRARY_PATH",
-];
 
 /// A helper's work.
 #[derive(Debug, PartialEq, Eq)]
@@ -86,21 +75,16 @@ impl Job {
 /// re-runs: the first one that started.
 static TEST: OnceLock<String> = OnceLock::new();
 
+/// The job of this process when it is a helper: `None` for a test process,
+/// `Some(Err(marker))` for a marker this version cannot read.
+pub(crate) fn this_process() -> Option<Result<Job, OsString>> {
+    let value = config::helper_marker()?;
+    Some(value.to_str().and_then(Job::decode).ok_or(value))
+}
+
 /// Notes that the test `name` (a module path, crate first) runs in this
-/// process; when this process is a helper, does the helper's work instead
-/// and exits.
-pub(crate) fn enter(name: &str) {
-    if let Some(value) = env::var_os(HELPER_VAR) {
-        let code = match value.to_str().and_then(Job::decode) {
-            Some(Job::Watchdog { cluster, idle }) => watchdog::run(&cluster, idle),
-            Some(Job::Spares { budget, limit }) => spares::run_helper(&budget, limit),
-            None => {
-                say(&format!("pgtest: unknown helper {value:?}"));
-                2
-            }
-        };
-        std::process::exit(code);
-    }
+/// process, for helpers to re-run.
+pub(crate) fn note_test(name: &str) {
     let libtest_name = name.split_once("::").map_or(name, |(_, path)| path);
     let _ = TEST.set(libtest_name.to_owned());
 }
@@ -122,11 +106,7 @@ pub(crate) fn start(job: &Job, log: &Path, secret: Option<&str>) -> io::Result<(
     command
         .args(["--exact", test, "--include-ignored", "--test-threads=1"])
         .env_clear()
-        .envs(
-            KEPT_VARS
-                .iter()
-                .filter_map(|var| Some((var, env::var_os(var)?))),
-        )
+        .envs(config::helper_environment())
         .env(HELPER_VAR, job.encode())
         .stdin(match secret {
             Some(_) => Stdio::piped(),

@@ -10,24 +10,28 @@
 
 mod bootstrap;
 mod budget;
+mod catalog;
 mod cleanup;
 mod compat;
 mod config;
 mod context;
-mod database;
 mod embedded;
 mod error;
 mod helper;
+mod isolation;
 mod lock;
+mod markers;
 mod migrations;
 mod names;
 mod pool;
 mod redact;
 mod runner;
 mod server;
+mod session;
 mod shapes;
 mod spares;
 mod state;
+mod sweep;
 
 pub use cleanup::{Removed, remove_all};
 pub use context::TestContext;

@@ -5,12 +5,13 @@
 //! end) and every wait ends on time. The operating system drops a lock
 //! when its process dies, however it dies.
 
-use std::fs::{File, TryLockError};
+use std::fs::{File, OpenOptions, TryLockError};
 use std::io;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
-use crate::state::open_no_follow;
+use nix::fcntl::OFlag;
 
 /// The first pause between two looks at a lock held by another process.
 const FIRST_PAUSE: Duration = Duration::from_millis(1);
@@ -112,6 +113,19 @@ impl LockFile {
         }
         Ok(Look::Wait(pauses.next_until(deadline)))
     }
+}
+
+/// Opens `path` for reading and writing, creating it (mode `mode`) if
+/// missing; a symbolic link there is an error.
+pub(crate) fn open_no_follow(path: &Path, mode: u32) -> io::Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(mode)
+        .custom_flags(OFlag::O_NOFOLLOW.bits())
+        .open(path)
 }
 
 /// What one look at a lock found.

@@ -10,8 +10,8 @@ use sqlx::migrate::Migrator;
 use tokio::sync::OnceCell;
 
 use crate::Error;
-use crate::runner::MigrationSource;
 use crate::state::StateDir;
+use pgtest_core::MigrationSource;
 
 /// A resolved migration set.
 pub(crate) struct Migrations {
@@ -23,11 +23,16 @@ pub(crate) struct Migrations {
 }
 
 impl Migrations {
-    /// Resolves `source` for the package at `manifest_dir`. A directory is
+    /// Resolves `source` for the package at `manifest_dir`, remembering
+    /// directories' hashes in `home`. A directory is
     /// looked at now, so an edited migration is picked up without a
     /// rebuild; it is read only when its hash is not known yet for its
     /// files' names, sizes and times, or when a build needs it.
-    pub(crate) async fn load(source: MigrationSource, manifest_dir: &Path) -> Result<Self, Error> {
+    pub(crate) async fn load(
+        source: MigrationSource,
+        manifest_dir: &Path,
+        home: &StateDir,
+    ) -> Result<Self, Error> {
         let default_dir = manifest_dir.join(sqlx_toml_migrations_dir(manifest_dir)?);
         let dir = match source {
             MigrationSource::Default if default_dir.is_dir() => default_dir,
@@ -64,9 +69,7 @@ impl Migrations {
             origin: origin.clone(),
             reason: error.to_string(),
         })?;
-        let cache = StateDir::home()?
-            .dir("migrations", nix::unistd::Uid::effective())?
-            .file(&hex(&Sha256::digest(stamp.as_bytes()))[..32]);
+        let cache = home.migrations_hash(&stamp)?;
         if let Some(hash) = std::fs::read_to_string(&cache)
             .ok()
             .filter(|hash| hash.len() == 64)

@@ -5,12 +5,15 @@
 //! under construction.
 //!
 //! ```text
-//! template("my-app", "0123456789abcdef…")   == "pgtest_my_app_0123456789ab"
-//! run_copy(template, "f00dcafe…")           == "pgtest_my_app_0123456789ab_rf00dcaf"
+//! template("my-app", migrations, fixtures)  == "pgtest_my_app_0123456789ab"
+//! run_copy(template, host, run)             == "pgtest_my_app_0123456789ab_rf00dcaf"
 //! own_copy(template, "2b1a…")  (a test's)   == "pgtest_my_app_0123456789ab_2b1a09c3"
 //! spare(template, "5e77a01c…")              == "pgtest_my_app_0123456789ab_s5e77a01"
 //! building(any of these)                    == "…_building"
 //! ```
+
+use pgtest_core::Script;
+use sha2::{Digest, Sha256};
 
 /// The longest database name PostgreSQL keeps (NAMEDATALEN - 1).
 pub(crate) const MAX_NAME_LEN: usize = 63;
@@ -26,10 +29,24 @@ const LONGEST_SUFFIX: usize = 2 + COPY_KEY_LEN + BUILDING_SUFFIX.len();
 /// Bytes of the package's name a template keeps.
 const PACKAGE_ROOM: usize = MAX_NAME_LEN - LONGEST_SUFFIX - "pgtest__".len() - HASH_LEN;
 
-/// The template of `package` for the hash (hex) of what goes in it:
-/// the package's name lowercased, other characters than ASCII letters and
-/// digits made `_`, cut to [`PACKAGE_ROOM`] bytes.
-pub(crate) fn template(package: &str, hash: &str) -> String {
+/// The template of `package` for a migration set (its hash, hex) and
+/// fixture set: the package's name lowercased, other characters than ASCII
+/// letters and digits made `_`, cut to [`PACKAGE_ROOM`] bytes, then a hash
+/// of what goes in it.
+pub(crate) fn template(package: &str, migrations: &str, fixtures: &[Script]) -> String {
+    let mut hash = Sha256::new();
+    hash.update(b"template\0");
+    hash.update(migrations.as_bytes());
+    for fixture in fixtures {
+        hash.update([0]);
+        hash.update(fixture.path.as_bytes());
+        hash.update([0]);
+        hash.update(fixture.sql.as_bytes());
+    }
+    template_for_hash(package, &hex(&hash.finalize()))
+}
+
+fn template_for_hash(package: &str, hash: &str) -> String {
     let package: String = package
         .chars()
         .map(|c| match c.is_ascii_alphanumeric() {
@@ -41,8 +58,9 @@ pub(crate) fn template(package: &str, hash: &str) -> String {
     format!("pgtest_{package}_{}", &hash[..HASH_LEN])
 }
 
-/// A run's shared copy of `template`, `key` (hex) naming the run.
-pub(crate) fn run_copy(template: &str, key: &str) -> String {
+/// The run `run` on the machine `host`'s shared copy of `template`.
+pub(crate) fn run_copy(template: &str, host: &str, run: &str) -> String {
+    let key = hex(&Sha256::digest(format!("{host}\0{run}")));
     format!("{template}_r{}", &key[..COPY_KEY_LEN])
 }
 
@@ -53,12 +71,21 @@ pub(crate) fn own_copy(template: &str, key: &str) -> String {
 
 /// A spare copy of `template`, `key` (hex) telling it apart.
 pub(crate) fn spare(template: &str, key: &str) -> String {
-    format!("{template}_s{}", &key[..COPY_KEY_LEN])
+    format!("{}{}", spare_prefix(template), &key[..COPY_KEY_LEN])
+}
+
+/// How the names of `template`'s spares start.
+pub(crate) fn spare_prefix(template: &str) -> String {
+    format!("{template}_s")
 }
 
 /// The name `name` is built under before it is renamed to `name`.
 pub(crate) fn building(name: &str) -> String {
     format!("{name}{BUILDING_SUFFIX}")
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|byte| format!("{byte:02x}")).collect()
 }
 
 #[cfg(test)]
@@ -69,19 +96,22 @@ mod tests {
 
     #[test]
     fn the_name_keeps_the_package_and_twelve_hash_digits() {
-        assert_eq!(template("my-App.rs", HASH), "pgtest_my_app_rs_0123456789ab");
+        assert_eq!(
+            template_for_hash("my-App.rs", HASH),
+            "pgtest_my_app_rs_0123456789ab"
+        );
     }
 
     #[test]
     fn every_name_fits_whole_and_none_is_another_cut_short() {
         for length in [1, 26, 33, 34, 35, 40, 70, 200] {
             let package = "billing-Service".repeat(20)[..length].to_owned();
-            let template = template(&package, HASH);
+            let template = template(&package, HASH, &[]);
             let names = [
                 template.clone(),
                 building(&template),
-                run_copy(&template, HASH),
-                building(&run_copy(&template, HASH)),
+                run_copy(&template, "a-host", "a-run"),
+                building(&run_copy(&template, "a-host", "a-run")),
                 own_copy(&template, "fedcba9876543210"),
                 spare(&template, "fedcba9876543210"),
                 building(&own_copy(&template, "fedcba9876543210")),

@@ -30,10 +30,16 @@ use std::time::{Duration, Instant};
 use sqlx::PgPool;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 
-use crate::budget::Slots;
-use crate::runner::TestSpec;
-use crate::server::Server;
+use crate::budget::{Budget, Slots};
+use crate::session::Session;
 use crate::{Error, Tenant};
+use pgtest_core::{Isolation, TestSpec};
+
+/// The size of a test's pool when the attribute does not say: what
+/// `#[sqlx::test]` gives, so that code which holds connections while it
+/// waits for more (a service's background tasks on the test's pool, say)
+/// does not starve. The budget covers only what a pool really opens.
+const DEFAULT_MAX_CONNECTIONS: u32 = 5;
 
 /// The longest `application_name` PostgreSQL keeps.
 const MAX_APPLICATION_NAME: usize = 63;
@@ -323,16 +329,33 @@ fn nowhere() -> PgConnectOptions {
     PgConnectOptions::new().socket("/nonexistent/pgtest-gate")
 }
 
+/// The most connections the test's pool opens on a server with `budget`,
+/// beside `others` connections of the test's own.
+pub(crate) fn max_for(spec: &TestSpec, budget: &Budget, others: u32) -> Result<u32, Error> {
+    let largest = budget.largest_pool(others);
+    match spec.max_connections {
+        Some(max) if max > largest => Err(Error::BudgetTooSmall {
+            needed: max + others,
+            capacity: budget.capacity(),
+        }),
+        Some(max) => Ok(max),
+        // A transaction's test uses the one connection it is given.
+        None if spec.isolation == Isolation::Transaction => Ok(1),
+        None => Ok(DEFAULT_MAX_CONNECTIONS.min(largest)),
+    }
+}
+
 /// A lazy pool of at most `max` connections on `database`, each carrying
 /// the tenant, the test's name and the test's role.
 pub(crate) async fn test_pool(
-    server: &Server,
+    session: &Session,
     database: &str,
     tenant: Tenant,
     spec: &TestSpec,
     max: u32,
-    (acquire_timeout, grow_after): (Duration, Duration),
 ) -> TestPool {
+    let (acquire_timeout, grow_after) = (session.config.acquire_timeout, session.config.grow_after);
+    let server = &session.server;
     let mut startup = vec![(Tenant::SETTING, tenant.to_string())];
     if let Some(role) = spec.role {
         startup.push(("role", role.to_owned()));
@@ -376,6 +399,48 @@ pub(crate) async fn test_pool(
         .connect_lazy_with(options);
     tokio::spawn(gate.watch(pool.clone(), grow_after));
     TestPool { pool, cover }
+}
+
+/// What to do when the test failed for want of a connection: its pool's
+/// own (every connection held by the test's code, while some of it waited
+/// for one more) or the budget's. Empty when nothing points there.
+pub(crate) fn starvation_hint(
+    spec: &TestSpec,
+    pool: &PgPool,
+    cover: &Cover,
+    failure: &str,
+) -> String {
+    if let Some(budget) = cover.failure() {
+        return format!(
+            "\npgtest: test `{}` could not open another connection: {budget}\n",
+            spec.name
+        );
+    }
+    let max = cover.max();
+    let timed_out = failure.contains("PoolTimedOut") || failure.contains("pool timed out");
+    let exhausted = pool.size() >= max && pool.num_idle() == 0;
+    if !timed_out && !exhausted {
+        return String::new();
+    }
+    let slots = match cover.waited() {
+        true => " (its pool also waited for connection slots held by other tests)",
+        false => "",
+    };
+    let what = match timed_out {
+        true => format!(
+            "waited {}s for a connection from its pool of {max}",
+            pool.options().get_acquire_timeout().as_secs()
+        ),
+        false => format!("failed while all {max} connections of its pool were in use"),
+    };
+    format!(
+        "\npgtest: test `{}` {what}{slots}. If its code holds connections while it waits for \
+         more (a transaction or acquired connection kept open while querying the pool, \
+         background tasks of a service on the pool), give it more: \
+         #[pg_test(max_connections = {})]\n",
+        spec.name,
+        max + 1,
+    )
 }
 
 /// The test's path, shortened from the left to what PostgreSQL keeps.

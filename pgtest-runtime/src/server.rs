@@ -6,11 +6,11 @@ use std::time::{Duration, Instant};
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgSslMode};
 use sqlx::{ConnectOptions, Connection};
 
-use crate::Error;
 use crate::config::{Config, Target, URL_VAR, UrlOrigin};
-use crate::embedded;
 use crate::error::{describe, sqlstate};
 use crate::redact::redact_url;
+use crate::state::StateDir;
+use crate::{Error, catalog, embedded};
 
 /// The database pgtest connects to for admin work when the URL names none.
 const DEFAULT_ADMIN_DATABASE: &str = "postgres";
@@ -74,21 +74,17 @@ pub(crate) struct Server {
 }
 
 impl Server {
-    pub(crate) fn new(config: Config) -> Result<Self, Error> {
-        let (options, password, url, origin, known_capacity) = match config.target {
+    /// The server `config` names; the embedded one (in `home`) is started
+    /// if it is not running.
+    pub(crate) fn new(config: &Config, home: &StateDir) -> Result<Self, Error> {
+        let (options, password, url, origin, known_capacity) = match &config.target {
             Target::Url { url, origin } => {
-                let options = parse_url(&url, &origin)?;
-                let password = url_password(&url);
-                (
-                    options,
-                    password,
-                    redact_url(&url),
-                    origin.to_string(),
-                    None,
-                )
+                let options = parse_url(url, origin)?;
+                let password = url_password(url);
+                (options, password, redact_url(url), origin.to_string(), None)
             }
             Target::Embedded => {
-                let embedded = embedded::ensure(config.embedded_idle)?;
+                let embedded = embedded::ensure(home, &config.binaries, config.embedded_idle)?;
                 let capacity = Some(embedded.client_connections);
                 (
                     embedded.options,
@@ -133,11 +129,6 @@ impl Server {
         }
     }
 
-    /// Names this server and role within the process, without the password.
-    pub(crate) fn identity(&self) -> String {
-        format!("{}@{}", self.user(), self.address())
-    }
-
     /// The connections the server takes from non-superuser clients, when
     /// known without asking it.
     pub(crate) fn known_capacity(&self) -> Option<u32> {
@@ -148,12 +139,7 @@ impl Server {
     /// `superuser_reserved_connections`.
     pub(crate) async fn max_client_connections(&self) -> Result<u32, Error> {
         let mut admin = self.connect(self.admin_database()).await?;
-        let asked = sqlx::query_scalar::<_, i32>(
-            "select current_setting('max_connections')::int \
-                  - current_setting('superuser_reserved_connections')::int",
-        )
-        .fetch_one(&mut admin)
-        .await;
+        let asked = catalog::client_connections(&mut admin).await;
         let _ = admin.close().await;
         let connections =
             asked.map_err(|error| self.query_error("reading max_connections", &error))?;
@@ -256,16 +242,7 @@ impl Server {
             .disable_statement_logging();
         let asked = async {
             let mut connection = PgConnection::connect_with(&options).await?;
-            let allowed: String = sqlx::query_scalar("select current_setting('max_connections')")
-                .fetch_one(&mut connection)
-                .await?;
-            let holders: Vec<String> = sqlx::query_scalar(
-                "select format('%s × %s', count(*), coalesce(nullif(application_name, ''), 'unnamed')) \
-                 from pg_stat_activity where backend_type = 'client backend' \
-                 group by application_name order by count(*) desc limit 20",
-            )
-            .fetch_all(&mut connection)
-            .await?;
+            let (allowed, holders) = catalog::sessions(&mut connection).await?;
             let _ = connection.close().await;
             Ok::<_, sqlx::Error>((allowed, holders.join(", ")))
         };
@@ -347,6 +324,21 @@ impl Server {
             message,
             remedy,
         }
+    }
+
+    /// Explains a failed `CREATE DATABASE` of `database`.
+    pub(crate) fn create_error(&self, database: &str, error: &sqlx::Error) -> Error {
+        if sqlstate(error).as_deref() != Some("42501") {
+            return self.query_error(format!("creating database {database}"), error);
+        }
+        self.privilege_error(
+            "create databases",
+            describe(error),
+            format!(
+                "Grant it as a superuser: ALTER ROLE \"{}\" CREATEDB",
+                self.user()
+            ),
+        )
     }
 
     pub(crate) fn query_error(&self, action: impl Into<String>, error: &sqlx::Error) -> Error {

@@ -7,8 +7,8 @@ use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{PgPool, Postgres};
 
-use crate::runner::TestTermination;
 use crate::{Tenant, TestContext};
+use pgtest_core::TestTermination;
 
 /// A test body that `#[pg_test]` can call: one impl per supported signature.
 #[diagnostic::on_unimplemented(

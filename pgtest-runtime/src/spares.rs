@@ -25,24 +25,15 @@ use std::time::{Duration, Instant, SystemTime};
 use sqlx::Connection;
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgSslMode};
 
-use crate::Error;
-use crate::bootstrap::quote_ident;
-use crate::budget::Budget;
+use crate::error::sqlstate;
 use crate::helper::{self, Job, say};
-use crate::lock::{LockFile, Mode};
-use crate::names;
+use crate::lock::Mode;
+use crate::markers::Marker;
 use crate::server::Server;
-use crate::state::append_no_follow;
+use crate::session::Session;
+use crate::state::{Entry, ServerDir, append_no_follow};
+use crate::{Error, catalog, names};
 
-/// How a spare's comment starts.
-pub(crate) const SPARE_MARKER: &str = "pgtest: spare database";
-/// The variable that caps the spares of a template.
-pub(crate) const SPARES_VAR: &str = "PGTEST_SPARE_DATABASES";
-/// The cap when the variable is unset.
-pub(crate) const DEFAULT_SPARES: u32 = 256;
-/// The file of the budget's directory that every pgtest process holds a
-/// shared lock on while it lives.
-pub(crate) const CLIENTS_LOCK: &str = "clients.lock";
 /// How many spares a test tries to claim before copying the template (a
 /// claim fails when another test renamed the same spare first).
 const CLAIM_TRIES: i64 = 4;
@@ -50,41 +41,26 @@ const CLAIM_TRIES: i64 = 4;
 const SPARE_BYTES: u64 = 2 << 30;
 /// How long the server must go without a client before the helper works.
 const QUIET: Duration = Duration::from_secs(2);
-/// The helper holds this while it lives.
-const HELPER_LOCK: &str = "pgtest-spares.lock";
-/// Templates asked for, one line each, until the helper takes them.
-const WANTED: &str = "spares.wanted";
-/// What the helper took from `WANTED` and has not planned yet.
-const TAKEN: &str = "spares.taken";
-/// The queue of jobs, one file each.
-const QUEUE: &str = "jobs";
 
-/// Claims a spare copy of `template` as `name`, giving it `comment`;
+/// Claims a spare copy of `template` as `name`, giving it `marker`;
 /// whether there was one to claim.
 pub(crate) async fn claim(
     server: &Server,
     admin: &mut PgConnection,
     template: &str,
     name: &str,
-    comment: &str,
+    marker: &Marker,
 ) -> Result<bool, Error> {
-    let spares: Vec<String> = sqlx::query_scalar(
-        "select datname from pg_database where datname like $1 order by random() limit $2",
-    )
-    .bind(format!("{}\\_s%", template.replace('_', "\\_")))
-    .bind(CLAIM_TRIES)
-    .fetch_all(&mut *admin)
-    .await
-    .map_err(|error| server.query_error(format!("listing spare copies of {template}"), &error))?;
+    let prefix = names::spare_prefix(template);
+    let spares = catalog::named_like(admin, &prefix, CLAIM_TRIES)
+        .await
+        .map_err(|error| {
+            server.query_error(format!("listing spare copies of {template}"), &error)
+        })?;
     for spare in spares {
-        // One simple query is one transaction: renamed and marked, or not.
-        let claim = format!(
-            "alter database {} rename to {name}; comment on database {name} is '{comment}'",
-            quote_ident(&spare),
-            name = quote_ident(name),
-        );
-        match crate::compat::raw(&claim).execute(&mut *admin).await {
-            Ok(_) => return Ok(true),
+        // Renamed and marked, or not.
+        match catalog::rename_and_mark(admin, &spare, name, marker).await {
+            Ok(()) => return Ok(true),
             // Another test took it first: try the next.
             Err(error) => tracing::debug!(spare, %error, "claiming a spare failed"),
         }
@@ -94,39 +70,41 @@ pub(crate) async fn claim(
 
 /// Asks the helper for one more spare of `template` after this run, and
 /// starts the helper if it is not running.
-pub(crate) fn want(server: &Server, budget: &Budget, template: &str, limit: u32) {
+pub(crate) fn want(session: &Session, template: &str) {
+    let limit = session.config.spare_databases;
     if limit == 0 {
         return;
     }
-    let path = budget.file(WANTED);
+    let path = session.dir.entry(Entry::SparesWanted);
     let appended = append_no_follow(&path).and_then(|mut file| writeln!(file, "{template}"));
     if let Err(error) = appended {
         tracing::warn!(%error, path = %path.display(), "cannot ask for a spare database");
         return;
     }
-    if !helper_running(budget) {
-        start_helper(server, budget, limit);
+    if !helper_running(&session.dir) {
+        start_helper(session, limit);
     }
 }
 
 /// Whether a helper will drop passed tests' databases once the run ends.
-pub(crate) fn helper_running(budget: &Budget) -> bool {
-    LockFile::open(&budget.file(HELPER_LOCK), 0o600)
-        .and_then(|lock| lock.is_held(Mode::Shared))
-        .unwrap_or(false)
+pub(crate) fn helper_running(dir: &ServerDir) -> bool {
+    dir.lock(Entry::SparesHelper)
+        .is_ok_and(|lock| lock.is_held(Mode::Shared).unwrap_or(false))
 }
 
-fn start_helper(server: &Server, budget: &Budget, limit: u32) {
+fn start_helper(session: &Session, limit: u32) {
     let job = Job::Spares {
-        budget: budget.dir().to_owned(),
+        budget: session.dir.path().to_owned(),
         limit,
     };
-    let credentials: String = server
+    let credentials: String = session
+        .server
         .connection_vars()
         .into_iter()
         .map(|(key, value)| format!("{key}={value}\n"))
         .collect();
-    match helper::start(&job, &budget.file("pgtest-spares.log"), Some(&credentials)) {
+    let log = session.dir.entry(Entry::SparesLog);
+    match helper::start(&job, &log, Some(&credentials)) {
         Ok(()) => tracing::debug!("spares helper started"),
         Err(error) => tracing::warn!(%error, "the spares helper did not start"),
     }
@@ -172,12 +150,8 @@ struct Queue {
 }
 
 impl Queue {
-    fn open(budget_dir: &Path) -> std::io::Result<Self> {
-        let dir = budget_dir.join(QUEUE);
-        match fs::create_dir(&dir) {
-            Err(error) if error.kind() != std::io::ErrorKind::AlreadyExists => Err(error),
-            _ => Ok(Self { dir }),
-        }
+    fn open(dir: &ServerDir) -> Result<Self, Error> {
+        Ok(Self { dir: dir.queue()? })
     }
 
     /// Adds `job`: written under a temporary name, then renamed, so that a
@@ -252,14 +226,14 @@ pub(crate) fn run_helper(dir: &Path, limit: u32) -> i32 {
         return 1;
     }
     let options = connect_options(&credentials);
-    let open = |name: &str| LockFile::open(&dir.join(name), 0o600);
-    let (me, clients) = match (open(HELPER_LOCK), open(CLIENTS_LOCK)) {
-        (Ok(me), Ok(clients)) => (me, clients),
-        (Err(error), _) | (_, Err(error)) => {
-            say(&format!(
-                "cannot open its lock files in {}: {error}",
-                dir.display()
-            ));
+    let opened = ServerDir::reopen(dir).and_then(|dir| {
+        let locks = (dir.lock(Entry::SparesHelper)?, dir.lock(Entry::Clients)?);
+        Ok((dir, locks))
+    });
+    let (dir, (me, clients)) = match opened {
+        Ok(opened) => opened,
+        Err(error) => {
+            say(&error.to_string());
             return 1;
         }
     };
@@ -279,7 +253,7 @@ pub(crate) fn run_helper(dir: &Path, limit: u32) -> i32 {
         }
     };
     let mut quiet_since = Instant::now();
-    while dir.is_dir() {
+    while dir.path().is_dir() {
         std::thread::sleep(Duration::from_millis(500));
         if !idle() {
             quiet_since = Instant::now();
@@ -288,7 +262,7 @@ pub(crate) fn run_helper(dir: &Path, limit: u32) -> i32 {
         if quiet_since.elapsed() < QUIET {
             continue;
         }
-        match runtime.block_on(work(dir, limit, &options, &idle)) {
+        match runtime.block_on(work(&dir, limit, &options, &idle)) {
             Ok(true) => return 0,
             // A test came: later.
             Ok(false) => quiet_since = Instant::now(),
@@ -304,7 +278,7 @@ pub(crate) fn run_helper(dir: &Path, limit: u32) -> i32 {
 /// One pass: plans the run's work into the queue, then does the queued
 /// jobs while `idle`. Whether it got through the queue.
 async fn work(
-    dir: &Path,
+    dir: &ServerDir,
     limit: u32,
     options: &PgConnectOptions,
     idle: &dyn Fn() -> bool,
@@ -342,33 +316,28 @@ async fn work(
 
 /// Queues a drop of each passed test's database, then forgets the test's
 /// files (a helper killed in between queues the drop again: harmless).
-fn queue_drops(dir: &Path, queue: &Queue) -> std::io::Result<()> {
-    for entry in fs::read_dir(dir)?.flatten() {
-        let file_name = entry.file_name();
-        let Some(database) = file_name
-            .to_str()
-            .and_then(|name| name.strip_prefix("live-"))
-            .and_then(|name| name.strip_suffix(".passed"))
-        else {
-            continue;
-        };
+fn queue_drops(dir: &ServerDir, queue: &Queue) -> std::io::Result<()> {
+    for database in dir.passed_databases() {
         queue.push(&ServerJob::Drop {
-            database: database.to_owned(),
+            database: database.clone(),
         })?;
-        let _ = fs::remove_file(entry.path());
-        let _ = fs::remove_file(dir.join(format!("live-{database}.lock")));
+        let _ = fs::remove_file(dir.entry(Entry::Passed(&database)));
+        let _ = fs::remove_file(dir.entry(Entry::Live(&database)));
     }
     Ok(())
 }
 
 /// Queues the spares the tests asked for since the last pass.
 async fn queue_copies(
-    dir: &Path,
+    dir: &ServerDir,
     queue: &Queue,
     admin: &mut PgConnection,
     limit: u32,
 ) -> Result<(), String> {
-    let (wanted, taken) = (dir.join(WANTED), dir.join(TAKEN));
+    let (wanted, taken) = (
+        dir.entry(Entry::SparesWanted),
+        dir.entry(Entry::SparesTaken),
+    );
     // What a killed helper took stays in `TAKEN`; new asks join it.
     if let Ok(text) = fs::read_to_string(&wanted) {
         let appended =
@@ -389,21 +358,16 @@ async fn queue_copies(
         if have.contains_key(template) {
             continue;
         }
-        let (spares, size): (i64, i64) = sqlx::query_as(
-            "select (select count(*) from pg_database where datname like $1), \
-             coalesce((select pg_database_size(datname) from pg_database where datname = $2), 0)",
-        )
-        .bind(format!("{}\\_s%", template.replace('_', "\\_")))
-        .bind(template)
-        .fetch_one(&mut *admin)
-        .await
-        .map_err(|error| format!("cannot count the spares of {template}: {error}"))?;
+        let prefix = names::spare_prefix(template);
+        let (spares, size) = catalog::count_and_size(admin, &prefix, template)
+            .await
+            .map_err(|error| format!("cannot count the spares of {template}: {error}"))?;
         if size == 0 {
             // The template is gone: nothing to copy.
             have.insert(template.clone(), (u32::MAX, 1));
             continue;
         }
-        have.insert(template.clone(), (spares as u32, size as u64));
+        have.insert(template.clone(), (spares, size));
     }
     for (_, job) in queue.jobs() {
         if let ServerJob::Copy { template, .. } = job
@@ -430,32 +394,27 @@ async fn queue_copies(
 }
 
 /// Does `job`; done twice, it changes nothing.
-async fn run_job(admin: &mut PgConnection, job: &ServerJob) -> Result<(), sqlx::Error> {
+async fn run_job(admin: &mut PgConnection, job: &ServerJob) -> Result<(), String> {
     match job {
-        ServerJob::Drop { database } => {
-            let drop = format!("drop database if exists {}", quote_ident(database));
-            crate::compat::raw(&drop).execute(&mut *admin).await?;
-        }
+        ServerJob::Drop { database } => match catalog::drop_unused(admin, database).await {
+            Ok(true) => Ok(()),
+            Ok(false) => Err("someone is connected to it".to_owned()),
+            Err(error) => Err(error.to_string()),
+        },
         ServerJob::Copy { template, database } => {
-            let create = format!(
-                "create database {} template {}",
-                quote_ident(database),
-                quote_ident(template)
-            );
-            match crate::compat::raw(&create).execute(&mut *admin).await {
-                Ok(_) => {}
+            let marker = Marker::Spare {
+                template: template.clone(),
+            };
+            match catalog::create(admin, database, Some(template), &marker).await {
                 // Made before the helper that queued it was killed.
-                Err(sqlx::Error::Database(error)) if error.code().as_deref() == Some("42P04") => {}
-                Err(error) => return Err(error),
+                Err(error) if sqlstate(&error).as_deref() == Some("42P04") => {
+                    catalog::mark(admin, database, &marker).await
+                }
+                done => done,
             }
-            let comment = format!(
-                "comment on database {} is '{SPARE_MARKER}; template={template}'",
-                quote_ident(database)
-            );
-            crate::compat::raw(&comment).execute(&mut *admin).await?;
+            .map_err(|error| error.to_string())
         }
     }
-    Ok(())
 }
 
 /// The connect options of the `KEY=VALUE` lines the helper was given: the
@@ -524,7 +483,7 @@ mod tests {
     #[test]
     fn the_queue_keeps_its_order_and_a_job_until_it_is_removed() {
         let dir = tempfile::tempdir().unwrap();
-        let queue = Queue::open(dir.path()).unwrap();
+        let queue = Queue::open(&ServerDir::unchecked(dir.path())).unwrap();
         let jobs: Vec<ServerJob> = (0..3)
             .map(|index| ServerJob::Drop {
                 database: format!("d{index}"),
@@ -542,6 +501,7 @@ mod tests {
             jobs
         );
         fs::remove_file(&queued[0].0).unwrap();
-        assert_eq!(Queue::open(dir.path()).unwrap().jobs().len(), 2);
+        let reopened = Queue::open(&ServerDir::unchecked(dir.path())).unwrap();
+        assert_eq!(reopened.jobs().len(), 2);
     }
 }

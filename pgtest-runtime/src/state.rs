@@ -9,8 +9,12 @@
 //! no one else may write to, under a parent that others cannot write to or
 //! that has the sticky bit (`/tmp`, `/var/tmp`). Files in them are opened
 //! without following symbolic links.
+//!
+//! [`StateDir`] owns the home and hands out its directories; [`ServerDir`]
+//! owns the directory of one server (its connection budget, its run locks,
+//! its helper's queue) and hands out every path and lock in it, by
+//! [`Entry`]: no other module names a file there.
 
-use std::env;
 use std::fs::{self, File, OpenOptions};
 use std::io;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
@@ -18,37 +22,15 @@ use std::path::{Path, PathBuf};
 
 use nix::fcntl::OFlag;
 use nix::unistd::Uid;
+use sha2::{Digest, Sha256};
 
 use crate::Error;
-
-/// Where pgtest keeps its state, overriding the default.
-pub(crate) const HOME_VAR: &str = "PGTEST_HOME";
+use crate::lock::{LockFile, Mode};
 
 /// Write permission for the group or for others.
 const WRITABLE_BY_OTHERS: u32 = 0o022;
 /// The sticky bit: only a file's owner may remove or rename it.
 const STICKY: u32 = 0o1000;
-
-/// The user's pgtest home: `PGTEST_HOME`, else `$XDG_CACHE_HOME/pgtest` or
-/// `~/.cache/pgtest`. As root it is `/var/tmp/pgtest-root`, since the
-/// embedded server runs as another user, who cannot enter `/root`; without
-/// a home directory, `pgtest-<uid>` in the temporary directory.
-pub(crate) fn home() -> PathBuf {
-    if let Some(home) = env::var_os(HOME_VAR).filter(|home| !home.is_empty()) {
-        return PathBuf::from(home);
-    }
-    if Uid::effective().is_root() {
-        return PathBuf::from("/var/tmp/pgtest-root");
-    }
-    let cache = env::var_os("XDG_CACHE_HOME")
-        .filter(|dir| !dir.is_empty())
-        .map(PathBuf::from)
-        .or_else(|| env::var_os("HOME").map(|home| PathBuf::from(home).join(".cache")));
-    match cache {
-        Some(cache) => cache.join("pgtest"),
-        None => env::temp_dir().join(format!("pgtest-{}", Uid::effective())),
-    }
-}
 
 /// A directory of pgtest's, checked when opened (see the module's docs).
 #[derive(Clone, Debug)]
@@ -57,11 +39,11 @@ pub(crate) struct StateDir {
 }
 
 impl StateDir {
-    /// The user's home (see [`home`]), made if missing: private, but as
-    /// root others may pass through it (not list it) to reach the embedded
-    /// server's cluster, which is theirs.
-    pub(crate) fn home() -> Result<Self, Error> {
-        let path = home();
+    /// The user's home at `path` (see [`crate::config`]), made if missing:
+    /// private, but as root others may pass through it (not list it) to
+    /// reach the embedded server's cluster, which is theirs.
+    pub(crate) fn home(path: &Path) -> Result<Self, Error> {
+        let path = path.to_owned();
         if let Some(parent) = path.parent() {
             fs::create_dir_all(parent).map_err(|error| unusable(&path, &error.to_string()))?;
         }
@@ -97,19 +79,178 @@ impl StateDir {
     pub(crate) fn file(&self, name: &str) -> PathBuf {
         self.path.join(name)
     }
+
+    /// The directory of the server at `address` in the home,
+    /// `budget/<hash of the address>`: per user, since another user's
+    /// locks may not be shared (the retry on refused connections covers
+    /// what this cannot).
+    pub(crate) fn server(&self, address: &str) -> Result<ServerDir, Error> {
+        let hash = hex(&Sha256::digest(address.as_bytes())[..8]);
+        let me = Uid::effective();
+        let dir = self.dir("budget", me)?.dir(&hash, me)?;
+        Ok(ServerDir { dir })
+    }
+
+    /// Where the migration hash of a directory whose files look like
+    /// `stamp` is remembered.
+    pub(crate) fn migrations_hash(&self, stamp: &str) -> Result<PathBuf, Error> {
+        let key = hex(&Sha256::digest(stamp.as_bytes())[..16]);
+        Ok(self.dir("migrations", Uid::effective())?.file(&key))
+    }
 }
 
-/// Opens `path` for reading and writing, creating it (mode `mode`) if
-/// missing; a symbolic link there is an error.
-pub(crate) fn open_no_follow(path: &Path, mode: u32) -> io::Result<File> {
-    OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .mode(mode)
-        .custom_flags(OFlag::O_NOFOLLOW.bits())
-        .open(path)
+/// What pgtest keeps in a server's directory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Entry<'a> {
+    /// A connection slot anyone may take.
+    Slot(u32),
+    /// Stands for the reserve's slots (see [`crate::budget`]).
+    Reserve,
+    /// Tests that wait to start queue on it.
+    StartLine,
+    /// Held shared by tests that wait to grow.
+    Growers,
+    /// Tests that wait to grow queue on it.
+    GrowersLine,
+    /// The server's capacity as last asked, and the lock of whoever asks.
+    Capacity,
+    CapacityLock,
+    /// Held shared by every pgtest process while it lives.
+    Clients,
+    /// Held while a database of this name is built on this machine.
+    Bootstrap(&'a str),
+    /// Held shared by the processes of the run using this shared database.
+    Run(&'a str),
+    /// Held by the test whose own database this is.
+    Live(&'a str),
+    /// Marks this test database as its test's, passed.
+    Passed(&'a str),
+    /// Held by the spares helper while it lives; its log.
+    SparesHelper,
+    SparesLog,
+    /// Templates tests asked spares of; those the helper took.
+    SparesWanted,
+    SparesTaken,
+    /// The helper's queue of jobs, a directory.
+    Jobs,
+}
+
+impl Entry<'_> {
+    fn name(self) -> String {
+        match self {
+            Self::Slot(index) => format!("slot-{index}"),
+            Self::Reserve => "reserve.lock".to_owned(),
+            Self::StartLine => "queue.lock".to_owned(),
+            Self::Growers => "growers.lock".to_owned(),
+            Self::GrowersLine => "growers-line.lock".to_owned(),
+            Self::Capacity => "capacity".to_owned(),
+            Self::CapacityLock => "capacity.lock".to_owned(),
+            Self::Clients => "clients.lock".to_owned(),
+            Self::Bootstrap(database) => format!("bootstrap-{database}.lock"),
+            Self::Run(database) => format!("run-{database}.lock"),
+            Self::Live(database) => format!("live-{database}.lock"),
+            Self::Passed(database) => format!("live-{database}.passed"),
+            Self::SparesHelper => "pgtest-spares.lock".to_owned(),
+            Self::SparesLog => "pgtest-spares.log".to_owned(),
+            Self::SparesWanted => "spares.wanted".to_owned(),
+            Self::SparesTaken => "spares.taken".to_owned(),
+            Self::Jobs => "jobs".to_owned(),
+        }
+    }
+}
+
+/// The directory of one server in pgtest's home (see [`StateDir::server`]).
+#[derive(Clone, Debug)]
+pub(crate) struct ServerDir {
+    dir: StateDir,
+}
+
+impl ServerDir {
+    /// The directory at `path`, as a helper is told it; checked again.
+    pub(crate) fn reopen(path: &Path) -> Result<Self, Error> {
+        check(path, Uid::effective())?;
+        Ok(Self {
+            dir: StateDir {
+                path: path.to_owned(),
+            },
+        })
+    }
+
+    /// The directory at `path`, unchecked, for unit tests of what never
+    /// touches it.
+    #[cfg(test)]
+    pub(crate) fn unchecked(path: &Path) -> Self {
+        Self {
+            dir: StateDir {
+                path: path.to_owned(),
+            },
+        }
+    }
+
+    pub(crate) fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Where `entry` is.
+    pub(crate) fn entry(&self, entry: Entry<'_>) -> PathBuf {
+        self.dir.file(&entry.name())
+    }
+
+    /// The lock file of `entry`, opened (made if missing).
+    pub(crate) fn lock(&self, entry: Entry<'_>) -> Result<LockFile, Error> {
+        let path = self.entry(entry);
+        LockFile::open(&path, 0o600).map_err(|error| files_error(&path, &error))
+    }
+
+    /// The lock of `entry`, taken in `mode`, waiting until `deadline` at
+    /// most (see [`crate::lock`]); `None` when its holder kept it.
+    pub(crate) async fn lock_until(
+        &self,
+        entry: Entry<'_>,
+        mode: Mode,
+        deadline: std::time::Instant,
+    ) -> Result<Option<LockFile>, Error> {
+        let lock = self.lock(entry)?;
+        match lock.lock_until(mode, deadline).await {
+            Ok(true) => Ok(Some(lock)),
+            Ok(false) => Ok(None),
+            Err(error) => Err(self.error(entry, &error)),
+        }
+    }
+
+    /// The directory of the helper's queue of jobs, made if missing.
+    pub(crate) fn queue(&self) -> Result<PathBuf, Error> {
+        let dir = self.dir.dir(&Entry::Jobs.name(), Uid::effective())?;
+        Ok(dir.path().to_owned())
+    }
+
+    /// The databases marked passed by their tests.
+    pub(crate) fn passed_databases(&self) -> Vec<String> {
+        let names = fs::read_dir(self.path()).into_iter().flatten().flatten();
+        names
+            .filter_map(|entry| {
+                let name = entry.file_name().into_string().ok()?;
+                let database = name.strip_prefix("live-")?.strip_suffix(".passed")?;
+                Some(database.to_owned())
+            })
+            .collect()
+    }
+
+    /// The error for a file of this directory that could not be used.
+    pub(crate) fn error(&self, entry: Entry<'_>, error: &io::Error) -> Error {
+        files_error(&self.entry(entry), error)
+    }
+}
+
+pub(crate) fn files_error(path: &Path, error: &io::Error) -> Error {
+    Error::BudgetFiles {
+        path: path.to_owned(),
+        reason: error.to_string(),
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|byte| format!("{byte:02x}")).collect()
 }
 
 /// Opens `path` for appending, creating it (mode 0600) if missing; a

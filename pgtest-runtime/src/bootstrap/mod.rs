@@ -10,110 +10,63 @@
 //! A crash midway leaves only the unfinished copy, which the next build
 //! drops.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, LazyLock, Mutex, PoisonError};
 
 use sqlx::Connection;
 use sqlx::Postgres;
 use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool};
-use tokio::sync::OnceCell;
 
 use self::build::build;
-pub(crate) use self::build::{
-    create_database, drop_database_if_unused, drop_database_unclaimed, marker, quote_ident,
-};
-use crate::Error;
-use crate::budget::Budget;
+pub(crate) use self::build::drop_unclaimed;
 use crate::error::sqlstate;
+use crate::lock::Mode;
+use crate::markers::{Kind, Marker, now_secs};
 use crate::migrations::Migrations;
-use crate::runner::Script;
 use crate::server::{Server, is_refused_for_slots};
+use crate::session::Session;
+use crate::state::Entry;
+use crate::{Error, catalog};
+use pgtest_core::Script;
 
 mod build;
-
-/// Every pgtest marker starts so; a database without it is not pgtest's.
-pub(crate) const MARKER_PREFIX: &str = "pgtest:";
-
-/// What a database built from a migration set is for; its comment says.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Kind {
-    /// The shared database of `isolation = "shared"` and `"transaction"`.
-    Shared,
-    /// The template that `isolation = "database"` clones; never connected
-    /// to once built, so that clones never find it in use.
-    Template,
-}
-
-impl Kind {
-    /// The comment that marks such a database complete.
-    pub(crate) fn ready_marker(self) -> &'static str {
-        match self {
-            Self::Shared => "pgtest: shared database, ready",
-            Self::Template => "pgtest: template, ready",
-        }
-    }
-
-    /// The comment on a copy under construction.
-    fn building_marker(self) -> &'static str {
-        match self {
-            Self::Shared => "pgtest: shared database, building",
-            Self::Template => "pgtest: template, building",
-        }
-    }
-}
 
 /// How stale a template's last-use stamp may get before a copy renews it:
 /// one write per template an hour, not one per test.
 const USE_STAMP_EVERY: u64 = 60 * 60;
 
-/// A ready template's comment, stamped as used now.
-pub(crate) fn template_comment() -> String {
-    format!("{}; used={}", Kind::Template.ready_marker(), now_secs())
-}
-
-/// When a template was last copied, from its comment.
-pub(crate) fn template_used(comment: &str) -> Option<u64> {
-    comment
-        .strip_prefix(Kind::Template.ready_marker())?
-        .split("; ")
-        .find_map(|field| field.strip_prefix("used="))?
-        .parse()
-        .ok()
-}
-
 /// Renews the last-use stamp of `template`, about to be copied, when its
-/// `comment` (as just read) is older than an hour, so that sweeps keep
+/// `marker` (as just read) is older than an hour, so that sweeps keep
 /// templates in use.
 pub(crate) async fn note_template_use(
     server: &Server,
     admin: &mut PgConnection,
     template: &str,
-    comment: &str,
+    marker: &Marker,
 ) -> Result<(), Error> {
-    let used = template_used(comment).unwrap_or(0);
+    let used = match marker {
+        Marker::Template { used } => *used,
+        _ => 0,
+    };
     if now_secs().saturating_sub(used) < USE_STAMP_EVERY {
         return Ok(());
     }
-    let statement = format!(
-        "comment on database {} is '{}'",
-        quote_ident(template),
-        template_comment()
-    );
-    crate::compat::raw(&statement)
-        .execute(admin)
+    catalog::mark(admin, template, &Marker::template_used_now())
         .await
-        .map(|_| ())
         .map_err(|error| server.query_error(format!("stamping {template} as used"), &error))
 }
 
-/// Seconds since the Unix epoch.
-pub(crate) fn now_secs() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_secs()
+/// The marker of `database`, if it exists and has one of pgtest's; an
+/// error when it exists with another comment or none.
+pub(crate) async fn marker(
+    server: &Server,
+    admin: &mut PgConnection,
+    database: &str,
+) -> Result<Option<Marker>, Error> {
+    let comment = catalog::comment(admin, database)
+        .await
+        .map_err(|error| server.query_error("reading the ready marker", &error))?;
+    Ok(comment.as_deref().and_then(Marker::parse))
 }
 
 /// The connections a build holds at once: an admin connection (which holds
@@ -124,16 +77,16 @@ const BUILD_CONNECTIONS: u32 = 2;
 /// or asked through `pool` (the test's own pool, pointing at it), so that
 /// the check's connection serves the test afterwards. No admin connection.
 pub(crate) async fn is_ready(
-    server: &Server,
+    session: &Session,
     pool: &PgPool,
     database: &str,
     role: Option<&str>,
 ) -> Result<bool, Error> {
-    let readiness = readiness(server, database);
+    let readiness = session.readiness(database);
     if readiness.initialized() {
         return Ok(true);
     }
-    let ready = ready_connection(server, pool, database, role)
+    let ready = ready_connection(&session.server, pool, database, role)
         .await?
         .is_some();
     if ready {
@@ -147,35 +100,37 @@ pub(crate) async fn is_ready(
 /// Builds `target` (a template, or a run's copy of one, its template first
 /// when missing): one thread per process and one process per machine does
 /// it while the others wait, holding no connection slots; the builder takes
-/// the two it needs from `budget` for `holder` (a test). Waiting callers
+/// the two it needs from the budget for `holder` (a test). Waiting callers
 /// then find the work done. The builder of a run's copy sweeps old copies,
 /// then connects as the test will (through `pool`), so that a problem of
 /// the test's own, its role say, is explained here too; a template is never
 /// connected to (no `pool`).
 pub(crate) async fn build_once(
-    server: &Server,
-    budget: &Budget,
+    session: &Session,
     pool: Option<&PgPool>,
     target: Target<'_>,
     role: Option<&str>,
     holder: &str,
 ) -> Result<bool, Error> {
+    let Session { server, dir, .. } = session;
     let database = target.database;
-    let readiness = readiness(server, database);
+    let readiness = session.readiness(database);
     let built = AtomicBool::new(false);
     readiness
         .get_or_try_init(|| async {
-            let lock_name = format!("bootstrap-{database}.lock");
-            let Some(_machine_lock) = budget
-                .exclusive(&lock_name, server.bootstrap_timeout)
-                .await?
-            else {
+            let lock = Entry::Bootstrap(database);
+            let deadline = std::time::Instant::now() + server.bootstrap_timeout;
+            let Some(_machine_lock) = dir.lock_until(lock, Mode::Exclusive, deadline).await? else {
                 return Err(Error::BootstrapTimeout {
                     database: database.to_owned(),
                     after: server.bootstrap_timeout,
-                    holders: format!("another test process on this machine ({lock_name})"),
+                    holders: format!(
+                        "another test process on this machine ({})",
+                        dir.entry(lock).display()
+                    ),
                 });
             };
+            let budget = &session.budget;
             let _slots = budget.take_for_build(BUILD_CONNECTIONS, holder).await?;
             let Some(pool) = pool.filter(|_| target.kind == Kind::Shared) else {
                 build(server, target).await?;
@@ -214,8 +169,8 @@ pub(crate) async fn build_once(
 pub(crate) struct Target<'a> {
     pub(crate) database: &'a str,
     pub(crate) kind: Kind,
-    /// The comment that marks it ready: the kind's marker, then details.
-    pub(crate) comment: &'a str,
+    /// The marker that says it is ready.
+    pub(crate) marker: &'a Marker,
     pub(crate) source: Source<'a>,
 }
 
@@ -231,16 +186,6 @@ pub(crate) enum Source<'a> {
     Copy { template: &'a Target<'a> },
 }
 
-/// Set once the shared database is known to be ready, per server and
-/// database, for the whole process.
-fn readiness(server: &Server, database: &str) -> Arc<OnceCell<()>> {
-    static READY: LazyLock<Mutex<HashMap<String, Arc<OnceCell<()>>>>> =
-        LazyLock::new(Default::default);
-    let key = format!("{}/{database}", server.identity());
-    let mut ready = READY.lock().unwrap_or_else(PoisonError::into_inner);
-    ready.entry(key).or_default().clone()
-}
-
 /// The connection that read the ready marker through the test's pool, or
 /// `None` when the database is missing or not ready.
 async fn ready_connection(
@@ -254,14 +199,10 @@ async fn ready_connection(
         Err(FirstConnection::Missing) => return Ok(None),
         Err(FirstConnection::Failed(error)) => return Err(error),
     };
-    let marker: Option<String> = sqlx::query_scalar(
-        "select shobj_description(oid, 'pg_database') from pg_database where datname = current_database()",
-    )
-    .fetch_one(&mut *connection)
-    .await
-    .map_err(|error| server.query_error("reading the ready marker", &error))?;
-    let ready = Kind::Shared.ready_marker();
-    if marker.is_some_and(|marker| marker.starts_with(ready)) {
+    let marker = catalog::own_marker(&mut connection)
+        .await
+        .map_err(|error| server.query_error("reading the ready marker", &error))?;
+    if marker.is_some_and(|marker| marker.is_ready(Kind::Shared)) {
         Ok(Some(connection))
     } else {
         let _ = connection.close().await;

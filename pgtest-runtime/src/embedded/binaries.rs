@@ -7,9 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use crate::Error;
-
-/// Where a user points pgtest at binaries explicitly.
-pub(crate) const BIN_VAR: &str = "PGTEST_PG_BIN";
+use crate::config::{BIN_VAR, BinariesSearch};
 
 /// A directory holding `initdb`, `pg_ctl` and `postgres`, and their major
 /// version.
@@ -29,17 +27,18 @@ impl Binaries {
 /// --bindir`, `PATH`, and `/usr/lib/postgresql/*/bin`, newest major first.
 /// `pg_config`'s answer is remembered in `cache_dir`, since running it
 /// (a script on Debian) costs more than the rest of a hot start.
-pub(crate) fn find(cache_dir: &Path) -> Result<Binaries, Error> {
-    if let Some(dir) = env::var_os(BIN_VAR).filter(|dir| !dir.is_empty()) {
-        let dir = PathBuf::from(dir);
-        return usable(&dir).ok_or_else(|| Error::NoBinaries {
-            searched: format!("{BIN_VAR}={}", dir.display()),
-        });
-    }
-    let path = env::var_os("PATH").unwrap_or_default();
-    pg_config_bindir(&path, cache_dir)
+pub(crate) fn find(cache_dir: &Path, search: &BinariesSearch) -> Result<Binaries, Error> {
+    let path = match search {
+        BinariesSearch::Dir(dir) => {
+            return usable(dir).ok_or_else(|| Error::NoBinaries {
+                searched: format!("{BIN_VAR}={}", dir.display()),
+            });
+        }
+        BinariesSearch::Path(path) => path,
+    };
+    pg_config_bindir(path, cache_dir)
         .into_iter()
-        .chain(env::split_paths(&path))
+        .chain(env::split_paths(path))
         .find_map(|dir| usable(&dir))
         .or_else(newest_debian)
         .ok_or_else(|| Error::NoBinaries {

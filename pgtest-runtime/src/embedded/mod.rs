@@ -14,11 +14,9 @@ use sqlx::postgres::PgConnectOptions;
 
 use self::cluster::{Cluster, PORT, State};
 use crate::Error;
+use crate::config::BinariesSearch;
 use crate::lock::{LockFile, Mode};
 use crate::state::StateDir;
-
-/// Seconds without a client after which the server stops itself.
-pub(crate) const IDLE_VAR: &str = "PGTEST_EMBEDDED_IDLE";
 /// How long a process may wait for another to finish starting the server.
 const LOCK_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -39,17 +37,21 @@ struct InUse {
     _clients: LockFile,
 }
 
-/// Starts the embedded server or finds it running. Once per process: later
-/// calls reuse the answer.
-pub(crate) fn ensure(idle: Duration) -> Result<Embedded, Error> {
+/// Starts the embedded server of the binaries `search` finds, its cluster
+/// in `home`, or finds it running; its watchdog stops it after `idle`
+/// without a client. Once per process: later calls reuse the answer.
+pub(crate) fn ensure(
+    home: &StateDir,
+    search: &BinariesSearch,
+    idle: Duration,
+) -> Result<Embedded, Error> {
     static IN_USE: Mutex<Option<InUse>> = Mutex::new(None);
     let mut in_use = IN_USE.lock().unwrap_or_else(PoisonError::into_inner);
     if let Some(in_use) = in_use.as_ref() {
         return Ok(in_use.embedded.clone());
     }
-    let home = StateDir::home()?;
-    let binaries = binaries::find(home.path())?;
-    let cluster = Cluster::prepare(binaries, &home)?;
+    let binaries = binaries::find(home.path(), search)?;
+    let cluster = Cluster::prepare(binaries, home)?;
     let started = Instant::now();
     let start_lock = cluster.lock_file("start.lock")?;
     wait_for_lock(&cluster, &start_lock, Mode::Exclusive)?;

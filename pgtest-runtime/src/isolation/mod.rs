@@ -1,0 +1,158 @@
+//! The isolation modes, one module each, behind one interface: [`prepare`]
+//! gives a test its database, its pool and the scripts it asked for (with
+//! the connection slots that cover them) as the [`TestContext`] its body
+//! gets, and a [`Teardown`] that gives everything back.
+//!
+//! - [`shared`]: the run's copy of the migrations' template, shared by
+//!   every test of the run; tests tell their rows apart by their tenant;
+//! - [`transaction`]: the same database, the test's work inside one
+//!   transaction that is rolled back;
+//! - [`database`]: a copy of the template (migrations and fixtures) for
+//!   each test.
+
+mod database;
+mod shared;
+mod transaction;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use sqlx::PgPool;
+use sqlx::postgres::PgConnection;
+use tokio::task::JoinHandle;
+
+use crate::migrations::Migrations;
+use crate::pool::{self, Cover};
+use crate::server::Server;
+use crate::session::Session;
+use crate::sweep::Sweep;
+use crate::{Error, Tenant, TestContext, spares};
+use pgtest_core::{Isolation, Script, TestSpec};
+
+/// How long the end of a test may wait for the sweep started beside it.
+const SWEEP_WAIT: Duration = Duration::from_secs(10);
+
+/// What a mode prepared for a test.
+pub(crate) struct Prepared {
+    /// What the body gets.
+    pub(crate) context: TestContext,
+    pub(crate) teardown: Teardown,
+}
+
+/// Prepares the test `spec` in its isolation mode.
+pub(crate) async fn prepare(session: &Arc<Session>, spec: &TestSpec) -> Result<Prepared, Error> {
+    let manifest_dir = Path::new(spec.manifest_dir);
+    let migrations = Migrations::load(spec.migrations, manifest_dir, &session.home).await?;
+    let tenant = Tenant::new();
+    let prepared = match spec.isolation {
+        Isolation::Shared => shared::prepare(session, spec, &migrations, tenant).await?,
+        Isolation::Transaction => transaction::prepare(session, spec, &migrations, tenant).await?,
+        Isolation::Database => database::prepare(session, spec, &migrations, tenant).await?,
+    };
+    let database = prepared.context.database();
+    tracing::debug!(test = spec.name, database, %tenant, "test prepared");
+    Ok(prepared)
+}
+
+/// What to tell the user about a failure of the test: what its mode or
+/// its pool explain. Read before the pool closes. Empty when nothing
+/// points there.
+pub(crate) fn failure_hint(spec: &TestSpec, pool: &PgPool, cover: &Cover, failure: &str) -> String {
+    if spec.isolation == Isolation::Transaction
+        && let Some(hint) = transaction::failure_hint(spec, failure)
+    {
+        return hint;
+    }
+    pool::starvation_hint(spec, pool, cover, failure)
+}
+
+/// What a test gives back when it ends: the slots it took, the sweep
+/// started beside the body (if any) and, in `isolation = "database"`, its
+/// database.
+pub(crate) struct Teardown {
+    cover: Arc<Cover>,
+    sweep: Option<JoinHandle<()>>,
+    own: Option<(Server, database::TestDatabase)>,
+}
+
+impl Teardown {
+    /// The test's slots, shared with its pool's gate.
+    pub(crate) fn cover(&self) -> &Arc<Cover> {
+        &self.cover
+    }
+
+    /// Gives everything back, after the test's pool is closed; for a failed
+    /// test with a database of its own, says how to inspect it.
+    pub(crate) async fn finish(self, passed: bool) -> Option<String> {
+        if let Some(sweep) = self.sweep {
+            let _ = tokio::time::timeout(SWEEP_WAIT, sweep).await;
+        }
+        let kept = self
+            .own
+            .and_then(|(server, database)| database.finish(passed, &server));
+        drop(self.cover.release().await);
+        kept
+    }
+}
+
+/// Sweeps old copies of templates on `admin`, beside the test's body;
+/// passed tests' databases are left to the spares helper if it runs.
+fn sweep_beside(session: &Arc<Session>, admin: PgConnection) -> JoinHandle<()> {
+    let session = Arc::clone(session);
+    tokio::spawn(async move {
+        let sweep = Sweep {
+            server: &session.server,
+            dir: &session.dir,
+            run: &session.config.run_id,
+            leave_passed: spares::helper_running(&session.dir),
+        };
+        sweep.run(admin).await;
+    })
+}
+
+/// Runs `scripts` on `connection`, in order.
+async fn run_scripts(
+    server: &Server,
+    connection: &mut PgConnection,
+    scripts: impl IntoIterator<Item = &'static Script>,
+    database: &str,
+    spec: &TestSpec,
+) -> Result<(), Error> {
+    for script in scripts {
+        let ran = crate::compat::raw(script.sql)
+            .execute(&mut *connection)
+            .await;
+        ran.map_err(|error| match error {
+            sqlx::Error::Database(_) => Error::script(script, crate::error::describe(&error)),
+            connect => server.connect_error(connect, database, spec.role),
+        })?;
+    }
+    Ok(())
+}
+
+/// Runs `scripts` on a connection of `context`'s pool.
+async fn run_scripts_on_pool(
+    server: &Server,
+    context: &TestContext,
+    scripts: &[&'static Script],
+    spec: &TestSpec,
+) -> Result<(), Error> {
+    if scripts.is_empty() {
+        return Ok(());
+    }
+    let database = context.database();
+    let mut connection = context
+        .pool()
+        .acquire()
+        .await
+        .map_err(|error| server.connect_error(error, database, spec.role))?;
+    run_scripts(
+        server,
+        &mut connection,
+        scripts.iter().copied(),
+        database,
+        spec,
+    )
+    .await
+}

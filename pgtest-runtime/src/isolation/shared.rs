@@ -1,0 +1,135 @@
+//! `isolation = "shared"`: every test of a run uses the run's copy of the
+//! migrations' template, `<template>_r<7 hex>`, copied once per run (a
+//! nextest run, or the `cargo test` that started the process) so that rows
+//! tests leave behind never pile up across runs. Every process of the run
+//! holds a shared lock on the run's lock file while it lives, so that no
+//! sweep drops the copy under the run. Tests tell their rows apart by
+//! their tenant.
+
+use std::sync::Arc;
+
+use sqlx::PgPool;
+use tokio::task::JoinHandle;
+
+use super::{Prepared, Teardown, run_scripts_on_pool, sweep_beside};
+use crate::bootstrap::{self, Source, Target};
+use crate::markers::{Kind, Marker, Origin};
+use crate::migrations::Migrations;
+use crate::pool::{self, TestPool};
+use crate::session::Session;
+use crate::state::Entry;
+use crate::{Error, Tenant, TestContext, markers, names};
+use pgtest_core::TestSpec;
+
+pub(super) async fn prepare(
+    session: &Arc<Session>,
+    spec: &TestSpec,
+    migrations: &Migrations,
+    tenant: Tenant,
+) -> Result<Prepared, Error> {
+    let (context, teardown) = with_shared_database(session, spec, migrations, tenant).await?;
+    let scripts: Vec<_> = spec.fixtures.iter().chain(spec.seeds).collect();
+    run_scripts_on_pool(&session.server, &context, &scripts, spec).await?;
+    Ok(Prepared { context, teardown })
+}
+
+/// The run's shared database, made ready if it is not, and a pool on it.
+pub(super) async fn with_shared_database(
+    session: &Arc<Session>,
+    spec: &TestSpec,
+    migrations: &Migrations,
+    tenant: Tenant,
+) -> Result<(TestContext, Teardown), Error> {
+    let template = names::template(spec.package, &migrations.hash, &[]);
+    let database = names::run_copy(&template, &markers::host(), &session.config.run_id);
+    session.hold_while_alive(Entry::Run(&database)).await?;
+    let max = pool::max_for(spec, &session.budget, 0)?;
+    let pool = pool::test_pool(session, &database, tenant, spec, max).await;
+    let ready = Ready {
+        template: &template,
+        database: &database,
+        migrations,
+    };
+    let sweep = make_ready(session, &pool, ready, spec).await?;
+    let context = TestContext::new(pool.pool, tenant, database, spec.name);
+    let teardown = Teardown {
+        cover: pool.cover,
+        sweep,
+        own: None,
+    };
+    Ok((context, teardown))
+}
+
+/// The run's shared database and where it comes from.
+struct Ready<'a> {
+    template: &'a str,
+    database: &'a str,
+    migrations: &'a Migrations,
+}
+
+/// Makes sure this run's shared database (a copy of the migrations'
+/// template) is ready, with the test's slots in `pool`'s cover; returns the
+/// sweep started when this test made the copy.
+async fn make_ready(
+    session: &Arc<Session>,
+    pool: &TestPool,
+    ready: Ready<'_>,
+    spec: &TestSpec,
+) -> Result<Option<JoinHandle<()>>, Error> {
+    let budget = &session.budget;
+    let max = pool.cover.max();
+    let slots = budget.take(budget.upfront(max, 0), spec.name).await?;
+    pool.cover.hold(slots, 0).await;
+    if bootstrap::is_ready(session, &pool.pool, ready.database, spec.role).await? {
+        return Ok(None);
+    }
+    // The test keeps its slots while it waits: its pool may hold a
+    // connection already. The builder builds on the reserve.
+    let copied_here = build(session, &pool.pool, &ready, spec).await?;
+    // Whoever copied it sweeps older copies beside its body, on one more
+    // slot when one is free at once (else a later run sweeps them).
+    if !copied_here {
+        return Ok(None);
+    }
+    let Some(sweeper) = budget.try_take(1, spec.name)? else {
+        return Ok(None);
+    };
+    pool.cover.add(sweeper, 1).await;
+    let admin = session
+        .server
+        .connect(session.server.admin_database())
+        .await?;
+    Ok(Some(sweep_beside(session, admin)))
+}
+
+/// Builds the run's copy (and its template when missing), unless another
+/// test does; whether this one did.
+async fn build(
+    session: &Session,
+    pool: &PgPool,
+    ready: &Ready<'_>,
+    spec: &TestSpec,
+) -> Result<bool, Error> {
+    let template_marker = Marker::template_used_now();
+    let template = Target {
+        database: ready.template,
+        kind: Kind::Template,
+        marker: &template_marker,
+        source: Source::Build {
+            migrations: ready.migrations,
+            fixtures: &[],
+        },
+    };
+    let lock = session.dir.entry(Entry::Run(ready.database));
+    let origin = Origin::now(spec.name, &session.config.run_id, lock);
+    let marker = Marker::Shared(origin);
+    let copy = Target {
+        database: ready.database,
+        kind: Kind::Shared,
+        marker: &marker,
+        source: Source::Copy {
+            template: &template,
+        },
+    };
+    bootstrap::build_once(session, Some(pool), copy, spec.role, spec.name).await
+}
