@@ -65,7 +65,7 @@ impl StateDir {
 
     /// The directory `name` in this one, made private if missing, owned by
     /// `owner` (this user, unless the directory is the server user's).
-    pub(crate) fn dir(&self, name: &str, owner: Uid) -> Result<Self, Error> {
+    fn dir(&self, name: &str, owner: Uid) -> Result<Self, Error> {
         let path = self.path.join(name);
         make_checked(&path, 0o700, owner)?;
         Ok(Self { path })
@@ -76,8 +76,24 @@ impl StateDir {
     }
 
     /// The path of the file `name` in this directory.
-    pub(crate) fn file(&self, name: &str) -> PathBuf {
+    fn file(&self, name: &str) -> PathBuf {
         self.path.join(name)
+    }
+
+    /// Where the embedded server of PostgreSQL `major` keeps its cluster.
+    pub(crate) fn cluster(&self, major: u32) -> PathBuf {
+        self.file(&format!("pg{major}"))
+    }
+
+    /// Makes the cluster's directory (see [`Self::cluster`]) if missing,
+    /// owned by `owner`, who runs the server; checks it either way.
+    pub(crate) fn make_cluster(&self, major: u32, owner: Uid) -> Result<(), Error> {
+        self.dir(&format!("pg{major}"), owner).map(drop)
+    }
+
+    /// Where what `pg_config --bindir` said is remembered.
+    pub(crate) fn pg_config_answer(&self) -> PathBuf {
+        self.file("pg_config.cache")
     }
 
     /// The directory of the server at `address` in the home,

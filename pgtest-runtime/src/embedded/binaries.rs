@@ -3,11 +3,14 @@
 use std::env;
 use std::ffi::OsStr;
 use std::fs;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use crate::Error;
 use crate::config::{BIN_VAR, BinariesSearch};
+use crate::lock::open_no_follow;
+use crate::state::StateDir;
 
 /// A directory holding `initdb`, `pg_ctl` and `postgres`, and their major
 /// version.
@@ -27,7 +30,7 @@ impl Binaries {
 /// --bindir`, `PATH`, and `/usr/lib/postgresql/*/bin`, newest major first.
 /// `pg_config`'s answer is remembered in `cache_dir`, since running it
 /// (a script on Debian) costs more than the rest of a hot start.
-pub(crate) fn find(cache_dir: &Path, search: &BinariesSearch) -> Result<Binaries, Error> {
+pub(crate) fn find(home: &StateDir, search: &BinariesSearch) -> Result<Binaries, Error> {
     let path = match search {
         BinariesSearch::Dir(dir) => {
             return usable(dir).ok_or_else(|| Error::NoBinaries {
@@ -36,7 +39,7 @@ pub(crate) fn find(cache_dir: &Path, search: &BinariesSearch) -> Result<Binaries
         }
         BinariesSearch::Path(path) => path,
     };
-    pg_config_bindir(path, cache_dir)
+    pg_config_bindir(path, &home.pg_config_answer())
         .into_iter()
         .chain(env::split_paths(path))
         .find_map(|dir| usable(&dir))
@@ -49,7 +52,7 @@ pub(crate) fn find(cache_dir: &Path, search: &BinariesSearch) -> Result<Binaries
 /// What `pg_config --bindir` says, from the cache while the `pg_config`
 /// found on `PATH` resolves to the same unchanged file and no PostgreSQL
 /// version was added to or removed from `/usr/lib/postgresql`.
-fn pg_config_bindir(path: &OsStr, cache_dir: &Path) -> Option<PathBuf> {
+fn pg_config_bindir(path: &OsStr, cache: &Path) -> Option<PathBuf> {
     let pg_config = env::split_paths(path)
         .map(|dir| dir.join("pg_config"))
         .find(|candidate| candidate.is_file())?;
@@ -62,8 +65,7 @@ fn pg_config_bindir(path: &OsStr, cache_dir: &Path) -> Option<PathBuf> {
         modified(&pg_config),
         modified(Path::new("/usr/lib/postgresql")),
     );
-    let cache = cache_dir.join("pg_config.cache");
-    let cached = fs::read_to_string(&cache).unwrap_or_default();
+    let cached = fs::read_to_string(cache).unwrap_or_default();
     if let Some((cached_key, bindir)) = cached.split_once('\n')
         && cached_key == key
     {
@@ -74,7 +76,10 @@ fn pg_config_bindir(path: &OsStr, cache_dir: &Path) -> Option<PathBuf> {
         .status
         .success()
         .then(|| String::from_utf8_lossy(&output.stdout).trim().to_owned())?;
-    let _ = fs::write(&cache, format!("{key}\n{bindir}\n"));
+    let _ = open_no_follow(cache, 0o600).and_then(|mut file| {
+        file.set_len(0)?;
+        file.write_all(format!("{key}\n{bindir}\n").as_bytes())
+    });
     Some(PathBuf::from(bindir))
 }
 

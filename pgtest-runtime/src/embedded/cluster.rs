@@ -50,9 +50,9 @@ impl Cluster {
     /// owned by whoever runs the server.
     pub(crate) fn prepare(binaries: Binaries, home: &StateDir) -> Result<Self, Error> {
         let server_user = server_user()?;
-        let name = format!("pg{}", binaries.major);
+        let major = binaries.major;
         let cluster = Self {
-            dir: home.file(&name),
+            dir: home.cluster(major),
             binaries,
             server_user,
         };
@@ -71,7 +71,7 @@ impl Cluster {
             Some(user) => user.uid,
             None => Uid::effective(),
         };
-        home.dir(&name, owner)?;
+        home.make_cluster(major, owner)?;
         Ok(cluster)
     }
 

@@ -50,7 +50,7 @@ pub(crate) fn ensure(
     if let Some(in_use) = in_use.as_ref() {
         return Ok(in_use.embedded.clone());
     }
-    let binaries = binaries::find(home.path(), search)?;
+    let binaries = binaries::find(home, search)?;
     let cluster = Cluster::prepare(binaries, home)?;
     let started = Instant::now();
     let start_lock = cluster.lock_file("start.lock")?;
