@@ -91,33 +91,46 @@ pub(crate) async fn marked(
         .collect())
 }
 
-/// Up to `limit` databases whose names start with `prefix`, in random order.
-pub(crate) async fn named_like(
+/// Up to `limit` databases marked `marker`, in random order.
+pub(crate) async fn marked_as(
     connection: &mut PgConnection,
-    prefix: &str,
+    marker: &Marker,
     limit: i64,
 ) -> sqlx::Result<Vec<String>> {
     sqlx::query_scalar(
-        "select datname from pg_database where datname like $1 order by random() limit $2",
+        "select datname from pg_database where shobj_description(oid, 'pg_database') = $1 \
+         order by random() limit $2",
     )
-    .bind(starting_with(prefix))
+    .bind(marker.to_string())
     .bind(limit)
     .fetch_all(connection)
     .await
 }
 
-/// How many databases have names starting with `prefix`, and the size of
-/// `database` in bytes (0 when it does not exist).
+/// How many other sessions than this one are connected to the database
+/// this one is.
+pub(crate) async fn other_sessions(connection: &mut PgConnection) -> sqlx::Result<i64> {
+    sqlx::query_scalar(
+        "select count(*) from pg_stat_activity \
+         where datname = current_database() and pid <> pg_backend_pid()",
+    )
+    .fetch_one(connection)
+    .await
+}
+
+/// How many databases are marked `marker`, and the size of `database` in
+/// bytes (0 when it does not exist).
 pub(crate) async fn count_and_size(
     connection: &mut PgConnection,
-    prefix: &str,
+    marker: &Marker,
     database: &str,
 ) -> sqlx::Result<(u32, u64)> {
     let (count, size): (i64, i64) = sqlx::query_as(
-        "select (select count(*) from pg_database where datname like $1), \
+        "select (select count(*) from pg_database \
+             where shobj_description(oid, 'pg_database') = $1), \
          coalesce((select pg_database_size(datname) from pg_database where datname = $2), 0)",
     )
-    .bind(starting_with(prefix))
+    .bind(marker.to_string())
     .bind(database)
     .fetch_one(connection)
     .await?;
@@ -156,23 +169,6 @@ pub(crate) async fn mark(
         "comment on database {} is {}",
         ident(database),
         literal(&marker.to_string())
-    );
-    run(connection, &statement).await
-}
-
-/// Renames `from` to `to` and gives it `marker`, in one transaction (one
-/// simple query): both happen, or neither.
-pub(crate) async fn rename_and_mark(
-    connection: &mut PgConnection,
-    from: &str,
-    to: &str,
-    marker: &Marker,
-) -> sqlx::Result<()> {
-    let statement = format!(
-        "alter database {from} rename to {to}; comment on database {to} is {marker}",
-        from = ident(from),
-        to = ident(to),
-        marker = literal(&marker.to_string()),
     );
     run(connection, &statement).await
 }

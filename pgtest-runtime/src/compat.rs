@@ -24,6 +24,23 @@ pub(crate) fn raw(sql: &str) -> sqlx::RawSql<'_> {
     sqlx::raw_sql(sql)
 }
 
+/// A query pgtest built itself from names it read from the catalog
+/// (quoted by the server or by [`crate::catalog`]), for typed results.
+#[cfg(not(pgtest_sqlx08))]
+pub(crate) fn query(
+    sql: &str,
+) -> sqlx::query::Query<'_, sqlx::Postgres, sqlx::postgres::PgArguments> {
+    sqlx::query(sqlx::AssertSqlSafe(sql.to_owned()))
+}
+
+/// A query pgtest built itself, for typed results.
+#[cfg(pgtest_sqlx08)]
+pub(crate) fn query(
+    sql: &str,
+) -> sqlx::query::Query<'_, sqlx::Postgres, sqlx::postgres::PgArguments> {
+    sqlx::query(sql)
+}
+
 /// A migrator without migrations.
 #[cfg(not(pgtest_sqlx08))]
 pub(crate) fn no_migrations() -> Migrator {

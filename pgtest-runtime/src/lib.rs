@@ -24,6 +24,7 @@ mod markers;
 mod migrations;
 mod names;
 mod pool;
+mod recycle;
 mod redact;
 mod runner;
 mod server;

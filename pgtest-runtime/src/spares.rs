@@ -1,7 +1,10 @@
-//! Spare copies of templates, made between runs, so that a test in
-//! `isolation = "database"` claims one by renaming it (a millisecond)
-//! instead of copying the template on its critical path (60 to 300 ms,
-//! most of it the server writing 8 MB and some 300 files).
+//! The spares helper: server work done after a run, off the tests'
+//! critical path. It drops passed tests' databases that were retired (see
+//! [`crate::recycle`]) and, for templates whose copies are not recycled (a
+//! role that is not a superuser), makes spare copies, so that a test in
+//! `isolation = "database"` claims one (a millisecond) instead of copying
+//! the template (60 to 300 ms, most of it the server writing 8 MB and some
+//! 300 files).
 //!
 //! The work is done by a helper per server (see [`crate::helper`]), started
 //! by the first database-mode test that finds none. Every pgtest process
@@ -29,44 +32,14 @@ use crate::error::sqlstate;
 use crate::helper::{self, Job, say};
 use crate::lock::Mode;
 use crate::markers::Marker;
-use crate::server::Server;
 use crate::session::Session;
 use crate::state::{Entry, ServerDir, append_no_follow};
 use crate::{Error, catalog, names};
 
-/// How many spares a test tries to claim before copying the template (a
-/// claim fails when another test renamed the same spare first).
-const CLAIM_TRIES: i64 = 4;
 /// The most disk a template's spares may take.
 const SPARE_BYTES: u64 = 2 << 30;
 /// How long the server must go without a client before the helper works.
 const QUIET: Duration = Duration::from_secs(2);
-
-/// Claims a spare copy of `template` as `name`, giving it `marker`;
-/// whether there was one to claim.
-pub(crate) async fn claim(
-    server: &Server,
-    admin: &mut PgConnection,
-    template: &str,
-    name: &str,
-    marker: &Marker,
-) -> Result<bool, Error> {
-    let prefix = names::spare_prefix(template);
-    let spares = catalog::named_like(admin, &prefix, CLAIM_TRIES)
-        .await
-        .map_err(|error| {
-            server.query_error(format!("listing spare copies of {template}"), &error)
-        })?;
-    for spare in spares {
-        // Renamed and marked, or not.
-        match catalog::rename_and_mark(admin, &spare, name, marker).await {
-            Ok(()) => return Ok(true),
-            // Another test took it first: try the next.
-            Err(error) => tracing::debug!(spare, %error, "claiming a spare failed"),
-        }
-    }
-    Ok(false)
-}
 
 /// Asks the helper for one more spare of `template` after this run, and
 /// starts the helper if it is not running.
@@ -358,8 +331,10 @@ async fn queue_copies(
         if have.contains_key(template) {
             continue;
         }
-        let prefix = names::spare_prefix(template);
-        let (spares, size) = catalog::count_and_size(admin, &prefix, template)
+        let spare = Marker::Spare {
+            template: template.clone(),
+        };
+        let (spares, size) = catalog::count_and_size(admin, &spare, template)
             .await
             .map_err(|error| format!("cannot count the spares of {template}: {error}"))?;
         if size == 0 {

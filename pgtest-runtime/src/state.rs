@@ -149,6 +149,8 @@ pub(crate) enum Entry<'a> {
     SparesTaken,
     /// The helper's queue of jobs, a directory.
     Jobs,
+    /// What a fresh copy of this template holds (see [`crate::recycle`]).
+    Snapshot(&'a str),
 }
 
 impl Entry<'_> {
@@ -171,6 +173,7 @@ impl Entry<'_> {
             Self::SparesWanted => "spares.wanted".to_owned(),
             Self::SparesTaken => "spares.taken".to_owned(),
             Self::Jobs => "jobs".to_owned(),
+            Self::Snapshot(template) => format!("snapshot-{template}"),
         }
     }
 }

@@ -124,8 +124,13 @@ impl Cluster {
     /// A URL for the `postgres` superuser over the unix socket, where logins
     /// are trusted: no password exchange, which a debug build makes slow.
     pub fn socket_url(&self) -> String {
+        self.socket_url_for("postgres")
+    }
+
+    /// A URL for `user` over the unix socket, where logins are trusted.
+    pub fn socket_url_for(&self, user: &str) -> String {
         format!(
-            "postgres://postgres@localhost/postgres?host={}&port={}",
+            "postgres://{user}@localhost/postgres?host={}&port={}",
             self.dir.path().display(),
             self.port
         )
@@ -524,10 +529,11 @@ impl EmbeddedHome {
 
     /// The cluster directory of the newest binaries.
     pub fn cluster(&self) -> PathBuf {
+        // `/usr/lib/postgresql/15/bin`, or `…/pg15/bin` as .ci/run installs them.
         let major = pg_bin()
             .parent()
             .and_then(|dir| dir.file_name())
-            .map(|name| name.to_string_lossy().into_owned());
+            .map(|name| name.to_string_lossy().trim_start_matches("pg").to_owned());
         self.path().join(format!(
             "pg{}",
             major.expect("a versioned binary directory")

@@ -1,12 +1,19 @@
-//! `isolation = "database"`: each test gets a copy of the template of its
-//! migrations and fixtures, `<template>_<8 hex>`: a spare copy renamed (see
-//! [`crate::spares`]) or, when none is left, a new one. The test holds an
-//! exclusive lock on the copy's lock file while it runs, and until its
-//! process ends when it fails. A passed test's copy is dropped later (by
-//! the spares helper after the run, or by a sweep); a failed test's stays
-//! for inspection until a later run.
+//! `isolation = "database"`: each test gets a database of its own that
+//! holds exactly what a fresh copy of the template of its migrations and
+//! fixtures does: a spare one (marked so: a passed test's database put
+//! back, see [`crate::recycle`], or a copy the spares helper made), or,
+//! when none is free, a new copy, `<template>_<8 hex>`.
+//!
+//! A test claims a spare under the database's advisory lock, and holds an
+//! exclusive lock on its lock file while it runs (until its process ends
+//! when it fails). A passed test puts its database back and marks it spare
+//! again; one whose schema changed is retired and dropped later (by the
+//! spares helper after the run, or by a sweep); a failed test's stays for
+//! inspection until a later run. A test killed midway leaves its database
+//! marked as its own, never handed out again.
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use sqlx::Connection;
 use sqlx::postgres::PgConnection;
@@ -14,11 +21,11 @@ use sqlx::postgres::PgConnection;
 use super::{Prepared, Teardown, run_scripts_on_pool, sweep_beside};
 use crate::bootstrap::{self, Source, Target};
 use crate::budget::Slots;
-use crate::lock::{LockFile, Mode, open_no_follow};
+use crate::lock::{LockFile, Mode, Pauses, open_no_follow};
 use crate::markers::{Kind, Marker, Origin};
 use crate::migrations::Migrations;
 use crate::pool;
-use crate::server::Server;
+use crate::recycle::{Reset, Snapshot, Stored};
 use crate::session::Session;
 use crate::state::Entry;
 use crate::{Error, Tenant, TestContext, catalog, names, spares};
@@ -44,8 +51,7 @@ pub(super) async fn prepare(
     // The pool's connections and an admin connection.
     let max = pool::max_for(spec, &session.budget, 1)?;
     let (slots, mut admin) = with_template(session, target, max, spec).await?;
-    let database = TestDatabase::create(session, &mut admin, &template, spec.name).await?;
-    spares::want(session, &template);
+    let database = TestDatabase::claim(session, &mut admin, &template, spec.name).await?;
     let name = database.name.clone();
     let pool = pool::test_pool(session, &name, tenant, spec, max).await;
     pool.cover.hold(slots, 1).await;
@@ -53,7 +59,7 @@ pub(super) async fn prepare(
     let teardown = Teardown {
         cover: pool.cover,
         sweep: Some(sweep_beside(session, admin)),
-        own: Some((session.server.clone(), database)),
+        own: Some((Arc::clone(session), database)),
     };
     // The fixtures are in the template.
     let seeds: Vec<_> = spec.seeds.iter().collect();
@@ -86,60 +92,232 @@ async fn with_template(
     Ok((slots, server.connect(server.admin_database()).await?))
 }
 
-/// A test's own database, from its creation until the test ends.
+/// How many spares a test tries to claim before copying the template (a
+/// claim fails when another test took the same spare first).
+const CLAIM_TRIES: i64 = 4;
+/// How long a passed test waits for the sessions of its database to end
+/// before it puts the database back.
+const SESSIONS_END: Duration = Duration::from_secs(1);
+
+/// A test's own database, from its claim until the test ends.
 pub(super) struct TestDatabase {
     name: String,
+    template: String,
+    /// What this machine knows of the template's snapshot.
+    stored: Stored,
     /// Held while the test runs (and, when it fails, until the process
     /// ends): a sweeper that can take it knows the test is over.
     lock: LockFile,
-    /// Where the test marks it passed.
-    passed: std::path::PathBuf,
 }
 
 impl TestDatabase {
-    /// Gives `test` a database of its own, a copy of `template`: a spare
-    /// one if there is one to claim, else a new copy, made with `admin`.
-    async fn create(
+    /// Gives `test` a database of its own with `admin`: a spare of
+    /// `template` if one is free, else a new copy.
+    async fn claim(
         session: &Session,
         admin: &mut PgConnection,
         template: &str,
         test: &str,
     ) -> Result<Self, Error> {
         let Session { server, dir, .. } = session;
-        let name = names::own_copy(template, &uuid::Uuid::new_v4().simple().to_string());
-        let entry = Entry::Live(&name);
-        let lock = dir.lock(entry)?;
-        // A new name: nobody else has its lock.
-        let taken = lock.try_lock(Mode::Exclusive);
-        if !taken.map_err(|error| dir.error(entry, &error))? {
-            let held = std::io::Error::other("held by another process");
-            return Err(dir.error(entry, &held));
-        }
-        let origin = Origin::now(test, &session.config.run_id, dir.entry(entry));
-        let marker = Marker::Test(origin);
-        if !spares::claim(server, admin, template, &name, &marker).await? {
-            catalog::create(admin, &name, Some(template), &marker)
+        let failed = |error: sqlx::Error| {
+            server.query_error(format!("claiming a spare copy of {template}"), &error)
+        };
+        let spare = Marker::Spare {
+            template: template.to_owned(),
+        };
+        let spares = catalog::marked_as(admin, &spare, CLAIM_TRIES)
+            .await
+            .map_err(failed)?;
+        for name in spares {
+            let Some(lock) = Self::lock(session, &name)? else {
+                continue;
+            };
+            // Under the advisory lock, as another machine's tests may
+            // claim the same spare: still spare, then marked as this test's.
+            if !catalog::try_advisory_lock(admin, &name)
                 .await
-                .map_err(|error| server.create_error(&name, &error))?;
+                .map_err(failed)?
+            {
+                continue;
+            }
+            let claimed = match catalog::comment(admin, &name).await {
+                Ok(comment)
+                    if comment.as_deref().and_then(Marker::parse) == Some(spare.clone()) =>
+                {
+                    let marker = Self::marker(session, &name, test);
+                    catalog::mark(admin, &name, &marker).await.map(|()| true)
+                }
+                other => other.map(|_| false),
+            };
+            catalog::advisory_unlock(admin, &name)
+                .await
+                .map_err(failed)?;
+            if claimed.map_err(failed)? {
+                return Ok(Self::claimed(session, name, template, lock));
+            }
         }
-        let passed = dir.entry(Entry::Passed(&name));
-        Ok(Self { name, lock, passed })
+        let name = names::own_copy(template, &uuid::Uuid::new_v4().simple().to_string());
+        let lock = Self::lock(session, &name)?.ok_or_else(|| {
+            dir.error(
+                Entry::Live(&name),
+                &std::io::Error::other("held by another process"),
+            )
+        })?;
+        let marker = Self::marker(session, &name, test);
+        catalog::create(admin, &name, Some(template), &marker)
+            .await
+            .map_err(|error| server.create_error(&name, &error))?;
+        let mut database = Self::claimed(session, name, template, lock);
+        if let Stored::Missing = database.stored {
+            database.stored = database.take_snapshot(session).await;
+        }
+        Ok(database)
     }
 
-    /// Ends the test's hold on its database: a passed test's database is
-    /// left for the next sweep; a failed test's is kept until a later run,
-    /// and the returned text says how to inspect it.
-    pub(super) fn finish(self, passed: bool, server: &Server) -> Option<String> {
-        if passed {
-            let _ = open_no_follow(&self.passed, 0o600);
-            return None;
+    /// The database `name`, a copy of `template`, claimed (its `lock`
+    /// taken); asks the spares helper for a copy made ahead when the
+    /// template's copies are not recycled.
+    fn claimed(session: &Session, name: String, template: &str, lock: LockFile) -> Self {
+        let stored = Stored::load(&session.dir.entry(Entry::Snapshot(template)));
+        if let Stored::Unrecyclable = stored {
+            spares::want(session, template);
         }
-        // Held until the process ends, so that this run's sweeps keep it.
-        std::mem::forget(self.lock);
-        Some(format!(
-            "its database {name} is kept until a later run sweeps it; inspect it with: {psql}",
-            name = self.name,
-            psql = server.psql_command(&self.name),
-        ))
+        Self {
+            name,
+            template: template.to_owned(),
+            stored,
+            lock,
+        }
+    }
+
+    /// The lock file of `name`, taken; `None` when another test holds it.
+    fn lock(session: &Session, name: &str) -> Result<Option<LockFile>, Error> {
+        let entry = Entry::Live(name);
+        let lock = session.dir.lock(entry)?;
+        let taken = lock.try_lock(Mode::Exclusive);
+        Ok(taken
+            .map_err(|error| session.dir.error(entry, &error))?
+            .then_some(lock))
+    }
+
+    /// The marker of `name` as `test`'s database.
+    fn marker(session: &Session, name: &str, test: &str) -> Marker {
+        let lock = session.dir.entry(Entry::Live(name));
+        Marker::Test(Origin::now(test, &session.config.run_id, lock))
+    }
+
+    /// Takes the snapshot of the template on this fresh copy, and keeps it
+    /// for this machine's later tests.
+    async fn take_snapshot(&self, session: &Session) -> Stored {
+        let server = &session.server;
+        let taken = async {
+            let mut connection = server.connect(&self.name).await?;
+            let snapshot = Snapshot::take(&mut connection).await;
+            let _ = connection.close().await;
+            snapshot.map_err(|error| server.query_error("taking a snapshot", &error))
+        };
+        let snapshot = match taken.await {
+            Ok(snapshot) => snapshot,
+            Err(error) => {
+                tracing::warn!(%error, "cannot take the template's snapshot");
+                return Stored::Missing;
+            }
+        };
+        let path = session.dir.entry(Entry::Snapshot(&self.template));
+        if let Err(error) = Stored::store(snapshot.as_ref(), &path) {
+            tracing::warn!(%error, "cannot keep the template's snapshot");
+        }
+        match snapshot {
+            Some(snapshot) => Stored::Snapshot(snapshot),
+            None => {
+                spares::want(session, &self.template);
+                Stored::Unrecyclable
+            }
+        }
+    }
+
+    /// Ends the test's hold on its database, after its pool is closed: a
+    /// passed test's database is put back and marked spare, or retired for
+    /// a later drop; a failed test's is kept until a later run, and the
+    /// returned text says how to inspect it.
+    pub(super) async fn finish(self, passed: bool, session: &Session) -> Option<String> {
+        let server = &session.server;
+        if !passed {
+            // Held until the process ends, so that this run's sweeps keep it.
+            std::mem::forget(self.lock);
+            return Some(format!(
+                "its database {name} is kept until a later run sweeps it; inspect it with: {psql}",
+                name = self.name,
+                psql = server.psql_command(&self.name),
+            ));
+        }
+        match self.put_back(session).await {
+            Ok(None) => {}
+            Ok(Some(why)) => {
+                tracing::debug!(database = self.name, why, "retired");
+                let _ = open_no_follow(&session.dir.entry(Entry::Passed(&self.name)), 0o600);
+            }
+            Err(error) => {
+                tracing::warn!(%error, database = self.name, "retired: putting it back failed");
+                let _ = open_no_follow(&session.dir.entry(Entry::Passed(&self.name)), 0o600);
+            }
+        }
+        None
+    }
+
+    /// Puts the database back and marks it spare; why not, when it has to
+    /// be retired instead.
+    async fn put_back(&self, session: &Session) -> Result<Option<&'static str>, Error> {
+        let limit = session.config.spare_databases;
+        if limit == 0 {
+            return Ok(Some("PGTEST_SPARE_DATABASES is 0"));
+        }
+        let Stored::Snapshot(snapshot) = &self.stored else {
+            return Ok(Some("its template's copies are not recycled"));
+        };
+        let server = &session.server;
+        let failed = |error: sqlx::Error| {
+            server.query_error(format!("putting database {} back", self.name), &error)
+        };
+        let mut connection = server.connect(&self.name).await?;
+        let result = async {
+            // The test's sessions end as its pool closes; one that stays
+            // (a pool the test built itself) may still change it.
+            let deadline = Instant::now() + SESSIONS_END;
+            let mut pauses = Pauses::new();
+            while catalog::other_sessions(&mut connection)
+                .await
+                .map_err(failed)?
+                > 0
+            {
+                if Instant::now() >= deadline {
+                    return Ok(Some("a session of the test's outlived it"));
+                }
+                tokio::time::sleep(pauses.next_until(deadline)).await;
+            }
+            match snapshot.reset(&mut connection).await.map_err(failed)? {
+                Reset::Retire(why) => return Ok(Some(why)),
+                Reset::Done { tables, sequences } => {
+                    tracing::debug!(database = self.name, tables, sequences, "put back");
+                }
+            }
+            let spare = Marker::Spare {
+                template: self.template.clone(),
+            };
+            let (spares, _) = catalog::count_and_size(&mut connection, &spare, &self.name)
+                .await
+                .map_err(failed)?;
+            if spares >= limit {
+                return Ok(Some("its template has PGTEST_SPARE_DATABASES spares"));
+            }
+            catalog::mark(&mut connection, &self.name, &spare)
+                .await
+                .map_err(failed)?;
+            Ok(None)
+        }
+        .await;
+        let _ = connection.close().await;
+        result
     }
 }

@@ -73,7 +73,7 @@ pub(crate) fn failure_hint(spec: &TestSpec, pool: &PgPool, cover: &Cover, failur
 pub(crate) struct Teardown {
     cover: Arc<Cover>,
     sweep: Option<JoinHandle<()>>,
-    own: Option<(Server, database::TestDatabase)>,
+    own: Option<(Arc<Session>, database::TestDatabase)>,
 }
 
 impl Teardown {
@@ -88,9 +88,10 @@ impl Teardown {
         if let Some(sweep) = self.sweep {
             let _ = tokio::time::timeout(SWEEP_WAIT, sweep).await;
         }
-        let kept = self
-            .own
-            .and_then(|(server, database)| database.finish(passed, &server));
+        let kept = match self.own {
+            Some((session, database)) => database.finish(passed, &session).await,
+            None => None,
+        };
         drop(self.cover.release().await);
         kept
     }

@@ -1,0 +1,595 @@
+//! Recycling a passed test's database in `isolation = "database"`: instead
+//! of dropping it and copying the template again for the next test (the
+//! server writes the whole template, 40 to 60 ms of its time), the test
+//! puts back what it changed, and the next test gets the database.
+//!
+//! A [`Snapshot`] of a fresh copy, taken once per template on this machine
+//! and kept in the server's directory, records what the reset compares
+//! against: a fingerprint of the catalog (everything but data: tables,
+//! columns, constraints, indexes, functions, types, extensions, ACLs,
+//! comments, the database's settings), for each table and materialized
+//! view whether it has rows and a hash of them in physical order, the rows
+//! themselves (`COPY` text) where it has any, each sequence's state, and
+//! the number of large objects. The reset, in one transaction:
+//!
+//! 1. compares the catalog's fingerprint: a test that changed the schema
+//!    (DDL, `ALTER DATABASE … SET`, a grant, a comment) retires its
+//!    database, which is dropped later, off the critical path;
+//! 2. finds the tables that differ (an empty one that has rows; one whose
+//!    rows, in physical order, hash otherwise: in-place updates and
+//!    deletes included), truncates them (`CASCADE`: referencing tables
+//!    too), and copies the template's rows back into every table that had
+//!    rows and is now empty, in the fresh copy's order, with triggers and
+//!    foreign keys off (`session_replication_role = replica`, which needs a
+//!    superuser: on a server where pgtest's role is not one, databases are
+//!    not recycled);
+//! 3. sets every sequence that moved back to the template's value and
+//!    `is_called`, and unlinks large objects when the template has none.
+//!
+//! A materialized view whose contents changed is refreshed, and retires
+//! the database if it then differs from the template's; large objects
+//! retire it when the template has some. Temporary objects (schemas
+//! `pg_temp_N`), TOAST tables (a refresh makes new ones), statistics and
+//! storage details (`relfilenode`, `relpages`) are not compared: they
+//! change without a schema change.
+
+use std::fmt::Write as _;
+use std::fs;
+use std::future::poll_fn;
+use std::io::Write as _;
+use std::path::Path;
+
+use sqlx::postgres::PgConnection;
+use sqlx::{Connection, Row};
+
+use crate::catalog;
+use crate::compat::query;
+use crate::lock::open_no_follow;
+
+/// The most bytes of template rows a snapshot keeps: a template with more
+/// is copied for each test, as before.
+const MAX_ROWS_BYTES: usize = 16 << 20;
+
+/// The session settings every comparison runs under, so that rows print
+/// the same whatever the test's session had set.
+const FORMATS: &str = "set local datestyle = 'ISO, YMD'; set local timezone = 'UTC'; \
+    set local intervalstyle = 'postgres'; set local extra_float_digits = 3; \
+    set local bytea_output = 'hex'; set local lock_timeout = 2000; \
+    set local search_path = pg_catalog";
+
+/// The catalog's fingerprint: every object a schema change touches, in
+/// every schema but temporary ones, without what changes on its own.
+const FINGERPRINT: &str = "with temp as (select oid from pg_namespace where nspname like 'pg\\_temp\\_%' \
+        or nspname like 'pg\\_toast\\_temp\\_%'), \
+    rel as (select oid from pg_class where relnamespace not in (select oid from temp) \
+        and relnamespace <> 'pg_toast'::regnamespace) \
+    select md5(string_agg(part, E'\\n' order by part)) from ( \
+    select 'class ' || (c.oid, relname, relnamespace, reltype, reloftype, relowner, relam, \
+        reltablespace, relpersistence, relkind, relnatts, relchecks, relrowsecurity, \
+        relforcerowsecurity, relispopulated, relreplident, relispartition, relacl, reloptions, \
+        relpartbound)::text as part from pg_class c where c.oid in (select oid from rel) \
+    union all select 'attribute ' || (attrelid, attname, atttypid, attlen, attnum, atttypmod, \
+        attndims, attnotnull, atthasdef, attidentity, attgenerated, attisdropped, attislocal, \
+        attinhcount, attcollation, attacl, attoptions, attfdwoptions)::text \
+        from pg_attribute where attrelid in (select oid from rel) \
+    union all select 'namespace ' || n::text from pg_namespace n where oid not in (select oid from temp) \
+    union all select 'type ' || t::text from pg_type t where typnamespace not in (select oid from temp) \
+    union all select 'proc ' || p::text from pg_proc p where pronamespace not in (select oid from temp) \
+    union all select 'constraint ' || c::text from pg_constraint c \
+        where connamespace not in (select oid from temp) \
+    union all select 'index ' || i::text from pg_index i where indrelid in (select oid from rel) \
+    union all select 'attrdef ' || (adrelid, adnum, pg_get_expr(adbin, adrelid))::text \
+        from pg_attrdef where adrelid in (select oid from rel) \
+    union all select 'trigger ' || (tgrelid, tgname, tgfoid, tgtype, tgenabled, tgisinternal, \
+        tgconstraint, tgdeferrable, tginitdeferred, tgnargs, tgattr, tgargs, \
+        pg_get_triggerdef(t.oid))::text from pg_trigger t where tgrelid in (select oid from rel) \
+    union all select 'rewrite ' || (ev_class, rulename, ev_type, ev_enabled, is_instead, \
+        pg_get_ruledef(r.oid))::text from pg_rewrite r where ev_class in (select oid from rel) \
+    union all select 'policy ' || p::text from pg_policy p where polrelid in (select oid from rel) \
+    union all select 'sequence ' || s::text from pg_sequence s where seqrelid in (select oid from rel) \
+    union all select 'inherits ' || i::text from pg_inherits i where inhrelid in (select oid from rel) \
+    union all select 'enum ' || e::text from pg_enum e \
+    union all select 'extension ' || e::text from pg_extension e \
+    union all select 'cast ' || c::text from pg_cast c \
+    union all select 'operator ' || o::text from pg_operator o \
+    union all select 'collation ' || c::text from pg_collation c \
+    union all select 'default acl ' || d::text from pg_default_acl d \
+    union all select 'event trigger ' || e::text from pg_event_trigger e \
+    union all select 'statistics ' || (stxrelid, stxname, stxnamespace, stxkeys, stxkind)::text \
+        from pg_statistic_ext where stxrelid in (select oid from rel) \
+    union all select 'description ' || d::text from pg_description d \
+        where classoid <> 'pg_class'::regclass or objoid in (select oid from rel) \
+    union all select 'settings ' || s::text from pg_db_role_setting s, pg_database d \
+        where s.setdatabase = d.oid and d.datname = current_database() \
+    union all select 'database ' || (datdba, encoding, datallowconn, datconnlimit, datacl)::text \
+        from pg_database where datname = current_database() \
+    ) parts";
+
+/// The hash of a relation without rows: md5 of the empty string.
+const EMPTY_HASH: &str = "d41d8cd98f00b204e9800998ecf8427e";
+
+/// What a fresh copy of a template holds (see the module's documentation).
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct Snapshot {
+    fingerprint: String,
+    large_objects: i64,
+    tables: Vec<Table>,
+    sequences: Vec<Sequence>,
+}
+
+/// A table or materialized view.
+#[derive(Debug, PartialEq, Eq)]
+struct Table {
+    /// Its name, schema-qualified and quoted.
+    name: String,
+    /// A materialized view: its contents cannot be put back.
+    view: bool,
+    /// Its rows, when it has any.
+    rows: Option<Rows>,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+struct Rows {
+    /// The md5 of its rows as text, in physical order.
+    hash: String,
+    /// The columns `COPY` writes, quoted, comma-separated (no generated one).
+    columns: String,
+    /// `COPY … TO STDOUT` of those columns, in physical order.
+    data: String,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+struct Sequence {
+    /// Its name, schema-qualified and quoted.
+    name: String,
+    last_value: i64,
+    is_called: bool,
+}
+
+/// What is known of a template's snapshot on this machine.
+pub(crate) enum Stored {
+    /// Not taken yet.
+    Missing,
+    /// Its copies cannot be recycled (see [`Snapshot::take`]).
+    Unrecyclable,
+    Snapshot(Snapshot),
+}
+
+impl Stored {
+    /// What `path` holds.
+    pub(crate) fn load(path: &Path) -> Self {
+        match fs::read_to_string(path) {
+            Err(_) => Self::Missing,
+            Ok(text) if text == UNRECYCLABLE => Self::Unrecyclable,
+            Ok(text) => Snapshot::parse(&text).map_or(Self::Missing, Self::Snapshot),
+        }
+    }
+
+    /// Writes `snapshot` (or that there is none) to `path`, whole or not at
+    /// all.
+    pub(crate) fn store(snapshot: Option<&Snapshot>, path: &Path) -> std::io::Result<()> {
+        let text = snapshot.map_or_else(|| UNRECYCLABLE.to_owned(), Snapshot::to_text);
+        let partial = path.with_extension(uuid::Uuid::new_v4().simple().to_string());
+        let mut file = open_no_follow(&partial, 0o600)?;
+        file.write_all(text.as_bytes())?;
+        fs::rename(&partial, path)
+    }
+}
+
+/// What a template whose copies cannot be recycled stores.
+const UNRECYCLABLE: &str = "pgtest snapshot 1 none\n";
+
+/// What a reset did.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Reset {
+    /// The database holds exactly what a fresh copy does again; what it
+    /// put back (table and sequence counts), for the log.
+    Done { tables: usize, sequences: usize },
+    /// It cannot be put back: retire the database.
+    Retire(&'static str),
+}
+
+/// The hash of a relation's rows as text, in physical order.
+fn rows_hash(name: &str) -> String {
+    format!("(select md5(coalesce(string_agg(x::text, E'\\n' order by ctid), '')) from {name} x)")
+}
+
+impl Snapshot {
+    /// Takes the snapshot of the fresh copy `connection` is connected to;
+    /// `None` when its databases cannot be recycled: pgtest's role is not
+    /// a superuser, or its rows are too many to keep.
+    pub(crate) async fn take(connection: &mut PgConnection) -> sqlx::Result<Option<Self>> {
+        let mut transaction = connection.begin().await?;
+        catalog::run(&mut transaction, FORMATS).await?;
+        let superuser: bool =
+            sqlx::query_scalar("select rolsuper from pg_roles where rolname = current_user")
+                .fetch_one(&mut *transaction)
+                .await?;
+        if !superuser {
+            return Ok(None);
+        }
+        let fingerprint: String = sqlx::query_scalar(FINGERPRINT)
+            .fetch_one(&mut *transaction)
+            .await?;
+        let large_objects: i64 = sqlx::query_scalar("select count(*) from pg_largeobject_metadata")
+            .fetch_one(&mut *transaction)
+            .await?;
+        let relations: Vec<(String, String, String)> = sqlx::query_as(
+            "select c.oid::regclass::text, c.relkind::text, \
+                 coalesce((select string_agg(quote_ident(attname), ', ' order by attnum) \
+                     from pg_attribute where attrelid = c.oid and attnum > 0 \
+                     and not attisdropped and attgenerated = ''), '') \
+             from pg_class c join pg_namespace n on n.oid = c.relnamespace \
+             where c.relkind in ('r', 'm', 'S') and n.nspname not in ('pg_catalog', 'information_schema') \
+             and n.nspname not like 'pg\\_toast%' and n.nspname not like 'pg\\_temp\\_%' \
+             order by c.oid",
+        )
+        .fetch_all(&mut *transaction)
+        .await?;
+        let mut tables = Vec::new();
+        let mut sequences = Vec::new();
+        let mut bytes = 0;
+        for (name, kind, columns) in relations {
+            if kind == "S" {
+                let statement = format!("select last_value, is_called from {name}");
+                let row = query(&statement).fetch_one(&mut *transaction).await?;
+                let (last_value, is_called) = (row.try_get(0)?, row.try_get(1)?);
+                sequences.push(Sequence {
+                    name,
+                    last_value,
+                    is_called,
+                });
+                continue;
+            }
+            let view = kind == "m";
+            let statement = format!("select exists (select from {name})");
+            let has_rows: bool = query(&statement)
+                .fetch_one(&mut *transaction)
+                .await?
+                .try_get(0)?;
+            let rows = match has_rows {
+                false => None,
+                // Rows without columns cannot be copied back.
+                true if columns.is_empty() && !view => return Ok(None),
+                true => {
+                    let statement = format!("select {}", rows_hash(&name));
+                    let hash: String = query(&statement)
+                        .fetch_one(&mut *transaction)
+                        .await?
+                        .try_get(0)?;
+                    let data = match view {
+                        // A view's rows are compared, never put back.
+                        true => String::new(),
+                        false => copy_out(&mut transaction, &name, &columns).await?,
+                    };
+                    bytes += data.len();
+                    Some(Rows {
+                        hash,
+                        columns,
+                        data,
+                    })
+                }
+            };
+            tables.push(Table { name, view, rows });
+        }
+        transaction.rollback().await?;
+        if bytes > MAX_ROWS_BYTES {
+            return Ok(None);
+        }
+        Ok(Some(Self {
+            fingerprint,
+            large_objects,
+            tables,
+            sequences,
+        }))
+    }
+
+    /// Puts back what a test changed in the database `connection` is
+    /// connected to (nobody else may be), in one transaction.
+    pub(crate) async fn reset(&self, connection: &mut PgConnection) -> sqlx::Result<Reset> {
+        let mut transaction = connection.begin().await?;
+        catalog::run(&mut transaction, FORMATS).await?;
+        let statement = self.state_query();
+        let row = query(&statement).fetch_one(&mut *transaction).await?;
+        let fingerprint: String = row.try_get(0)?;
+        let changed_tables: Vec<bool> = row.try_get(1)?;
+        let changed_sequences: Vec<bool> = row.try_get(2)?;
+        let large_objects: i64 = row.try_get(3)?;
+        if fingerprint != self.fingerprint {
+            return Ok(Reset::Retire("its schema or settings changed"));
+        }
+        if large_objects != self.large_objects && self.large_objects > 0 {
+            return Ok(Reset::Retire("its large objects changed"));
+        }
+        let (views, changed): (Vec<&Table>, Vec<&Table>) = self
+            .tables
+            .iter()
+            .zip(&changed_tables)
+            .filter_map(|(table, changed)| changed.then_some(table))
+            .partition(|table| table.view);
+        let mut statements = String::new();
+        if !changed.is_empty() {
+            // Triggers and foreign keys off while rows are put back.
+            statements.push_str("set local session_replication_role = replica; truncate ");
+            let names: Vec<&str> = changed.iter().map(|table| table.name.as_str()).collect();
+            let _ = write!(statements, "{} cascade; ", names.join(", "));
+        }
+        for (sequence, changed) in self.sequences.iter().zip(&changed_sequences) {
+            if *changed {
+                let _ = write!(
+                    statements,
+                    "select setval({}, {}, {}); ",
+                    catalog::literal(&sequence.name),
+                    sequence.last_value,
+                    sequence.is_called
+                );
+            }
+        }
+        if large_objects > 0 && self.large_objects == 0 {
+            statements.push_str("select lo_unlink(oid) from pg_largeobject_metadata; ");
+        }
+        if !statements.is_empty() {
+            catalog::run(&mut transaction, &statements).await?;
+        }
+        if !changed.is_empty() {
+            self.put_rows_back(&mut transaction).await?;
+        }
+        for view in &views {
+            let refresh = format!("refresh materialized view {}", view.name);
+            catalog::run(&mut transaction, &refresh).await?;
+            let statement = format!("select {}", rows_hash(&view.name));
+            let hash: String = query(&statement)
+                .fetch_one(&mut *transaction)
+                .await?
+                .try_get(0)?;
+            let expected = view
+                .rows
+                .as_ref()
+                .map_or(EMPTY_HASH, |rows| rows.hash.as_str());
+            if hash != expected {
+                return Ok(Reset::Retire(
+                    "a materialized view, refreshed, differs from the template's",
+                ));
+            }
+        }
+        transaction.commit().await?;
+        Ok(Reset::Done {
+            tables: changed.len() + views.len(),
+            sequences: changed_sequences.iter().filter(|changed| **changed).count(),
+        })
+    }
+
+    /// Copies the template's rows back into every table that had rows and
+    /// is now empty (truncated, or emptied by a cascade).
+    async fn put_rows_back(&self, connection: &mut PgConnection) -> sqlx::Result<()> {
+        let with_rows: Vec<(&Table, &Rows)> = self
+            .tables
+            .iter()
+            .filter(|table| !table.view)
+            .filter_map(|table| Some((table, table.rows.as_ref()?)))
+            .collect();
+        if with_rows.is_empty() {
+            return Ok(());
+        }
+        let checks: Vec<String> = with_rows
+            .iter()
+            .map(|(table, _)| format!("not exists (select from {})", table.name))
+            .collect();
+        let statement = format!("select array[{}]", checks.join(", "));
+        let empty: Vec<bool> = query(&statement)
+            .fetch_one(&mut *connection)
+            .await?
+            .try_get(0)?;
+        for ((table, rows), empty) in with_rows.into_iter().zip(empty) {
+            if empty {
+                copy_in(connection, &table.name, rows).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// One query: the fingerprint, for each table whether it differs, for
+    /// each sequence whether it moved, and the count of large objects.
+    fn state_query(&self) -> String {
+        let tables: Vec<String> = self
+            .tables
+            .iter()
+            .map(|table| match &table.rows {
+                None => format!("exists (select from {})", table.name),
+                Some(rows) => format!(
+                    "{} <> {}",
+                    rows_hash(&table.name),
+                    catalog::literal(&rows.hash)
+                ),
+            })
+            .collect();
+        let sequences: Vec<String> = self
+            .sequences
+            .iter()
+            .map(|sequence| {
+                format!(
+                    "(select (last_value, is_called) is distinct from ({}::int8, {}) from {})",
+                    sequence.last_value, sequence.is_called, sequence.name
+                )
+            })
+            .collect();
+        format!(
+            "select ({FINGERPRINT}), array[{}]::bool[], array[{}]::bool[], \
+             (select count(*) from pg_largeobject_metadata)",
+            tables.join(", "),
+            sequences.join(", ")
+        )
+    }
+
+    /// The snapshot as text: each record a line of numbers and the lengths
+    /// of the texts that follow it.
+    fn to_text(&self) -> String {
+        let mut text = format!(
+            "pgtest snapshot 1 {} {}\n",
+            self.fingerprint, self.large_objects
+        );
+        for sequence in &self.sequences {
+            let name = &sequence.name;
+            let _ = writeln!(
+                text,
+                "sequence {} {} {}",
+                sequence.last_value,
+                sequence.is_called,
+                name.len()
+            );
+            text.push_str(name);
+        }
+        for table in &self.tables {
+            let (hash, columns, data) = match &table.rows {
+                None => ("-", "", ""),
+                Some(rows) => (
+                    rows.hash.as_str(),
+                    rows.columns.as_str(),
+                    rows.data.as_str(),
+                ),
+            };
+            let _ = writeln!(
+                text,
+                "table {} {hash} {} {} {}",
+                table.view,
+                table.name.len(),
+                columns.len(),
+                data.len()
+            );
+            text.push_str(&table.name);
+            text.push_str(columns);
+            text.push_str(data);
+        }
+        text
+    }
+
+    /// Reads what [`Self::to_text`] wrote; `None` when this version cannot.
+    fn parse(text: &str) -> Option<Self> {
+        let mut rest = text;
+        let header = next_line(&mut rest)?;
+        let ["pgtest", "snapshot", "1", fingerprint, large_objects] = header[..] else {
+            return None;
+        };
+        let mut snapshot = Self {
+            fingerprint: fingerprint.to_owned(),
+            large_objects: large_objects.parse().ok()?,
+            tables: Vec::new(),
+            sequences: Vec::new(),
+        };
+        while !rest.is_empty() {
+            match next_line(&mut rest)?[..] {
+                ["sequence", last_value, is_called, name] => snapshot.sequences.push(Sequence {
+                    name: next_text(&mut rest, name)?,
+                    last_value: last_value.parse().ok()?,
+                    is_called: is_called.parse().ok()?,
+                }),
+                ["table", view, hash, name, columns, data] => {
+                    let name = next_text(&mut rest, name)?;
+                    let columns = next_text(&mut rest, columns)?;
+                    let data = next_text(&mut rest, data)?;
+                    snapshot.tables.push(Table {
+                        name,
+                        view: view.parse().ok()?,
+                        rows: (hash != "-").then(|| Rows {
+                            hash: hash.to_owned(),
+                            columns,
+                            data,
+                        }),
+                    });
+                }
+                _ => return None,
+            }
+        }
+        Some(snapshot)
+    }
+}
+
+/// The words of the next line of `rest`, which moves past it.
+fn next_line<'a>(rest: &mut &'a str) -> Option<Vec<&'a str>> {
+    let (line, after) = rest.split_once('\n')?;
+    *rest = after;
+    Some(line.split(' ').collect())
+}
+
+/// The next `length` bytes of `rest`, which moves past them.
+fn next_text(rest: &mut &str, length: &str) -> Option<String> {
+    let length: usize = length.parse().ok()?;
+    let text = rest.get(..length)?.to_owned();
+    *rest = &rest[length..];
+    Some(text)
+}
+
+/// `COPY` of `columns` of the table `name`, as text, in physical order.
+async fn copy_out(
+    connection: &mut PgConnection,
+    name: &str,
+    columns: &str,
+) -> sqlx::Result<String> {
+    let statement = format!("copy {name} ({columns}) to stdout");
+    let mut stream = connection.copy_out_raw(&statement).await?;
+    let mut data = Vec::new();
+    while let Some(chunk) = poll_fn(|cx| stream.as_mut().poll_next(cx)).await {
+        data.extend_from_slice(&chunk?);
+    }
+    String::from_utf8(data).map_err(|error| sqlx::Error::Decode(Box::new(error)))
+}
+
+/// Puts `rows` back into the table `name`.
+async fn copy_in(connection: &mut PgConnection, name: &str, rows: &Rows) -> sqlx::Result<()> {
+    let statement = format!("copy {name} ({}) from stdin", rows.columns);
+    let mut copy = connection.copy_in_raw(&statement).await?;
+    copy.send(rows.data.as_bytes()).await?;
+    copy.finish().await.map(drop)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_snapshot_reads_back_what_was_written() {
+        let snapshot = Snapshot {
+            fingerprint: "0123abcd".to_owned(),
+            large_objects: 0,
+            tables: vec![
+                Table {
+                    name: "public.plain".to_owned(),
+                    view: false,
+                    rows: None,
+                },
+                Table {
+                    name: "public.\"two\nlines\"".to_owned(),
+                    view: false,
+                    rows: Some(Rows {
+                        hash: "feed".to_owned(),
+                        columns: "\"id\", \"a b\"".to_owned(),
+                        data: "1\tx\\ny\n2\t\\N\n".to_owned(),
+                    }),
+                },
+                Table {
+                    name: "a view".to_owned(),
+                    view: true,
+                    rows: Some(Rows {
+                        hash: "beef".to_owned(),
+                        columns: "\"n\"".to_owned(),
+                        data: String::new(),
+                    }),
+                },
+            ],
+            sequences: vec![Sequence {
+                name: "public.plain_id_seq".to_owned(),
+                last_value: 7,
+                is_called: true,
+            }],
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("snapshot");
+        assert!(matches!(Stored::load(&path), Stored::Missing));
+        Stored::store(Some(&snapshot), &path).unwrap();
+        assert!(matches!(Stored::load(&path), Stored::Snapshot(read) if read == snapshot));
+        Stored::store(None, &path).unwrap();
+        assert!(matches!(Stored::load(&path), Stored::Unrecyclable));
+        fs::write(&path, "pgtest snapshot 2 x 0\n").unwrap();
+        assert!(matches!(Stored::load(&path), Stored::Missing));
+    }
+}
