@@ -58,11 +58,11 @@ const FORMATS: &str = "set local datestyle = 'ISO, YMD'; set local timezone = 'U
     set local search_path = pg_catalog";
 
 /// The catalog's fingerprint: every object a schema change touches, in
-/// every schema but temporary ones, without what changes on its own.
-const FINGERPRINT: &str = "with temp as (select oid from pg_namespace where nspname like 'pg\\_temp\\_%' \
-        or nspname like 'pg\\_toast\\_temp\\_%'), \
-    rel as (select oid from pg_class where relnamespace not in (select oid from temp) \
-        and relnamespace <> 'pg_toast'::regnamespace) \
+/// every schema but temporary ones and TOAST's (whose tables a refresh or
+/// truncation makes anew), without what changes on its own.
+const FINGERPRINT: &str = "with hidden as (select oid from pg_namespace where nspname = 'pg_toast' \
+        or nspname like 'pg\\_temp\\_%' or nspname like 'pg\\_toast\\_temp\\_%'), \
+    rel as (select oid from pg_class where relnamespace not in (select oid from hidden)) \
     select md5(string_agg(part, E'\\n' order by part)) from ( \
     select 'class ' || (c.oid, relname, relnamespace, reltype, reloftype, relowner, relam, \
         reltablespace, relpersistence, relkind, relnatts, relchecks, relrowsecurity, \
@@ -72,11 +72,11 @@ const FINGERPRINT: &str = "with temp as (select oid from pg_namespace where nspn
         attndims, attnotnull, atthasdef, attidentity, attgenerated, attisdropped, attislocal, \
         attinhcount, attcollation, attacl, attoptions, attfdwoptions)::text \
         from pg_attribute where attrelid in (select oid from rel) \
-    union all select 'namespace ' || n::text from pg_namespace n where oid not in (select oid from temp) \
-    union all select 'type ' || t::text from pg_type t where typnamespace not in (select oid from temp) \
-    union all select 'proc ' || p::text from pg_proc p where pronamespace not in (select oid from temp) \
+    union all select 'namespace ' || n::text from pg_namespace n where oid not in (select oid from hidden) \
+    union all select 'type ' || t::text from pg_type t where typnamespace not in (select oid from hidden) \
+    union all select 'proc ' || p::text from pg_proc p where pronamespace not in (select oid from hidden) \
     union all select 'constraint ' || c::text from pg_constraint c \
-        where connamespace not in (select oid from temp) \
+        where connamespace not in (select oid from hidden) \
     union all select 'index ' || i::text from pg_index i where indrelid in (select oid from rel) \
     union all select 'attrdef ' || (adrelid, adnum, pg_get_expr(adbin, adrelid))::text \
         from pg_attrdef where adrelid in (select oid from rel) \
