@@ -57,12 +57,14 @@ const FORMATS: &str = "set local datestyle = 'ISO, YMD'; set local timezone = 'U
     set local bytea_output = 'hex'; set local lock_timeout = 2000; \
     set local search_path = pg_catalog";
 
-/// The catalog's fingerprint: every object a schema change touches, in
-/// every schema but temporary ones and TOAST's (whose tables a refresh or
-/// truncation makes anew), without what changes on its own.
+/// The catalog's fingerprint: every object a schema change makes or
+/// touches (user objects, from `FirstNormalObjectId` on, and the `public`
+/// schema), in every schema but temporary ones and TOAST's (whose tables a
+/// refresh or truncation makes anew), without what changes on its own.
 const FINGERPRINT: &str = "with hidden as (select oid from pg_namespace where nspname = 'pg_toast' \
         or nspname like 'pg\\_temp\\_%' or nspname like 'pg\\_toast\\_temp\\_%'), \
-    rel as (select oid from pg_class where relnamespace not in (select oid from hidden)) \
+    rel as (select oid from pg_class where oid >= 16384 \
+        and relnamespace not in (select oid from hidden)) \
     select md5(string_agg(part, E'\\n' order by part)) from ( \
     select 'class ' || (c.oid, relname, relnamespace, reltype, reloftype, relowner, relam, \
         reltablespace, relpersistence, relkind, relnatts, relchecks, relrowsecurity, \
@@ -71,34 +73,37 @@ const FINGERPRINT: &str = "with hidden as (select oid from pg_namespace where ns
     union all select 'attribute ' || (attrelid, attname, atttypid, attlen, attnum, atttypmod, \
         attndims, attnotnull, atthasdef, attidentity, attgenerated, attisdropped, attislocal, \
         attinhcount, attcollation, attacl, attoptions, attfdwoptions)::text \
-        from pg_attribute where attrelid in (select oid from rel) \
-    union all select 'namespace ' || n::text from pg_namespace n where oid not in (select oid from hidden) \
-    union all select 'type ' || t::text from pg_type t where typnamespace not in (select oid from hidden) \
-    union all select 'proc ' || p::text from pg_proc p where pronamespace not in (select oid from hidden) \
+        from pg_attribute where attrelid >= 16384 and attrelid in (select oid from rel) \
+    union all select 'namespace ' || n::text from pg_namespace n \
+        where (oid >= 16384 or nspname = 'public') and oid not in (select oid from hidden) \
+    union all select 'type ' || t::text from pg_type t \
+        where oid >= 16384 and typnamespace not in (select oid from hidden) \
+    union all select 'proc ' || p::text from pg_proc p where oid >= 16384 \
     union all select 'constraint ' || c::text from pg_constraint c \
-        where connamespace not in (select oid from hidden) \
-    union all select 'index ' || i::text from pg_index i where indrelid in (select oid from rel) \
+        where oid >= 16384 and connamespace not in (select oid from hidden) \
+    union all select 'index ' || i::text from pg_index i where indrelid >= 16384 and indrelid in (select oid from rel) \
     union all select 'attrdef ' || (adrelid, adnum, pg_get_expr(adbin, adrelid))::text \
-        from pg_attrdef where adrelid in (select oid from rel) \
+        from pg_attrdef where adrelid >= 16384 and adrelid in (select oid from rel) \
     union all select 'trigger ' || (tgrelid, tgname, tgfoid, tgtype, tgenabled, tgisinternal, \
-        tgconstraint, tgdeferrable, tginitdeferred, tgnargs, tgattr, tgargs, \
-        pg_get_triggerdef(t.oid))::text from pg_trigger t where tgrelid in (select oid from rel) \
+        tgconstraint, tgdeferrable, tginitdeferred, tgnargs, tgattr, tgargs)::text \
+        from pg_trigger where tgrelid >= 16384 and tgrelid in (select oid from rel) \
     union all select 'rewrite ' || (ev_class, rulename, ev_type, ev_enabled, is_instead, \
-        pg_get_ruledef(r.oid))::text from pg_rewrite r where ev_class in (select oid from rel) \
-    union all select 'policy ' || p::text from pg_policy p where polrelid in (select oid from rel) \
-    union all select 'sequence ' || s::text from pg_sequence s where seqrelid in (select oid from rel) \
-    union all select 'inherits ' || i::text from pg_inherits i where inhrelid in (select oid from rel) \
-    union all select 'enum ' || e::text from pg_enum e \
+        ev_qual, ev_action)::text from pg_rewrite where ev_class >= 16384 and ev_class in (select oid from rel) \
+    union all select 'policy ' || p::text from pg_policy p where polrelid >= 16384 and polrelid in (select oid from rel) \
+    union all select 'sequence ' || s::text from pg_sequence s where seqrelid >= 16384 and seqrelid in (select oid from rel) \
+    union all select 'inherits ' || i::text from pg_inherits i where inhrelid >= 16384 and inhrelid in (select oid from rel) \
+    union all select 'enum ' || e::text from pg_enum e where oid >= 16384 \
     union all select 'extension ' || e::text from pg_extension e \
-    union all select 'cast ' || c::text from pg_cast c \
-    union all select 'operator ' || o::text from pg_operator o \
-    union all select 'collation ' || c::text from pg_collation c \
+    union all select 'cast ' || c::text from pg_cast c where oid >= 16384 \
+    union all select 'operator ' || o::text from pg_operator o where oid >= 16384 \
+    union all select 'collation ' || c::text from pg_collation c where oid >= 16384 \
     union all select 'default acl ' || d::text from pg_default_acl d \
     union all select 'event trigger ' || e::text from pg_event_trigger e \
     union all select 'statistics ' || (stxrelid, stxname, stxnamespace, stxkeys, stxkind)::text \
-        from pg_statistic_ext where stxrelid in (select oid from rel) \
+        from pg_statistic_ext where stxrelid >= 16384 and stxrelid in (select oid from rel) \
     union all select 'description ' || d::text from pg_description d \
-        where classoid <> 'pg_class'::regclass or objoid in (select oid from rel) \
+        where (objoid >= 16384 or objoid = 'public'::regnamespace) \
+        and (classoid <> 'pg_class'::regclass or objoid in (select oid from rel)) \
     union all select 'settings ' || s::text from pg_db_role_setting s, pg_database d \
         where s.setdatabase = d.oid and d.datname = current_database() \
     union all select 'database ' || (datdba, encoding, datallowconn, datconnlimit, datacl)::text \

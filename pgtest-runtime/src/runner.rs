@@ -9,7 +9,6 @@ use std::panic::{AssertUnwindSafe, catch_unwind, resume_unwind};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
 
 use crate::embedded::watchdog;
 use crate::helper::{self, Job};
@@ -18,9 +17,6 @@ use crate::session::Session;
 use crate::shapes::TestFn;
 use crate::{Error, spares};
 use pgtest_core::{Isolation, MigrationSource, TestSpec, TestTermination};
-
-/// How long closing the pool may wait for connections the test still holds.
-const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Runs one test: prepares its database, calls the body on a fresh
 /// single-threaded tokio runtime, and cleans up whatever the outcome.
@@ -90,12 +86,9 @@ pub fn run<F: TestFn>(spec: TestSpec, test: F) {
             }
             _ => String::new(),
         };
-        if let Some(pool) = &pool {
-            let _ = tokio::time::timeout(CLOSE_TIMEOUT, pool.close()).await;
-        }
-        let kept = match teardown {
-            Some(teardown) => teardown.finish(failure.is_none()).await,
-            None => None,
+        let kept = match (teardown, &pool) {
+            (Some(teardown), Some(pool)) => teardown.finish(failure.is_none(), pool).await,
+            _ => None,
         };
         let Some(failure) = failure else { return };
         if let Some(kept) = kept {

@@ -15,8 +15,8 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use sqlx::Connection;
 use sqlx::postgres::PgConnection;
+use sqlx::{Connection, PgPool};
 
 use super::{Prepared, Teardown, run_scripts_on_pool, sweep_beside};
 use crate::bootstrap::{self, Source, Target};
@@ -51,7 +51,7 @@ pub(super) async fn prepare(
     // The pool's connections and an admin connection.
     let max = pool::max_for(spec, &session.budget, 1)?;
     let (slots, mut admin) = with_template(session, target, max, spec).await?;
-    let database = TestDatabase::claim(session, &mut admin, &template, spec.name).await?;
+    let database = TestDatabase::claim(session, &mut admin, &template, spec).await?;
     let name = database.name.clone();
     let pool = pool::test_pool(session, &name, tenant, spec, max).await;
     pool.cover.hold(slots, 1).await;
@@ -95,6 +95,9 @@ async fn with_template(
 /// How many spares a test tries to claim before copying the template (a
 /// claim fails when another test took the same spare first).
 const CLAIM_TRIES: i64 = 4;
+/// How long a passed test waits for a connection of its pool to put its
+/// database back on, before it opens one.
+const CONNECTION_BACK: Duration = Duration::from_millis(200);
 /// How long a passed test waits for the sessions of its database to end
 /// before it puts the database back.
 const SESSIONS_END: Duration = Duration::from_secs(1);
@@ -103,6 +106,8 @@ const SESSIONS_END: Duration = Duration::from_secs(1);
 pub(super) struct TestDatabase {
     name: String,
     template: String,
+    /// The role the test's connections take, if any.
+    role: Option<&'static str>,
     /// What this machine knows of the template's snapshot.
     stored: Stored,
     /// Held while the test runs (and, when it fails, until the process
@@ -111,14 +116,15 @@ pub(super) struct TestDatabase {
 }
 
 impl TestDatabase {
-    /// Gives `test` a database of its own with `admin`: a spare of
+    /// Gives the test `spec` a database of its own with `admin`: a spare of
     /// `template` if one is free, else a new copy.
     async fn claim(
         session: &Session,
         admin: &mut PgConnection,
         template: &str,
-        test: &str,
+        spec: &TestSpec,
     ) -> Result<Self, Error> {
+        let test = spec.name;
         let Session { server, dir, .. } = session;
         let failed = |error: sqlx::Error| {
             server.query_error(format!("claiming a spare copy of {template}"), &error)
@@ -154,7 +160,7 @@ impl TestDatabase {
                 .await
                 .map_err(failed)?;
             if claimed.map_err(failed)? {
-                return Ok(Self::claimed(session, name, template, lock));
+                return Ok(Self::claimed(session, name, template, spec.role, lock));
             }
         }
         let name = names::own_copy(template, &uuid::Uuid::new_v4().simple().to_string());
@@ -168,7 +174,7 @@ impl TestDatabase {
         catalog::create(admin, &name, Some(template), &marker)
             .await
             .map_err(|error| server.create_error(&name, &error))?;
-        let mut database = Self::claimed(session, name, template, lock);
+        let mut database = Self::claimed(session, name, template, spec.role, lock);
         if let Stored::Missing = database.stored {
             database.stored = database.take_snapshot(session).await;
         }
@@ -178,7 +184,13 @@ impl TestDatabase {
     /// The database `name`, a copy of `template`, claimed (its `lock`
     /// taken); asks the spares helper for a copy made ahead when the
     /// template's copies are not recycled.
-    fn claimed(session: &Session, name: String, template: &str, lock: LockFile) -> Self {
+    fn claimed(
+        session: &Session,
+        name: String,
+        template: &str,
+        role: Option<&'static str>,
+        lock: LockFile,
+    ) -> Self {
         let stored = Stored::load(&session.dir.entry(Entry::Snapshot(template)));
         if let Stored::Unrecyclable = stored {
             spares::want(session, template);
@@ -186,6 +198,7 @@ impl TestDatabase {
         Self {
             name,
             template: template.to_owned(),
+            role,
             stored,
             lock,
         }
@@ -237,11 +250,31 @@ impl TestDatabase {
         }
     }
 
+    /// A connection of the test's `pool` taken out of it, to put the
+    /// database back on, when the pool has one to give at once and its
+    /// connections are pgtest's role's (a test's `role` could not reset).
+    pub(super) async fn connection_of(&self, pool: &PgPool) -> Option<PgConnection> {
+        if self.role.is_some() || !matches!(self.stored, Stored::Snapshot(_)) {
+            return None;
+        }
+        // Idle, or on its way back from the test (a ping away).
+        let connection = tokio::time::timeout(CONNECTION_BACK, pool.acquire()).await;
+        let mut connection = connection.ok()?.ok()?.detach();
+        // Whatever the test set in its session (a role, a search path).
+        let reset = catalog::run(&mut connection, "reset session authorization; reset all").await;
+        reset.is_ok().then_some(connection)
+    }
+
     /// Ends the test's hold on its database, after its pool is closed: a
-    /// passed test's database is put back and marked spare, or retired for
-    /// a later drop; a failed test's is kept until a later run, and the
-    /// returned text says how to inspect it.
-    pub(super) async fn finish(self, passed: bool, session: &Session) -> Option<String> {
+    /// passed test's database is put back (on `connection`, if given) and
+    /// marked spare, or retired for a later drop; a failed test's is kept
+    /// until a later run, and the returned text says how to inspect it.
+    pub(super) async fn finish(
+        self,
+        passed: bool,
+        session: &Session,
+        connection: Option<PgConnection>,
+    ) -> Option<String> {
         let server = &session.server;
         if !passed {
             // Held until the process ends, so that this run's sweeps keep it.
@@ -252,7 +285,7 @@ impl TestDatabase {
                 psql = server.psql_command(&self.name),
             ));
         }
-        match self.put_back(session).await {
+        match self.put_back(session, connection).await {
             Ok(None) => {}
             Ok(Some(why)) => {
                 tracing::debug!(database = self.name, why, "retired");
@@ -268,7 +301,11 @@ impl TestDatabase {
 
     /// Puts the database back and marks it spare; why not, when it has to
     /// be retired instead.
-    async fn put_back(&self, session: &Session) -> Result<Option<&'static str>, Error> {
+    async fn put_back(
+        &self,
+        session: &Session,
+        connection: Option<PgConnection>,
+    ) -> Result<Option<&'static str>, Error> {
         let limit = session.config.spare_databases;
         if limit == 0 {
             return Ok(Some("PGTEST_SPARE_DATABASES is 0"));
@@ -280,7 +317,10 @@ impl TestDatabase {
         let failed = |error: sqlx::Error| {
             server.query_error(format!("putting database {} back", self.name), &error)
         };
-        let mut connection = server.connect(&self.name).await?;
+        let mut connection = match connection {
+            Some(connection) => connection,
+            None => server.connect(&self.name).await?,
+        };
         let result = async {
             // The test's sessions end as its pool closes; one that stays
             // (a pool the test built itself) may still change it.

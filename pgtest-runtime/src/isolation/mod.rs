@@ -32,6 +32,8 @@ use pgtest_core::{Isolation, Script, TestSpec};
 
 /// How long the end of a test may wait for the sweep started beside it.
 const SWEEP_WAIT: Duration = Duration::from_secs(10);
+/// How long closing the pool may wait for connections the test still holds.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// What a mode prepared for a test.
 pub(crate) struct Prepared {
@@ -82,14 +84,22 @@ impl Teardown {
         &self.cover
     }
 
-    /// Gives everything back, after the test's pool is closed; for a failed
+    /// Closes the test's `pool` and gives everything back; for a failed
     /// test with a database of its own, says how to inspect it.
-    pub(crate) async fn finish(self, passed: bool) -> Option<String> {
+    pub(crate) async fn finish(self, passed: bool, pool: &PgPool) -> Option<String> {
+        // A passed test's database is put back on a connection of its pool,
+        // whose catalog caches are warm: taken out of the pool, which then
+        // closes.
+        let kept_connection = match (&self.own, passed) {
+            (Some((_, database)), true) => database.connection_of(pool).await,
+            _ => None,
+        };
+        let _ = tokio::time::timeout(CLOSE_TIMEOUT, pool.close()).await;
         if let Some(sweep) = self.sweep {
             let _ = tokio::time::timeout(SWEEP_WAIT, sweep).await;
         }
         let kept = match self.own {
-            Some((session, database)) => database.finish(passed, &session).await,
+            Some((session, database)) => database.finish(passed, &session, kept_connection).await,
             None => None,
         };
         drop(self.cover.release().await);
