@@ -5,8 +5,8 @@
 //! returns sqlx's error, which the caller explains (see
 //! [`crate::server::Server`]).
 
-use sqlx::Executor;
 use sqlx::postgres::PgConnection;
+use sqlx::{Connection, Executor};
 
 use crate::error::sqlstate;
 use crate::markers::{Marker, PREFIX};
@@ -208,6 +208,46 @@ pub(crate) async fn drop_unused(
         Err(error) if sqlstate(&error).as_deref() == Some("55006") => Ok(false),
         Err(error) => Err(error),
     }
+}
+
+/// Claims the database `connection` is connected to, `name`, if it is
+/// marked `spare`: marks it `marker`, under a transaction advisory lock (the
+/// database's own: claimers elsewhere are connected to it too). The
+/// claim's transaction id (its low 32 bits: catalog rows written later
+/// are newer), or `None` when it was not spare.
+pub(crate) async fn claim(
+    connection: &mut PgConnection,
+    name: &str,
+    spare: &Marker,
+    marker: &Marker,
+) -> sqlx::Result<Option<u32>> {
+    let mut transaction = connection.begin().await?;
+    let locked: bool = sqlx::query_scalar("select pg_try_advisory_xact_lock($1, $2)")
+        .bind(LOCK_CLASS)
+        .bind(lock_key(name))
+        .fetch_one(&mut *transaction)
+        .await?;
+    let current: Option<String> = sqlx::query_scalar(
+        "select shobj_description(oid, 'pg_database') from pg_database \
+         where datname = current_database()",
+    )
+    .fetch_one(&mut *transaction)
+    .await?;
+    if !locked || current.as_deref().and_then(Marker::parse).as_ref() != Some(spare) {
+        return Ok(None);
+    }
+    mark(&mut transaction, name, marker).await?;
+    let horizon = horizon(&mut transaction).await?;
+    transaction.commit().await?;
+    Ok(Some(horizon))
+}
+
+/// This transaction's id (its low 32 bits), assigned if it has none.
+pub(crate) async fn horizon(connection: &mut PgConnection) -> sqlx::Result<u32> {
+    let id: i64 = sqlx::query_scalar("select txid_current() % 4294967296")
+        .fetch_one(connection)
+        .await?;
+    Ok(u32::try_from(id).unwrap_or_default())
 }
 
 /// Makes later lock waits of this session end after `milliseconds`.

@@ -151,6 +151,8 @@ pub(crate) enum Entry<'a> {
     Jobs,
     /// What a fresh copy of this template holds (see [`crate::recycle`]).
     Snapshot(&'a str),
+    /// Lists this spare database, put back on this machine.
+    Spare(&'a str),
 }
 
 impl Entry<'_> {
@@ -174,6 +176,7 @@ impl Entry<'_> {
             Self::SparesTaken => "spares.taken".to_owned(),
             Self::Jobs => "jobs".to_owned(),
             Self::Snapshot(template) => format!("snapshot-{template}"),
+            Self::Spare(database) => format!("spare-{database}"),
         }
     }
 }
@@ -241,6 +244,26 @@ impl ServerDir {
     pub(crate) fn queue(&self) -> Result<PathBuf, Error> {
         let dir = self.dir.dir(&Entry::Jobs.name(), Uid::effective())?;
         Ok(dir.path().to_owned())
+    }
+
+    /// The spare databases of `template` listed here, in an order of this
+    /// process's (so that processes spread out).
+    pub(crate) fn spares(&self, template: &str) -> Vec<String> {
+        let prefix = format!("spare-{template}_");
+        let names = fs::read_dir(self.path()).into_iter().flatten().flatten();
+        let mut spares: Vec<String> = names
+            .filter_map(|entry| {
+                let name = entry.file_name().into_string().ok()?;
+                Some(name.strip_prefix(&prefix)?.to_owned())
+            })
+            .map(|key| format!("{template}_{key}"))
+            .collect();
+        spares.sort();
+        if !spares.is_empty() {
+            let start = std::process::id() as usize % spares.len();
+            spares.rotate_left(start);
+        }
+        spares
     }
 
     /// The databases marked passed by their tests.

@@ -4,13 +4,22 @@
 //! back, see [`crate::recycle`], or a copy the spares helper made), or,
 //! when none is free, a new copy, `<template>_<8 hex>`.
 //!
-//! A test claims a spare under the database's advisory lock, and holds an
-//! exclusive lock on its lock file while it runs (until its process ends
-//! when it fails). A passed test puts its database back and marks it spare
-//! again; one whose schema changed is retired and dropped later (by the
-//! spares helper after the run, or by a sweep); a failed test's stays for
-//! inspection until a later run. A test killed midway leaves its database
-//! marked as its own, never handed out again.
+//! The warm path opens no admin connection: the spares this machine put
+//! back are listed in the server's directory, and the test claims one on
+//! its own pool's first connection, in the spare itself (under a
+//! transaction advisory lock, as tests of other machines may claim the
+//! same spare: still spare, then marked as the test's). Otherwise the test
+//! opens an admin connection, makes sure the template is ready, claims a
+//! spare listed by the server, or copies the template, and sweeps old
+//! databases beside its body.
+//!
+//! The test holds an exclusive lock on its database's lock file while it
+//! runs (until its process ends when it fails). A passed test puts its
+//! database back and marks it spare again; one whose schema changed is
+//! retired and dropped later (by the spares helper after the run, or by a
+//! sweep); a failed test's stays for inspection until a later run. A test
+//! killed midway leaves its database marked as its own, never handed out
+//! again.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -21,15 +30,26 @@ use sqlx::{Connection, PgPool};
 use super::{Prepared, Teardown, run_scripts_on_pool, sweep_beside};
 use crate::bootstrap::{self, Source, Target};
 use crate::budget::Slots;
+use crate::error::sqlstate;
 use crate::lock::{LockFile, Mode, Pauses, open_no_follow};
 use crate::markers::{Kind, Marker, Origin};
 use crate::migrations::Migrations;
-use crate::pool;
+use crate::pool::{self, TestPool};
 use crate::recycle::{Reset, Snapshot, Stored};
 use crate::session::Session;
 use crate::state::Entry;
 use crate::{Error, Tenant, TestContext, catalog, names, spares};
 use pgtest_core::TestSpec;
+
+/// How many spares the server lists for a test to try to claim before it
+/// copies the template (a claim fails when another test took it first).
+const CLAIM_TRIES: i64 = 4;
+/// How long a passed test waits for a connection of its pool to put its
+/// database back on, before it opens one.
+const CONNECTION_BACK: Duration = Duration::from_millis(200);
+/// How long a passed test waits for the sessions of its database to end
+/// before it puts the database back.
+const SESSIONS_END: Duration = Duration::from_secs(1);
 
 pub(super) async fn prepare(
     session: &Arc<Session>,
@@ -38,33 +58,192 @@ pub(super) async fn prepare(
     tenant: Tenant,
 ) -> Result<Prepared, Error> {
     let template = names::template(spec.package, &migrations.hash, spec.fixtures);
-    let marker = Marker::template_used_now();
-    let target = Target {
-        database: &template,
-        kind: Kind::Template,
-        marker: &marker,
-        source: Source::Build {
-            migrations,
-            fixtures: spec.fixtures,
-        },
+    let stored = Stored::load(&session.dir.entry(Entry::Snapshot(&template)));
+    let claim = Claim {
+        session,
+        spec,
+        tenant,
+        template: &template,
     };
-    // The pool's connections and an admin connection.
-    let max = pool::max_for(spec, &session.budget, 1)?;
-    let (slots, mut admin) = with_template(session, target, max, spec).await?;
-    let database = TestDatabase::claim(session, &mut admin, &template, spec).await?;
+    let (pool, database, admin) = match claim.listed_here(stored).await? {
+        Ok((pool, database)) => (pool, database, None),
+        Err(stored) => {
+            let (pool, database, admin) = claim.with_admin(migrations, stored).await?;
+            (pool, database, Some(admin))
+        }
+    };
     let name = database.name.clone();
-    let pool = pool::test_pool(session, &name, tenant, spec, max).await;
-    pool.cover.hold(slots, 1).await;
     let context = TestContext::new(pool.pool, tenant, name, spec.name);
     let teardown = Teardown {
         cover: pool.cover,
-        sweep: Some(sweep_beside(session, admin)),
+        sweep: admin.map(|admin| sweep_beside(session, admin)),
         own: Some((Arc::clone(session), database)),
     };
     // The fixtures are in the template.
     let seeds: Vec<_> = spec.seeds.iter().collect();
     run_scripts_on_pool(&session.server, &context, &seeds, spec).await?;
     Ok(Prepared { context, teardown })
+}
+
+/// A test that claims a database of its own.
+struct Claim<'a> {
+    session: &'a Session,
+    spec: &'a TestSpec,
+    tenant: Tenant,
+    template: &'a str,
+}
+
+impl Claim<'_> {
+    /// The warm path: a spare this machine put back, claimed on the test's
+    /// pool, with no admin connection; `stored` back when there is none.
+    async fn listed_here(
+        &self,
+        stored: Stored,
+    ) -> Result<Result<(TestPool, TestDatabase), Stored>, Error> {
+        // A role of the test's own may not mark the database.
+        if self.spec.role.is_some() || !matches!(stored, Stored::Snapshot(_)) {
+            return Ok(Err(stored));
+        }
+        let candidates = self.session.dir.spares(self.template);
+        if candidates.is_empty() {
+            return Ok(Err(stored));
+        }
+        let budget = &self.session.budget;
+        let max = pool::max_for(self.spec, budget, 0)?;
+        let mut slots = budget.take(budget.upfront(max, 0), self.spec.name).await?;
+        for name in candidates {
+            match self.try_claim(&name, max, slots, 0).await? {
+                Ok((pool, lock, horizon)) => {
+                    let database = TestDatabase::new(self, name, stored, lock, Some(horizon));
+                    return Ok(Ok((pool, database)));
+                }
+                Err(back) => slots = back,
+            }
+        }
+        // Given back: the cold path takes its own, for an admin connection too.
+        drop(slots);
+        Ok(Err(stored))
+    }
+
+    /// The cold path, on an admin connection: the template made ready, a
+    /// spare the server lists claimed, or a new copy made.
+    async fn with_admin(
+        &self,
+        migrations: &Migrations,
+        mut stored: Stored,
+    ) -> Result<(TestPool, TestDatabase, PgConnection), Error> {
+        let Session { server, .. } = self.session;
+        let marker = Marker::template_used_now();
+        let target = Target {
+            database: self.template,
+            kind: Kind::Template,
+            marker: &marker,
+            source: Source::Build {
+                migrations,
+                fixtures: self.spec.fixtures,
+            },
+        };
+        // The pool's connections and an admin connection.
+        let max = pool::max_for(self.spec, &self.session.budget, 1)?;
+        let (mut slots, mut admin) = with_template(self.session, target, max, self.spec).await?;
+        let spare = Marker::Spare {
+            template: self.template.to_owned(),
+        };
+        let listed = catalog::marked_as(&mut admin, &spare, CLAIM_TRIES).await;
+        let listed = listed.map_err(|error| {
+            server.query_error(format!("listing spare copies of {}", self.template), &error)
+        })?;
+        for name in listed {
+            match self.try_claim(&name, max, slots, 1).await? {
+                Ok((pool, lock, horizon)) => {
+                    let database = TestDatabase::new(self, name, stored, lock, Some(horizon));
+                    return Ok((pool, database, admin));
+                }
+                Err(back) => slots = back,
+            }
+        }
+        let name = names::own_copy(self.template, &uuid::Uuid::new_v4().simple().to_string());
+        let lock = lock(self.session, &name)?.ok_or_else(|| {
+            let held = std::io::Error::other("held by another process");
+            self.session.dir.error(Entry::Live(&name), &held)
+        })?;
+        let marker = self.marker(&name);
+        catalog::create(&mut admin, &name, Some(self.template), &marker)
+            .await
+            .map_err(|error| server.create_error(&name, &error))?;
+        let horizon = catalog::horizon(&mut admin)
+            .await
+            .map_err(|error| server.query_error("reading the transaction horizon", &error))?;
+        if let Stored::Missing = stored {
+            stored = take_snapshot(self.session, self.template, &name).await;
+        }
+        let pool = pool::test_pool(self.session, &name, self.tenant, self.spec, max).await;
+        pool.cover.hold(slots, 1).await;
+        let database = TestDatabase::new(self, name, stored, lock, Some(horizon));
+        Ok((pool, database, admin))
+    }
+
+    /// Claims the spare `name` on a pool of the test's own, covered by
+    /// `slots` (beside `others` connections): the pool, the database's lock
+    /// file and the claim's transaction horizon, else the slots back.
+    async fn try_claim(
+        &self,
+        name: &str,
+        max: u32,
+        slots: Slots,
+        others: u32,
+    ) -> Result<Result<(TestPool, LockFile, u32), Slots>, Error> {
+        let session = self.session;
+        let Some(lock) = lock(session, name)? else {
+            return Ok(Err(slots));
+        };
+        let pool = pool::test_pool(session, name, self.tenant, self.spec, max).await;
+        pool.cover.hold(slots, others).await;
+        let spare = Marker::Spare {
+            template: self.template.to_owned(),
+        };
+        let claimed = async {
+            let mut connection = pool.pool.acquire().await?;
+            catalog::claim(&mut connection, name, &spare, &self.marker(name)).await
+        };
+        let claimed = claimed.await;
+        let _ = std::fs::remove_file(session.dir.entry(Entry::Spare(name)));
+        match claimed {
+            Ok(Some(horizon)) => Ok(Ok((pool, lock, horizon))),
+            // Taken by another machine's test, or gone.
+            Ok(None) => Ok(Err(give_up(pool).await)),
+            Err(error) if sqlstate(&error).as_deref() == Some("3D000") => {
+                Ok(Err(give_up(pool).await))
+            }
+            Err(error) => Err(session.server.connect_error(error, name, self.spec.role)),
+        }
+    }
+
+    /// The marker of `name` as the test's database.
+    fn marker(&self, name: &str) -> Marker {
+        let lock = self.session.dir.entry(Entry::Live(name));
+        Marker::Test(Origin::now(
+            self.spec.name,
+            &self.session.config.run_id,
+            lock,
+        ))
+    }
+}
+
+/// Closes `pool`, whose database could not be claimed; its slots back.
+async fn give_up(pool: TestPool) -> Slots {
+    pool.pool.close().await;
+    pool.cover.release().await.expect("the slots it was given")
+}
+
+/// The lock file of `name`, taken; `None` when another test holds it.
+fn lock(session: &Session, name: &str) -> Result<Option<LockFile>, Error> {
+    let entry = Entry::Live(name);
+    let lock = session.dir.lock(entry)?;
+    let taken = lock.try_lock(Mode::Exclusive);
+    Ok(taken
+        .map_err(|error| session.dir.error(entry, &error))?
+        .then_some(lock))
 }
 
 /// Makes sure the template is ready; takes the test's slots (for a pool
@@ -92,15 +271,33 @@ async fn with_template(
     Ok((slots, server.connect(server.admin_database()).await?))
 }
 
-/// How many spares a test tries to claim before copying the template (a
-/// claim fails when another test took the same spare first).
-const CLAIM_TRIES: i64 = 4;
-/// How long a passed test waits for a connection of its pool to put its
-/// database back on, before it opens one.
-const CONNECTION_BACK: Duration = Duration::from_millis(200);
-/// How long a passed test waits for the sessions of its database to end
-/// before it puts the database back.
-const SESSIONS_END: Duration = Duration::from_secs(1);
+/// Takes the snapshot of `template` on its fresh copy `name`, and keeps it
+/// for this machine's later tests; asks the spares helper for copies made
+/// ahead when the template's copies cannot be recycled.
+async fn take_snapshot(session: &Session, template: &str, name: &str) -> Stored {
+    let server = &session.server;
+    let taken = async {
+        let mut connection = server.connect(name).await?;
+        let snapshot = Snapshot::take(&mut connection).await;
+        let _ = connection.close().await;
+        snapshot.map_err(|error| server.query_error("taking a snapshot", &error))
+    };
+    let snapshot = match taken.await {
+        Ok(snapshot) => snapshot,
+        Err(error) => {
+            tracing::warn!(%error, "cannot take the template's snapshot");
+            return Stored::Missing;
+        }
+    };
+    let path = session.dir.entry(Entry::Snapshot(template));
+    if let Err(error) = Stored::store(snapshot.as_ref(), &path) {
+        tracing::warn!(%error, "cannot keep the template's snapshot");
+    }
+    match snapshot {
+        Some(snapshot) => Stored::Snapshot(snapshot),
+        None => Stored::Unrecyclable,
+    }
+}
 
 /// A test's own database, from its claim until the test ends.
 pub(super) struct TestDatabase {
@@ -110,143 +307,35 @@ pub(super) struct TestDatabase {
     role: Option<&'static str>,
     /// What this machine knows of the template's snapshot.
     stored: Stored,
+    /// A transaction id from before the test: catalog rows written since
+    /// are the test's.
+    horizon: Option<u32>,
     /// Held while the test runs (and, when it fails, until the process
     /// ends): a sweeper that can take it knows the test is over.
     lock: LockFile,
 }
 
 impl TestDatabase {
-    /// Gives the test `spec` a database of its own with `admin`: a spare of
-    /// `template` if one is free, else a new copy.
-    async fn claim(
-        session: &Session,
-        admin: &mut PgConnection,
-        template: &str,
-        spec: &TestSpec,
-    ) -> Result<Self, Error> {
-        let test = spec.name;
-        let Session { server, dir, .. } = session;
-        let failed = |error: sqlx::Error| {
-            server.query_error(format!("claiming a spare copy of {template}"), &error)
-        };
-        let spare = Marker::Spare {
-            template: template.to_owned(),
-        };
-        let spares = catalog::marked_as(admin, &spare, CLAIM_TRIES)
-            .await
-            .map_err(failed)?;
-        for name in spares {
-            let Some(lock) = Self::lock(session, &name)? else {
-                continue;
-            };
-            // Under the advisory lock, as another machine's tests may
-            // claim the same spare: still spare, then marked as this test's.
-            if !catalog::try_advisory_lock(admin, &name)
-                .await
-                .map_err(failed)?
-            {
-                continue;
-            }
-            let claimed = match catalog::comment(admin, &name).await {
-                Ok(comment)
-                    if comment.as_deref().and_then(Marker::parse) == Some(spare.clone()) =>
-                {
-                    let marker = Self::marker(session, &name, test);
-                    catalog::mark(admin, &name, &marker).await.map(|()| true)
-                }
-                other => other.map(|_| false),
-            };
-            catalog::advisory_unlock(admin, &name)
-                .await
-                .map_err(failed)?;
-            if claimed.map_err(failed)? {
-                return Ok(Self::claimed(session, name, template, spec.role, lock));
-            }
-        }
-        let name = names::own_copy(template, &uuid::Uuid::new_v4().simple().to_string());
-        let lock = Self::lock(session, &name)?.ok_or_else(|| {
-            dir.error(
-                Entry::Live(&name),
-                &std::io::Error::other("held by another process"),
-            )
-        })?;
-        let marker = Self::marker(session, &name, test);
-        catalog::create(admin, &name, Some(template), &marker)
-            .await
-            .map_err(|error| server.create_error(&name, &error))?;
-        let mut database = Self::claimed(session, name, template, spec.role, lock);
-        if let Stored::Missing = database.stored {
-            database.stored = database.take_snapshot(session).await;
-        }
-        Ok(database)
-    }
-
-    /// The database `name`, a copy of `template`, claimed (its `lock`
-    /// taken); asks the spares helper for a copy made ahead when the
-    /// template's copies are not recycled.
-    fn claimed(
-        session: &Session,
+    /// The database `name` of the test `claim` made or claimed; asks the
+    /// spares helper for a copy made ahead when the template's copies are
+    /// not recycled.
+    fn new(
+        claim: &Claim<'_>,
         name: String,
-        template: &str,
-        role: Option<&'static str>,
+        stored: Stored,
         lock: LockFile,
+        horizon: Option<u32>,
     ) -> Self {
-        let stored = Stored::load(&session.dir.entry(Entry::Snapshot(template)));
         if let Stored::Unrecyclable = stored {
-            spares::want(session, template);
+            spares::want(claim.session, claim.template);
         }
         Self {
             name,
-            template: template.to_owned(),
-            role,
+            template: claim.template.to_owned(),
+            role: claim.spec.role,
             stored,
+            horizon,
             lock,
-        }
-    }
-
-    /// The lock file of `name`, taken; `None` when another test holds it.
-    fn lock(session: &Session, name: &str) -> Result<Option<LockFile>, Error> {
-        let entry = Entry::Live(name);
-        let lock = session.dir.lock(entry)?;
-        let taken = lock.try_lock(Mode::Exclusive);
-        Ok(taken
-            .map_err(|error| session.dir.error(entry, &error))?
-            .then_some(lock))
-    }
-
-    /// The marker of `name` as `test`'s database.
-    fn marker(session: &Session, name: &str, test: &str) -> Marker {
-        let lock = session.dir.entry(Entry::Live(name));
-        Marker::Test(Origin::now(test, &session.config.run_id, lock))
-    }
-
-    /// Takes the snapshot of the template on this fresh copy, and keeps it
-    /// for this machine's later tests.
-    async fn take_snapshot(&self, session: &Session) -> Stored {
-        let server = &session.server;
-        let taken = async {
-            let mut connection = server.connect(&self.name).await?;
-            let snapshot = Snapshot::take(&mut connection).await;
-            let _ = connection.close().await;
-            snapshot.map_err(|error| server.query_error("taking a snapshot", &error))
-        };
-        let snapshot = match taken.await {
-            Ok(snapshot) => snapshot,
-            Err(error) => {
-                tracing::warn!(%error, "cannot take the template's snapshot");
-                return Stored::Missing;
-            }
-        };
-        let path = session.dir.entry(Entry::Snapshot(&self.template));
-        if let Err(error) = Stored::store(snapshot.as_ref(), &path) {
-            tracing::warn!(%error, "cannot keep the template's snapshot");
-        }
-        match snapshot {
-            Some(snapshot) => Stored::Snapshot(snapshot),
-            None => {
-                spares::want(session, &self.template);
-                Stored::Unrecyclable
-            }
         }
     }
 
@@ -336,7 +425,11 @@ impl TestDatabase {
                 }
                 tokio::time::sleep(pauses.next_until(deadline)).await;
             }
-            match snapshot.reset(&mut connection).await.map_err(failed)? {
+            match snapshot
+                .reset(&mut connection, self.horizon)
+                .await
+                .map_err(failed)?
+            {
                 Reset::Retire(why) => return Ok(Some(why)),
                 Reset::Done { tables, sequences } => {
                     tracing::debug!(database = self.name, tables, sequences, "put back");
@@ -354,6 +447,11 @@ impl TestDatabase {
             catalog::mark(&mut connection, &self.name, &spare)
                 .await
                 .map_err(failed)?;
+            // For this machine's next test to claim without an admin connection.
+            let listed = open_no_follow(&session.dir.entry(Entry::Spare(&self.name)), 0o600);
+            if let Err(error) = listed {
+                tracing::warn!(%error, "cannot list a spare database");
+            }
             Ok(None)
         }
         .await;
