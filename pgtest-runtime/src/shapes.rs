@@ -10,6 +10,9 @@ use sqlx::{PgPool, Postgres};
 use crate::{Tenant, TestContext};
 use pgtest_core::TestTermination;
 
+/// How long a connection the runner used may take to come back to the pool.
+const RETURN_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// A test body that `#[pg_test]` can call: one impl per supported signature.
 #[diagnostic::on_unimplemented(
     message = "`#[pg_test]` does not support a test with the signature `{Self}`",
@@ -73,12 +76,27 @@ impl<Fut: Future<Output: TestTermination>> TestFn for fn(PgPoolOptions, PgConnec
     type Output = Fut::Output;
     const NEEDS_DATABASE: bool = true;
     const OPENS_CONNECTIONS: bool = true;
-    fn call(self, context: Option<TestContext>) -> impl Future<Output = Self::Output> {
+    async fn call(self, context: Option<TestContext>) -> Self::Output {
         let pool = expect_context(context).into_pool();
         // The test pool's options, hooks included: the connections of a
-        // pool built from them are covered by the test's slots too.
-        let options = pool.options().clone();
-        self(options, (*pool.connect_options()).clone())
+        // pool built from them are covered by the test's slots too. Their
+        // permits come from the gate's pool, unless preparing the test
+        // opened a connection of the test's pool, which then holds the
+        // permit: that connection is closed, and the permit taken from it.
+        let holds_permit = pool.size() > 0;
+        while pool.size() > 0 {
+            // Idle, or on its way back to the pool (a ping away).
+            let back = tokio::time::timeout(RETURN_WAIT, pool.acquire()).await;
+            match back {
+                Ok(Ok(connection)) => drop(connection.close().await),
+                _ => break,
+            }
+        }
+        let options = match holds_permit {
+            true => pool.options().clone().parent(pool.clone()),
+            false => pool.options().clone(),
+        };
+        self(options, (*pool.connect_options()).clone()).await
     }
 }
 

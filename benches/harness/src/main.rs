@@ -3,10 +3,11 @@
 //! -j J` and `cargo test -- --test-threads=J`, against a server started with
 //! `max_connections = 100`, and prints a markdown table of medians. After
 //! each run it waits for pgtest's spares helper and reports how long it
-//! worked.
+//! worked. With `--new-server`, each run gets a new server and a new
+//! pgtest home, as a CI run does: nothing of pgtest's exists.
 //!
 //! ```text
-//! cargo run -p pgtest-bench --release -- [--tests 200] [--binaries 8] [--jobs 16,64] [--runs 3] [--cargo-test] [--via-library]
+//! cargo run -p pgtest-bench --release -- [--tests 200] [--binaries 8] [--jobs 16,64] [--runs 3] [--cargo-test] [--via-library] [--new-server]
 //! cargo run -p pgtest-bench -- --smoke
 //! ```
 
@@ -35,6 +36,7 @@ struct Options {
     cargo_test: bool,
     flavours: Vec<&'static str>,
     via_library: bool,
+    new_server: bool,
 }
 
 /// One flavour's run.
@@ -61,6 +63,7 @@ fn parse_options() -> anyhow::Result<Options> {
         cargo_test: false,
         flavours: FLAVOURS.to_vec(),
         via_library: false,
+        new_server: false,
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -77,6 +80,7 @@ fn parse_options() -> anyhow::Result<Options> {
             "--runs" => options.runs = value()?.parse()?,
             "--cargo-test" => options.cargo_test = true,
             "--via-library" => options.via_library = true,
+            "--new-server" => options.new_server = true,
             "--flavours" => {
                 let wanted = value()?;
                 options.flavours = FLAVOURS
@@ -93,6 +97,7 @@ fn parse_options() -> anyhow::Result<Options> {
                     cargo_test: true,
                     flavours: FLAVOURS.to_vec(),
                     via_library: options.via_library,
+                    new_server: options.new_server,
                 }
             }
             other => bail!(
@@ -131,20 +136,7 @@ async fn main() -> anyhow::Result<()> {
         .await?;
     anyhow::ensure!(build.success(), "the generated suite does not build");
 
-    let server = Server::start(
-        &work.join("server"),
-        20000 + (std::process::id() % 20000) as u16,
-    )?;
-    let mut admin = PgConnection::connect(&server.url("postgres")).await?;
-    sqlx::query("create database bench_plain")
-        .execute(&mut admin)
-        .await?;
-    let mut plain = PgConnection::connect(&server.url("bench_plain")).await?;
-    Migrator::new(suite::migrations_dir(&suite_dir))
-        .await?
-        .run(&mut plain)
-        .await?;
-    plain.close().await?;
+    let (mut server, mut admin) = start_server(&work, &suite_dir).await?;
 
     let mut rows = Vec::new();
     let runners: &[&str] = if options.cargo_test {
@@ -158,6 +150,12 @@ async fn main() -> anyhow::Result<()> {
                 options.flavours.iter().map(|_| Vec::new()).collect();
             for run in 0..options.runs {
                 for (index, flavour) in options.flavours.iter().enumerate() {
+                    if options.new_server {
+                        let _ = admin.close().await;
+                        drop(server);
+                        let _ = std::fs::remove_dir_all(work.join("home"));
+                        (server, admin) = start_server(&work, &suite_dir).await?;
+                    }
                     let sample = measure(
                         &server, &mut admin, &suite_dir, &work, flavour, runner, jobs,
                     )
@@ -176,6 +174,25 @@ async fn main() -> anyhow::Result<()> {
     }
     print_table(&options, &rows);
     Ok(())
+}
+
+/// A new server in `work`, with the plain flavour's database migrated.
+async fn start_server(work: &Path, suite_dir: &Path) -> anyhow::Result<(Server, PgConnection)> {
+    let server = Server::start(
+        &work.join("server"),
+        20000 + (std::process::id() % 20000) as u16,
+    )?;
+    let mut admin = PgConnection::connect(&server.url("postgres")).await?;
+    sqlx::query("create database bench_plain")
+        .execute(&mut admin)
+        .await?;
+    let mut plain = PgConnection::connect(&server.url("bench_plain")).await?;
+    Migrator::new(suite::migrations_dir(suite_dir))
+        .await?
+        .run(&mut plain)
+        .await?;
+    plain.close().await?;
+    Ok((server, admin))
 }
 
 fn cargo(suite_dir: &Path, work: &Path, args: &[&str]) -> Command {
@@ -347,12 +364,13 @@ async fn wait_for_spares_helper(budgets: &Path) -> Duration {
     started.elapsed()
 }
 
-/// Per-test databases left on the server: sqlx's, and pgtest's (which a
-/// later run sweeps).
+/// Per-test databases left on the server: sqlx's, and pgtest's (its tests'
+/// databases, which a later run sweeps, and its spares).
 async fn test_databases(admin: &mut PgConnection) -> anyhow::Result<i64> {
     let count = sqlx::query_scalar(
         "select count(*) from pg_database where datname like '\\_sqlx\\_test%' \
-         or shobj_description(oid, 'pg_database') like 'pgtest: test database;%'",
+         or shobj_description(oid, 'pg_database') like 'pgtest: test database;%' \
+         or shobj_description(oid, 'pg_database') like 'pgtest: spare database;%'",
     )
     .fetch_one(admin)
     .await?;
