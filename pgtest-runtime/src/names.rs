@@ -69,14 +69,9 @@ pub(crate) fn own_copy(template: &str, key: &str) -> String {
     format!("{template}_{}", &key[..COPY_KEY_LEN + 1])
 }
 
-/// A spare copy of `template`, `key` (hex) telling it apart.
+/// A spare copy of `template` made ahead, `key` (hex) telling it apart.
 pub(crate) fn spare(template: &str, key: &str) -> String {
-    format!("{}{}", spare_prefix(template), &key[..COPY_KEY_LEN])
-}
-
-/// How the names of `template`'s spares start.
-pub(crate) fn spare_prefix(template: &str) -> String {
-    format!("{template}_s")
+    format!("{template}_s{}", &key[..COPY_KEY_LEN])
 }
 
 /// The name `name` is built under before it is renamed to `name`.

@@ -156,6 +156,10 @@ impl Claim<'_> {
         for name in listed {
             match self.try_claim(&name, max, slots, 1).await? {
                 Ok((pool, lock, horizon)) => {
+                    // Untouched yet: as good as a fresh copy for a snapshot.
+                    if let Stored::Missing = stored {
+                        stored = take_snapshot(self.session, self.template, &name).await;
+                    }
                     let database = TestDatabase::new(self, name, stored, lock, Some(horizon));
                     return Ok((pool, database, admin));
                 }

@@ -18,8 +18,9 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use sqlx::PgPool;
+use sqlx::pool::PoolConnection;
 use sqlx::postgres::PgConnection;
+use sqlx::{PgPool, Postgres};
 use tokio::task::JoinHandle;
 
 use crate::migrations::Migrations;
@@ -142,6 +143,16 @@ async fn run_scripts(
     Ok(())
 }
 
+/// A connection of `context`'s pool, its failure explained.
+async fn acquire(
+    server: &Server,
+    context: &TestContext,
+    spec: &TestSpec,
+) -> Result<PoolConnection<Postgres>, Error> {
+    let acquired = context.pool().acquire().await;
+    acquired.map_err(|error| server.connect_error(error, context.database(), spec.role))
+}
+
 /// Runs `scripts` on a connection of `context`'s pool.
 async fn run_scripts_on_pool(
     server: &Server,
@@ -152,12 +163,8 @@ async fn run_scripts_on_pool(
     if scripts.is_empty() {
         return Ok(());
     }
+    let mut connection = acquire(server, context, spec).await?;
     let database = context.database();
-    let mut connection = context
-        .pool()
-        .acquire()
-        .await
-        .map_err(|error| server.connect_error(error, database, spec.role))?;
     run_scripts(
         server,
         &mut connection,

@@ -9,7 +9,7 @@ use sqlx::Connection;
 use sqlx::pool::PoolConnection;
 use sqlx::{Postgres, postgres::PgConnection};
 
-use super::{Prepared, run_scripts, shared};
+use super::{Prepared, acquire, run_scripts, shared};
 use crate::migrations::Migrations;
 use crate::session::Session;
 use crate::{Error, Tenant, catalog};
@@ -28,12 +28,8 @@ pub(super) async fn prepare(
     let (context, teardown) =
         shared::with_shared_database(session, spec, migrations, tenant).await?;
     let server = &session.server;
+    let mut connection = acquire(server, &context, spec).await?;
     let database = context.database();
-    let mut connection = context
-        .pool()
-        .acquire()
-        .await
-        .map_err(|error| server.connect_error(error, database, spec.role))?;
     begin(&mut connection)
         .await
         .map_err(|error| server.query_error("beginning the test's transaction", &error))?;
