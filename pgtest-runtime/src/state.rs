@@ -115,6 +115,10 @@ impl StateDir {
     }
 }
 
+/// How many tests of a machine copy a template for `isolation = "database"`
+/// at once while others wait for a spare to be put back.
+pub(crate) const COPIERS: u32 = 2;
+
 /// What pgtest keeps in a server's directory.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Entry<'a> {
@@ -153,6 +157,8 @@ pub(crate) enum Entry<'a> {
     Snapshot(&'a str),
     /// Lists this spare database, put back on this machine.
     Spare(&'a str),
+    /// Held by a test that copies a template for `isolation = "database"`.
+    Copier(u32),
 }
 
 impl Entry<'_> {
@@ -177,6 +183,7 @@ impl Entry<'_> {
             Self::Jobs => "jobs".to_owned(),
             Self::Snapshot(template) => format!("snapshot-{template}"),
             Self::Spare(database) => format!("spare-{database}"),
+            Self::Copier(index) => format!("copier-{index}.lock"),
         }
     }
 }
@@ -244,6 +251,21 @@ impl ServerDir {
     pub(crate) fn queue(&self) -> Result<PathBuf, Error> {
         let dir = self.dir.dir(&Entry::Jobs.name(), Uid::effective())?;
         Ok(dir.path().to_owned())
+    }
+
+    /// One of the [`COPIERS`] locks of tests that copy a template, taken,
+    /// if one is free.
+    pub(crate) fn try_copier(&self) -> Result<Option<LockFile>, Error> {
+        for index in 0..COPIERS {
+            let lock = self.lock(Entry::Copier(index))?;
+            if lock
+                .try_lock(Mode::Exclusive)
+                .map_err(|error| self.error(Entry::Copier(index), &error))?
+            {
+                return Ok(Some(lock));
+            }
+        }
+        Ok(None)
     }
 
     /// The spare databases of `template` listed here, in an order of this

@@ -44,6 +44,11 @@ use pgtest_core::TestSpec;
 /// How many spares the server lists for a test to try to claim before it
 /// copies the template (a claim fails when another test took it first).
 const CLAIM_TRIES: i64 = 4;
+/// How long a test without a spare waits for one while other tests of this
+/// machine copy the template (at most [`crate::state::COPIERS`] at once),
+/// before it copies too: about what a copy takes on a busy machine, while
+/// a test that puts one back usually takes far less.
+const COPY_WAIT: Duration = Duration::from_millis(250);
 /// How long a passed test waits for a connection of its pool to put its
 /// database back on, before it opens one.
 const CONNECTION_BACK: Duration = Duration::from_millis(200);
@@ -58,19 +63,34 @@ pub(super) async fn prepare(
     tenant: Tenant,
 ) -> Result<Prepared, Error> {
     let template = names::template(spec.package, &migrations.hash, spec.fixtures);
-    let stored = Stored::load(&session.dir.entry(Entry::Snapshot(&template)));
     let claim = Claim {
         session,
         spec,
         tenant,
         template: &template,
     };
-    let (pool, database, admin) = match claim.listed_here(stored).await? {
-        Ok((pool, database)) => (pool, database, None),
-        Err(stored) => {
-            let (pool, database, admin) = claim.with_admin(migrations, stored).await?;
-            (pool, database, Some(admin))
+    // While a spare is none, and others copy the template, wait a little
+    // for a test to put one back rather than copy too.
+    let deadline = Instant::now() + COPY_WAIT;
+    let mut pauses = Pauses::new();
+    let (pool, database, admin) = loop {
+        let stored = Stored::load(&session.dir.entry(Entry::Snapshot(&template)));
+        let stored = match claim.listed_here(stored).await? {
+            Ok((pool, database)) => break (pool, database, None),
+            Err(stored) => stored,
+        };
+        let copier = match stored {
+            Stored::Unrecyclable => None,
+            _ => session.dir.try_copier()?,
+        };
+        if copier.is_none() && !matches!(stored, Stored::Unrecyclable) && Instant::now() < deadline
+        {
+            tokio::time::sleep(pauses.next_until(deadline)).await;
+            continue;
         }
+        let (pool, database, admin) = claim.with_admin(migrations, stored).await?;
+        drop(copier);
+        break (pool, database, Some(admin));
     };
     let name = database.name.clone();
     let context = TestContext::new(pool.pool, tenant, name, spec.name);
