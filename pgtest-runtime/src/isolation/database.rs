@@ -44,11 +44,6 @@ use pgtest_core::TestSpec;
 /// How many spares the server lists for a test to try to claim before it
 /// copies the template (a claim fails when another test took it first).
 const CLAIM_TRIES: i64 = 4;
-/// How long a test without a spare waits for one while other tests of this
-/// machine copy the template (at most [`crate::state::COPIERS`] at once),
-/// before it copies too: about what a copy takes on a busy machine, while
-/// a test that puts one back usually takes far less.
-const COPY_WAIT: Duration = Duration::from_millis(250);
 /// How long a passed test waits for a connection of its pool to put its
 /// database back on, before it opens one.
 const CONNECTION_BACK: Duration = Duration::from_millis(200);
@@ -69,9 +64,11 @@ pub(super) async fn prepare(
         tenant,
         template: &template,
     };
-    // While a spare is none, and others copy the template, wait a little
-    // for a test to put one back rather than copy too.
-    let deadline = Instant::now() + COPY_WAIT;
+    // Without a spare, while others copy the template, wait for a test to
+    // put one back or for a copier's turn, rather than copy too: copies
+    // are the server's slowest work, and a test that puts one back usually
+    // takes far less.
+    let deadline = Instant::now() + session.config.budget_timeout;
     let mut pauses = Pauses::new();
     let (pool, database, admin) = loop {
         let stored = Stored::load(&session.dir.entry(Entry::Snapshot(&template)));
@@ -83,8 +80,14 @@ pub(super) async fn prepare(
             Stored::Unrecyclable => None,
             _ => session.dir.try_copier()?,
         };
-        if copier.is_none() && !matches!(stored, Stored::Unrecyclable) && Instant::now() < deadline
-        {
+        if copier.is_none() && !matches!(stored, Stored::Unrecyclable) {
+            if Instant::now() >= deadline {
+                let held = std::io::Error::other(format!(
+                    "every copier lock was held for {} s, and no spare came back",
+                    session.config.budget_timeout.as_secs()
+                ));
+                return Err(session.dir.error(Entry::Copier(0), &held));
+            }
             tokio::time::sleep(pauses.next_until(deadline)).await;
             continue;
         }
