@@ -257,6 +257,22 @@ pub enum Error {
         holders: String,
     },
 
+    /// No database came free for `isolation = "database"` in time.
+    #[error(
+        "waited {:.0} s for a database of template {template}: no test put one back, and other \
+         tests of this machine kept copying it (they hold {locks}). If one of those hangs, stop \
+         it (`fuser` on those files finds it); set PGTEST_BUDGET_TIMEOUT (seconds) to wait longer",
+        after.as_secs_f64()
+    )]
+    CopyTimeout {
+        /// The template the test's database is a copy of.
+        template: String,
+        /// How long pgtest waited.
+        after: Duration,
+        /// The lock files of the tests copying it.
+        locks: String,
+    },
+
     /// The budget's lock files cannot be used.
     #[error("cannot use the connection budget's file {}: {reason}. Check pgtest's home (PGTEST_HOME)", path.display())]
     BudgetFiles {

@@ -37,7 +37,7 @@ use crate::migrations::Migrations;
 use crate::pool::{self, TestPool};
 use crate::recycle::{Reset, Snapshot, Stored};
 use crate::session::Session;
-use crate::state::Entry;
+use crate::state::{COPIERS, Entry};
 use crate::{Error, Tenant, TestContext, catalog, names, spares};
 use pgtest_core::TestSpec;
 
@@ -82,11 +82,20 @@ pub(super) async fn prepare(
         };
         if copier.is_none() && !matches!(stored, Stored::Unrecyclable) {
             if Instant::now() >= deadline {
-                let held = std::io::Error::other(format!(
-                    "every copier lock was held for {} s, and no spare came back",
-                    session.config.budget_timeout.as_secs()
-                ));
-                return Err(session.dir.error(Entry::Copier(0), &held));
+                return Err(Error::CopyTimeout {
+                    template: template.clone(),
+                    after: session.config.budget_timeout,
+                    locks: (0..COPIERS)
+                        .map(|index| {
+                            session
+                                .dir
+                                .entry(Entry::Copier(index))
+                                .display()
+                                .to_string()
+                        })
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                });
             }
             tokio::time::sleep(pauses.next_until(deadline)).await;
             continue;
