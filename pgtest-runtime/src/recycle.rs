@@ -112,51 +112,71 @@ const FINGERPRINT: &str = "with hidden as (select oid from pg_namespace where ns
 /// The hash of a relation without rows: md5 of the empty string.
 const EMPTY_HASH: &str = "d41d8cd98f00b204e9800998ecf8427e";
 
+/// The catalogs the fingerprint reads, each with what of it counts (the
+/// rows of user objects outside temporary and TOAST schemas).
+const WRITTEN_IN: [(&str, &str); 24] = [
+    ("pg_class", "oid in (select oid from rel)"),
+    (
+        "pg_attribute",
+        "attrelid >= 16384 and attrelid in (select oid from rel)",
+    ),
+    ("pg_namespace", "oid not in (select oid from hidden)"),
+    ("pg_type", "typnamespace not in (select oid from hidden)"),
+    ("pg_proc", "true"),
+    (
+        "pg_constraint",
+        "connamespace not in (select oid from hidden)",
+    ),
+    (
+        "pg_index",
+        "indrelid >= 16384 and indrelid in (select oid from rel)",
+    ),
+    ("pg_attrdef", "adrelid in (select oid from rel)"),
+    ("pg_trigger", "tgrelid in (select oid from rel)"),
+    ("pg_rewrite", "ev_class in (select oid from rel)"),
+    ("pg_policy", "true"),
+    ("pg_sequence", "true"),
+    ("pg_inherits", "true"),
+    ("pg_enum", "true"),
+    ("pg_extension", "true"),
+    ("pg_cast", "true"),
+    ("pg_operator", "true"),
+    ("pg_collation", "true"),
+    ("pg_default_acl", "true"),
+    ("pg_event_trigger", "true"),
+    ("pg_statistic_ext", "true"),
+    ("pg_description", "true"),
+    (
+        "pg_db_role_setting",
+        "setdatabase = (select oid from pg_database where datname = current_database())",
+    ),
+    ("pg_database", "datname = current_database()"),
+];
+
 /// Whether a catalog the fingerprint reads holds a row written after the
-/// transaction `{horizon}` (its low 32 bits): far cheaper than the
+/// transaction `horizon` (its low 32 bits): far cheaper than the
 /// fingerprint, which runs only when this says yes (a test's truncation or
 /// refresh writes `pg_class` without changing the schema).
-const CATALOG_WRITTEN: &str = "with hidden as (select oid from pg_namespace where nspname = 'pg_toast' \
-        or nspname like 'pg\\_temp\\_%' or nspname like 'pg\\_toast\\_temp\\_%'), \
-    rel as (select oid from pg_class where oid >= 16384 \
-        and relnamespace not in (select oid from hidden)), \
-    since as (select age('{horizon}'::xid) as age) \
-    select exists (select from pg_class where age(xmin) < (select age from since) \
-            and oid in (select oid from rel)) \
-        or exists (select from pg_attribute where age(xmin) < (select age from since) \
-            and attrelid >= 16384 and attrelid in (select oid from rel)) \
-        or exists (select from pg_namespace where age(xmin) < (select age from since) \
-            and oid not in (select oid from hidden)) \
-        or exists (select from pg_type where age(xmin) < (select age from since) \
-            and typnamespace not in (select oid from hidden)) \
-        or exists (select from pg_proc where age(xmin) < (select age from since)) \
-        or exists (select from pg_constraint where age(xmin) < (select age from since) \
-            and connamespace not in (select oid from hidden)) \
-        or exists (select from pg_index where age(xmin) < (select age from since) \
-            and indrelid >= 16384 and indrelid in (select oid from rel)) \
-        or exists (select from pg_attrdef where age(xmin) < (select age from since) \
-            and adrelid in (select oid from rel)) \
-        or exists (select from pg_trigger where age(xmin) < (select age from since) \
-            and tgrelid in (select oid from rel)) \
-        or exists (select from pg_rewrite where age(xmin) < (select age from since) \
-            and ev_class in (select oid from rel)) \
-        or exists (select from pg_policy where age(xmin) < (select age from since)) \
-        or exists (select from pg_sequence where age(xmin) < (select age from since)) \
-        or exists (select from pg_inherits where age(xmin) < (select age from since)) \
-        or exists (select from pg_enum where age(xmin) < (select age from since)) \
-        or exists (select from pg_extension where age(xmin) < (select age from since)) \
-        or exists (select from pg_cast where age(xmin) < (select age from since)) \
-        or exists (select from pg_operator where age(xmin) < (select age from since)) \
-        or exists (select from pg_collation where age(xmin) < (select age from since)) \
-        or exists (select from pg_default_acl where age(xmin) < (select age from since)) \
-        or exists (select from pg_event_trigger where age(xmin) < (select age from since)) \
-        or exists (select from pg_statistic_ext where age(xmin) < (select age from since)) \
-        or exists (select from pg_description where age(xmin) < (select age from since)) \
-        or exists (select from pg_db_role_setting s, pg_database d \
-            where age(s.xmin) < (select age from since) and s.setdatabase = d.oid \
-            and d.datname = current_database()) \
-        or exists (select from pg_database where age(xmin) < (select age from since) \
-            and datname = current_database())";
+fn catalog_written(horizon: u32) -> String {
+    let checks: Vec<String> = WRITTEN_IN
+        .iter()
+        .map(|(catalog, filter)| {
+            format!(
+                "exists (select from {catalog} where age(xmin) < (select age from since) \
+                 and {filter})"
+            )
+        })
+        .collect();
+    format!(
+        "with hidden as (select oid from pg_namespace where nspname = 'pg_toast' \
+             or nspname like 'pg\\_temp\\_%' or nspname like 'pg\\_toast\\_temp\\_%'), \
+         rel as (select oid from pg_class where oid >= 16384 \
+             and relnamespace not in (select oid from hidden)), \
+         since as (select age('{horizon}'::xid) as age) \
+         select {}",
+        checks.join(" or ")
+    )
+}
 
 /// What a fresh copy of a template holds (see the module's documentation).
 #[derive(Debug, PartialEq, Eq)]
@@ -346,7 +366,7 @@ impl Snapshot {
         let mut transaction = connection.begin().await?;
         catalog::run(&mut transaction, FORMATS).await?;
         let catalog = match horizon {
-            Some(horizon) => CATALOG_WRITTEN.replace("{horizon}", &horizon.to_string()),
+            Some(horizon) => catalog_written(horizon),
             None => "select true".to_owned(),
         };
         let statement = self.state_query(&catalog);
