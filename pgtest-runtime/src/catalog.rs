@@ -6,7 +6,7 @@
 //! [`crate::server::Server`]).
 
 use sqlx::postgres::PgConnection;
-use sqlx::{Connection, Executor};
+use sqlx::{Connection, Executor, Row};
 
 use crate::error::sqlstate;
 use crate::markers::{Marker, PREFIX};
@@ -107,16 +107,27 @@ pub(crate) async fn marked_as(
     .await
 }
 
-/// How many other sessions than this one are connected to the database
-/// this one is.
-pub(crate) async fn other_sessions(connection: &mut PgConnection) -> sqlx::Result<i64> {
-    sqlx::query_scalar(
-        "select count(*) from pg_stat_activity \
-         where datname = current_database() and pid <> pg_backend_pid()",
+/// How many other client sessions than this one are connected to the
+/// database this one is (an SQL expression; autovacuum's do not count).
+pub(crate) const OTHER_SESSIONS: &str = "(select count(*) from pg_stat_get_activity(null) a \
+    where a.datid = (select oid from pg_database where datname = current_database()) \
+    and a.pid <> pg_backend_pid() and a.backend_type <> 'autovacuum worker')";
+
+/// How many databases are marked `marker` (an SQL expression).
+pub(crate) fn marked_count(marker: &Marker) -> String {
+    format!(
+        "(select count(*) from pg_shdescription \
+         where classoid = 'pg_database'::regclass and description = {})",
+        literal(&marker.to_string())
     )
-    .fetch_one(connection)
-    .await
 }
+
+/// Lets the rest of the transaction commit without waiting for the write
+/// ahead log to reach the disk: pgtest's own bookkeeping in a test's
+/// database (a claim, a reset). A crash of the server loses at most the
+/// last of them, never one a later commit builds on: a commit that waits
+/// (a test's own) writes every earlier one first.
+pub(crate) const NO_FLUSH_WAIT: &str = "set local synchronous_commit = off";
 
 /// How many databases are marked `marker`, and the size of `database` in
 /// bytes (0 when it does not exist).
@@ -125,15 +136,16 @@ pub(crate) async fn count_and_size(
     marker: &Marker,
     database: &str,
 ) -> sqlx::Result<(u32, u64)> {
-    let (count, size): (i64, i64) = sqlx::query_as(
-        "select (select count(*) from pg_database \
-             where shobj_description(oid, 'pg_database') = $1), \
-         coalesce((select pg_database_size(datname) from pg_database where datname = $2), 0)",
-    )
-    .bind(marker.to_string())
-    .bind(database)
-    .fetch_one(connection)
-    .await?;
+    let statement = format!(
+        "select {}, coalesce((select pg_database_size(datname) from pg_database \
+             where datname = $1), 0)",
+        marked_count(marker)
+    );
+    let row = crate::compat::query(&statement)
+        .bind(database)
+        .fetch_one(connection)
+        .await?;
+    let (count, size): (i64, i64) = (row.try_get(0)?, row.try_get(1)?);
     Ok((
         u32::try_from(count).unwrap_or(u32::MAX),
         u64::try_from(size).unwrap_or(0),
@@ -165,12 +177,16 @@ pub(crate) async fn mark(
     database: &str,
     marker: &Marker,
 ) -> sqlx::Result<()> {
-    let statement = format!(
+    run(connection, &mark_statement(database, marker)).await
+}
+
+/// The statement that marks `database` with `marker`.
+pub(crate) fn mark_statement(database: &str, marker: &Marker) -> String {
+    format!(
         "comment on database {} is {}",
         ident(database),
         literal(&marker.to_string())
-    );
-    run(connection, &statement).await
+    )
 }
 
 /// Marks `from` with `marker` and renames it to `to`, in one transaction.
@@ -222,24 +238,24 @@ pub(crate) async fn claim(
     marker: &Marker,
 ) -> sqlx::Result<Option<u32>> {
     let mut transaction = connection.begin().await?;
-    let locked: bool = sqlx::query_scalar("select pg_try_advisory_xact_lock($1, $2)")
-        .bind(LOCK_CLASS)
-        .bind(lock_key(name))
-        .fetch_one(&mut *transaction)
-        .await?;
-    let current: Option<String> = sqlx::query_scalar(
-        "select shobj_description(oid, 'pg_database') from pg_database \
-         where datname = current_database()",
+    // The horizon first: the transaction's id is older than the test's.
+    let (locked, current, horizon): (bool, Option<String>, i64) = sqlx::query_as(
+        "select pg_try_advisory_xact_lock($1, $2), \
+             (select shobj_description(oid, 'pg_database') from pg_database \
+                 where datname = current_database()), \
+             txid_current() % 4294967296",
     )
+    .bind(LOCK_CLASS)
+    .bind(lock_key(name))
     .fetch_one(&mut *transaction)
     .await?;
     if !locked || current.as_deref().and_then(Marker::parse).as_ref() != Some(spare) {
         return Ok(None);
     }
-    mark(&mut transaction, name, marker).await?;
-    let horizon = horizon(&mut transaction).await?;
+    let statements = format!("{NO_FLUSH_WAIT}; {}", mark_statement(name, marker));
+    run(&mut transaction, &statements).await?;
     transaction.commit().await?;
-    Ok(Some(horizon))
+    Ok(Some(u32::try_from(horizon).unwrap_or_default()))
 }
 
 /// This transaction's id (its low 32 bits), assigned if it has none.

@@ -44,6 +44,7 @@ use sqlx::{Connection, Row};
 use crate::catalog;
 use crate::compat::query;
 use crate::lock::open_no_follow;
+use crate::markers::Marker;
 
 /// The most bytes of template rows a snapshot keeps: a template with more
 /// is copied for each test, as before.
@@ -101,7 +102,7 @@ const FINGERPRINT: &str = "with hidden as (select oid from pg_namespace where ns
     union all select 'statistics ' || (stxrelid, stxname, stxnamespace, stxkeys, stxkind)::text \
         from pg_statistic_ext where stxrelid >= 16384 and stxrelid in (select oid from rel) \
     union all select 'description ' || d::text from pg_description d \
-        where (objoid >= 16384 or objoid = 'public'::regnamespace) \
+        where (objoid >= 16384 or objoid = 2200) \
         and (classoid <> 'pg_class'::regclass or objoid in (select oid from rel)) \
     union all select 'settings ' || s::text from pg_db_role_setting s, pg_database d \
         where s.setdatabase = d.oid and d.datname = current_database() \
@@ -112,40 +113,33 @@ const FINGERPRINT: &str = "with hidden as (select oid from pg_namespace where ns
 /// The hash of a relation without rows: md5 of the empty string.
 const EMPTY_HASH: &str = "d41d8cd98f00b204e9800998ecf8427e";
 
-/// The catalogs the fingerprint reads, each with what of it counts (the
-/// rows of user objects outside temporary and TOAST schemas).
+/// The catalogs the fingerprint reads, each with which of its rows count:
+/// user objects' (from `FirstNormalObjectId` on, found by the catalog's
+/// index; temporary ones included, a cost only), the `public` schema's
+/// (its fixed oid, 2200), and the database's own.
 const WRITTEN_IN: [(&str, &str); 24] = [
-    ("pg_class", "oid in (select oid from rel)"),
-    (
-        "pg_attribute",
-        "attrelid >= 16384 and attrelid in (select oid from rel)",
-    ),
-    ("pg_namespace", "oid not in (select oid from hidden)"),
-    ("pg_type", "typnamespace not in (select oid from hidden)"),
-    ("pg_proc", "true"),
-    (
-        "pg_constraint",
-        "connamespace not in (select oid from hidden)",
-    ),
-    (
-        "pg_index",
-        "indrelid >= 16384 and indrelid in (select oid from rel)",
-    ),
-    ("pg_attrdef", "adrelid in (select oid from rel)"),
-    ("pg_trigger", "tgrelid in (select oid from rel)"),
-    ("pg_rewrite", "ev_class in (select oid from rel)"),
-    ("pg_policy", "true"),
-    ("pg_sequence", "true"),
-    ("pg_inherits", "true"),
-    ("pg_enum", "true"),
-    ("pg_extension", "true"),
-    ("pg_cast", "true"),
-    ("pg_operator", "true"),
-    ("pg_collation", "true"),
-    ("pg_default_acl", "true"),
-    ("pg_event_trigger", "true"),
-    ("pg_statistic_ext", "true"),
-    ("pg_description", "true"),
+    ("pg_class", "oid >= 16384"),
+    ("pg_attribute", "attrelid >= 16384"),
+    ("pg_namespace", "(oid >= 16384 or oid = 2200)"),
+    ("pg_type", "oid >= 16384"),
+    ("pg_proc", "oid >= 16384"),
+    ("pg_constraint", "oid >= 16384"),
+    ("pg_index", "indexrelid >= 16384"),
+    ("pg_attrdef", "oid >= 16384"),
+    ("pg_trigger", "oid >= 16384"),
+    ("pg_rewrite", "oid >= 16384"),
+    ("pg_policy", "oid >= 16384"),
+    ("pg_sequence", "seqrelid >= 16384"),
+    ("pg_inherits", "inhrelid >= 16384"),
+    ("pg_enum", "oid >= 16384"),
+    ("pg_extension", "oid >= 16384"),
+    ("pg_cast", "oid >= 16384"),
+    ("pg_operator", "oid >= 16384"),
+    ("pg_collation", "oid >= 16384"),
+    ("pg_default_acl", "oid >= 16384"),
+    ("pg_event_trigger", "oid >= 16384"),
+    ("pg_statistic_ext", "oid >= 16384"),
+    ("pg_description", "(objoid >= 16384 or objoid = 2200)"),
     (
         "pg_db_role_setting",
         "setdatabase = (select oid from pg_database where datname = current_database())",
@@ -160,22 +154,13 @@ const WRITTEN_IN: [(&str, &str); 24] = [
 fn catalog_written(horizon: u32) -> String {
     let checks: Vec<String> = WRITTEN_IN
         .iter()
-        .map(|(catalog, filter)| {
+        .map(|(catalog, rows)| {
             format!(
-                "exists (select from {catalog} where age(xmin) < (select age from since) \
-                 and {filter})"
+                "exists (select from {catalog} where {rows} and age(xmin) < age('{horizon}'::xid))"
             )
         })
         .collect();
-    format!(
-        "with hidden as (select oid from pg_namespace where nspname = 'pg_toast' \
-             or nspname like 'pg\\_temp\\_%' or nspname like 'pg\\_toast\\_temp\\_%'), \
-         rel as (select oid from pg_class where oid >= 16384 \
-             and relnamespace not in (select oid from hidden)), \
-         since as (select age('{horizon}'::xid) as age) \
-         select {}",
-        checks.join(" or ")
-    )
+    checks.join(" or ")
 }
 
 /// What a fresh copy of a template holds (see the module's documentation).
@@ -252,11 +237,22 @@ const UNRECYCLABLE: &str = "pgtest snapshot 1 none\n";
 /// What a reset did.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum Reset {
-    /// The database holds exactly what a fresh copy does again; what it
-    /// put back (table and sequence counts), for the log.
+    /// The database holds exactly what a fresh copy does again and is
+    /// marked spare; what it put back (table and sequence counts), for the
+    /// log.
     Done { tables: usize, sequences: usize },
+    /// Another session is still connected to it: nothing was done.
+    Busy,
     /// It cannot be put back: retire the database.
     Retire(&'static str),
+}
+
+/// Where a reset database goes: marked `spare`, unless `limit` databases
+/// already are.
+pub(crate) struct PutBack<'a> {
+    pub(crate) database: &'a str,
+    pub(crate) spare: &'a Marker,
+    pub(crate) limit: u32,
 }
 
 /// The hash of a relation's rows as text, in physical order.
@@ -355,26 +351,36 @@ impl Snapshot {
     }
 
     /// Puts back what a test changed in the database `connection` is
-    /// connected to (nobody else may be), in one transaction; `horizon`, a
-    /// transaction id from before the test, if known, spares the
-    /// fingerprint when no catalog row is newer.
+    /// connected to and marks it spare as `back` says, in one transaction,
+    /// when no other session is connected to it; `horizon`, a transaction
+    /// id from before the test, if known, spares the fingerprint when no
+    /// catalog row is newer.
     pub(crate) async fn reset(
         &self,
         connection: &mut PgConnection,
         horizon: Option<u32>,
+        back: &PutBack<'_>,
     ) -> sqlx::Result<Reset> {
         let mut transaction = connection.begin().await?;
-        catalog::run(&mut transaction, FORMATS).await?;
-        let catalog = match horizon {
-            Some(horizon) => catalog_written(horizon),
-            None => "select true".to_owned(),
-        };
-        let statement = self.state_query(&catalog);
+        let settings = format!("{FORMATS}; {}", catalog::NO_FLUSH_WAIT);
+        catalog::run(&mut transaction, &settings).await?;
+        let catalog = horizon.map_or_else(|| "true".to_owned(), catalog_written);
+        let statement = self.state_query(&catalog, back.spare);
         let row = query(&statement).fetch_one(&mut *transaction).await?;
-        let written: bool = row.try_get(0)?;
-        let changed_tables: Vec<bool> = row.try_get(1)?;
-        let changed_sequences: Vec<bool> = row.try_get(2)?;
-        let large_objects: i64 = row.try_get(3)?;
+        let others: i64 = row.try_get(0)?;
+        let spares: i64 = row.try_get(1)?;
+        let written: bool = row.try_get(2)?;
+        let changed_tables: Vec<bool> = row.try_get(3)?;
+        let changed_sequences: Vec<bool> = row.try_get(4)?;
+        let large_objects: i64 = row.try_get(5)?;
+        if others > 0 {
+            return Ok(Reset::Busy);
+        }
+        if spares >= i64::from(back.limit) {
+            return Ok(Reset::Retire(
+                "its template has PGTEST_SPARE_DATABASES spares already",
+            ));
+        }
         if written {
             let fingerprint: String = query(FINGERPRINT)
                 .fetch_one(&mut *transaction)
@@ -418,9 +424,8 @@ impl Snapshot {
         if large_objects > 0 && self.large_objects == 0 {
             statements.push_str("select lo_unlink(oid) from pg_largeobject_metadata; ");
         }
-        if !statements.is_empty() {
-            catalog::run(&mut transaction, &statements).await?;
-        }
+        statements.push_str(&catalog::mark_statement(back.database, back.spare));
+        catalog::run(&mut transaction, &statements).await?;
         // After the deletes: in the fresh copy's physical order.
         for table in &changed {
             if let Some(rows) = &table.rows {
@@ -452,10 +457,11 @@ impl Snapshot {
         })
     }
 
-    /// One query: whether the catalog may have changed (`catalog`), for
-    /// each table whether it differs, for each sequence whether it moved,
-    /// and the count of large objects.
-    fn state_query(&self, catalog: &str) -> String {
+    /// One query: how many other sessions are connected, how many
+    /// databases are marked `spare`, whether the catalog may have changed
+    /// (`catalog`), for each table whether it differs, for each sequence
+    /// whether it moved, and the count of large objects.
+    fn state_query(&self, catalog: &str, spare: &Marker) -> String {
         let tables: Vec<String> = self
             .tables
             .iter()
@@ -479,8 +485,10 @@ impl Snapshot {
             })
             .collect();
         format!(
-            "select ({catalog}), array[{}]::bool[], array[{}]::bool[], \
+            "select {}, {}, ({catalog}), array[{}]::bool[], array[{}]::bool[], \
              (select count(*) from pg_largeobject_metadata)",
+            catalog::OTHER_SESSIONS,
+            catalog::marked_count(spare),
             tables.join(", "),
             sequences.join(", ")
         )

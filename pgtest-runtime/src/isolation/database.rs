@@ -35,7 +35,7 @@ use crate::lock::{LockFile, Mode, Pauses, open_no_follow};
 use crate::markers::{Kind, Marker, Origin};
 use crate::migrations::Migrations;
 use crate::pool::{self, TestPool};
-use crate::recycle::{Reset, Snapshot, Stored};
+use crate::recycle::{PutBack, Reset, Snapshot, Stored};
 use crate::session::Session;
 use crate::state::{COPIERS, Entry};
 use crate::{Error, Tenant, TestContext, catalog, names, spares};
@@ -386,7 +386,11 @@ impl TestDatabase {
         let connection = tokio::time::timeout(CONNECTION_BACK, pool.acquire()).await;
         let mut connection = connection.ok()?.ok()?.detach();
         // Whatever the test set in its session (a role, a search path).
-        let reset = catalog::run(&mut connection, "reset session authorization; reset all").await;
+        let reset = catalog::run(
+            &mut connection,
+            "reset session authorization; reset all; discard temp",
+        )
+        .await;
         reset.is_ok().then_some(connection)
     }
 
@@ -446,51 +450,39 @@ impl TestDatabase {
             Some(connection) => connection,
             None => server.connect(&self.name).await?,
         };
-        let result = async {
-            // The test's sessions end as its pool closes; one that stays
-            // (a pool the test built itself) may still change it.
-            let deadline = Instant::now() + SESSIONS_END;
-            let mut pauses = Pauses::new();
-            while catalog::other_sessions(&mut connection)
-                .await
-                .map_err(failed)?
-                > 0
-            {
-                if Instant::now() >= deadline {
-                    return Ok(Some("a session of the test's outlived it"));
+        let spare = Marker::Spare {
+            template: self.template.clone(),
+        };
+        let back = PutBack {
+            database: &self.name,
+            spare: &spare,
+            limit,
+        };
+        // The test's sessions end as its pool closes; one that stays (a
+        // pool the test built itself) may still change it.
+        let deadline = Instant::now() + SESSIONS_END;
+        let mut pauses = Pauses::new();
+        let result = loop {
+            let reset = snapshot.reset(&mut connection, self.horizon, &back).await;
+            match reset.map_err(failed) {
+                Ok(Reset::Busy) if Instant::now() >= deadline => {
+                    break Ok(Some("a session of the test's outlived it"));
                 }
-                tokio::time::sleep(pauses.next_until(deadline)).await;
-            }
-            match snapshot
-                .reset(&mut connection, self.horizon)
-                .await
-                .map_err(failed)?
-            {
-                Reset::Retire(why) => return Ok(Some(why)),
-                Reset::Done { tables, sequences } => {
+                Ok(Reset::Busy) => tokio::time::sleep(pauses.next_until(deadline)).await,
+                Ok(Reset::Retire(why)) => break Ok(Some(why)),
+                Ok(Reset::Done { tables, sequences }) => {
                     tracing::debug!(database = self.name, tables, sequences, "put back");
+                    // For this machine's next test to claim without an
+                    // admin connection.
+                    let entry = session.dir.entry(Entry::Spare(&self.name));
+                    if let Err(error) = open_no_follow(&entry, 0o600) {
+                        tracing::warn!(%error, "cannot list a spare database");
+                    }
+                    break Ok(None);
                 }
+                Err(error) => break Err(error),
             }
-            let spare = Marker::Spare {
-                template: self.template.clone(),
-            };
-            let (spares, _) = catalog::count_and_size(&mut connection, &spare, &self.name)
-                .await
-                .map_err(failed)?;
-            if spares >= limit {
-                return Ok(Some("its template has PGTEST_SPARE_DATABASES spares"));
-            }
-            catalog::mark(&mut connection, &self.name, &spare)
-                .await
-                .map_err(failed)?;
-            // For this machine's next test to claim without an admin connection.
-            let listed = open_no_follow(&session.dir.entry(Entry::Spare(&self.name)), 0o600);
-            if let Err(error) = listed {
-                tracing::warn!(%error, "cannot list a spare database");
-            }
-            Ok(None)
-        }
-        .await;
+        };
         let _ = connection.close().await;
         result
     }
