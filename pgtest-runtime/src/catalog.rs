@@ -230,32 +230,37 @@ pub(crate) async fn drop_unused(
 /// marked `spare`: marks it `marker`, under a transaction advisory lock (the
 /// database's own: claimers elsewhere are connected to it too). The
 /// claim's transaction id (its low 32 bits: catalog rows written later
-/// are newer), or `None` when it was not spare.
+/// are newer) and the value of the SQL expression `counts` if given (an
+/// array, read in the same transaction), or `None` when it was not spare.
 pub(crate) async fn claim(
     connection: &mut PgConnection,
     name: &str,
     spare: &Marker,
     marker: &Marker,
-) -> sqlx::Result<Option<u32>> {
+    counts: Option<&str>,
+) -> sqlx::Result<Option<(u32, Option<Vec<i64>>)>> {
     let mut transaction = connection.begin().await?;
-    // The horizon first: the transaction's id is older than the test's.
-    let (locked, current, horizon): (bool, Option<String>, i64) = sqlx::query_as(
+    let statement = format!(
         "select pg_try_advisory_xact_lock($1, $2), \
              (select shobj_description(oid, 'pg_database') from pg_database \
                  where datname = current_database()), \
-             txid_current() % 4294967296",
-    )
-    .bind(LOCK_CLASS)
-    .bind(lock_key(name))
-    .fetch_one(&mut *transaction)
-    .await?;
+             txid_current() % 4294967296, {}",
+        counts.unwrap_or("null::int8[]")
+    );
+    let row = crate::compat::query(&statement)
+        .bind(LOCK_CLASS)
+        .bind(lock_key(name))
+        .fetch_one(&mut *transaction)
+        .await?;
+    let (locked, current): (bool, Option<String>) = (row.try_get(0)?, row.try_get(1)?);
     if !locked || current.as_deref().and_then(Marker::parse).as_ref() != Some(spare) {
         return Ok(None);
     }
+    let (horizon, counts): (i64, Option<Vec<i64>>) = (row.try_get(2)?, row.try_get(3)?);
     let statements = format!("{NO_FLUSH_WAIT}; {}", mark_statement(name, marker));
     run(&mut transaction, &statements).await?;
     transaction.commit().await?;
-    Ok(Some(u32::try_from(horizon).unwrap_or_default()))
+    Ok(Some((u32::try_from(horizon).unwrap_or_default(), counts)))
 }
 
 /// This transaction's id (its low 32 bits), assigned if it has none.

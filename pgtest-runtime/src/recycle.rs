@@ -163,11 +163,20 @@ fn catalog_written(horizon: u32) -> String {
     checks.join(" or ")
 }
 
+/// The catalogs a test may write outside the catalog's fingerprint that
+/// still change what the next test sees: large objects.
+const COUNTED_TOO: &str = "pg_largeobject_metadata";
+
 /// What a fresh copy of a template holds (see the module's documentation).
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) struct Snapshot {
     fingerprint: String,
     large_objects: i64,
+    /// The catalogs of [`WRITTEN_IN`] and [`COUNTED_TOO`], by oid, when the
+    /// server counts each row its sessions write (PostgreSQL 15 on, with
+    /// `track_counts`): a reset then looks only at what the counts say
+    /// changed.
+    catalogs: Option<Vec<i64>>,
     tables: Vec<Table>,
     sequences: Vec<Sequence>,
 }
@@ -175,6 +184,7 @@ pub(crate) struct Snapshot {
 /// A table or materialized view.
 #[derive(Debug, PartialEq, Eq)]
 struct Table {
+    oid: i64,
     /// Its name, schema-qualified and quoted.
     name: String,
     /// A materialized view: its contents cannot be put back.
@@ -195,6 +205,7 @@ struct Rows {
 
 #[derive(Debug, PartialEq, Eq)]
 struct Sequence {
+    oid: i64,
     /// Its name, schema-qualified and quoted.
     name: String,
     last_value: i64,
@@ -229,10 +240,29 @@ impl Stored {
         file.write_all(text.as_bytes())?;
         fs::rename(&partial, path)
     }
+
+    /// The snapshot, when there is one.
+    pub(crate) fn snapshot(&self) -> Option<&Snapshot> {
+        match self {
+            Self::Snapshot(snapshot) => Some(snapshot),
+            _ => None,
+        }
+    }
 }
 
 /// What a template whose copies cannot be recycled stores.
-const UNRECYCLABLE: &str = "pgtest snapshot 1 none\n";
+const UNRECYCLABLE: &str = "pgtest snapshot 2 none\n";
+
+/// What a test's database looked like when the test claimed it.
+#[derive(Debug)]
+pub(crate) struct Since {
+    /// A transaction id from before the test (its low 32 bits): catalog
+    /// rows written since are the test's.
+    pub(crate) horizon: u32,
+    /// The counts of rows written in each counted relation (see
+    /// [`Snapshot::written_counts`]), when the snapshot counts.
+    pub(crate) counts: Option<Vec<i64>>,
+}
 
 /// What a reset did.
 #[derive(Debug, PartialEq, Eq)]
@@ -255,9 +285,26 @@ pub(crate) struct PutBack<'a> {
     pub(crate) limit: u32,
 }
 
+/// What a test may have changed, found by a reset.
+struct Changed {
+    /// A catalog the fingerprint reads was written.
+    catalog: bool,
+    /// For each table, whether it differs.
+    tables: Vec<bool>,
+    /// For each sequence, whether it is to be set back.
+    sequences: Vec<bool>,
+    large_objects: i64,
+}
+
 /// The hash of a relation's rows as text, in physical order.
 fn rows_hash(name: &str) -> String {
     format!("(select md5(coalesce(string_agg(x::text, E'\\n' order by ctid), '')) from {name} x)")
+}
+
+/// `values` as the text of an SQL array.
+fn array_text(values: impl Iterator<Item = i64>) -> String {
+    let values: Vec<String> = values.map(|value| value.to_string()).collect();
+    format!("'{{{}}}'", values.join(","))
 }
 
 impl Snapshot {
@@ -280,8 +327,22 @@ impl Snapshot {
         let large_objects: i64 = sqlx::query_scalar("select count(*) from pg_largeobject_metadata")
             .fetch_one(&mut *transaction)
             .await?;
-        let relations: Vec<(String, String, String)> = sqlx::query_as(
-            "select c.oid::regclass::text, c.relkind::text, \
+        let names: Vec<&str> = WRITTEN_IN
+            .iter()
+            .map(|(catalog, _)| *catalog)
+            .chain([COUNTED_TOO])
+            .collect();
+        let catalogs: Option<Vec<i64>> = sqlx::query_scalar(
+            "select case when current_setting('server_version_num')::int >= 150000 \
+                 and current_setting('track_counts')::bool \
+             then (select array_agg(c::oid::int8 order by n) \
+                 from unnest($1::text[]::regclass[]) with ordinality as u(c, n)) end",
+        )
+        .bind(names)
+        .fetch_one(&mut *transaction)
+        .await?;
+        let relations: Vec<(i64, String, String, String)> = sqlx::query_as(
+            "select c.oid::int8, c.oid::regclass::text, c.relkind::text, \
                  coalesce((select string_agg(quote_ident(attname), ', ' order by attnum) \
                      from pg_attribute where attrelid = c.oid and attnum > 0 \
                      and not attisdropped and attgenerated = ''), '') \
@@ -295,12 +356,13 @@ impl Snapshot {
         let mut tables = Vec::new();
         let mut sequences = Vec::new();
         let mut bytes = 0;
-        for (name, kind, columns) in relations {
+        for (oid, name, kind, columns) in relations {
             if kind == "S" {
                 let statement = format!("select last_value, is_called from {name}");
                 let row = query(&statement).fetch_one(&mut *transaction).await?;
                 let (last_value, is_called) = (row.try_get(0)?, row.try_get(1)?);
                 sequences.push(Sequence {
+                    oid,
                     name,
                     last_value,
                     is_called,
@@ -336,7 +398,12 @@ impl Snapshot {
                     })
                 }
             };
-            tables.push(Table { name, view, rows });
+            tables.push(Table {
+                oid,
+                name,
+                view,
+                rows,
+            });
         }
         transaction.rollback().await?;
         if bytes > MAX_ROWS_BYTES {
@@ -345,34 +412,69 @@ impl Snapshot {
         Ok(Some(Self {
             fingerprint,
             large_objects,
+            catalogs,
             tables,
             sequences,
         }))
     }
 
+    /// An SQL expression: the number of rows written (inserted, updated,
+    /// deleted, in transactions committed or not) in each catalog and
+    /// table this snapshot counts, since the server began counting; null
+    /// when it does not count now. `None` when the snapshot does not count.
+    pub(crate) fn written_counts(&self) -> Option<String> {
+        let catalogs = self.catalogs.as_ref()?;
+        let oids = catalogs
+            .iter()
+            .copied()
+            .chain(self.tables.iter().map(|table| table.oid));
+        Some(format!(
+            "case when current_setting('track_counts')::bool then \
+                 (select array_agg(pg_stat_get_tuples_inserted(o) + pg_stat_get_tuples_updated(o) \
+                     + pg_stat_get_tuples_deleted(o) order by n) \
+                  from unnest({}::oid[]) with ordinality as u(o, n)) end",
+            array_text(oids)
+        ))
+    }
+
+    /// The counts a new copy starts with (nothing written in it yet).
+    pub(crate) fn fresh_counts(&self) -> Option<Vec<i64>> {
+        let catalogs = self.catalogs.as_ref()?;
+        Some(vec![0; catalogs.len() + self.tables.len()])
+    }
+
+    /// Readies `connection`, one of the test's, for [`Self::reset`]: what
+    /// the test set in its session undone, its temporary tables dropped,
+    /// and what it wrote counted at the server.
+    pub(crate) async fn ready(&self, connection: &mut PgConnection) -> sqlx::Result<()> {
+        let mut statement = "reset session authorization; reset all; discard temp".to_owned();
+        if self.catalogs.is_some() {
+            statement.push_str("; select pg_stat_force_next_flush()");
+        }
+        catalog::run(connection, &statement).await
+    }
+
     /// Puts back what a test changed in the database `connection` is
     /// connected to and marks it spare as `back` says, in one transaction,
-    /// when no other session is connected to it; `horizon`, a transaction
-    /// id from before the test, if known, spares the fingerprint when no
-    /// catalog row is newer.
+    /// when no other session is connected to it; what the database was
+    /// like at the claim (`since`) spares looking at what cannot have
+    /// changed.
     pub(crate) async fn reset(
         &self,
         connection: &mut PgConnection,
-        horizon: Option<u32>,
+        since: &Since,
         back: &PutBack<'_>,
     ) -> sqlx::Result<Reset> {
         let mut transaction = connection.begin().await?;
         let settings = format!("{FORMATS}; {}", catalog::NO_FLUSH_WAIT);
         catalog::run(&mut transaction, &settings).await?;
-        let catalog = horizon.map_or_else(|| "true".to_owned(), catalog_written);
-        let statement = self.state_query(&catalog, back.spare);
+        let statement = format!(
+            "select {}, {}",
+            catalog::OTHER_SESSIONS,
+            catalog::marked_count(back.spare)
+        );
         let row = query(&statement).fetch_one(&mut *transaction).await?;
-        let others: i64 = row.try_get(0)?;
-        let spares: i64 = row.try_get(1)?;
-        let written: bool = row.try_get(2)?;
-        let changed_tables: Vec<bool> = row.try_get(3)?;
-        let changed_sequences: Vec<bool> = row.try_get(4)?;
-        let large_objects: i64 = row.try_get(5)?;
+        let (others, spares): (i64, i64) = (row.try_get(0)?, row.try_get(1)?);
         if others > 0 {
             return Ok(Reset::Busy);
         }
@@ -381,7 +483,12 @@ impl Snapshot {
                 "its template has PGTEST_SPARE_DATABASES spares already",
             ));
         }
-        if written {
+        // The other sessions gone, what they wrote is counted.
+        let changed = match self.counted(&mut transaction, since).await? {
+            Some(changed) => changed,
+            None => self.compared(&mut transaction, since.horizon).await?,
+        };
+        if changed.catalog {
             let fingerprint: String = query(FINGERPRINT)
                 .fetch_one(&mut *transaction)
                 .await?
@@ -390,44 +497,47 @@ impl Snapshot {
                 return Ok(Reset::Retire("its schema or settings changed"));
             }
         }
+        let large_objects = changed.large_objects;
         if large_objects != self.large_objects && self.large_objects > 0 {
             return Ok(Reset::Retire("its large objects changed"));
         }
-        let (views, changed): (Vec<&Table>, Vec<&Table>) = self
+        let (views, tables): (Vec<&Table>, Vec<&Table>) = self
             .tables
             .iter()
-            .zip(&changed_tables)
+            .zip(&changed.tables)
             .filter_map(|(table, changed)| changed.then_some(table))
             .partition(|table| table.view);
         let mut statements = String::new();
-        if !changed.is_empty() {
+        if !tables.is_empty() {
             // Triggers and foreign keys off: each table that differs is
             // emptied on its own (no cascade), its rows put back after.
             // Deleting a test's few rows costs a tenth of truncating the
             // tables (new files for each table and index).
             statements.push_str("set local session_replication_role = replica; ");
-            for table in &changed {
+            for table in &tables {
                 let _ = write!(statements, "delete from {}; ", table.name);
             }
         }
-        for (sequence, changed) in self.sequences.iter().zip(&changed_sequences) {
+        for (sequence, changed) in self.sequences.iter().zip(&changed.sequences) {
             if *changed {
                 let _ = write!(
                     statements,
                     "select setval({}, {}, {}); ",
-                    catalog::literal(&sequence.name),
-                    sequence.last_value,
-                    sequence.is_called
+                    sequence.oid, sequence.last_value, sequence.is_called
                 );
             }
         }
         if large_objects > 0 && self.large_objects == 0 {
             statements.push_str("select lo_unlink(oid) from pg_largeobject_metadata; ");
         }
+        if self.catalogs.is_some() {
+            // Counted before the next test's claim reads the counts.
+            statements.push_str("select pg_stat_force_next_flush(); ");
+        }
         statements.push_str(&catalog::mark_statement(back.database, back.spare));
         catalog::run(&mut transaction, &statements).await?;
         // After the deletes: in the fresh copy's physical order.
-        for table in &changed {
+        for table in &tables {
             if let Some(rows) = &table.rows {
                 copy_in(&mut transaction, &table.name, rows).await?;
             }
@@ -452,16 +562,65 @@ impl Snapshot {
         }
         transaction.commit().await?;
         Ok(Reset::Done {
-            tables: changed.len() + views.len(),
-            sequences: changed_sequences.iter().filter(|changed| **changed).count(),
+            tables: tables.len() + views.len(),
+            sequences: changed.sequences.iter().filter(|changed| **changed).count(),
         })
     }
 
-    /// One query: how many other sessions are connected, how many
-    /// databases are marked `spare`, whether the catalog may have changed
-    /// (`catalog`), for each table whether it differs, for each sequence
-    /// whether it moved, and the count of large objects.
-    fn state_query(&self, catalog: &str, spare: &Marker) -> String {
+    /// What changed since the claim by the server's counts of rows written:
+    /// the tables written in, the sequences that moved (and every one
+    /// that was not called in the template: `setval(…, false)` leaves no
+    /// trace); `None` when the counts cannot tell (none kept, or a catalog
+    /// was written: a truncation, a refresh, a temporary table, DDL).
+    async fn counted(
+        &self,
+        connection: &mut PgConnection,
+        since: &Since,
+    ) -> sqlx::Result<Option<Changed>> {
+        let (Some(catalogs), Some(before), Some(counts)) =
+            (&self.catalogs, &since.counts, self.written_counts())
+        else {
+            return Ok(None);
+        };
+        let sequences: Vec<String> = self
+            .sequences
+            .iter()
+            .map(|sequence| match sequence.is_called {
+                true => format!(
+                    "pg_sequence_last_value({}) is distinct from {}",
+                    sequence.oid, sequence.last_value
+                ),
+                false => "true".to_owned(),
+            })
+            .collect();
+        let statement = format!("select {counts}, array[{}]::bool[]", sequences.join(", "));
+        let row = query(&statement).fetch_one(connection).await?;
+        let after: Option<Vec<i64>> = row.try_get(0)?;
+        let Some(after) = after.filter(|after| after.len() == before.len()) else {
+            return Ok(None);
+        };
+        let (catalogs_after, tables_after) = after.split_at(catalogs.len());
+        let (catalogs_before, tables_before) = before.split_at(catalogs.len());
+        if catalogs_after != catalogs_before {
+            return Ok(None);
+        }
+        Ok(Some(Changed {
+            catalog: false,
+            tables: tables_after
+                .iter()
+                .zip(tables_before)
+                .map(|(after, before)| after != before)
+                .collect(),
+            sequences: row.try_get(1)?,
+            large_objects: self.large_objects,
+        }))
+    }
+
+    /// What changed since the transaction `horizon` by looking at it all:
+    /// whether a catalog the fingerprint reads holds a newer row, each
+    /// table's rows against the template's, each sequence's state, the
+    /// count of large objects.
+    async fn compared(&self, connection: &mut PgConnection, horizon: u32) -> sqlx::Result<Changed> {
         let tables: Vec<String> = self
             .tables
             .iter()
@@ -484,28 +643,42 @@ impl Snapshot {
                 )
             })
             .collect();
-        format!(
-            "select {}, {}, ({catalog}), array[{}]::bool[], array[{}]::bool[], \
+        let statement = format!(
+            "select ({}), array[{}]::bool[], array[{}]::bool[], \
              (select count(*) from pg_largeobject_metadata)",
-            catalog::OTHER_SESSIONS,
-            catalog::marked_count(spare),
+            catalog_written(horizon),
             tables.join(", "),
             sequences.join(", ")
-        )
+        );
+        let row = query(&statement).fetch_one(connection).await?;
+        Ok(Changed {
+            catalog: row.try_get(0)?,
+            tables: row.try_get(1)?,
+            sequences: row.try_get(2)?,
+            large_objects: row.try_get(3)?,
+        })
     }
 
     /// The snapshot as text: each record a line of numbers and the lengths
     /// of the texts that follow it.
     fn to_text(&self) -> String {
+        let catalogs = self.catalogs.as_ref().map_or_else(
+            || "-".to_owned(),
+            |oids| {
+                let oids: Vec<String> = oids.iter().map(i64::to_string).collect();
+                oids.join(",")
+            },
+        );
         let mut text = format!(
-            "pgtest snapshot 1 {} {}\n",
+            "pgtest snapshot 2 {} {} {catalogs}\n",
             self.fingerprint, self.large_objects
         );
         for sequence in &self.sequences {
             let name = &sequence.name;
             let _ = writeln!(
                 text,
-                "sequence {} {} {}",
+                "sequence {} {} {} {}",
+                sequence.oid,
                 sequence.last_value,
                 sequence.is_called,
                 name.len()
@@ -523,7 +696,8 @@ impl Snapshot {
             };
             let _ = writeln!(
                 text,
-                "table {} {hash} {} {} {}",
+                "table {} {} {hash} {} {} {}",
+                table.oid,
                 table.view,
                 table.name.len(),
                 columns.len(),
@@ -540,27 +714,49 @@ impl Snapshot {
     fn parse(text: &str) -> Option<Self> {
         let mut rest = text;
         let header = next_line(&mut rest)?;
-        let ["pgtest", "snapshot", "1", fingerprint, large_objects] = header[..] else {
+        let [
+            "pgtest",
+            "snapshot",
+            "2",
+            fingerprint,
+            large_objects,
+            catalogs,
+        ] = header[..]
+        else {
             return None;
+        };
+        let catalogs = match catalogs {
+            "-" => None,
+            oids => Some(
+                oids.split(',')
+                    .map(str::parse)
+                    .collect::<Result<Vec<i64>, _>>()
+                    .ok()?,
+            ),
         };
         let mut snapshot = Self {
             fingerprint: fingerprint.to_owned(),
             large_objects: large_objects.parse().ok()?,
+            catalogs,
             tables: Vec::new(),
             sequences: Vec::new(),
         };
         while !rest.is_empty() {
             match next_line(&mut rest)?[..] {
-                ["sequence", last_value, is_called, name] => snapshot.sequences.push(Sequence {
-                    name: next_text(&mut rest, name)?,
-                    last_value: last_value.parse().ok()?,
-                    is_called: is_called.parse().ok()?,
-                }),
-                ["table", view, hash, name, columns, data] => {
+                ["sequence", oid, last_value, is_called, name] => {
+                    snapshot.sequences.push(Sequence {
+                        oid: oid.parse().ok()?,
+                        name: next_text(&mut rest, name)?,
+                        last_value: last_value.parse().ok()?,
+                        is_called: is_called.parse().ok()?,
+                    });
+                }
+                ["table", oid, view, hash, name, columns, data] => {
                     let name = next_text(&mut rest, name)?;
                     let columns = next_text(&mut rest, columns)?;
                     let data = next_text(&mut rest, data)?;
                     snapshot.tables.push(Table {
+                        oid: oid.parse().ok()?,
                         name,
                         view: view.parse().ok()?,
                         rows: (hash != "-").then(|| Rows {
@@ -624,13 +820,16 @@ mod tests {
         let snapshot = Snapshot {
             fingerprint: "0123abcd".to_owned(),
             large_objects: 0,
+            catalogs: Some(vec![1259, 2613]),
             tables: vec![
                 Table {
+                    oid: 16390,
                     name: "public.plain".to_owned(),
                     view: false,
                     rows: None,
                 },
                 Table {
+                    oid: 16390,
                     name: "public.\"two\nlines\"".to_owned(),
                     view: false,
                     rows: Some(Rows {
@@ -640,6 +839,7 @@ mod tests {
                     }),
                 },
                 Table {
+                    oid: 16390,
                     name: "a view".to_owned(),
                     view: true,
                     rows: Some(Rows {
@@ -650,6 +850,7 @@ mod tests {
                 },
             ],
             sequences: vec![Sequence {
+                oid: 16400,
                 name: "public.plain_id_seq".to_owned(),
                 last_value: 7,
                 is_called: true,
@@ -662,7 +863,7 @@ mod tests {
         assert!(matches!(Stored::load(&path), Stored::Snapshot(read) if read == snapshot));
         Stored::store(None, &path).unwrap();
         assert!(matches!(Stored::load(&path), Stored::Unrecyclable));
-        fs::write(&path, "pgtest snapshot 2 x 0\n").unwrap();
+        fs::write(&path, "pgtest snapshot 1 x 0\n").unwrap();
         assert!(matches!(Stored::load(&path), Stored::Missing));
     }
 }

@@ -35,7 +35,7 @@ use crate::lock::{LockFile, Mode, Pauses, open_no_follow};
 use crate::markers::{Kind, Marker, Origin};
 use crate::migrations::Migrations;
 use crate::pool::{self, TestPool};
-use crate::recycle::{PutBack, Reset, Snapshot, Stored};
+use crate::recycle::{PutBack, Reset, Since, Snapshot, Stored};
 use crate::session::Session;
 use crate::state::{COPIERS, Entry};
 use crate::{Error, Tenant, TestContext, catalog, names, spares};
@@ -144,9 +144,9 @@ impl Claim<'_> {
         let max = pool::max_for(self.spec, budget, 0)?;
         let mut slots = budget.take(budget.upfront(max, 0), self.spec.name).await?;
         for name in candidates {
-            match self.try_claim(&name, max, slots, 0).await? {
-                Ok((pool, lock, horizon)) => {
-                    let database = TestDatabase::new(self, name, stored, lock, Some(horizon));
+            match self.try_claim(&name, max, slots, 0, &stored).await? {
+                Ok((pool, lock, since)) => {
+                    let database = TestDatabase::new(self, name, stored, lock, since);
                     return Ok(Ok((pool, database)));
                 }
                 Err(back) => slots = back,
@@ -186,13 +186,13 @@ impl Claim<'_> {
             server.query_error(format!("listing spare copies of {}", self.template), &error)
         })?;
         for name in listed {
-            match self.try_claim(&name, max, slots, 1).await? {
-                Ok((pool, lock, horizon)) => {
+            match self.try_claim(&name, max, slots, 1, &stored).await? {
+                Ok((pool, lock, since)) => {
                     // Untouched yet: as good as a fresh copy for a snapshot.
                     if let Stored::Missing = stored {
                         stored = take_snapshot(self.session, self.template, &name).await;
                     }
-                    let database = TestDatabase::new(self, name, stored, lock, Some(horizon));
+                    let database = TestDatabase::new(self, name, stored, lock, since);
                     return Ok((pool, database, admin));
                 }
                 Err(back) => slots = back,
@@ -213,22 +213,28 @@ impl Claim<'_> {
         if let Stored::Missing = stored {
             stored = take_snapshot(self.session, self.template, &name).await;
         }
+        let since = Since {
+            horizon,
+            counts: stored.snapshot().and_then(Snapshot::fresh_counts),
+        };
         let pool = pool::test_pool(self.session, &name, self.tenant, self.spec, max).await;
         pool.cover.hold(slots, 1).await;
-        let database = TestDatabase::new(self, name, stored, lock, Some(horizon));
+        let database = TestDatabase::new(self, name, stored, lock, since);
         Ok((pool, database, admin))
     }
 
     /// Claims the spare `name` on a pool of the test's own, covered by
     /// `slots` (beside `others` connections): the pool, the database's lock
-    /// file and the claim's transaction horizon, else the slots back.
+    /// file and what the database was like at the claim, else the slots
+    /// back.
     async fn try_claim(
         &self,
         name: &str,
         max: u32,
         slots: Slots,
         others: u32,
-    ) -> Result<Result<(TestPool, LockFile, u32), Slots>, Error> {
+        stored: &Stored,
+    ) -> Result<Result<(TestPool, LockFile, Since), Slots>, Error> {
         let session = self.session;
         let Some(lock) = lock(session, name)? else {
             return Ok(Err(slots));
@@ -238,14 +244,16 @@ impl Claim<'_> {
         let spare = Marker::Spare {
             template: self.template.to_owned(),
         };
+        let counts = stored.snapshot().and_then(Snapshot::written_counts);
         let claimed = async {
             let mut connection = pool.pool.acquire().await?;
-            catalog::claim(&mut connection, name, &spare, &self.marker(name)).await
+            let marker = self.marker(name);
+            catalog::claim(&mut connection, name, &spare, &marker, counts.as_deref()).await
         };
         let claimed = claimed.await;
         let _ = std::fs::remove_file(session.dir.entry(Entry::Spare(name)));
         match claimed {
-            Ok(Some(horizon)) => Ok(Ok((pool, lock, horizon))),
+            Ok(Some((horizon, counts))) => Ok(Ok((pool, lock, Since { horizon, counts }))),
             // Taken by another machine's test, or gone.
             Ok(None) => Ok(Err(give_up(pool).await)),
             Err(error) if sqlstate(&error).as_deref() == Some("3D000") => {
@@ -343,9 +351,8 @@ pub(super) struct TestDatabase {
     role: Option<&'static str>,
     /// What this machine knows of the template's snapshot.
     stored: Stored,
-    /// A transaction id from before the test: catalog rows written since
-    /// are the test's.
-    horizon: Option<u32>,
+    /// What the database was like at the claim.
+    since: Since,
     /// Held while the test runs (and, when it fails, until the process
     /// ends): a sweeper that can take it knows the test is over.
     lock: LockFile,
@@ -355,13 +362,7 @@ impl TestDatabase {
     /// The database `name` of the test `claim` made or claimed; asks the
     /// spares helper for a copy made ahead when the template's copies are
     /// not recycled.
-    fn new(
-        claim: &Claim<'_>,
-        name: String,
-        stored: Stored,
-        lock: LockFile,
-        horizon: Option<u32>,
-    ) -> Self {
+    fn new(claim: &Claim<'_>, name: String, stored: Stored, lock: LockFile, since: Since) -> Self {
         if let Stored::Unrecyclable = stored {
             spares::want(claim.session, claim.template);
         }
@@ -370,7 +371,7 @@ impl TestDatabase {
             template: claim.template.to_owned(),
             role: claim.spec.role,
             stored,
-            horizon,
+            since,
             lock,
         }
     }
@@ -379,19 +380,17 @@ impl TestDatabase {
     /// database back on, when the pool has one to give at once and its
     /// connections are pgtest's role's (a test's `role` could not reset).
     pub(super) async fn connection_of(&self, pool: &PgPool) -> Option<PgConnection> {
-        if self.role.is_some() || !matches!(self.stored, Stored::Snapshot(_)) {
+        let Stored::Snapshot(snapshot) = &self.stored else {
+            return None;
+        };
+        if self.role.is_some() {
             return None;
         }
         // Idle, or on its way back from the test (a ping away).
         let connection = tokio::time::timeout(CONNECTION_BACK, pool.acquire()).await;
         let mut connection = connection.ok()?.ok()?.detach();
-        // Whatever the test set in its session (a role, a search path).
-        let reset = catalog::run(
-            &mut connection,
-            "reset session authorization; reset all; discard temp",
-        )
-        .await;
-        reset.is_ok().then_some(connection)
+        snapshot.ready(&mut connection).await.ok()?;
+        Some(connection)
     }
 
     /// Ends the test's hold on its database, after its pool is closed: a
@@ -463,7 +462,7 @@ impl TestDatabase {
         let deadline = Instant::now() + SESSIONS_END;
         let mut pauses = Pauses::new();
         let result = loop {
-            let reset = snapshot.reset(&mut connection, self.horizon, &back).await;
+            let reset = snapshot.reset(&mut connection, &self.since, &back).await;
             match reset.map_err(failed) {
                 Ok(Reset::Busy) if Instant::now() >= deadline => {
                     break Ok(Some("a session of the test's outlived it"));
