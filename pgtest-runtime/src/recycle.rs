@@ -154,14 +154,21 @@ const WRITTEN_IN: [(&str, &str); 24] = [
 fn catalog_written(horizon: u32) -> String {
     let checks: Vec<String> = WRITTEN_IN
         .iter()
-        .map(|(catalog, rows)| {
-            format!(
-                "exists (select from {catalog} where {rows} and age(xmin) < age('{horizon}'::xid))"
-            )
-        })
+        .map(|(catalog, rows)| written_in(catalog, rows, horizon))
         .collect();
     checks.join(" or ")
 }
+
+/// Whether the rows `rows` of `catalog` hold one written after the
+/// transaction `horizon`.
+fn written_in(catalog: &str, rows: &str, horizon: u32) -> String {
+    format!("exists (select from {catalog} where {rows} and age(xmin) < age('{horizon}'::xid))")
+}
+
+/// The catalog of [`WRITTEN_IN`] whose counts cannot tell: the whole
+/// server's (it is shared), which every copy of a template writes. Its
+/// row is looked at instead.
+const NOT_COUNTED: usize = WRITTEN_IN.len() - 1;
 
 /// The catalogs a test may write outside the catalog's fingerprint that
 /// still change what the next test sees: large objects.
@@ -172,10 +179,10 @@ const COUNTED_TOO: &str = "pg_largeobject_metadata";
 pub(crate) struct Snapshot {
     fingerprint: String,
     large_objects: i64,
-    /// The catalogs of [`WRITTEN_IN`] and [`COUNTED_TOO`], by oid, when the
-    /// server counts each row its sessions write (PostgreSQL 15 on, with
-    /// `track_counts`): a reset then looks only at what the counts say
-    /// changed.
+    /// The catalogs of [`WRITTEN_IN`] (less the one [`NOT_COUNTED`]) and
+    /// [`COUNTED_TOO`], by oid, when the server counts each row its
+    /// sessions write (PostgreSQL 15 on, with `track_counts`): a reset
+    /// then looks only at what the counts say changed.
     catalogs: Option<Vec<i64>>,
     tables: Vec<Table>,
     sequences: Vec<Sequence>,
@@ -327,7 +334,7 @@ impl Snapshot {
         let large_objects: i64 = sqlx::query_scalar("select count(*) from pg_largeobject_metadata")
             .fetch_one(&mut *transaction)
             .await?;
-        let names: Vec<&str> = WRITTEN_IN
+        let names: Vec<&str> = WRITTEN_IN[..NOT_COUNTED]
             .iter()
             .map(|(catalog, _)| *catalog)
             .chain([COUNTED_TOO])
@@ -593,10 +600,16 @@ impl Snapshot {
                 false => "true".to_owned(),
             })
             .collect();
-        let statement = format!("select {counts}, array[{}]::bool[]", sequences.join(", "));
+        let (catalog, rows) = WRITTEN_IN[NOT_COUNTED];
+        let statement = format!(
+            "select {counts}, array[{}]::bool[], {}",
+            sequences.join(", "),
+            written_in(catalog, rows, since.horizon)
+        );
         let row = query(&statement).fetch_one(connection).await?;
         let after: Option<Vec<i64>> = row.try_get(0)?;
-        let Some(after) = after.filter(|after| after.len() == before.len()) else {
+        let written: bool = row.try_get(2)?;
+        let Some(after) = after.filter(|after| after.len() == before.len() && !written) else {
             return Ok(None);
         };
         let (catalogs_after, tables_after) = after.split_at(catalogs.len());
