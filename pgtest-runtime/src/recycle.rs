@@ -116,7 +116,7 @@ const EMPTY_HASH: &str = "d41d8cd98f00b204e9800998ecf8427e";
 /// The catalogs the fingerprint reads, each with which of its rows count:
 /// user objects' (from `FirstNormalObjectId` on, found by the catalog's
 /// index; temporary ones included, a cost only), the `public` schema's
-/// (its fixed oid, 2200), and the database's own.
+/// (its fixed oid, 2200), and the database's own (last: see [`NOT_COUNTED`]).
 const WRITTEN_IN: [(&str, &str); 24] = [
     ("pg_class", "oid >= 16384"),
     ("pg_attribute", "attrelid >= 16384"),
