@@ -150,8 +150,19 @@ async fn fixture_transaction_commits(mut conn: PoolConnection<Postgres>) -> anyh
 #[pg_test(isolation = "database", migrations = "tests/fixtures/posts")]
 #[ignore = "a fixture, run by the tests of this file"]
 async fn fixture_database_fails(pool: PgPool) {
+    fail_with_evidence(&pool).await;
+}
+
+/// Fails too, as another test.
+#[pg_test(isolation = "database", migrations = "tests/fixtures/posts")]
+#[ignore = "a fixture, run by the tests of this file"]
+async fn fixture_database_fails_too(pool: PgPool) {
+    fail_with_evidence(&pool).await;
+}
+
+async fn fail_with_evidence(pool: &PgPool) {
     sqlx::query("insert into posts (id, title) values (7, 'evidence')")
-        .execute(&pool)
+        .execute(pool)
         .await
         .unwrap();
     panic!("failed on purpose");
@@ -289,6 +300,41 @@ fn a_failed_tests_database_is_kept_named_and_swept_by_the_next_run() {
         left.len(),
         1,
         "only the sweeper's own database is left: {left:?}"
+    );
+}
+
+#[test]
+fn failed_tests_databases_are_kept_the_newest_of_each_and_within_the_limit() {
+    let cluster = Cluster::start(&[]);
+    let failing = |test| {
+        let mut command = in_run(&cluster, test, "run-1");
+        command.env("PGTEST_KEEP_FAILED", "1");
+        assert_failed_without_password(&run(&mut command))
+    };
+    failing("fixture_database_fails");
+    let first = test_databases(&cluster);
+    assert_eq!(first.len(), 1, "{first:?}");
+    // The same test fails again: its newer database is the one kept.
+    let printed = failing("fixture_database_fails");
+    let second = test_databases(&cluster);
+    assert_eq!(second.len(), 1, "{second:?}");
+    assert_ne!(second, first);
+    assert!(
+        printed.contains(&format!(
+            "its database {} is kept until a later run sweeps it (the one its failure \
+             before kept, {}, is dropped)",
+            second[0], first[0]
+        )),
+        "{printed}"
+    );
+    // Another test fails with the limit reached: its own is dropped.
+    let printed = failing("fixture_database_fails_too");
+    assert_eq!(test_databases(&cluster), second);
+    assert!(
+        printed.contains(
+            "was dropped: 1 failed tests' databases are kept already (PGTEST_KEEP_FAILED=1)"
+        ),
+        "{printed}"
     );
 }
 

@@ -313,6 +313,22 @@ fn a_test_that_changes_the_schema_never_hands_its_database_on() {
             "a test got {name}, whose schema a test before changed: {read:?} / {changed:?}"
         );
     }
+    // The last test of the run retires its database: no test sweeps after
+    // it, the spares helper drops it.
+    let output = run(home
+        .exact("fixture_recycle_runs_ddl")
+        .env("PGTEST_IT_FILE", &ddl)
+        .env("PGTEST_IT_SQL", statements[0]));
+    assert_passed(&output, 1);
+    let changed = recorded(&ddl);
+    wait_for(
+        "the spares helper to drop the retired databases after the run",
+        Duration::from_secs(60),
+        || {
+            let databases = home.databases();
+            changed.iter().all(|name| !databases.contains(name))
+        },
+    );
 }
 
 #[test]

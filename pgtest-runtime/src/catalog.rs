@@ -9,7 +9,7 @@ use sqlx::postgres::PgConnection;
 use sqlx::{Connection, Executor, Row};
 
 use crate::error::sqlstate;
-use crate::markers::{Marker, PREFIX};
+use crate::markers::{Marker, PREFIX, SPARE};
 
 /// First key of pgtest's advisory locks ("pgts"); the second is per name.
 const LOCK_CLASS: i32 = 0x7067_7473;
@@ -112,6 +112,16 @@ pub(crate) async fn marked_as(
 pub(crate) const OTHER_SESSIONS: &str = "(select count(*) from pg_stat_get_activity(null) a \
     where a.datid = (select oid from pg_database where datname = current_database()) \
     and a.pid <> pg_backend_pid() and a.backend_type <> 'autovacuum worker')";
+
+/// How many spare databases there are, of every template (an SQL
+/// expression).
+pub(crate) fn spares_count() -> String {
+    format!(
+        "(select count(*) from pg_shdescription \
+         where classoid = 'pg_database'::regclass and description like {})",
+        literal(&starting_with(SPARE))
+    )
+}
 
 /// How many databases are marked `marker` (an SQL expression).
 pub(crate) fn marked_count(marker: &Marker) -> String {

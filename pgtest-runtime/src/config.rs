@@ -30,8 +30,12 @@ const IDLE_VAR: &str = "PGTEST_EMBEDDED_IDLE";
 const BUDGET_TIMEOUT_VAR: &str = "PGTEST_BUDGET_TIMEOUT";
 /// Overrides the number of connections the suite may use.
 const MAX_CONNECTIONS_VAR: &str = "PGTEST_MAX_CONNECTIONS";
-/// Caps the spare copies of a template.
+/// Caps the spare databases, all templates together.
 const SPARES_VAR: &str = "PGTEST_SPARE_DATABASES";
+/// Caps failed tests' databases kept for inspection.
+const KEEP_FAILED_VAR: &str = "PGTEST_KEEP_FAILED";
+/// The free disk space pgtest's copies made ahead leave, in MiB.
+const MIN_FREE_DISK_VAR: &str = "PGTEST_MIN_FREE_DISK";
 /// Where pgtest keeps its state, overriding the default.
 const HOME_VAR: &str = "PGTEST_HOME";
 /// Where a user points pgtest at server binaries explicitly.
@@ -52,7 +56,9 @@ const DEFAULT_EMBEDDED_IDLE: Duration = Duration::from_secs(60);
 const DEFAULT_BUDGET_TIMEOUT: Duration = Duration::from_secs(600);
 const DEFAULT_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(30);
 const DEFAULT_GROW_AFTER: Duration = Duration::from_millis(10);
-const DEFAULT_SPARES: u32 = 256;
+const DEFAULT_SPARES: u32 = 128;
+const DEFAULT_KEEP_FAILED: u32 = 16;
+const DEFAULT_MIN_FREE_DISK: u32 = 1024;
 
 /// Where the server URL came from, so that messages name the right knob.
 #[derive(Clone, PartialEq, Eq, Debug)]
@@ -98,8 +104,14 @@ pub(crate) struct Config {
     pub(crate) acquire_timeout: Duration,
     /// How long a starved pool waits before it opens one more connection.
     pub(crate) grow_after: Duration,
-    /// At most how many spare copies of a template to keep (0: none).
+    /// At most how many spare databases to keep, all templates together
+    /// (0: none).
     pub(crate) spare_databases: u32,
+    /// At most how many failed tests' databases to keep (0: none).
+    pub(crate) keep_failed: u32,
+    /// The free space, in MiB, a copy made ahead must leave on the disk of
+    /// the server's data, where pgtest can see it.
+    pub(crate) min_free_disk: u32,
     /// The connections the suite may use, when set rather than learned.
     pub(crate) max_connections: Option<u32>,
     /// pgtest's home on this machine (see [`crate::state`]).
@@ -140,6 +152,8 @@ impl Config {
             acquire_timeout: seconds(ACQUIRE_TIMEOUT_VAR, DEFAULT_ACQUIRE_TIMEOUT)?,
             grow_after: seconds(GROW_AFTER_VAR, DEFAULT_GROW_AFTER)?,
             spare_databases: count(SPARES_VAR, DEFAULT_SPARES)?,
+            keep_failed: count(KEEP_FAILED_VAR, DEFAULT_KEEP_FAILED)?,
+            min_free_disk: count(MIN_FREE_DISK_VAR, DEFAULT_MIN_FREE_DISK)?,
             max_connections: connections(MAX_CONNECTIONS_VAR)?,
             home: home(),
             binaries,

@@ -23,7 +23,7 @@ const TEMPLATE_READY: &str = "pgtest: template, ready";
 const SHARED_BUILDING: &str = "pgtest: shared database, building";
 const SHARED_READY: &str = "pgtest: shared database, ready";
 const TEST: &str = "pgtest: test database";
-const SPARE: &str = "pgtest: spare database";
+pub(crate) const SPARE: &str = "pgtest: spare database";
 
 /// What a database built from a migration set is for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -285,7 +285,7 @@ pub(crate) enum Reset {
 }
 
 /// Where a reset database goes: marked `spare`, unless `limit` databases
-/// already are.
+/// of any template already are.
 pub(crate) struct PutBack<'a> {
     pub(crate) database: &'a str,
     pub(crate) spare: &'a Marker,
@@ -478,7 +478,7 @@ impl Snapshot {
         let statement = format!(
             "select {}, {}",
             catalog::OTHER_SESSIONS,
-            catalog::marked_count(back.spare)
+            catalog::spares_count()
         );
         let row = query(&statement).fetch_one(&mut *transaction).await?;
         let (others, spares): (i64, i64) = (row.try_get(0)?, row.try_get(1)?);
@@ -487,7 +487,7 @@ impl Snapshot {
         }
         if spares >= i64::from(back.limit) {
             return Ok(Reset::Retire(
-                "its template has PGTEST_SPARE_DATABASES spares already",
+                "PGTEST_SPARE_DATABASES spares are kept already",
             ));
         }
         // The other sessions gone, what they wrote is counted.

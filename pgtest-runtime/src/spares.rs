@@ -59,6 +59,16 @@ pub(crate) fn want(session: &Session, template: &str) {
     }
 }
 
+/// Starts the helper, if it is not running, for the server work the run
+/// leaves (retired databases to drop); without spares (a limit of 0) the
+/// tests' sweeps drop passed tests' databases as they go.
+pub(crate) fn helper_after_run(session: &Session) {
+    let limit = session.config.spare_databases;
+    if limit > 0 && !helper_running(&session.dir) {
+        start_helper(session, limit);
+    }
+}
+
 /// Whether a helper will drop passed tests' databases once the run ends.
 pub(crate) fn helper_running(dir: &ServerDir) -> bool {
     dir.lock(Entry::SparesHelper)

@@ -145,6 +145,9 @@ pub(crate) enum Entry<'a> {
     Live(&'a str),
     /// Marks this test database as its test's, passed.
     Passed(&'a str),
+    /// Marks this test database as kept for inspection, its test failed;
+    /// holds the test's name.
+    Failed(&'a str),
     /// Held by the spares helper while it lives; its log.
     SparesHelper,
     SparesLog,
@@ -176,6 +179,7 @@ impl Entry<'_> {
             Self::Run(database) => format!("run-{database}.lock"),
             Self::Live(database) => format!("live-{database}.lock"),
             Self::Passed(database) => format!("live-{database}.passed"),
+            Self::Failed(database) => format!("live-{database}.failed"),
             Self::SparesHelper => "pgtest-spares.lock".to_owned(),
             Self::SparesLog => "pgtest-spares.log".to_owned(),
             Self::SparesWanted => "spares.wanted".to_owned(),
@@ -290,11 +294,27 @@ impl ServerDir {
 
     /// The databases marked passed by their tests.
     pub(crate) fn passed_databases(&self) -> Vec<String> {
+        self.marked_databases(".passed")
+    }
+
+    /// The failed tests' databases kept here, each with its test.
+    pub(crate) fn failed_databases(&self) -> Vec<(String, String)> {
+        self.marked_databases(".failed")
+            .into_iter()
+            .filter_map(|database| {
+                let test = fs::read_to_string(self.entry(Entry::Failed(&database))).ok()?;
+                Some((database, test))
+            })
+            .collect()
+    }
+
+    /// The databases whose entry here ends with `suffix`.
+    fn marked_databases(&self, suffix: &str) -> Vec<String> {
         let names = fs::read_dir(self.path()).into_iter().flatten().flatten();
         names
             .filter_map(|entry| {
                 let name = entry.file_name().into_string().ok()?;
-                let database = name.strip_prefix("live-")?.strip_suffix(".passed")?;
+                let database = name.strip_prefix("live-")?.strip_suffix(suffix)?;
                 Some(database.to_owned())
             })
             .collect()

@@ -112,6 +112,7 @@ impl Sweep<'_> {
             if drop_unclaimed(self.server, admin, name).await? {
                 dropped += 1;
                 let _ = fs::remove_file(&passed);
+                let _ = fs::remove_file(self.dir.entry(Entry::Failed(name)));
                 let _ = fs::remove_file(self.dir.entry(lock));
             }
         }

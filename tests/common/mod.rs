@@ -561,6 +561,28 @@ impl EmbeddedHome {
         fs::read_to_string(self.cluster().join("server.log")).unwrap_or_default()
     }
 
+    /// The names of the running server's databases.
+    pub fn databases(&self) -> Vec<String> {
+        let options = sqlx::postgres::PgConnectOptions::new_without_pgpass()
+            .socket(self.cluster())
+            .port(5432)
+            .username("postgres")
+            .database("postgres");
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a runtime");
+        runtime.block_on(async {
+            let mut connection = <sqlx::PgConnection as sqlx::Connection>::connect_with(&options)
+                .await
+                .expect("connect to the embedded server");
+            sqlx::query_scalar("select datname from pg_database")
+                .fetch_all(&mut connection)
+                .await
+                .expect("list the databases")
+        })
+    }
+
     /// The pid of the running postmaster, if any.
     pub fn postmaster_pid(&self) -> Option<u32> {
         let text = fs::read_to_string(self.cluster().join("data/postmaster.pid")).ok()?;

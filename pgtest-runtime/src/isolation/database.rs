@@ -274,6 +274,71 @@ impl Claim<'_> {
     }
 }
 
+/// Drops the database an earlier failure of `test` kept, other than
+/// `database`: how many failed tests' databases stay kept, and the one
+/// dropped, if any. Entries of databases gone are forgotten.
+async fn drop_earlier_failure(
+    session: &Session,
+    database: &str,
+    test: &str,
+) -> Result<(u32, Option<String>), Error> {
+    let kept = session.dir.failed_databases();
+    if kept.is_empty() {
+        return Ok((0, None));
+    }
+    let server = &session.server;
+    let mut admin = server.connect(server.admin_database()).await?;
+    let existing = catalog::marked(&mut admin)
+        .await
+        .map_err(|error| server.query_error("listing pgtest's databases", &error))?;
+    let _ = admin.close().await;
+    let mut others = 0;
+    let mut dropped = None;
+    for (name, of) in kept {
+        if name == database {
+            continue;
+        }
+        if !existing.iter().any(|(existing, _)| *existing == name) {
+            let _ = std::fs::remove_file(session.dir.entry(Entry::Failed(&name)));
+            continue;
+        }
+        if of == test && dropped.is_none() && drop_database(session, &name, false).await {
+            dropped = Some(name);
+            continue;
+        }
+        others += 1;
+    }
+    Ok((others, dropped))
+}
+
+/// Drops `database` and forgets its entries here, unless another process
+/// holds its lock (this one does when `held`) or a session is connected to
+/// it; whether it did.
+async fn drop_database(session: &Session, database: &str, held: bool) -> bool {
+    let server = &session.server;
+    let lock = match held {
+        true => None,
+        false => match session.dir.lock(Entry::Live(database)) {
+            Ok(lock) if lock.try_lock(Mode::Exclusive).unwrap_or(false) => Some(lock),
+            _ => return false,
+        },
+    };
+    let dropped = async {
+        let mut admin = server.connect(server.admin_database()).await.ok()?;
+        let dropped = catalog::drop_unused(&mut admin, database).await.ok();
+        let _ = admin.close().await;
+        dropped
+    };
+    if dropped.await != Some(true) {
+        return false;
+    }
+    for entry in [Entry::Failed(database), Entry::Live(database)] {
+        let _ = std::fs::remove_file(session.dir.entry(entry));
+    }
+    drop(lock);
+    true
+}
+
 /// Closes `pool`, whose database could not be claimed; its slots back.
 async fn give_up(pool: TestPool) -> Slots {
     pool.pool.close().await;
@@ -347,6 +412,8 @@ async fn take_snapshot(session: &Session, template: &str, name: &str) -> Stored 
 pub(super) struct TestDatabase {
     name: String,
     template: String,
+    /// The test's name.
+    test: &'static str,
     /// The role the test's connections take, if any.
     role: Option<&'static str>,
     /// What this machine knows of the template's snapshot.
@@ -369,6 +436,7 @@ impl TestDatabase {
         Self {
             name,
             template: claim.template.to_owned(),
+            test: claim.spec.name,
             role: claim.spec.role,
             stored,
             since,
@@ -395,36 +463,66 @@ impl TestDatabase {
 
     /// Ends the test's hold on its database, after its pool is closed: a
     /// passed test's database is put back (on `connection`, if given) and
-    /// marked spare, or retired for a later drop; a failed test's is kept
-    /// until a later run, and the returned text says how to inspect it.
+    /// marked spare, or retired for the spares helper to drop after the
+    /// run; a failed test's is kept (see [`Self::keep`]), and the returned
+    /// text says what became of it.
     pub(super) async fn finish(
         self,
         passed: bool,
         session: &Session,
         connection: Option<PgConnection>,
     ) -> Option<String> {
-        let server = &session.server;
         if !passed {
-            // Held until the process ends, so that this run's sweeps keep it.
-            std::mem::forget(self.lock);
-            return Some(format!(
-                "its database {name} is kept until a later run sweeps it; inspect it with: {psql}",
-                name = self.name,
-                psql = server.psql_command(&self.name),
-            ));
+            return Some(self.keep(session).await);
         }
-        match self.put_back(session, connection).await {
-            Ok(None) => {}
-            Ok(Some(why)) => {
-                tracing::debug!(database = self.name, why, "retired");
-                let _ = open_no_follow(&session.dir.entry(Entry::Passed(&self.name)), 0o600);
-            }
-            Err(error) => {
-                tracing::warn!(%error, database = self.name, "retired: putting it back failed");
-                let _ = open_no_follow(&session.dir.entry(Entry::Passed(&self.name)), 0o600);
-            }
-        }
+        let why = match self.put_back(session, connection).await {
+            Ok(None) => return None,
+            Ok(Some(why)) => why.to_owned(),
+            Err(error) => format!("putting it back failed: {error}"),
+        };
+        tracing::debug!(database = self.name, why, "retired");
+        let _ = open_no_follow(&session.dir.entry(Entry::Passed(&self.name)), 0o600);
+        spares::helper_after_run(session);
         None
+    }
+
+    /// Keeps a failed test's database for inspection until a later run
+    /// sweeps it, at most `PGTEST_KEEP_FAILED` of them: the one an earlier
+    /// failure of the same test kept is dropped (the newest of each test
+    /// is kept), and when other tests' fill the limit, this one is dropped
+    /// instead. What the failure message says of it.
+    async fn keep(self, session: &Session) -> String {
+        let server = &session.server;
+        let limit = session.config.keep_failed;
+        let (others, dropped) = match drop_earlier_failure(session, &self.name, self.test).await {
+            Ok(found) => found,
+            Err(error) => {
+                tracing::warn!(%error, "cannot look at failed tests' kept databases");
+                (0, None)
+            }
+        };
+        if others >= limit && drop_database(session, &self.name, true).await {
+            return format!(
+                "its database {name} was dropped: {others} failed tests' databases are kept \
+                 already (PGTEST_KEEP_FAILED={limit}); inspect and drop those, or raise the limit",
+                name = self.name,
+            );
+        }
+        let entry = session.dir.entry(Entry::Failed(&self.name));
+        if let Err(error) = std::fs::write(&entry, self.test) {
+            tracing::warn!(%error, path = %entry.display(), "cannot list a kept database");
+        }
+        // Held until the process ends, so that this run's sweeps keep it.
+        std::mem::forget(self.lock);
+        let dropped = dropped
+            .map(|database| format!(" (the one its failure before kept, {database}, is dropped)"))
+            .unwrap_or_default();
+        format!(
+            "its database {name} is kept until a later run sweeps it{dropped}; \
+             inspect it with: {psql}",
+            name = self.name,
+            psql = server.psql_command(&self.name),
+        )
     }
 
     /// Puts the database back and marks it spare; why not, when it has to
