@@ -616,6 +616,49 @@ fn after_a_run_the_helper_drops_passed_databases_and_the_next_run_claims_its_spa
     wait_for_the_helper(&cluster, 3);
 }
 
+#[test]
+fn the_helper_makes_no_copy_that_would_leave_the_disk_short_of_room() {
+    let cluster = Cluster::start(&[]);
+    let tests = |run| {
+        run_together(3, |_| {
+            let mut command = in_run_as_creator(&cluster, "fixture_database_fixed_ids", run);
+            // More room than any disk has.
+            command.env("PGTEST_MIN_FREE_DISK", "1000000000");
+            command
+        })
+    };
+    // The helper may read where the server's data is.
+    cluster.psql(
+        "do $$ begin create role creator login createdb; \
+         exception when duplicate_object then null; end $$; \
+         grant pg_read_all_settings to creator",
+    );
+    for output in tests("run-1") {
+        assert_passed(&output, 1);
+    }
+    let log = cluster
+        .home()
+        .join("budget")
+        .read_dir()
+        .unwrap()
+        .flatten()
+        .map(|server| server.path().join("pgtest-spares.log"))
+        .next()
+        .expect("the server's directory");
+    cluster.wait_until(&count_is(TEST_DATABASES, 0), Duration::from_secs(60));
+    wait_for(
+        "the helper to say why it made no copy",
+        Duration::from_secs(60),
+        || std::fs::read_to_string(&log).is_ok_and(|text| text.contains("copies made ahead stop")),
+    );
+    let said = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        said.contains("would leave less than PGTEST_MIN_FREE_DISK=1000000000 MiB"),
+        "{said}"
+    );
+    assert_eq!(oids(&cluster, SPARES), Vec::<String>::new());
+}
+
 /// The spares helper of the cluster's runs: the process whose environment
 /// names the helper and the cluster's home (Linux: read from `/proc`).
 fn spares_helper(cluster: &Cluster) -> Option<i32> {

@@ -324,6 +324,22 @@ pub enum Error {
         message: String,
     },
 
+    /// The server's disk filled up while pgtest made a database.
+    #[error(
+        "creating database {database} failed on {url}: the server's disk is full ({message}). \
+         Free space on it: pgtest's own databases there are failed tests' kept ones (at most \
+         PGTEST_KEEP_FAILED, dropped by the next run) and spares (at most PGTEST_SPARE_DATABASES; \
+         set it lower)"
+    )]
+    DiskFull {
+        /// The database pgtest was making.
+        database: String,
+        /// The URL, redacted.
+        url: String,
+        /// The server's words.
+        message: String,
+    },
+
     /// Any other query pgtest runs failed.
     #[error("{action} failed on {url}: {message}. The server's log may say more")]
     Query {

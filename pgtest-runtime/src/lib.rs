@@ -15,6 +15,7 @@ mod cleanup;
 mod compat;
 mod config;
 mod context;
+mod disk;
 mod embedded;
 mod error;
 mod helper;

@@ -1,5 +1,6 @@
 //! The server: how to reach it, and what its refusals mean.
 
+use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::{Duration, Instant};
 
@@ -69,6 +70,9 @@ pub(crate) struct Server {
     /// What the server takes from non-superuser clients, when known without
     /// asking it (the embedded server's own settings).
     known_capacity: Option<u32>,
+    /// Where its data is, when it is on this machine where pgtest can look
+    /// (the embedded server's).
+    pub(crate) data_dir: Option<PathBuf>,
     pub(crate) connect_timeout: Duration,
     pub(crate) bootstrap_timeout: Duration,
 }
@@ -77,11 +81,18 @@ impl Server {
     /// The server `config` names; the embedded one (in `home`) is started
     /// if it is not running.
     pub(crate) fn new(config: &Config, home: &StateDir) -> Result<Self, Error> {
-        let (options, password, url, origin, known_capacity) = match &config.target {
+        let (options, password, url, origin, known_capacity, data_dir) = match &config.target {
             Target::Url { url, origin } => {
                 let options = parse_url(url, origin)?;
                 let password = url_password(url);
-                (options, password, redact_url(url), origin.to_string(), None)
+                (
+                    options,
+                    password,
+                    redact_url(url),
+                    origin.to_string(),
+                    None,
+                    None,
+                )
             }
             Target::Embedded => {
                 let embedded = embedded::ensure(home, &config.binaries, config.embedded_idle)?;
@@ -92,6 +103,7 @@ impl Server {
                     embedded.description,
                     URL_VAR.to_owned(),
                     capacity,
+                    Some(embedded.data_dir),
                 )
             }
         };
@@ -106,6 +118,7 @@ impl Server {
             url,
             origin,
             known_capacity,
+            data_dir,
             connect_timeout: config.connect_timeout,
             bootstrap_timeout: config.bootstrap_timeout,
         })
@@ -328,8 +341,16 @@ impl Server {
 
     /// Explains a failed `CREATE DATABASE` of `database`.
     pub(crate) fn create_error(&self, database: &str, error: &sqlx::Error) -> Error {
-        if sqlstate(error).as_deref() != Some("42501") {
-            return self.query_error(format!("creating database {database}"), error);
+        match sqlstate(error).as_deref() {
+            Some("42501") => {}
+            Some("53100") => {
+                return Error::DiskFull {
+                    database: database.to_owned(),
+                    url: self.url.clone(),
+                    message: describe(error),
+                };
+            }
+            _ => return self.query_error(format!("creating database {database}"), error),
         }
         self.privilege_error(
             "create databases",

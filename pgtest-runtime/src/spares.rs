@@ -40,6 +40,10 @@ use crate::{Error, catalog, names};
 const SPARE_BYTES: u64 = 2 << 30;
 /// How long the server must go without a client before the helper works.
 const QUIET: Duration = Duration::from_secs(2);
+/// Beside the credentials the helper is given: where the server's data is,
+/// when pgtest can look at its disk, and the room its copies leave there.
+const DATA_DIR_KEY: &str = "PGTEST_DATA_DIR";
+const MIN_FREE_KEY: &str = "PGTEST_MIN_FREE_DISK";
 
 /// Asks the helper for one more spare of `template` after this run, and
 /// starts the helper if it is not running.
@@ -80,9 +84,12 @@ fn start_helper(session: &Session, limit: u32) {
         budget: session.dir.path().to_owned(),
         limit,
     };
-    let credentials: String = session
-        .server
-        .connection_vars()
+    let mut settings = session.server.connection_vars();
+    if let Some(dir) = &session.server.data_dir {
+        settings.push((DATA_DIR_KEY, dir.display().to_string()));
+    }
+    settings.push((MIN_FREE_KEY, session.config.min_free_disk.to_string()));
+    let credentials: String = settings
         .into_iter()
         .map(|(key, value)| format!("{key}={value}\n"))
         .collect();
@@ -209,6 +216,7 @@ pub(crate) fn run_helper(dir: &Path, limit: u32) -> i32 {
         return 1;
     }
     let options = connect_options(&credentials);
+    let mut room = Room::given(&credentials);
     let opened = ServerDir::reopen(dir).and_then(|dir| {
         let locks = (dir.lock(Entry::SparesHelper)?, dir.lock(Entry::Clients)?);
         Ok((dir, locks))
@@ -245,7 +253,7 @@ pub(crate) fn run_helper(dir: &Path, limit: u32) -> i32 {
         if quiet_since.elapsed() < QUIET {
             continue;
         }
-        match runtime.block_on(work(&dir, limit, &options, &idle)) {
+        match runtime.block_on(work(&dir, limit, &options, &mut room, &idle)) {
             Ok(true) => return 0,
             // A test came: later.
             Ok(false) => quiet_since = Instant::now(),
@@ -264,6 +272,7 @@ async fn work(
     dir: &ServerDir,
     limit: u32,
     options: &PgConnectOptions,
+    room: &mut Room,
     idle: &dyn Fn() -> bool,
 ) -> Result<bool, String> {
     let queue = Queue::open(dir).map_err(|error| format!("cannot open its queue: {error}"))?;
@@ -273,13 +282,42 @@ async fn work(
         .map_err(|error| format!("cannot connect: {error}"))?;
     queue_copies(dir, &queue, &mut admin, limit).await?;
     let mut finished = true;
+    // Once the disk is short of room, no copy is made in this pass: the
+    // copies queued are forgotten (tests ask again).
+    let mut no_room = None;
     for (path, job) in queue.jobs() {
         if !idle() {
             let _ = admin.close().await;
             return Ok(false);
         }
+        if let ServerJob::Copy { template, .. } = &job {
+            if no_room.is_none() {
+                no_room = room.short_for(&mut admin, template).await;
+                if let Some(why) = &no_room {
+                    say(&format!("copies made ahead stop: {why}"));
+                }
+            }
+            if no_room.is_some() {
+                let _ = fs::remove_file(&path);
+                continue;
+            }
+        }
         match run_job(&mut admin, &job).await {
-            Ok(()) => {
+            Ok(true) => {
+                let _ = fs::remove_file(&path);
+            }
+            Ok(false) => {
+                // Kept for the next helper.
+                say(&format!("{}: someone is connected to it", job.encode()));
+                finished = false;
+            }
+            // The disk filled up all the same.
+            Err(error) if sqlstate(&error).as_deref() == Some(DISK_FULL) => {
+                say(&format!(
+                    "copies made ahead stop: {}: {error}",
+                    job.encode()
+                ));
+                no_room = Some(error.to_string());
                 let _ = fs::remove_file(&path);
             }
             Err(error) => {
@@ -378,14 +416,69 @@ async fn queue_copies(
     Ok(())
 }
 
-/// Does `job`; done twice, it changes nothing.
-async fn run_job(admin: &mut PgConnection, job: &ServerJob) -> Result<(), String> {
+/// The server's error code for a full disk.
+const DISK_FULL: &str = "53100";
+
+/// Where the helper may look at the server's disk, and the room its copies
+/// leave there.
+struct Room {
+    /// The server's data directory, when on this machine: the embedded
+    /// server's, or a local server's that lets pgtest's role read it.
+    dir: Option<PathBuf>,
+    /// The server is reached through a socket or the loopback address.
+    local: bool,
+    keep_mib: u32,
+}
+
+impl Room {
+    /// What the lines the helper was given say.
+    fn given(settings: &str) -> Self {
+        let value = |key: &str| {
+            settings
+                .lines()
+                .find_map(|line| line.strip_prefix(key)?.strip_prefix('='))
+        };
+        let host = value("PGHOST").unwrap_or_default();
+        Self {
+            dir: value(DATA_DIR_KEY).map(PathBuf::from),
+            local: host.starts_with('/') || ["localhost", "127.0.0.1", "::1"].contains(&host),
+            keep_mib: value(MIN_FREE_KEY)
+                .and_then(|mib| mib.parse().ok())
+                .unwrap_or(1024),
+        }
+    }
+
+    /// Why a copy of `template` is not to be made, when the disk is short
+    /// of room for it.
+    async fn short_for(&mut self, admin: &mut PgConnection, template: &str) -> Option<String> {
+        if self.dir.is_none() && self.local {
+            // Hidden from roles that may not read it: no row.
+            let setting: Option<String> =
+                sqlx::query_scalar("select setting from pg_settings where name = 'data_directory'")
+                    .fetch_optional(&mut *admin)
+                    .await
+                    .ok()
+                    .flatten();
+            self.dir = setting.map(PathBuf::from).filter(|dir| dir.is_dir());
+            self.local = false;
+        }
+        let dir = self.dir.as_ref()?;
+        let spare = Marker::Spare {
+            template: template.to_owned(),
+        };
+        let size = match catalog::count_and_size(admin, &spare, template).await {
+            Ok((_, size)) => size,
+            Err(error) => return Some(format!("cannot read the size of {template}: {error}")),
+        };
+        crate::disk::short_of_room(dir, size, self.keep_mib)
+    }
+}
+
+/// Does `job`; done twice, it changes nothing. Whether it is done: a
+/// database someone is connected to is not dropped.
+async fn run_job(admin: &mut PgConnection, job: &ServerJob) -> sqlx::Result<bool> {
     match job {
-        ServerJob::Drop { database } => match catalog::drop_unused(admin, database).await {
-            Ok(true) => Ok(()),
-            Ok(false) => Err("someone is connected to it".to_owned()),
-            Err(error) => Err(error.to_string()),
-        },
+        ServerJob::Drop { database } => catalog::drop_unused(admin, database).await,
         ServerJob::Copy { template, database } => {
             let marker = Marker::Spare {
                 template: template.clone(),
@@ -397,7 +490,7 @@ async fn run_job(admin: &mut PgConnection, job: &ServerJob) -> Result<(), String
                 }
                 done => done,
             }
-            .map_err(|error| error.to_string())
+            .map(|()| true)
         }
     }
 }

@@ -7,6 +7,7 @@ mod binaries;
 mod cluster;
 pub(crate) mod watchdog;
 
+use std::path::PathBuf;
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -28,6 +29,8 @@ pub(crate) struct Embedded {
     pub(crate) description: String,
     /// The connections it takes from clients other than superusers.
     pub(crate) client_connections: u32,
+    /// Where its data is.
+    pub(crate) data_dir: PathBuf,
 }
 
 /// This process's use of the server: its description, and the shared lock
@@ -77,6 +80,7 @@ pub(crate) fn ensure(
             cluster.log().display()
         ),
         client_connections: cluster::client_connections(),
+        data_dir: cluster.dir().to_owned(),
     };
     *in_use = Some(InUse {
         embedded: embedded.clone(),
