@@ -10,7 +10,7 @@ use std::collections::BTreeSet;
 use std::path::Path;
 use std::time::Duration;
 
-use common::{EmbeddedHome, assert_passed, run, wait_for};
+use common::{EmbeddedHome, assert_passed, run, run_together, wait_for};
 use pgtest::{PgPool, pg_test};
 use sqlx::{AssertSqlSafe, Connection, Executor, PgConnection, Row};
 
@@ -201,6 +201,36 @@ async fn fixture_recycle_reads(pool: PgPool) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Inserts a fixed id and counts whole tables, as suites written for a
+/// database per test do, then appends its database to `PGTEST_IT_FILE`.
+#[pg_test(isolation = "database", migrations = "tests/fixtures/recycle")]
+#[ignore = "a fixture, run in its own processes by the tests of this file"]
+async fn fixture_recycle_fixed_ids(pool: PgPool) -> anyhow::Result<()> {
+    sqlx::query("insert into members (id, team_id, name) values (100, 1, 'fixed')")
+        .execute(&pool)
+        .await?;
+    let members: i64 = sqlx::query_scalar("select count(*) from members")
+        .fetch_one(&pool)
+        .await?;
+    let audit: i64 = sqlx::query_scalar("select count(*) from audit")
+        .fetch_one(&pool)
+        .await?;
+    // The template's 3 and 4 (its inserts and an update), and this test's.
+    anyhow::ensure!(
+        members == 4 && audit == 5,
+        "{members} members, {audit} audit rows"
+    );
+    let name: String = sqlx::query_scalar("select current_database()")
+        .fetch_one(&pool)
+        .await?;
+    let mut file = std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(std::env::var("PGTEST_IT_FILE")?)?;
+    std::io::Write::write_all(&mut file, format!("{name}\n").as_bytes())?;
+    Ok(())
+}
+
 /// Writes, records its database, then hangs until it is killed.
 #[pg_test(isolation = "database", migrations = "tests/fixtures/recycle")]
 #[ignore = "a fixture, run in its own processes by the tests of this file"]
@@ -237,6 +267,8 @@ fn the_next_test_gets_the_same_database_exactly_as_a_fresh_copy() {
                 "hangs",
                 "--skip",
                 "changes_rows",
+                "--skip",
+                "fixed_ids",
             ])
             .env("PGTEST_IT_FILE", &file));
         assert_passed(&output, 2);
@@ -267,6 +299,29 @@ fn after_changes_to_rows_alone_the_next_test_gets_the_same_database_exactly_as_a
     assert!(
         names.iter().all(|name| *name == names[0]),
         "every test got the first one's database: {names:?}"
+    );
+}
+
+#[test]
+fn fixed_ids_and_whole_table_counts_pass_with_many_tests_per_database() {
+    let home = EmbeddedHome::new();
+    let file = home.path().join("recorded");
+    for _ in 0..4 {
+        for output in run_together(3, |_| {
+            let mut command = home.exact("fixture_recycle_fixed_ids");
+            command.env("PGTEST_IT_FILE", &file);
+            command
+        }) {
+            assert_passed(&output, 1);
+        }
+    }
+    let names = recorded(&file);
+    let distinct: BTreeSet<&String> = names.iter().collect();
+    assert_eq!(names.len(), 12, "{names:?}");
+    assert!(
+        distinct.len() <= 3,
+        "12 tests, 3 at a time, used {} databases: {names:?}",
+        distinct.len()
     );
 }
 

@@ -274,48 +274,47 @@ impl Claim<'_> {
     }
 }
 
-/// Drops the database an earlier failure of `test` kept, other than
-/// `database`: how many failed tests' databases stay kept, and the one
-/// dropped, if any. Entries of databases gone are forgotten.
+/// Drops the database an earlier failure of `test` kept, of the failed
+/// tests' databases `kept` here (with their tests): how many of them stay,
+/// and the one dropped, if any. Entries of databases gone are forgotten.
 async fn drop_earlier_failure(
     session: &Session,
-    database: &str,
+    admin: &mut PgConnection,
+    kept: Vec<(String, String)>,
     test: &str,
-) -> Result<(u32, Option<String>), Error> {
-    let kept = session.dir.failed_databases();
-    if kept.is_empty() {
-        return Ok((0, None));
-    }
-    let server = &session.server;
-    let mut admin = server.connect(server.admin_database()).await?;
-    let existing = catalog::marked(&mut admin)
-        .await
-        .map_err(|error| server.query_error("listing pgtest's databases", &error))?;
-    let _ = admin.close().await;
+) -> (u32, Option<String>) {
+    let existing = match catalog::marked(admin).await {
+        Ok(existing) => existing,
+        Err(error) => {
+            tracing::warn!(%error, "cannot list pgtest's databases");
+            return (u32::try_from(kept.len()).unwrap_or(u32::MAX), None);
+        }
+    };
     let mut others = 0;
     let mut dropped = None;
     for (name, of) in kept {
-        if name == database {
-            continue;
-        }
         if !existing.iter().any(|(existing, _)| *existing == name) {
             let _ = std::fs::remove_file(session.dir.entry(Entry::Failed(&name)));
             continue;
         }
-        if of == test && dropped.is_none() && drop_database(session, &name, false).await {
+        if of == test && dropped.is_none() && drop_database(session, admin, &name, false).await {
             dropped = Some(name);
             continue;
         }
         others += 1;
     }
-    Ok((others, dropped))
+    (others, dropped)
 }
 
 /// Drops `database` and forgets its entries here, unless another process
 /// holds its lock (this one does when `held`) or a session is connected to
 /// it; whether it did.
-async fn drop_database(session: &Session, database: &str, held: bool) -> bool {
-    let server = &session.server;
+async fn drop_database(
+    session: &Session,
+    admin: &mut PgConnection,
+    database: &str,
+    held: bool,
+) -> bool {
     let lock = match held {
         true => None,
         false => match session.dir.lock(Entry::Live(database)) {
@@ -323,13 +322,7 @@ async fn drop_database(session: &Session, database: &str, held: bool) -> bool {
             _ => return false,
         },
     };
-    let dropped = async {
-        let mut admin = server.connect(server.admin_database()).await.ok()?;
-        let dropped = catalog::drop_unused(&mut admin, database).await.ok();
-        let _ = admin.close().await;
-        dropped
-    };
-    if dropped.await != Some(true) {
+    if !matches!(catalog::drop_unused(admin, database).await, Ok(true)) {
         return false;
     }
     for entry in [Entry::Failed(database), Entry::Live(database)] {
@@ -494,14 +487,31 @@ impl TestDatabase {
     async fn keep(self, session: &Session) -> String {
         let server = &session.server;
         let limit = session.config.keep_failed;
-        let (others, dropped) = match drop_earlier_failure(session, &self.name, self.test).await {
-            Ok(found) => found,
-            Err(error) => {
-                tracing::warn!(%error, "cannot look at failed tests' kept databases");
-                (0, None)
+        let kept: Vec<(String, String)> = session
+            .dir
+            .failed_databases()
+            .into_iter()
+            .filter(|(name, _)| *name != self.name)
+            .collect();
+        let mut admin = None;
+        if !kept.is_empty() || limit == 0 {
+            match server.connect(server.admin_database()).await {
+                Ok(connection) => admin = Some(connection),
+                Err(error) => tracing::warn!(%error, "cannot drop failed tests' databases"),
             }
+        }
+        let (others, dropped) = match admin.as_mut() {
+            Some(admin) => drop_earlier_failure(session, admin, kept, self.test).await,
+            None => (u32::try_from(kept.len()).unwrap_or(u32::MAX), None),
         };
-        if others >= limit && drop_database(session, &self.name, true).await {
+        let own_dropped = match admin.as_mut() {
+            Some(admin) if others >= limit => drop_database(session, admin, &self.name, true).await,
+            _ => false,
+        };
+        if let Some(admin) = admin {
+            let _ = admin.close().await;
+        }
+        if own_dropped {
             return format!(
                 "its database {name} was dropped: {others} failed tests' databases are kept \
                  already (PGTEST_KEEP_FAILED={limit}); inspect and drop those, or raise the limit",
