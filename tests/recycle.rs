@@ -31,7 +31,7 @@ async fn record(pool: &PgPool) -> anyhow::Result<String> {
 /// database.
 #[pg_test(isolation = "database", migrations = "tests/fixtures/recycle")]
 #[ignore = "a fixture, run in its own processes by the tests of this file"]
-async fn fixture_recycle_1_changes_everything(pool: PgPool) -> anyhow::Result<()> {
+async fn fixture_recycle_changes_everything(pool: PgPool) -> anyhow::Result<()> {
     let mut connection = pool.acquire().await?;
     connection
         .execute(
@@ -90,7 +90,7 @@ async fn fixture_recycle_changes_rows(pool: PgPool) -> anyhow::Result<()> {
 /// what a fresh copy of the template holds.
 #[pg_test(isolation = "database", migrations = "tests/fixtures/recycle")]
 #[ignore = "a fixture, run in its own processes by the tests of this file"]
-async fn fixture_recycle_2_sees_the_template(pool: PgPool) -> anyhow::Result<()> {
+async fn fixture_recycle_sees_the_template(pool: PgPool) -> anyhow::Result<()> {
     let path = std::env::var("PGTEST_IT_FILE")?;
     let before = std::fs::read_to_string(&path)?;
     let mine = record(&pool).await?;
@@ -250,31 +250,20 @@ fn recorded(file: &Path) -> Vec<String> {
         .collect()
 }
 
-#[test]
-fn the_next_test_gets_the_same_database_exactly_as_a_fresh_copy() {
+/// Runs `fixture`, then a test that checks it sees a fresh copy of the
+/// template, `rounds` times, each test in a process of its own: every test
+/// gets the first one's database.
+fn the_next_test_sees_the_template_after(fixture: &str, rounds: usize) {
     let home = EmbeddedHome::new();
     let file = home.path().join("recorded");
-    for _ in 0..2 {
-        let output = run(home
-            .fixture("fixture_recycle_")
-            .args([
-                "--test-threads=1",
-                "--skip",
-                "runs_ddl",
-                "--skip",
-                "reads",
-                "--skip",
-                "hangs",
-                "--skip",
-                "changes_rows",
-                "--skip",
-                "fixed_ids",
-            ])
-            .env("PGTEST_IT_FILE", &file));
-        assert_passed(&output, 2);
+    for _ in 0..rounds {
+        for test in [fixture, "fixture_recycle_sees_the_template"] {
+            let output = run(home.exact(test).env("PGTEST_IT_FILE", &file));
+            assert_passed(&output, 1);
+        }
     }
     let names = recorded(&file);
-    assert_eq!(names.len(), 4, "{names:?}");
+    assert_eq!(names.len(), 2 * rounds, "{names:?}");
     assert!(
         names.iter().all(|name| *name == names[0]),
         "every test got the first one's database: {names:?}"
@@ -282,24 +271,13 @@ fn the_next_test_gets_the_same_database_exactly_as_a_fresh_copy() {
 }
 
 #[test]
+fn the_next_test_gets_the_same_database_exactly_as_a_fresh_copy() {
+    the_next_test_sees_the_template_after("fixture_recycle_changes_everything", 2);
+}
+
+#[test]
 fn after_changes_to_rows_alone_the_next_test_gets_the_same_database_exactly_as_a_fresh_copy() {
-    let home = EmbeddedHome::new();
-    let file = home.path().join("recorded");
-    for _ in 0..3 {
-        for fixture in [
-            "fixture_recycle_changes_rows",
-            "fixture_recycle_2_sees_the_template",
-        ] {
-            let output = run(home.exact(fixture).env("PGTEST_IT_FILE", &file));
-            assert_passed(&output, 1);
-        }
-    }
-    let names = recorded(&file);
-    assert_eq!(names.len(), 6, "{names:?}");
-    assert!(
-        names.iter().all(|name| *name == names[0]),
-        "every test got the first one's database: {names:?}"
-    );
+    the_next_test_sees_the_template_after("fixture_recycle_changes_rows", 3);
 }
 
 #[test]

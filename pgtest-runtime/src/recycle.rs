@@ -31,6 +31,15 @@
 //! `pg_temp_N`), TOAST tables (a refresh makes new ones), statistics and
 //! storage details (`relfilenode`, `relpages`) are not compared: they
 //! change without a schema change.
+//!
+//! Looking at every table and the catalog costs a new session 10 ms or
+//! more (mostly loading what it has not touched yet). Where the server
+//! counts the rows each session writes in each table, exactly and in time
+//! (PostgreSQL 15 on: a session's counts reach the server before it is
+//! gone, and a session can flush its own), the claim reads the counts of
+//! the tables and of the catalogs above, and the reset looks only at the
+//! tables whose counts moved; a catalog's count that moved (a truncation,
+//! a refresh, a temporary table, DDL) sends it back to looking at it all.
 
 use std::fmt::Write as _;
 use std::fs;
@@ -425,10 +434,12 @@ impl Snapshot {
         }))
     }
 
-    /// An SQL expression: the number of rows written (inserted, updated,
-    /// deleted, in transactions committed or not) in each catalog and
-    /// table this snapshot counts, since the server began counting; null
-    /// when it does not count now. `None` when the snapshot does not count.
+    /// An SQL expression: when the database's counts were last reset (0:
+    /// never; a reset of one table's counts is the database's too), then
+    /// the number of rows written (inserted, updated, deleted, in
+    /// transactions committed or not) in each catalog and table this
+    /// snapshot counts, since then; null when the server does not count
+    /// now. `None` when the snapshot does not count.
     pub(crate) fn written_counts(&self) -> Option<String> {
         let catalogs = self.catalogs.as_ref()?;
         let oids = catalogs
@@ -437,17 +448,21 @@ impl Snapshot {
             .chain(self.tables.iter().map(|table| table.oid));
         Some(format!(
             "case when current_setting('track_counts')::bool then \
-                 (select array_agg(pg_stat_get_tuples_inserted(o) + pg_stat_get_tuples_updated(o) \
-                     + pg_stat_get_tuples_deleted(o) order by n) \
-                  from unnest({}::oid[]) with ordinality as u(o, n)) end",
+                 array[coalesce((extract(epoch from pg_stat_get_db_stat_reset_time( \
+                     (select oid from pg_database where datname = current_database()))) \
+                     * 1000000)::int8, 0)] \
+                 || (select array_agg(pg_stat_get_tuples_inserted(o) \
+                     + pg_stat_get_tuples_updated(o) + pg_stat_get_tuples_deleted(o) order by n) \
+                     from unnest({}::oid[]) with ordinality as u(o, n)) end",
             array_text(oids)
         ))
     }
 
-    /// The counts a new copy starts with (nothing written in it yet).
+    /// The counts a new copy starts with (never reset, nothing written in
+    /// it yet).
     pub(crate) fn fresh_counts(&self) -> Option<Vec<i64>> {
         let catalogs = self.catalogs.as_ref()?;
-        Some(vec![0; catalogs.len() + self.tables.len()])
+        Some(vec![0; 1 + catalogs.len() + self.tables.len()])
     }
 
     /// Readies `connection`, one of the test's, for [`Self::reset`]: what
@@ -612,8 +627,9 @@ impl Snapshot {
         let Some(after) = after.filter(|after| after.len() == before.len() && !written) else {
             return Ok(None);
         };
-        let (catalogs_after, tables_after) = after.split_at(catalogs.len());
-        let (catalogs_before, tables_before) = before.split_at(catalogs.len());
+        // The reset time, then the catalogs.
+        let (catalogs_after, tables_after) = after.split_at(1 + catalogs.len());
+        let (catalogs_before, tables_before) = before.split_at(1 + catalogs.len());
         if catalogs_after != catalogs_before {
             return Ok(None);
         }
