@@ -58,7 +58,7 @@ const DEFAULT_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(30);
 const DEFAULT_GROW_AFTER: Duration = Duration::from_millis(10);
 const DEFAULT_SPARES: u32 = 128;
 const DEFAULT_KEEP_FAILED: u32 = 16;
-const DEFAULT_MIN_FREE_DISK: u32 = 1024;
+pub(crate) const DEFAULT_MIN_FREE_DISK: u32 = 1024;
 
 /// Where the server URL came from, so that messages name the right knob.
 #[derive(Clone, PartialEq, Eq, Debug)]

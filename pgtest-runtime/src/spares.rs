@@ -7,17 +7,21 @@
 //! 300 files).
 //!
 //! The work is done by a helper per server (see [`crate::helper`]), started
-//! by the first database-mode test that finds none. Every pgtest process
+//! by the first database-mode test that asks for a spare or retires its
+//! database and finds none. Every pgtest process
 //! holds a shared lock on the server's `clients.lock` for as long as it
 //! lives; once nobody has held it for two seconds (the run is over), the
 //! helper plans the run's work into a queue of jobs (drop the databases of
 //! passed tests; make as many spares of each template as the tests since
 //! its last pass asked for, at most `PGTEST_SPARE_DATABASES` and 2 GiB of
-//! copies per template) and does them one by one, checking before each
-//! that the server is still idle, and exits once the queue is empty. A job
-//! leaves the queue only once done, and doing one twice changes nothing, so
-//! a helper killed at any point leaves its work to the next one. It
-//! connects as the tests do, the credentials passed through a pipe.
+//! copies per template, none that would leave less than
+//! `PGTEST_MIN_FREE_DISK` on the server's disk where it can look, none
+//! after the server reported a full disk) and does them one by one,
+//! checking before each that the server is still idle, and exits once the
+//! queue is empty. A job leaves the queue only once done, and doing one
+//! twice changes nothing, so a helper killed at any point leaves its work
+//! to the next one. It connects as the tests do, the credentials passed
+//! through a pipe.
 
 use std::collections::HashMap;
 use std::fs;
@@ -444,7 +448,7 @@ impl Room {
             local: host.starts_with('/') || ["localhost", "127.0.0.1", "::1"].contains(&host),
             keep_mib: value(MIN_FREE_KEY)
                 .and_then(|mib| mib.parse().ok())
-                .unwrap_or(1024),
+                .unwrap_or(crate::config::DEFAULT_MIN_FREE_DISK),
         }
     }
 
