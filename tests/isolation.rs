@@ -636,22 +636,13 @@ fn the_helper_makes_no_copy_that_would_leave_the_disk_short_of_room() {
     for output in tests("run-1") {
         assert_passed(&output, 1);
     }
-    let log = cluster
-        .home()
-        .join("budget")
-        .read_dir()
-        .unwrap()
-        .flatten()
-        .map(|server| server.path().join("pgtest-spares.log"))
-        .next()
-        .expect("the server's directory");
     cluster.wait_until(&count_is(TEST_DATABASES, 0), Duration::from_secs(60));
     wait_for(
         "the helper to say why it made no copy",
         Duration::from_secs(60),
-        || std::fs::read_to_string(&log).is_ok_and(|text| text.contains("copies made ahead stop")),
+        || cluster.spares_log().contains("copies made ahead stop"),
     );
-    let said = std::fs::read_to_string(&log).unwrap();
+    let said = cluster.spares_log();
     assert!(
         said.contains("would leave less than PGTEST_MIN_FREE_DISK=1000000000 MiB"),
         "{said}"

@@ -244,6 +244,16 @@ impl Cluster {
 
     /// Waits until `sql` returns `t`, at most `limit`; panics with the last
     /// answer and the log's tail when it never does.
+    /// What the spares helpers of this cluster's runs said.
+    pub fn spares_log(&self) -> String {
+        fs::read_dir(self.home().join("budget"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|server| fs::read_to_string(server.path().join("pgtest-spares.log")).ok())
+            .collect()
+    }
+
     pub fn wait_until(&self, sql: &str, limit: Duration) {
         let deadline = Instant::now() + limit;
         loop {
@@ -253,8 +263,10 @@ impl Cluster {
             }
             assert!(
                 Instant::now() < deadline,
-                "waited {limit:?} for `{sql}`, last answer {answer:?}; server log tail:\n{}",
-                tail(&self.log(), 20)
+                "waited {limit:?} for `{sql}`, last answer {answer:?}; server log tail:\n{}\n\
+                 spares helper log tail:\n{}",
+                tail(&self.log(), 20),
+                tail(&self.spares_log(), 20)
             );
             std::thread::sleep(Duration::from_millis(25));
         }
