@@ -108,22 +108,27 @@ pub(crate) fn start(job: &Job, log: &Path, secret: Option<&str>) -> io::Result<(
         .env_clear()
         .envs(config::helper_environment())
         .env(HELPER_VAR, job.encode())
-        .stdin(match secret {
-            Some(_) => Stdio::piped(),
-            None => Stdio::null(),
-        })
         .stdout(log.try_clone()?)
         .stderr(log);
+    // The secret is in the pipe before the helper starts: a test killed
+    // right after (a runner's timeout) still hands it over.
+    match secret {
+        Some(secret) => {
+            let (reader, mut writer) = io::pipe()?;
+            writer.write_all(secret.as_bytes())?;
+            drop(writer);
+            command.stdin(reader);
+        }
+        None => {
+            command.stdin(Stdio::null());
+        }
+    }
     // SAFETY: `setsid` is async-signal-safe and touches no memory.
     unsafe {
         command.pre_exec(|| nix::unistd::setsid().map(drop).map_err(io::Error::from));
     }
-    let mut child = command.spawn()?;
-    if let (Some(secret), Some(mut input)) = (secret, child.stdin.take()) {
-        input.write_all(secret.as_bytes())?;
-    }
     // Not waited for: it outlives this process, and init reaps it then.
-    Ok(())
+    command.spawn().map(drop)
 }
 
 #[cfg(test)]

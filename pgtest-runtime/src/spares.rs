@@ -44,6 +44,9 @@ use crate::{Error, catalog, names};
 const SPARE_BYTES: u64 = 2 << 30;
 /// How long the server must go without a client before the helper works.
 const QUIET: Duration = Duration::from_secs(2);
+/// How many passes the helper tries (each after a quiet spell) before it
+/// gives up on a server it cannot reach or a queue it cannot use.
+const WORK_TRIES: u32 = 5;
 /// Beside the credentials the helper is given: where the server's data is,
 /// when pgtest can look at its disk, and the room its copies leave there.
 const DATA_DIR_KEY: &str = "PGTEST_DATA_DIR";
@@ -219,6 +222,10 @@ pub(crate) fn run_helper(dir: &Path, limit: u32) -> i32 {
         say(&format!("cannot read its credentials: {error}"));
         return 1;
     }
+    if credentials.is_empty() {
+        say("no credentials came through its pipe: nothing to connect with");
+        return 1;
+    }
     let options = connect_options(&credentials);
     let mut room = Room::given(&credentials);
     let opened = ServerDir::reopen(dir).and_then(|dir| {
@@ -248,6 +255,7 @@ pub(crate) fn run_helper(dir: &Path, limit: u32) -> i32 {
         }
     };
     let mut quiet_since = Instant::now();
+    let mut failures = 0;
     while dir.path().is_dir() {
         std::thread::sleep(Duration::from_millis(500));
         if !idle() {
@@ -261,9 +269,15 @@ pub(crate) fn run_helper(dir: &Path, limit: u32) -> i32 {
             Ok(true) => return 0,
             // A test came: later.
             Ok(false) => quiet_since = Instant::now(),
+            // The server unreachable for a moment (busy, restarting): later,
+            // a few times.
             Err(error) => {
                 say(&error);
-                return 1;
+                failures += 1;
+                if failures == WORK_TRIES {
+                    return 1;
+                }
+                quiet_since = Instant::now();
             }
         }
     }
@@ -281,9 +295,17 @@ async fn work(
 ) -> Result<bool, String> {
     let queue = Queue::open(dir).map_err(|error| format!("cannot open its queue: {error}"))?;
     queue_drops(dir, &queue).map_err(|error| format!("cannot queue drops: {error}"))?;
-    let mut admin = PgConnection::connect_with(options)
-        .await
-        .map_err(|error| format!("cannot connect: {error}"))?;
+    let mut admin = PgConnection::connect_with(options).await.map_err(|error| {
+        let host = options.get_socket().map_or_else(
+            || options.get_host().to_owned(),
+            |socket| socket.display().to_string(),
+        );
+        format!(
+            "cannot connect to {host}, port {}, as {}: {error}",
+            options.get_port(),
+            options.get_username()
+        )
+    })?;
     queue_copies(dir, &queue, &mut admin, limit).await?;
     let mut finished = true;
     // Once the disk is short of room, no copy is made in this pass: the
