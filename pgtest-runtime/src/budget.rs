@@ -259,21 +259,25 @@ impl Slots {
     }
 
     /// Takes one slot more, of at most `ceiling` in all: a free one when
-    /// there is one. Else it waits (at most the budget timeout), in line
-    /// behind other tests that wait to grow, for all it may still need at
-    /// once, up to `ceiling`, or for the reserve: so that it never waits
-    /// again, and the slots that free up are not split among waiters that
-    /// each still need more (see the module's documentation). Sets
-    /// `waited` when it has to wait (before the wait, which a timeout of the
-    /// caller's may cut short).
+    /// there is one, else one of the reserve when it holds it. Else it
+    /// waits (at most the budget timeout), in line behind other tests that
+    /// wait to grow, for all it may still need at once, up to `ceiling`, or
+    /// for the reserve: so that it never waits again, and the slots that
+    /// free up are not split among waiters that each still need more (see
+    /// the module's documentation). Sets `waited` when it has to wait
+    /// (before the wait, which a timeout of the caller's may cut short).
     pub(crate) async fn grow(&mut self, ceiling: u32, waited: &AtomicBool) -> Result<(), Error> {
         let budget = self.budget.clone();
-        if self.reserve.is_some() && self.from_reserve < budget.reserve() {
-            self.from_reserve += 1;
-            return Ok(());
-        }
+        // A free slot before the reserve's, even when this test holds the
+        // reserve: [`Self::shrink_to`] gives free slots back first, so
+        // growing into the reserve first would, shrink after grow, move a
+        // test's slots into the reserve one by one.
         let mut files = SlotFiles::new(&budget);
         if files.try_take(1, self)? {
+            return Ok(());
+        }
+        if self.reserve.is_some() && self.from_reserve < budget.reserve() {
+            self.from_reserve += 1;
             return Ok(());
         }
         waited.store(true, Ordering::Relaxed);
@@ -398,6 +402,7 @@ fn note_holder(file: &File, holder: &str) {
 mod tests {
     use super::{Budget, usable};
     use crate::state::ServerDir;
+    use std::sync::atomic::AtomicBool;
     use std::time::Duration;
 
     fn budget(capacity: u32) -> Budget {
@@ -421,6 +426,35 @@ mod tests {
         assert_eq!(tiny.upfront(2, 0), 2);
         assert_eq!(tiny.largest_pool(0), 2);
         assert_eq!(tiny.largest_pool(1), 1);
+    }
+
+    #[test]
+    fn growing_takes_a_free_slot_before_the_reserve_it_holds() {
+        let dir = tempfile::tempdir().unwrap();
+        let budget = Budget::new(ServerDir::unchecked(dir.path()), 4, Duration::from_secs(1));
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let waited = AtomicBool::new(false);
+            let mut slots = budget.take(1, "a").await.unwrap();
+            let other = budget.take(1, "b").await.unwrap();
+            // No free slot left: it grows into the reserve.
+            slots.grow(4, &waited).await.unwrap();
+            assert_eq!((slots.locked.len(), slots.from_reserve), (1, 1));
+            drop(other);
+            // A pool's gate grows, then shrinks back, again and again.
+            for _ in 0..3 {
+                slots.grow(4, &waited).await.unwrap();
+                slots.shrink_to(2);
+            }
+            assert_eq!((slots.locked.len(), slots.from_reserve), (1, 1));
+            assert!(
+                budget.try_take(2, "c").unwrap().is_none(),
+                "its free slot stays"
+            );
+        });
     }
 
     #[test]
