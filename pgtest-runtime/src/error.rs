@@ -381,6 +381,9 @@ pub(crate) fn describe(error: &sqlx::Error) -> String {
     text
 }
 
+/// The SQLSTATE of a full disk on the server.
+pub(crate) const DISK_FULL: &str = "53100";
+
 /// The SQLSTATE of a database error.
 pub(crate) fn sqlstate(error: &sqlx::Error) -> Option<String> {
     error

@@ -8,7 +8,7 @@ use sqlx::postgres::{PgConnectOptions, PgConnection, PgSslMode};
 use sqlx::{ConnectOptions, Connection};
 
 use crate::config::{Config, Target, URL_VAR, UrlOrigin};
-use crate::error::{describe, sqlstate};
+use crate::error::{DISK_FULL, describe, sqlstate};
 use crate::redact::redact_url;
 use crate::state::StateDir;
 use crate::{Error, catalog, embedded};
@@ -343,7 +343,7 @@ impl Server {
     pub(crate) fn create_error(&self, database: &str, error: &sqlx::Error) -> Error {
         match sqlstate(error).as_deref() {
             Some("42501") => {}
-            Some("53100") => {
+            Some(DISK_FULL) => {
                 return Error::DiskFull {
                     database: database.to_owned(),
                     url: self.url.clone(),

@@ -32,7 +32,7 @@ use std::time::{Duration, Instant, SystemTime};
 use sqlx::Connection;
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgSslMode};
 
-use crate::error::sqlstate;
+use crate::error::{DISK_FULL, sqlstate};
 use crate::helper::{self, Job, say};
 use crate::lock::Mode;
 use crate::markers::Marker;
@@ -441,9 +441,6 @@ async fn queue_copies(
     let _ = fs::remove_file(&taken);
     Ok(())
 }
-
-/// The server's error code for a full disk.
-const DISK_FULL: &str = "53100";
 
 /// Where the helper may look at the server's disk, and the room its copies
 /// leave there.

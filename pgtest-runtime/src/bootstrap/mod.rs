@@ -174,6 +174,27 @@ pub(crate) struct Target<'a> {
     pub(crate) source: Source<'a>,
 }
 
+impl<'a> Target<'a> {
+    /// The template `database` of `migrations` and `fixtures`, marked
+    /// `marker` when ready.
+    pub(crate) fn template(
+        database: &'a str,
+        marker: &'a Marker,
+        migrations: &'a Migrations,
+        fixtures: &'a [Script],
+    ) -> Self {
+        Self {
+            database,
+            kind: Kind::Template,
+            marker,
+            source: Source::Build {
+                migrations,
+                fixtures,
+            },
+        }
+    }
+}
+
 /// What goes in a database being built.
 #[derive(Clone, Copy)]
 pub(crate) enum Source<'a> {

@@ -28,7 +28,7 @@ use sqlx::postgres::PgConnection;
 use sqlx::{Connection, PgPool};
 
 use super::{Prepared, Teardown, run_scripts_on_pool, sweep_beside};
-use crate::bootstrap::{self, Source, Target};
+use crate::bootstrap::{self, Target};
 use crate::budget::Slots;
 use crate::error::sqlstate;
 use crate::lock::{LockFile, Mode, Pauses, open_no_follow};
@@ -166,15 +166,7 @@ impl Claim<'_> {
     ) -> Result<(TestPool, TestDatabase, PgConnection), Error> {
         let Session { server, .. } = self.session;
         let marker = Marker::template_used_now();
-        let target = Target {
-            database: self.template,
-            kind: Kind::Template,
-            marker: &marker,
-            source: Source::Build {
-                migrations,
-                fixtures: self.spec.fixtures,
-            },
-        };
+        let target = Target::template(self.template, &marker, migrations, self.spec.fixtures);
         // The pool's connections and an admin connection.
         let max = pool::max_for(self.spec, &self.session.budget, 1)?;
         let (mut slots, mut admin) = with_template(self.session, target, max, self.spec).await?;

@@ -111,15 +111,7 @@ async fn build(
     spec: &TestSpec,
 ) -> Result<bool, Error> {
     let template_marker = Marker::template_used_now();
-    let template = Target {
-        database: ready.template,
-        kind: Kind::Template,
-        marker: &template_marker,
-        source: Source::Build {
-            migrations: ready.migrations,
-            fixtures: &[],
-        },
-    };
+    let template = Target::template(ready.template, &template_marker, ready.migrations, &[]);
     let lock = session.dir.entry(Entry::Run(ready.database));
     let origin = Origin::now(spec.name, &session.config.run_id, lock);
     let marker = Marker::Shared(origin);
