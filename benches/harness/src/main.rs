@@ -130,6 +130,8 @@ async fn main() -> anyhow::Result<()> {
     )?;
     std::fs::copy(repo.join("Cargo.lock"), suite_dir.join("Cargo.lock"))?;
 
+    // Long before the first server starts (see `server::set_aside`).
+    server::empty_trash(&work.join("server"));
     eprintln!("building the suite (the first time compiles its dependencies)");
     let build = cargo(&suite_dir, &work, &["test", "--no-run", "--quiet"])
         .status()
@@ -173,6 +175,8 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     print_table(&options, &rows);
+    drop(server);
+    server::empty_trash(&work.join("server"));
     Ok(())
 }
 
