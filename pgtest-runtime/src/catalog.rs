@@ -6,7 +6,7 @@
 //! [`crate::server::Server`]).
 
 use sqlx::postgres::PgConnection;
-use sqlx::{Connection, Executor, Row};
+use sqlx::{Executor, Row};
 
 use crate::error::sqlstate;
 use crate::markers::{Marker, PREFIX, SPARE};
@@ -249,28 +249,32 @@ pub(crate) async fn claim(
     marker: &Marker,
     counts: Option<&str>,
 ) -> sqlx::Result<Option<(u32, Option<Vec<i64>>)>> {
-    let mut transaction = connection.begin().await?;
-    let statement = format!(
-        "select pg_try_advisory_xact_lock($1, $2), \
+    // Two round trips, the test's first: look, then mark or give up.
+    let look = format!(
+        "begin; select pg_try_advisory_xact_lock({LOCK_CLASS}, {}), \
              (select shobj_description(oid, 'pg_database') from pg_database \
                  where datname = current_database()), \
              txid_current() % 4294967296, {}",
+        lock_key(name),
         counts.unwrap_or("null::int8[]")
     );
-    let row = crate::compat::query(&statement)
-        .bind(LOCK_CLASS)
-        .bind(lock_key(name))
-        .fetch_one(&mut *transaction)
-        .await?;
-    let (locked, current): (bool, Option<String>) = (row.try_get(0)?, row.try_get(1)?);
-    if !locked || current.as_deref().and_then(Marker::parse).as_ref() != Some(spare) {
-        return Ok(None);
+    let claimed = async {
+        let rows = crate::compat::raw(&look).fetch_all(&mut *connection).await?;
+        let row = rows.first().ok_or(sqlx::Error::RowNotFound)?;
+        let (locked, current): (bool, Option<String>) = (row.try_get(0)?, row.try_get(1)?);
+        if !locked || current.as_deref().and_then(Marker::parse).as_ref() != Some(spare) {
+            return Ok(None);
+        }
+        let (horizon, counts): (i64, Option<Vec<i64>>) = (row.try_get(2)?, row.try_get(3)?);
+        let mark = format!("{NO_FLUSH_WAIT}; {}; commit", mark_statement(name, marker));
+        run(&mut *connection, &mark).await?;
+        Ok(Some((u32::try_from(horizon).unwrap_or_default(), counts)))
+    };
+    let claimed = claimed.await;
+    if !matches!(claimed, Ok(Some(_))) {
+        let _ = run(connection, "rollback").await;
     }
-    let (horizon, counts): (i64, Option<Vec<i64>>) = (row.try_get(2)?, row.try_get(3)?);
-    let statements = format!("{NO_FLUSH_WAIT}; {}", mark_statement(name, marker));
-    run(&mut transaction, &statements).await?;
-    transaction.commit().await?;
-    Ok(Some((u32::try_from(horizon).unwrap_or_default(), counts)))
+    claimed
 }
 
 /// This transaction's id (its low 32 bits), assigned if it has none.

@@ -47,11 +47,11 @@ use std::future::poll_fn;
 use std::io::Write as _;
 use std::path::Path;
 
-use sqlx::postgres::PgConnection;
+use sqlx::postgres::{PgConnection, PgRow};
 use sqlx::{Connection, Row};
 
+use crate::compat::{self, query};
 use crate::catalog;
-use crate::compat::query;
 use crate::lock::open_no_follow;
 use crate::markers::Marker;
 
@@ -480,22 +480,44 @@ impl Snapshot {
     /// connected to and marks it spare as `back` says, in one transaction,
     /// when no other session is connected to it; what the database was
     /// like at the claim (`since`) spares looking at what cannot have
-    /// changed.
+    /// changed. Nothing of it stays unless it is done.
     pub(crate) async fn reset(
         &self,
         connection: &mut PgConnection,
         since: &Since,
         back: &PutBack<'_>,
     ) -> sqlx::Result<Reset> {
-        let mut transaction = connection.begin().await?;
-        let settings = format!("{FORMATS}; {}", catalog::NO_FLUSH_WAIT);
-        catalog::run(&mut transaction, &settings).await?;
-        let statement = format!(
-            "select {}, {}",
+        let reset = self.reset_in_transaction(connection, since, back).await;
+        if !matches!(reset, Ok(Reset::Done { .. })) {
+            let _ = catalog::run(connection, "rollback").await;
+        }
+        reset
+    }
+
+    /// [`Self::reset`] in a transaction it begins, and commits when done.
+    /// Two round trips unless a table with template rows, or a view, has
+    /// to be filled again: the first begins, looks for other sessions and
+    /// reads the counts; the second puts back and commits.
+    async fn reset_in_transaction(
+        &self,
+        connection: &mut PgConnection,
+        since: &Since,
+        back: &PutBack<'_>,
+    ) -> sqlx::Result<Reset> {
+        let mut look = format!(
+            "begin; {FORMATS}; {}; select {}, {}",
+            catalog::NO_FLUSH_WAIT,
             catalog::OTHER_SESSIONS,
             catalog::spares_count()
         );
-        let row = query(&statement).fetch_one(&mut *transaction).await?;
+        // Read after the other sessions are found gone (the statements of
+        // one query string run in order): what they wrote is counted.
+        let counted = self.counted_statement(since);
+        if let Some(statement) = &counted {
+            let _ = write!(look, "; {statement}");
+        }
+        let rows = compat::raw(&look).fetch_all(&mut *connection).await?;
+        let row = rows.first().ok_or(sqlx::Error::RowNotFound)?;
         let (others, spares): (i64, i64) = (row.try_get(0)?, row.try_get(1)?);
         if others > 0 {
             return Ok(Reset::Busy);
@@ -505,14 +527,17 @@ impl Snapshot {
                 "PGTEST_SPARE_DATABASES spares are kept already",
             ));
         }
-        // The other sessions gone, what they wrote is counted.
-        let changed = match self.counted(&mut transaction, since).await? {
+        let changed = match rows.get(1).map(|row| self.counted(row, since)) {
+            Some(changed) => changed?,
+            None => None,
+        };
+        let changed = match changed {
             Some(changed) => changed,
-            None => self.compared(&mut transaction, since.horizon).await?,
+            None => self.compared(connection, since.horizon).await?,
         };
         if changed.catalog {
             let fingerprint: String = query(FINGERPRINT)
-                .fetch_one(&mut *transaction)
+                .fetch_one(&mut *connection)
                 .await?
                 .try_get(0)?;
             if fingerprint != self.fingerprint {
@@ -557,53 +582,52 @@ impl Snapshot {
             statements.push_str("select pg_stat_force_next_flush(); ");
         }
         statements.push_str(&catalog::mark_statement(back.database, back.spare));
-        catalog::run(&mut transaction, &statements).await?;
-        // After the deletes: in the fresh copy's physical order.
-        for table in &tables {
-            if let Some(rows) = &table.rows {
-                copy_in(&mut transaction, &table.name, rows).await?;
-            }
+        let refill = views.len() + tables.iter().filter(|table| table.rows.is_some()).count();
+        if refill == 0 {
+            statements.push_str("; commit");
         }
-        for view in &views {
-            let refresh = format!("refresh materialized view {}", view.name);
-            catalog::run(&mut transaction, &refresh).await?;
-            let statement = format!("select {}", rows_hash(&view.name));
-            let hash: String = query(&statement)
-                .fetch_one(&mut *transaction)
-                .await?
-                .try_get(0)?;
-            let expected = view
-                .rows
-                .as_ref()
-                .map_or(EMPTY_HASH, |rows| rows.hash.as_str());
-            if hash != expected {
-                return Ok(Reset::Retire(
-                    "a materialized view, refreshed, differs from the template's",
-                ));
+        catalog::run(connection, &statements).await?;
+        if refill > 0 {
+            // After the deletes: in the fresh copy's physical order.
+            for table in &tables {
+                if let Some(rows) = &table.rows {
+                    copy_in(connection, &table.name, rows).await?;
+                }
             }
+            for view in &views {
+                let refresh = format!("refresh materialized view {}", view.name);
+                catalog::run(connection, &refresh).await?;
+                let statement = format!("select {}", rows_hash(&view.name));
+                let hash: String = query(&statement)
+                    .fetch_one(&mut *connection)
+                    .await?
+                    .try_get(0)?;
+                let expected = view
+                    .rows
+                    .as_ref()
+                    .map_or(EMPTY_HASH, |rows| rows.hash.as_str());
+                if hash != expected {
+                    return Ok(Reset::Retire(
+                        "a materialized view, refreshed, differs from the template's",
+                    ));
+                }
+            }
+            catalog::run(connection, "commit").await?;
         }
-        transaction.commit().await?;
         Ok(Reset::Done {
             tables: tables.len() + views.len(),
             sequences: changed.sequences.iter().filter(|changed| **changed).count(),
         })
     }
 
-    /// What changed since the claim by the server's counts of rows written:
-    /// the tables written in, the sequences that moved (and every one
-    /// that was not called in the template: `setval(…, false)` leaves no
-    /// trace); `None` when the counts cannot tell (none kept, or a catalog
-    /// was written: a truncation, a refresh, a temporary table, DDL).
-    async fn counted(
-        &self,
-        connection: &mut PgConnection,
-        since: &Since,
-    ) -> sqlx::Result<Option<Changed>> {
-        let (Some(catalogs), Some(before), Some(counts)) =
-            (&self.catalogs, &since.counts, self.written_counts())
-        else {
-            return Ok(None);
-        };
+    /// The query that reads the server's counts of rows written, the
+    /// sequences that may have moved (every one that was not called in
+    /// the template: `setval(…, false)` leaves no trace) and whether the
+    /// database's own row changed, for [`Self::counted`]; `None` when this
+    /// snapshot or the claim kept no counts.
+    fn counted_statement(&self, since: &Since) -> Option<String> {
+        since.counts.as_ref()?;
+        let counts = self.written_counts()?;
         let sequences: Vec<String> = self
             .sequences
             .iter()
@@ -616,12 +640,22 @@ impl Snapshot {
             })
             .collect();
         let (catalog, rows) = WRITTEN_IN[NOT_COUNTED];
-        let statement = format!(
+        Some(format!(
             "select {counts}, array[{}]::bool[], {}",
             sequences.join(", "),
             written_in(catalog, rows, since.horizon)
-        );
-        let row = query(&statement).fetch_one(connection).await?;
+        ))
+    }
+
+    /// What changed since the claim by the server's counts of rows written
+    /// (`row`, read by [`Self::counted_statement`]): the tables written in,
+    /// the sequences that may have moved; `None` when the counts cannot
+    /// tell (the server does not count now, or a catalog was written: a
+    /// truncation, a refresh, a temporary table, DDL).
+    fn counted(&self, row: &PgRow, since: &Since) -> sqlx::Result<Option<Changed>> {
+        let (Some(catalogs), Some(before)) = (&self.catalogs, &since.counts) else {
+            return Ok(None);
+        };
         let after: Option<Vec<i64>> = row.try_get(0)?;
         let written: bool = row.try_get(2)?;
         let Some(after) = after.filter(|after| after.len() == before.len() && !written) else {
