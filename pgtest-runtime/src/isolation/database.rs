@@ -70,9 +70,14 @@ pub(super) async fn prepare(
     // takes far less.
     let deadline = Instant::now() + session.config.budget_timeout;
     let mut pauses = Pauses::new();
+    let snapshot = session.dir.entry(Entry::Snapshot(&template));
+    let mut stored = Stored::load(&snapshot);
     let (pool, database, admin) = loop {
-        let stored = Stored::load(&session.dir.entry(Entry::Snapshot(&template)));
-        let stored = match claim.listed_here(stored).await? {
+        // Until a copy is made, and its snapshot taken.
+        if let Stored::Missing = stored {
+            stored = Stored::load(&snapshot);
+        }
+        stored = match claim.listed_here(stored).await? {
             Ok((pool, database)) => break (pool, database, None),
             Err(stored) => stored,
         };
@@ -142,18 +147,22 @@ impl Claim<'_> {
         }
         let budget = &self.session.budget;
         let max = pool::max_for(self.spec, budget, 0)?;
-        let mut slots = budget.take(budget.upfront(max, 0), self.spec.name).await?;
         for name in candidates {
-            match self.try_claim(&name, max, slots, 0, &stored).await? {
-                Ok((pool, lock, since)) => {
-                    let database = TestDatabase::new(self, name, stored, lock, since);
-                    return Ok(Ok((pool, database)));
-                }
-                Err(back) => slots = back,
+            // The spare's lock first: of the tests waiting for a spare, the
+            // one that gets it goes on, the others look again.
+            let Some(lock) = lock(self.session, &name)? else {
+                continue;
+            };
+            let slots = budget.take(budget.upfront(max, 0), self.spec.name).await?;
+            // On failure the slots are given back: the cold path takes its
+            // own, for an admin connection too.
+            if let Ok((pool, lock, since)) =
+                self.try_claim(&name, lock, max, slots, 0, &stored).await?
+            {
+                let database = TestDatabase::new(self, name, stored, lock, since);
+                return Ok(Ok((pool, database)));
             }
         }
-        // Given back: the cold path takes its own, for an admin connection too.
-        drop(slots);
         Ok(Err(stored))
     }
 
@@ -178,7 +187,10 @@ impl Claim<'_> {
             server.query_error(format!("listing spare copies of {}", self.template), &error)
         })?;
         for name in listed {
-            match self.try_claim(&name, max, slots, 1, &stored).await? {
+            let Some(lock) = lock(self.session, &name)? else {
+                continue;
+            };
+            match self.try_claim(&name, lock, max, slots, 1, &stored).await? {
                 Ok((pool, lock, since)) => {
                     // Untouched yet: as good as a fresh copy for a snapshot.
                     if let Stored::Missing = stored {
@@ -215,22 +227,20 @@ impl Claim<'_> {
         Ok((pool, database, admin))
     }
 
-    /// Claims the spare `name` on a pool of the test's own, covered by
-    /// `slots` (beside `others` connections): the pool, the database's lock
-    /// file and what the database was like at the claim, else the slots
-    /// back.
+    /// Claims the spare `name`, whose `lock` file the test holds, on a
+    /// pool of the test's own, covered by `slots` (beside `others`
+    /// connections): the pool, the lock and what the database was like at
+    /// the claim, else the slots back.
     async fn try_claim(
         &self,
         name: &str,
+        lock: LockFile,
         max: u32,
         slots: Slots,
         others: u32,
         stored: &Stored,
     ) -> Result<Result<(TestPool, LockFile, Since), Slots>, Error> {
         let session = self.session;
-        let Some(lock) = lock(session, name)? else {
-            return Ok(Err(slots));
-        };
         let pool = pool::test_pool(session, name, self.tenant, self.spec, max).await;
         pool.cover.hold(slots, others).await;
         let spare = Marker::Spare {
