@@ -259,7 +259,9 @@ pub(crate) async fn claim(
         counts.unwrap_or("null::int8[]")
     );
     let claimed = async {
-        let rows = crate::compat::raw(&look).fetch_all(&mut *connection).await?;
+        let rows = crate::compat::raw(&look)
+            .fetch_all(&mut *connection)
+            .await?;
         let row = rows.first().ok_or(sqlx::Error::RowNotFound)?;
         let (locked, current): (bool, Option<String>) = (row.try_get(0)?, row.try_get(1)?);
         if !locked || current.as_deref().and_then(Marker::parse).as_ref() != Some(spare) {

@@ -50,8 +50,8 @@ use std::path::Path;
 use sqlx::postgres::{PgConnection, PgRow};
 use sqlx::{Connection, Row};
 
-use crate::compat::{self, query};
 use crate::catalog;
+use crate::compat::{self, query};
 use crate::lock::open_no_follow;
 use crate::markers::Marker;
 
