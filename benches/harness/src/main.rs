@@ -28,6 +28,19 @@ use tokio::process::Command;
 use crate::server::Server;
 use crate::suite::FLAVOURS;
 
+const USAGE: &str = "\
+usage: cargo run -p pgtest-bench --release -- [options]
+  --tests N          tests per flavour (200)
+  --binaries N       test binaries the suite is split into (8)
+  --jobs J[,J…]      tests at once: nextest -j J, cargo test --test-threads=J (16)
+  --runs N           runs of each flavour; the table shows medians (3)
+  --flavours LIST    some of pgtest,pgtestdb,pgtesttx,sqlx,plain (all)
+  --cargo-test       also run each flavour under cargo test
+  --new-server       a new server and pgtest home for each run, as in CI
+  --via-library      the bodies' queries run in a function of the suite's library
+  --smoke            4 tests per flavour, one run of each runner: checks the harness
+";
+
 struct Options {
     tests: usize,
     binaries: usize,
@@ -83,10 +96,20 @@ fn parse_options() -> anyhow::Result<Options> {
             "--new-server" => options.new_server = true,
             "--flavours" => {
                 let wanted = value()?;
+                if let Some(unknown) = wanted.split(',').find(|w| !FLAVOURS.contains(w)) {
+                    bail!(
+                        "unknown flavour {unknown}; the flavours are {}",
+                        FLAVOURS.join(",")
+                    );
+                }
                 options.flavours = FLAVOURS
                     .into_iter()
                     .filter(|f| wanted.split(',').any(|w| w == *f))
                     .collect();
+            }
+            "--help" | "-h" => {
+                print!("{USAGE}");
+                std::process::exit(0);
             }
             "--smoke" => {
                 options = Options {
@@ -100,9 +123,7 @@ fn parse_options() -> anyhow::Result<Options> {
                     new_server: options.new_server,
                 }
             }
-            other => bail!(
-                "unknown argument {other}; see the doc comment of benches/harness/src/main.rs"
-            ),
+            other => bail!("unknown argument {other}\n{USAGE}"),
         }
     }
     Ok(options)
