@@ -231,6 +231,33 @@ async fn fixture_recycle_fixed_ids(pool: PgPool) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Appends its database to `PGTEST_IT_FILE`, then waits until
+/// `PGTEST_IT_TOGETHER` tests have (a minute at most): tests that hold
+/// their databases until the others have theirs.
+#[pg_test(isolation = "database", migrations = "tests/fixtures/recycle")]
+#[ignore = "a fixture, run in its own processes by the tests of this file"]
+async fn fixture_recycle_waits_for_the_others(pool: PgPool) -> anyhow::Result<()> {
+    let name: String = sqlx::query_scalar("select current_database()")
+        .fetch_one(&pool)
+        .await?;
+    let path = std::env::var("PGTEST_IT_FILE")?;
+    let mut file = std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(&path)?;
+    std::io::Write::write_all(&mut file, format!("{name}\n").as_bytes())?;
+    let together: usize = std::env::var("PGTEST_IT_TOGETHER")?.parse()?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while std::fs::read_to_string(&path)?.lines().count() < together {
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "the other tests did not get a database within a minute"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    Ok(())
+}
+
 /// Writes, records its database, then hangs until it is killed.
 #[pg_test(isolation = "database", migrations = "tests/fixtures/recycle")]
 #[ignore = "a fixture, run in its own processes by the tests of this file"]
@@ -301,6 +328,31 @@ fn fixed_ids_and_whole_table_counts_pass_with_many_tests_per_database() {
         "12 tests, 3 at a time, used {} databases: {names:?}",
         distinct.len()
     );
+}
+
+#[test]
+fn tests_that_hold_a_templates_only_copy_do_not_keep_the_others_waiting() {
+    let home = EmbeddedHome::new();
+    let file = home.path().join("recorded");
+    let output = run(home
+        .exact("fixture_recycle_fixed_ids")
+        .env("PGTEST_IT_FILE", home.path().join("first")));
+    assert_passed(&output, 1);
+    // One copy to take turns on, put back by the test above; three tests
+    // at once that each hold theirs until all three have one.
+    for output in run_together(3, |_| {
+        let mut command = home.exact("fixture_recycle_waits_for_the_others");
+        command
+            .env("PGTEST_IT_FILE", &file)
+            .env("PGTEST_IT_TOGETHER", "3")
+            .env("PGTEST_TEMPLATE_COPIES", "1");
+        command
+    }) {
+        assert_passed(&output, 1);
+    }
+    let names = recorded(&file);
+    let distinct: BTreeSet<&String> = names.iter().collect();
+    assert_eq!(distinct.len(), 3, "{names:?}");
 }
 
 #[test]

@@ -32,6 +32,9 @@ const BUDGET_TIMEOUT_VAR: &str = "PGTEST_BUDGET_TIMEOUT";
 const MAX_CONNECTIONS_VAR: &str = "PGTEST_MAX_CONNECTIONS";
 /// Caps the spare databases, all templates together.
 const SPARES_VAR: &str = "PGTEST_SPARE_DATABASES";
+/// How many databases of a template database mode makes before its tests
+/// take turns on them.
+const TEMPLATE_COPIES_VAR: &str = "PGTEST_TEMPLATE_COPIES";
 /// Caps failed tests' databases kept for inspection.
 const KEEP_FAILED_VAR: &str = "PGTEST_KEEP_FAILED";
 /// The free disk space pgtest's copies made ahead leave, in MiB.
@@ -107,6 +110,9 @@ pub(crate) struct Config {
     /// At most how many spare databases to keep, all templates together
     /// (0: none).
     pub(crate) spare_databases: u32,
+    /// How many databases of a template this machine's tests make before
+    /// they wait for one to be put back (at least 1).
+    pub(crate) template_copies: u32,
     /// At most how many failed tests' databases to keep (0: none).
     pub(crate) keep_failed: u32,
     /// The free space, in MiB, a copy made ahead must leave on the disk of
@@ -152,6 +158,7 @@ impl Config {
             acquire_timeout: seconds(ACQUIRE_TIMEOUT_VAR, DEFAULT_ACQUIRE_TIMEOUT)?,
             grow_after: seconds(GROW_AFTER_VAR, DEFAULT_GROW_AFTER)?,
             spare_databases: count(SPARES_VAR, DEFAULT_SPARES)?,
+            template_copies: count(TEMPLATE_COPIES_VAR, default_template_copies())?.max(1),
             keep_failed: count(KEEP_FAILED_VAR, DEFAULT_KEEP_FAILED)?,
             min_free_disk: count(MIN_FREE_DISK_VAR, DEFAULT_MIN_FREE_DISK)?,
             max_connections: connections(MAX_CONNECTIONS_VAR)?,
@@ -160,6 +167,15 @@ impl Config {
             run_id: run_id(),
         })
     }
+}
+
+/// Three databases of a template per core of this machine: where the
+/// server runs beside the tests (the embedded server, a local service or
+/// container), more tests at once than that only queue for the cores, and
+/// each copy is some 100 ms of the server's time they would wait for.
+fn default_template_copies() -> u32 {
+    let cores = std::thread::available_parallelism().map_or(2, |cores| cores.get());
+    u32::try_from(3 * cores).unwrap_or(u32::MAX)
 }
 
 /// The user's pgtest home: `PGTEST_HOME`, else `$XDG_CACHE_HOME/pgtest` or

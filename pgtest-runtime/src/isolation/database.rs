@@ -44,6 +44,10 @@ use pgtest_core::TestSpec;
 /// How many spares the server lists for a test to try to claim before it
 /// copies the template (a claim fails when another test took it first).
 const CLAIM_TRIES: i64 = 4;
+/// How long a test waits for a database of its template to be put back,
+/// once the template has as many as `PGTEST_TEMPLATE_COPIES`, before it
+/// makes one more (the tests holding them may be slow ones).
+const TURN_WAIT: Duration = Duration::from_secs(1);
 /// How long a passed test waits for a connection of its pool to put its
 /// database back on, before it opens one.
 const CONNECTION_BACK: Duration = Duration::from_millis(200);
@@ -64,11 +68,12 @@ pub(super) async fn prepare(
         tenant,
         template: &template,
     };
-    // Without a spare, while others copy the template, wait for a test to
-    // put one back or for a copier's turn, rather than copy too: copies
-    // are the server's slowest work, and a test that puts one back usually
-    // takes far less.
+    // Without a spare, while others copy the template or while it has
+    // copies enough, wait for a test to put one back (or for a copier's
+    // turn) rather than copy too: copies are the server's slowest work, and
+    // a test that puts one back usually takes far less.
     let deadline = Instant::now() + session.config.budget_timeout;
+    let mut turn_since = None;
     let mut pauses = Pauses::new();
     let snapshot = session.dir.entry(Entry::Snapshot(&template));
     let mut stored = Stored::load(&snapshot);
@@ -81,8 +86,14 @@ pub(super) async fn prepare(
             Ok((pool, database)) => break (pool, database, None),
             Err(stored) => stored,
         };
+        // Copies enough: its tests take turns on them, unless a turn takes
+        // long.
+        let take_turns = matches!(stored, Stored::Snapshot(_))
+            && session.dir.databases_of(&template) >= session.config.template_copies as usize
+            && turn_since.get_or_insert_with(Instant::now).elapsed() < TURN_WAIT;
         let copier = match stored {
             Stored::Unrecyclable => None,
+            _ if take_turns => None,
             _ => session.dir.try_copier()?,
         };
         if copier.is_none() && !matches!(stored, Stored::Unrecyclable) {
