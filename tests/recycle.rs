@@ -14,16 +14,17 @@ use common::{EmbeddedHome, assert_passed, run, run_together, wait_for};
 use pgtest::{PgPool, pg_test};
 use sqlx::{AssertSqlSafe, Connection, Executor, PgConnection, Row};
 
-/// Appends the test's database name to the file `PGTEST_IT_FILE`.
+/// Appends the test's database name to the file `PGTEST_IT_FILE`, in one
+/// write (tests that run at once append to the same file).
 async fn record(pool: &PgPool) -> anyhow::Result<String> {
     let name: String = sqlx::query_scalar("select current_database()")
         .fetch_one(pool)
         .await?;
-    let path = std::env::var("PGTEST_IT_FILE")?;
-    let mut names = std::fs::read_to_string(&path).unwrap_or_default();
-    names.push_str(&name);
-    names.push('\n');
-    std::fs::write(&path, names)?;
+    let mut file = std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(std::env::var("PGTEST_IT_FILE")?)?;
+    std::io::Write::write_all(&mut file, format!("{name}\n").as_bytes())?;
     Ok(name)
 }
 
@@ -202,7 +203,7 @@ async fn fixture_recycle_reads(pool: PgPool) -> anyhow::Result<()> {
 }
 
 /// Inserts a fixed id and counts whole tables, as suites written for a
-/// database per test do, then appends its database to `PGTEST_IT_FILE`.
+/// database per test do, then records its database.
 #[pg_test(isolation = "database", migrations = "tests/fixtures/recycle")]
 #[ignore = "a fixture, run in its own processes by the tests of this file"]
 async fn fixture_recycle_fixed_ids(pool: PgPool) -> anyhow::Result<()> {
@@ -220,32 +221,18 @@ async fn fixture_recycle_fixed_ids(pool: PgPool) -> anyhow::Result<()> {
         members == 4 && audit == 5,
         "{members} members, {audit} audit rows"
     );
-    let name: String = sqlx::query_scalar("select current_database()")
-        .fetch_one(&pool)
-        .await?;
-    let mut file = std::fs::OpenOptions::new()
-        .append(true)
-        .create(true)
-        .open(std::env::var("PGTEST_IT_FILE")?)?;
-    std::io::Write::write_all(&mut file, format!("{name}\n").as_bytes())?;
+    record(&pool).await?;
     Ok(())
 }
 
-/// Appends its database to `PGTEST_IT_FILE`, then waits until
-/// `PGTEST_IT_TOGETHER` tests have (a minute at most): tests that hold
+/// Records its database, then waits until `PGTEST_IT_TOGETHER` tests
+/// have (a minute at most): tests that hold
 /// their databases until the others have theirs.
 #[pg_test(isolation = "database", migrations = "tests/fixtures/recycle")]
 #[ignore = "a fixture, run in its own processes by the tests of this file"]
 async fn fixture_recycle_waits_for_the_others(pool: PgPool) -> anyhow::Result<()> {
-    let name: String = sqlx::query_scalar("select current_database()")
-        .fetch_one(&pool)
-        .await?;
+    record(&pool).await?;
     let path = std::env::var("PGTEST_IT_FILE")?;
-    let mut file = std::fs::OpenOptions::new()
-        .append(true)
-        .create(true)
-        .open(&path)?;
-    std::io::Write::write_all(&mut file, format!("{name}\n").as_bytes())?;
     let together: usize = std::env::var("PGTEST_IT_TOGETHER")?.parse()?;
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     while std::fs::read_to_string(&path)?.lines().count() < together {
