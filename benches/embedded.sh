@@ -43,14 +43,10 @@ external="$(mktemp -d /tmp/pgtest-bench-external-XXXXXX)"
 port=$((20000 + RANDOM % 20000))
 stop_embedded() {
     local data
-    data="$(ls -d "$home"/pg*/data 2>/dev/null | head -n 1 || true)"
+    data="$(ls -d "$home"/embedded-pg*/server/data-* 2>/dev/null | head -n 1 || true)"
     if [ -n "$data" ] && [ -f "$data/postmaster.pid" ]; then
+        # The watchdog sees the server gone within a second and exits.
         as_server_user "$pg_bin/pg_ctl" -D "$data" -m fast -w stop >/dev/null
-        # The watchdog notices within a second and exits; wait for it.
-        for _ in $(seq 100); do
-            [ -f "$(dirname "$data")/watchdog.pid" ] || break
-            sleep 0.05
-        done
     fi
 }
 cleanup() {

@@ -105,7 +105,7 @@ fn a_server_killed_with_its_pid_file_left_behind_does_not_block_the_next_run() {
         },
     );
     assert!(
-        home.cluster().join("data/postmaster.pid").exists(),
+        home.data_dir().unwrap().join("postmaster.pid").exists(),
         "the pid file is stale, not gone"
     );
 

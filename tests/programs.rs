@@ -144,13 +144,16 @@ fn suites_start_only_postgresql_and_themselves() {
 fn the_runtimes_sources_start_only_postgresql_and_the_test_binary() {
     let sources = Path::new(env!("CARGO_MANIFEST_DIR")).join("pgtest-runtime/src");
     let allowed = [
-        // The embedded server's user runs what `server_command` is given.
+        // The embedded server's user runs what `ServerUser::command` is
+        // given: `server_command` and `postgres --version`.
         "Command::new(program)",
         "Command::new(&pg_config)",
-        "Command::new(dir.join(\"postgres\"))",
         "Command::new(env::current_exe()?)",
-        ".server_command(self.binaries.program(\"initdb\"))",
-        ".server_command(self.binaries.program(\"pg_ctl\"))",
+        ".server_command(\"initdb\")",
+        ".server_command(\"postgres\")",
+        ".server_command(\"pg_ctl\")",
+        ".command(&self.binaries.program(program)",
+        ".command(&dir.join(\"postgres\")",
     ];
     let mut found = Vec::new();
     let mut pending = vec![sources];
@@ -163,7 +166,7 @@ fn the_runtimes_sources_start_only_postgresql_and_the_test_binary() {
             }
             let text = fs::read_to_string(&path).unwrap();
             for line in text.lines().map(str::trim) {
-                let starts = ["Command::new(", ".server_command("];
+                let starts = ["Command::new(", ".server_command(", ".command(&"];
                 if starts.iter().any(|start| line.contains(start)) && !line.starts_with("//") {
                     found.push(format!("{}: {line}", path.display()));
                 }

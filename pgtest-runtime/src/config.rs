@@ -39,6 +39,8 @@ const TEMPLATE_COPIES_VAR: &str = "PGTEST_TEMPLATE_COPIES";
 const KEEP_FAILED_VAR: &str = "PGTEST_KEEP_FAILED";
 /// The free disk space pgtest's copies made ahead leave, in MiB.
 const MIN_FREE_DISK_VAR: &str = "PGTEST_MIN_FREE_DISK";
+/// The user that runs the embedded server when pgtest runs as root.
+const SERVER_USER_VAR: &str = "PGTEST_SERVER_USER";
 /// Where pgtest keeps its state, overriding the default.
 const HOME_VAR: &str = "PGTEST_HOME";
 /// Where a user points pgtest at server binaries explicitly.
@@ -51,6 +53,25 @@ const HELPER_KEEPS: [&str; 4] = [
     "HOME",
     "LD_LIBRARY_PATH",
     "DYLD_FALLBACK_LIBRARY_PATH",
+];
+
+/// What a process of the embedded server keeps of the test process's
+/// environment: where programs and libraries are (relocatable builds) and
+/// the locale, nothing else (`HOME` and `USER` are the server user's).
+const SERVER_KEEPS: [&str; 13] = [
+    "PATH",
+    "LD_LIBRARY_PATH",
+    "DYLD_LIBRARY_PATH",
+    "DYLD_FALLBACK_LIBRARY_PATH",
+    "LANG",
+    "LANGUAGE",
+    "LC_ALL",
+    "LC_CTYPE",
+    "LC_MESSAGES",
+    "LC_COLLATE",
+    "LC_NUMERIC",
+    "LC_TIME",
+    "TZ",
 ];
 
 const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -124,6 +145,8 @@ pub(crate) struct Config {
     pub(crate) home: PathBuf,
     /// Where to look for the embedded server's binaries.
     pub(crate) binaries: BinariesSearch,
+    /// Who runs the embedded server when pgtest runs as root, when set.
+    pub(crate) server_user: Option<String>,
     /// Names the run this process belongs to.
     pub(crate) run_id: String,
 }
@@ -164,6 +187,7 @@ impl Config {
             max_connections: connections(MAX_CONNECTIONS_VAR)?,
             home: home(),
             binaries,
+            server_user: non_empty_var(SERVER_USER_VAR),
             run_id: run_id(),
         })
     }
@@ -214,8 +238,22 @@ pub(crate) fn helper_marker() -> Option<OsString> {
 
 /// The variables a helper keeps of this process's environment.
 pub(crate) fn helper_environment() -> Vec<(&'static str, OsString)> {
-    HELPER_KEEPS
-        .iter()
+    kept(&HELPER_KEEPS)
+}
+
+/// The variables a process of the embedded server keeps of this process's
+/// environment.
+pub(crate) fn server_environment() -> Vec<(&'static str, OsString)> {
+    kept(&SERVER_KEEPS)
+}
+
+/// This user's home directory.
+pub(crate) fn user_home() -> Option<OsString> {
+    env::var_os("HOME")
+}
+
+fn kept(vars: &[&'static str]) -> Vec<(&'static str, OsString)> {
+    vars.iter()
         .filter_map(|&var| Some((var, env::var_os(var)?)))
         .collect()
 }

@@ -12,7 +12,9 @@ use sqlx::postgres::PgDatabaseError;
 /// test's name. Every message names the next step; none contains a password.
 ///
 /// ```
-/// let error = pgtest_runtime::Error::NoServerUser;
+/// let error = pgtest_runtime::Error::NoBinaries {
+///     searched: "PATH".to_owned(),
+/// };
 /// assert!(error.to_string().contains("PGTEST_DATABASE_URL"));
 /// ```
 #[derive(Debug, thiserror::Error)]
@@ -30,13 +32,20 @@ pub enum Error {
         searched: String,
     },
 
-    /// Running as root with no user to run the embedded server as.
+    /// Running as root with no usable user to run the embedded server as.
     #[error(
-        "pgtest runs as root, which initdb and postgres refuse, and there is neither a `postgres` \
-         nor a `nobody` user to run the embedded server as. Create one (useradd --system \
-         postgres) or set PGTEST_DATABASE_URL to a running server"
+        "pgtest runs as root, which initdb and postgres refuse, so it runs the embedded server \
+         as another user, but cannot use `{name}`: {problem}. Create a user of the server's own \
+         (useradd --system --user-group --no-create-home postgres), name another with \
+         PGTEST_SERVER_USER (one no other service runs as: not nobody), or set \
+         PGTEST_DATABASE_URL to a running server"
     )]
-    NoServerUser,
+    ServerUser {
+        /// The user asked for.
+        name: String,
+        /// Why it cannot run the server.
+        problem: String,
+    },
 
     /// The embedded server failed.
     #[error(

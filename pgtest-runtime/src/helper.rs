@@ -24,9 +24,13 @@ use crate::state::append_no_follow;
 /// A helper's work.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum Job {
-    /// Stop the embedded server in `cluster` once it has had no client for
-    /// `idle`.
-    Watchdog { cluster: PathBuf, idle: Duration },
+    /// Stop the embedded server in `cluster` (with the `pg_ctl` of `bin`)
+    /// once it has had no client for `idle`.
+    Watchdog {
+        cluster: PathBuf,
+        bin: PathBuf,
+        idle: Duration,
+    },
     /// Do the server work queued in the budget directory `budget` once no
     /// test uses the server, making at most `limit` spares of a template.
     Spares { budget: PathBuf, limit: u32 },
@@ -36,8 +40,12 @@ impl Job {
     /// The marker's value: the job's name and arguments.
     fn encode(&self) -> OsString {
         match self {
-            Self::Watchdog { cluster, idle } => {
+            Self::Watchdog { cluster, bin, idle } => {
+                // Two paths: one per line (a path with a line break in it
+                // makes a marker that reads back as no job).
                 let mut value = OsString::from(format!("watchdog {} ", idle.as_secs()));
+                value.push(bin);
+                value.push("\n");
                 value.push(cluster);
                 value
             }
@@ -53,9 +61,14 @@ impl Job {
         let (name, rest) = value.split_once(' ')?;
         match name {
             "watchdog" => {
-                let (idle, cluster) = rest.split_once(' ')?;
+                let (idle, paths) = rest.split_once(' ')?;
+                let (bin, cluster) = paths.split_once('\n')?;
+                if cluster.contains('\n') {
+                    return None;
+                }
                 Some(Self::Watchdog {
                     cluster: PathBuf::from(cluster),
+                    bin: PathBuf::from(bin),
                     idle: Duration::from_secs(idle.parse().ok()?),
                 })
             }
@@ -138,7 +151,8 @@ mod tests {
     #[test]
     fn a_job_reads_back_from_its_marker() {
         let job = Job::Watchdog {
-            cluster: PathBuf::from("/home/a user/.cache/pgtest/pg15"),
+            cluster: PathBuf::from("/home/a user/.cache/pgtest/embedded-pg15"),
+            bin: PathBuf::from("/opt/post gres/bin"),
             idle: Duration::from_secs(30),
         };
         let marker = job.encode().into_string().unwrap();

@@ -124,7 +124,7 @@ async fn prepare(spec: &TestSpec) -> Result<Prepared, Error> {
 /// a test); its exit code.
 fn run_helper(job: Result<Job, std::ffi::OsString>) -> i32 {
     match job {
-        Ok(Job::Watchdog { cluster, idle }) => watchdog::run(&cluster, idle),
+        Ok(Job::Watchdog { cluster, bin, idle }) => watchdog::run(&cluster, &bin, idle),
         Ok(Job::Spares { budget, limit }) => spares::run_helper(&budget, limit),
         Err(marker) => {
             helper::say(&format!("pgtest: unknown helper {marker:?}"));

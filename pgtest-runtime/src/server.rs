@@ -95,7 +95,12 @@ impl Server {
                 )
             }
             Target::Embedded => {
-                let embedded = embedded::ensure(home, &config.binaries, config.embedded_idle)?;
+                let embedded = embedded::ensure(
+                    home,
+                    &config.binaries,
+                    config.server_user.as_deref(),
+                    config.embedded_idle,
+                )?;
                 let capacity = Some(embedded.client_connections);
                 (
                     embedded.options,

@@ -48,11 +48,7 @@ impl StateDir {
         if let Some(parent) = path.parent() {
             fs::create_dir_all(parent).map_err(|error| unusable(&path, &error.to_string()))?;
         }
-        let mode = match Uid::effective().is_root() {
-            true => 0o711,
-            false => 0o700,
-        };
-        make_checked(&path, mode, Uid::effective())?;
+        make_checked(&path, passable_mode(), Uid::effective())?;
         if Uid::effective().is_root() {
             // Made by an earlier version, or by hand: others must pass.
             let current = fs::metadata(&path).map_or(0, |metadata| metadata.mode());
@@ -72,6 +68,14 @@ impl StateDir {
         Ok(Self { path })
     }
 
+    /// The directory `name` in this one, this user's, made if missing with
+    /// [`passable_mode`].
+    fn passable_dir(&self, name: &str) -> Result<Self, Error> {
+        let path = self.path.join(name);
+        make_checked(&path, passable_mode(), Uid::effective())?;
+        Ok(Self { path })
+    }
+
     pub(crate) fn path(&self) -> &Path {
         &self.path
     }
@@ -81,15 +85,16 @@ impl StateDir {
         self.path.join(name)
     }
 
-    /// Where the embedded server of PostgreSQL `major` keeps its cluster.
-    pub(crate) fn cluster(&self, major: u32) -> PathBuf {
-        self.file(&format!("pg{major}"))
-    }
-
-    /// Makes the cluster's directory (see [`Self::cluster`]) if missing,
-    /// owned by `owner`, who runs the server; checks it either way.
-    pub(crate) fn make_cluster(&self, major: u32, owner: Uid) -> Result<(), Error> {
-        self.dir(&format!("pg{major}"), owner).map(drop)
+    /// The directory of the embedded server of PostgreSQL `major`,
+    /// `embedded-pg<major>`, made if missing, with the server's own
+    /// directory `server/` in it, owned by `server_user`, who runs the
+    /// server. The first is this user's and holds its locks and logs: as
+    /// root, the server's user may pass through it to `server/` but write
+    /// nothing in it (see [`crate::embedded`]).
+    pub(crate) fn make_cluster(&self, major: u32, server_user: Uid) -> Result<PathBuf, Error> {
+        let cluster = self.passable_dir(&format!("embedded-pg{major}"))?;
+        cluster.dir("server", server_user)?;
+        Ok(cluster.path)
     }
 
     /// Where what `pg_config --bindir` said is remembered.
@@ -359,6 +364,15 @@ pub(crate) fn files_error(path: &Path, error: &io::Error) -> Error {
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|byte| format!("{byte:02x}")).collect()
+}
+
+/// A private directory's mode: 0700, and 0711 as root, so that the
+/// embedded server's user can pass through it to its own directory.
+fn passable_mode() -> u32 {
+    match Uid::effective().is_root() {
+        true => 0o711,
+        false => 0o700,
+    }
 }
 
 /// Opens `path` for appending, creating it (mode 0600) if missing; a

@@ -539,7 +539,8 @@ impl EmbeddedHome {
         self.dir.path()
     }
 
-    /// The cluster directory of the newest binaries.
+    /// The cluster directory of the newest binaries (the test's side:
+    /// locks and logs; the server's own files are in `server/`).
     pub fn cluster(&self) -> PathBuf {
         // `/usr/lib/postgresql/15/bin`, or `…/pg15/bin` as .ci/run installs them.
         let major = pg_bin()
@@ -547,9 +548,20 @@ impl EmbeddedHome {
             .and_then(|dir| dir.file_name())
             .map(|name| name.to_string_lossy().trim_start_matches("pg").to_owned());
         self.path().join(format!(
-            "pg{}",
+            "embedded-pg{}",
             major.expect("a versioned binary directory")
         ))
+    }
+
+    /// The server's directory: its socket and data directory.
+    pub fn server_dir(&self) -> PathBuf {
+        self.cluster().join("server")
+    }
+
+    /// The cluster's data directory, once `initdb` made it.
+    pub fn data_dir(&self) -> Option<PathBuf> {
+        let name = fs::read_to_string(self.cluster().join("data-dir")).ok()?;
+        Some(self.server_dir().join(name.trim()))
     }
 
     /// This test binary, ready to run fixtures with no server URL at all.
@@ -576,7 +588,7 @@ impl EmbeddedHome {
     /// The names of the running server's databases.
     pub fn databases(&self) -> Vec<String> {
         let options = sqlx::postgres::PgConnectOptions::new_without_pgpass()
-            .socket(self.cluster())
+            .socket(self.server_dir())
             .port(5432)
             .username("postgres")
             .database("postgres");
@@ -597,21 +609,19 @@ impl EmbeddedHome {
 
     /// The pid of the running postmaster, if any.
     pub fn postmaster_pid(&self) -> Option<u32> {
-        let text = fs::read_to_string(self.cluster().join("data/postmaster.pid")).ok()?;
+        let text = fs::read_to_string(self.data_dir()?.join("postmaster.pid")).ok()?;
         text.lines().next()?.trim().parse().ok()
     }
 }
 
 impl Drop for EmbeddedHome {
     fn drop(&mut self) {
-        if self.postmaster_pid().is_some() {
+        if let (Some(_), Some(data)) = (self.postmaster_pid(), self.data_dir()) {
             let mut command = Command::new(pg_bin().join("pg_ctl"));
-            command.arg("-D").arg(self.cluster().join("data")).args([
-                "-m",
-                "immediate",
-                "-w",
-                "stop",
-            ]);
+            command
+                .arg("-D")
+                .arg(data)
+                .args(["-m", "immediate", "-w", "stop"]);
             let _ = as_server_user(&mut command).output();
         }
     }

@@ -7,6 +7,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use super::boundary::ServerUser;
 use crate::Error;
 use crate::config::{BIN_VAR, BinariesSearch};
 use crate::lock::open_no_follow;
@@ -30,7 +31,13 @@ impl Binaries {
 /// --bindir`, `PATH`, and `/usr/lib/postgresql/*/bin`, newest major first.
 /// `pg_config`'s answer is remembered in `cache_dir`, since running it
 /// (a script on Debian) costs more than the rest of a hot start.
-pub(crate) fn find(home: &StateDir, search: &BinariesSearch) -> Result<Binaries, Error> {
+/// A version is asked of `postgres` as `user`, who runs the server.
+pub(crate) fn find(
+    home: &StateDir,
+    search: &BinariesSearch,
+    user: &ServerUser,
+) -> Result<Binaries, Error> {
+    let usable = |dir: &Path| usable(dir, user);
     let path = match search {
         BinariesSearch::Dir(dir) => {
             return usable(dir).ok_or_else(|| Error::NoBinaries {
@@ -43,7 +50,7 @@ pub(crate) fn find(home: &StateDir, search: &BinariesSearch) -> Result<Binaries,
         .into_iter()
         .chain(env::split_paths(path))
         .find_map(|dir| usable(&dir))
-        .or_else(newest_debian)
+        .or_else(|| newest_debian(user))
         .ok_or_else(|| Error::NoBinaries {
             searched: "pg_config --bindir, PATH, /usr/lib/postgresql/*/bin".to_owned(),
         })
@@ -85,16 +92,16 @@ fn pg_config_bindir(path: &OsStr, cache: &Path) -> Option<PathBuf> {
 
 /// The newest `/usr/lib/postgresql/<major>/bin` (Debian and Ubuntu, which
 /// do not put the server binaries on `PATH`).
-fn newest_debian() -> Option<Binaries> {
+fn newest_debian(user: &ServerUser) -> Option<Binaries> {
     fs::read_dir("/usr/lib/postgresql")
         .ok()?
         .flatten()
-        .filter_map(|entry| usable(&entry.path().join("bin")))
+        .filter_map(|entry| usable(&entry.path().join("bin"), user))
         .max_by_key(|binaries| binaries.major)
 }
 
 /// The directory's binaries when it has all pgtest needs.
-fn usable(dir: &Path) -> Option<Binaries> {
+fn usable(dir: &Path, user: &ServerUser) -> Option<Binaries> {
     let complete = ["initdb", "pg_ctl", "postgres"]
         .iter()
         .all(|name| dir.join(name).is_file());
@@ -103,20 +110,22 @@ fn usable(dir: &Path) -> Option<Binaries> {
     }
     Some(Binaries {
         dir: dir.to_owned(),
-        major: major_version(dir)?,
+        major: major_version(dir, user)?,
     })
 }
 
 /// The major version, from a Debian-style path or from `postgres --version`
-/// ("postgres (PostgreSQL) 15.18 (Debian ...)").
-fn major_version(dir: &Path) -> Option<u32> {
+/// ("postgres (PostgreSQL) 15.18 (Debian ...)"), run as `user` like every
+/// program of the directory.
+fn major_version(dir: &Path, user: &ServerUser) -> Option<u32> {
     let from_path = dir
         .parent()
         .and_then(|versioned| versioned.file_name()?.to_str()?.parse().ok());
     if from_path.is_some() {
         return from_path;
     }
-    let output = Command::new(dir.join("postgres"))
+    let output = user
+        .command(&dir.join("postgres"), Path::new("/"))
         .arg("--version")
         .output()
         .ok()?;

@@ -1,21 +1,28 @@
-//! The embedded cluster's files and processes: where it lives, who runs
-//! it, `initdb`, `pg_ctl start`, and what its `postmaster.pid` says.
+//! The embedded cluster's files and processes: where it lives, `initdb`,
+//! the server's start and stop, and what its `postmaster.pid` says.
+//!
+//! A cluster is two directories (see [`crate::state::StateDir::make_cluster`]):
+//!
+//! ```text
+//! embedded-pg15/          this user's: start.lock, clients.lock,
+//!                         watchdog.lock, watchdog.log, server.log, data-dir
+//!     server/             the server's user's: the socket and data-<id>/
+//! ```
+//!
+//! The test's side writes only in the first; the second is left to the
+//! server's user (see [`super::boundary`]).
 
-use std::fs;
-use std::io;
-use std::os::unix::process::CommandExt;
+use std::fs::{self, File};
+use std::io::{self, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use nix::errno::Errno;
-use nix::sys::signal::kill;
-use nix::unistd::{Pid, Uid, User};
-
 use super::binaries::Binaries;
+use super::boundary::{ServerUser, Unread, read_server_file};
 use crate::Error;
-use crate::lock::LockFile;
-use crate::state::StateDir;
+use crate::lock::{LockFile, Pauses};
+use crate::state::append_no_follow;
 
 /// The port number in the socket's name; the server listens on no TCP port.
 pub(crate) const PORT: u16 = 5432;
@@ -25,38 +32,53 @@ const MAX_SOCKET_PATH: usize = 103;
 /// The longest unix socket path the kernel accepts, less its terminator.
 #[cfg(not(target_os = "macos"))]
 const MAX_SOCKET_PATH: usize = 107;
-/// How long to wait for `pg_ctl start`, and for another process's start.
+/// How long to wait for the server to start or stop, and for another
+/// process's start.
 const START_TIMEOUT: Duration = Duration::from_secs(60);
+/// The file of this user's directory that names the data directory in
+/// `server/`, written once `initdb` made it.
+const DATA_DIR_FILE: &str = "data-dir";
+/// How many of the server log's last bytes a message shows at most.
+const LOG_TAIL_BYTES: u64 = 16 * 1024;
 
-/// One cluster directory: `data/`, `server.log`, the locks, the socket.
+/// One cluster (see the module's docs).
 pub(crate) struct Cluster {
     binaries: Binaries,
+    /// This user's directory.
     dir: PathBuf,
-    /// The user that runs the server when pgtest runs as root.
-    server_user: Option<User>,
+    /// The server's user's directory, in `dir`.
+    server_dir: PathBuf,
+    user: ServerUser,
 }
 
-/// What `postmaster.pid` says.
+/// What a `postmaster.pid` holds that pgtest reads: the postmaster's pid
+/// (line 1) and its status (line 8).
+struct PidFile {
+    pid: Option<i32>,
+    ready: bool,
+}
+
+/// What the cluster's `postmaster.pid` says.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum State {
-    Stopped,
+    /// No server runs; `Some` says what a stale pid file named.
+    Stopped(Option<String>),
     Ready,
     /// Starting or stopping: wait.
     Busy,
 }
 
 impl Cluster {
-    /// The cluster of these binaries in `home`, its directory made and
-    /// owned by whoever runs the server.
-    pub(crate) fn prepare(binaries: Binaries, home: &StateDir) -> Result<Self, Error> {
-        let server_user = server_user()?;
-        let major = binaries.major;
+    /// The cluster of these binaries in `dir`, this user's directory,
+    /// whose `server/` is `user`'s (both made and checked by the caller).
+    pub(crate) fn new(binaries: Binaries, dir: PathBuf, user: ServerUser) -> Result<Self, Error> {
         let cluster = Self {
-            dir: home.cluster(major),
+            server_dir: dir.join("server"),
+            dir,
             binaries,
-            server_user,
+            user,
         };
-        let socket = cluster.dir.join(format!(".s.PGSQL.{PORT}"));
+        let socket = cluster.server_dir.join(format!(".s.PGSQL.{PORT}"));
         if socket.as_os_str().len() > MAX_SOCKET_PATH {
             return Err(cluster.failure(
                 "start",
@@ -67,99 +89,119 @@ impl Cluster {
                 "Set PGTEST_HOME to a shorter directory".to_owned(),
             ));
         }
-        let owner = match &cluster.server_user {
-            Some(user) => user.uid,
-            None => Uid::effective(),
-        };
-        home.make_cluster(major, owner)?;
         Ok(cluster)
+    }
+
+    /// The cluster in `dir` as the watchdog finds it: its server's user is
+    /// the owner of `server/` (which only this user could have given it).
+    pub(crate) fn open(dir: &Path, bin: &Path) -> io::Result<Self> {
+        use std::os::unix::fs::MetadataExt;
+        let owner = fs::symlink_metadata(dir.join("server"))?.uid();
+        let user = ServerUser::with_uid(nix::unistd::Uid::from_raw(owner))
+            .ok_or_else(|| io::Error::other(format!("no user has uid {owner}")))?;
+        let binaries = Binaries {
+            dir: bin.to_owned(),
+            major: 0,
+        };
+        Ok(Self {
+            server_dir: dir.join("server"),
+            dir: dir.to_owned(),
+            binaries,
+            user,
+        })
     }
 
     pub(crate) fn dir(&self) -> &Path {
         &self.dir
     }
 
-    pub(crate) fn binaries(&self) -> &Binaries {
-        &self.binaries
+    /// Where the server listens: the directory of its unix socket.
+    pub(crate) fn socket_dir(&self) -> &Path {
+        &self.server_dir
     }
 
-    fn data(&self) -> PathBuf {
-        self.dir.join("data")
+    pub(crate) fn binaries(&self) -> &Binaries {
+        &self.binaries
     }
 
     pub(crate) fn log(&self) -> PathBuf {
         self.dir.join("server.log")
     }
 
-    /// Opens (creating) one of the cluster's lock files, readable by the
-    /// server user so that the watchdog can lock it too.
+    /// Opens (creating) one of the cluster's lock files.
     pub(crate) fn lock_file(&self, name: &str) -> Result<LockFile, Error> {
         let path = self.dir.join(name);
-        let file = LockFile::open(&path, 0o644).map_err(|error| {
+        LockFile::open(&path, 0o600).map_err(|error| {
             self.failure(
                 "open its lock file",
                 format!("{}: {error}", path.display()),
                 "Check the directory's permissions".to_owned(),
             )
-        })?;
-        if let Some(user) = &self.server_user {
-            let _ =
-                std::os::unix::fs::chown(&path, Some(user.uid.as_raw()), Some(user.gid.as_raw()));
-        }
-        Ok(file)
+        })
     }
 
-    /// A command run as the server user (when pgtest runs as root), in the
-    /// cluster directory, in a process group of its own so that signals
-    /// sent to the test's group do not reach the server.
-    pub(crate) fn server_command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
-        let mut command = Command::new(program);
-        command
-            .current_dir(&self.dir)
-            .stdin(Stdio::null())
-            .process_group(0);
-        if let Some(user) = &self.server_user {
-            command
-                .uid(user.uid.as_raw())
-                .gid(user.gid.as_raw())
-                .env("HOME", &self.dir)
-                .env("USER", &user.name);
-        }
-        command
+    /// The name of the data directory in `server/`, once `initdb` made it.
+    fn data_name(&self) -> Option<String> {
+        let name = fs::read_to_string(self.dir.join(DATA_DIR_FILE)).ok()?;
+        let name = name.trim();
+        let id = name.strip_prefix("data-")?;
+        (id.len() == 16 && id.bytes().all(|byte| byte.is_ascii_hexdigit())).then(|| name.to_owned())
     }
 
-    /// What `postmaster.pid` says; a file left by a dead server is removed.
-    pub(crate) fn state(&self) -> State {
-        let pid_file = self.data().join("postmaster.pid");
-        let Ok(text) = fs::read_to_string(&pid_file) else {
-            return State::Stopped;
+    /// What `postmaster.pid` says. A file that is not a plain file of the
+    /// server's user (a link, a FIFO) is an error naming it; one that names
+    /// no live process of that user is stale, and PostgreSQL replaces it.
+    pub(crate) fn state(&self) -> Result<State, Error> {
+        let Some(data) = self.data_name() else {
+            return Ok(State::Stopped(None));
         };
-        let mut lines = text.lines();
-        let pid = lines
-            .next()
-            .and_then(|line| line.trim().parse::<i32>().ok());
-        match pid {
-            Some(pid) if is_alive(Pid::from_raw(pid)) => {
-                let status = lines.nth(6).map(str::trim);
-                if status == Some("ready") {
-                    State::Ready
-                } else {
-                    State::Busy
-                }
+        let Some(pid_file) = self.pid_file(&data)? else {
+            return Ok(State::Stopped(None));
+        };
+        match pid_file.pid.filter(|&pid| self.user.runs(pid)) {
+            Some(_) if pid_file.ready => Ok(State::Ready),
+            Some(_) => Ok(State::Busy),
+            None => Ok(State::Stopped(Some(format!(
+                "its stale {}/{data}/postmaster.pid names {}, which is no process of {}",
+                self.server_dir.display(),
+                pid_file
+                    .pid
+                    .map_or_else(|| "no pid".to_owned(), |pid| format!("pid {pid}")),
+                self.user.name
+            )))),
+        }
+    }
+
+    /// The data directory's `postmaster.pid`, read through handles (see
+    /// [`read_server_file`]); `None` when there is none.
+    fn pid_file(&self, data: &str) -> Result<Option<PidFile>, Error> {
+        match read_server_file(&self.server_dir, data, "postmaster.pid", &self.user) {
+            Ok(text) => {
+                let mut lines = text.lines().map(str::trim);
+                Ok(Some(PidFile {
+                    pid: lines.next().and_then(|line| line.parse().ok()),
+                    ready: lines.nth(6) == Some("ready"),
+                }))
             }
-            _ => {
-                tracing::debug!(path = %pid_file.display(), "removing the pid file of a dead server");
-                let _ = fs::remove_file(&pid_file);
-                State::Stopped
-            }
+            Err(Unread::Missing) => Ok(None),
+            Err(Unread::Refused(reason)) => Err(self.failure(
+                "read its pid file",
+                format!("pgtest does not read {reason}"),
+                format!(
+                    "Only the server's user ({}) can have put it there: if no server runs, \
+                     remove it",
+                    self.user.name
+                ),
+            )),
         }
     }
 
     /// Waits while another process starts or stops the server.
     pub(crate) fn settle(&self) -> Result<State, Error> {
         let deadline = Instant::now() + START_TIMEOUT;
+        let mut pauses = Pauses::new();
         loop {
-            let state = self.state();
+            let state = self.state()?;
             if state != State::Busy {
                 return Ok(state);
             }
@@ -173,24 +215,23 @@ impl Cluster {
                     "Stop it with pg_ctl, or remove the directory to start afresh".to_owned(),
                 ));
             }
-            std::thread::sleep(Duration::from_millis(10));
+            std::thread::sleep(pauses.next_until(deadline));
         }
     }
 
-    /// Runs `initdb` once per cluster directory, into a temporary directory
-    /// renamed into place, so that a crash midway leaves nothing half made.
+    /// Runs `initdb` (as the server's user) into a data directory of a new
+    /// name, then notes that name here: a crash midway leaves a directory
+    /// no later run uses, never a half-made cluster.
     pub(crate) fn init(&self) -> Result<(), Error> {
-        if self.data().join("PG_VERSION").is_file() {
+        if self.data_name().is_some() {
             return Ok(());
         }
-        let fresh = self.dir.join("data.initdb");
-        let _ = fs::remove_dir_all(&fresh);
-        let _ = fs::remove_dir_all(self.data());
-        tracing::debug!(dir = %self.dir.display(), "initdb for the embedded server");
+        let name = format!("data-{:016x}", uuid::Uuid::new_v4().as_u64_pair().0);
+        tracing::debug!(dir = %self.dir.display(), %name, "initdb for the embedded server");
         let output = self
-            .server_command(self.binaries.program("initdb"))
+            .server_command("initdb")
             .arg("-D")
-            .arg(&fresh)
+            .arg(self.server_dir.join(&name))
             .args([
                 "-U",
                 "postgres",
@@ -203,91 +244,143 @@ impl Cluster {
             ])
             .output();
         self.check("initialize its data directory (initdb)", output)?;
-        let include =
-            "\n# Added by pgtest: settings for tests.\ninclude_if_exists = 'pgtest.conf'\n";
-        let conf = fresh.join("postgresql.conf");
-        let appended = fs::read_to_string(&conf).and_then(|text| fs::write(&conf, text + include));
-        appended
-            .and_then(|()| fs::rename(&fresh, self.data()))
+        let fresh = self.dir.join(format!("{DATA_DIR_FILE}.new"));
+        let _ = fs::remove_file(&fresh);
+        fs::write(&fresh, format!("{name}\n"))
+            .and_then(|()| fs::rename(&fresh, self.dir.join(DATA_DIR_FILE)))
             .map_err(|error| {
-                self.failure(
-                    "configure its data directory",
-                    error.to_string(),
-                    String::new(),
-                )
+                self.failure("note its data directory", error.to_string(), String::new())
             })
     }
 
-    /// Writes the test settings and starts the server, detached, waiting
-    /// until it accepts connections.
-    pub(crate) fn start(&self) -> Result<(), Error> {
-        let settings = self.settings();
-        fs::write(self.data().join("pgtest.conf"), settings).map_err(|error| {
-            self.failure("write its settings", error.to_string(), String::new())
-        })?;
-        if let Some(user) = &self.server_user {
-            let _ = std::os::unix::fs::chown(
-                self.data().join("pgtest.conf"),
-                Some(user.uid.as_raw()),
-                Some(user.gid.as_raw()),
-            );
-        }
-        tracing::debug!(dir = %self.dir.display(), "starting the embedded server");
-        let output = self
-            .server_command(self.binaries.program("pg_ctl"))
-            .arg("-D")
-            .arg(self.data())
-            .arg("-l")
-            .arg(self.log())
-            .args([
-                "-w",
-                "-t",
-                &START_TIMEOUT.as_secs().to_string(),
-                "-s",
+    /// Starts the server (as the server's user, its settings on its
+    /// command line, its output appended to this user's `server.log`),
+    /// detached, and waits until it accepts connections. `stale` is what
+    /// a stale pid file named, for the message if the start fails.
+    pub(crate) fn start(&self, stale: Option<&str>) -> Result<(), Error> {
+        let data = self.data_name().ok_or_else(|| {
+            self.failure(
                 "start",
-            ])
-            .output();
-        self.check("start (pg_ctl start)", output)
+                "it has no data directory".to_owned(),
+                String::new(),
+            )
+        })?;
+        let log = append_no_follow(&self.log()).map_err(|error| {
+            self.failure(
+                "open its log",
+                format!("{}: {error}", self.log().display()),
+                String::new(),
+            )
+        })?;
+        tracing::debug!(dir = %self.dir.display(), "starting the embedded server");
+        let mut command = self.server_command("postgres");
+        command.arg("-D").arg(self.server_dir.join(&data));
+        for (name, value) in self.settings() {
+            command.arg("-c").arg(format!("{name}={value}"));
+        }
+        let started = log
+            .try_clone()
+            .and_then(|stdout| command.stdout(stdout).stderr(log).spawn());
+        let mut postmaster = started
+            .map_err(|error| self.failure("start (postgres)", error.to_string(), String::new()))?;
+        let stale_note = stale.map_or_else(String::new, |stale| format!("; {stale}"));
+        let deadline = Instant::now() + START_TIMEOUT;
+        let mut pauses = Pauses::new();
+        loop {
+            if let Ok(Some(status)) = postmaster.try_wait() {
+                return Err(self.failure(
+                    "start",
+                    format!("postgres exited ({status}){stale_note}"),
+                    String::new(),
+                ));
+            }
+            let ours = self
+                .pid_file(&data)?
+                .is_some_and(|file| file.ready && file.pid == i32::try_from(postmaster.id()).ok());
+            if ours {
+                // Not waited for: it outlives this process, and init reaps it.
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                // Our own child: its pid cannot have been reused.
+                let _ = postmaster.kill();
+                return Err(self.failure(
+                    "start",
+                    format!(
+                        "it did not accept connections within {} s{stale_note}",
+                        START_TIMEOUT.as_secs()
+                    ),
+                    String::new(),
+                ));
+            }
+            std::thread::sleep(pauses.next_until(deadline));
+        }
     }
 
-    fn settings(&self) -> String {
-        let max_connections = max_connections();
-        format!(
-            "# Written by pgtest at every start.\n\
-             listen_addresses = ''\n\
-             unix_socket_directories = '{socket}'\n\
-             unix_socket_permissions = 0700\n\
-             port = {PORT}\n\
-             max_connections = {max_connections}\n\
-             fsync = off\n\
-             synchronous_commit = off\n\
-             full_page_writes = off\n",
-            socket = self.dir.display().to_string().replace('\'', "''"),
-        )
+    /// Stops the server with `pg_ctl stop`, run as the server's user: root
+    /// signals nothing, so a pid file that the server's user rewrote can
+    /// make it signal no process of another user.
+    pub(crate) fn stop(&self) -> Result<(), String> {
+        let Some(data) = self.data_name() else {
+            return Ok(());
+        };
+        let output = self
+            .server_command("pg_ctl")
+            .arg("-D")
+            .arg(self.server_dir.join(data))
+            .args(["-m", "fast", "-w", "-t"])
+            .arg(START_TIMEOUT.as_secs().to_string())
+            .args(["-s", "stop"])
+            .output();
+        match output {
+            Ok(output) if output.status.success() => Ok(()),
+            Ok(output) => Err(format!(
+                "pg_ctl stop failed ({}): {}",
+                output.status,
+                printed(&output)
+            )),
+            Err(error) => Err(format!("cannot run pg_ctl stop: {error}")),
+        }
+    }
+
+    /// One of the binaries, as the server's user, in `server/`.
+    fn server_command(&self, program: &str) -> Command {
+        self.user
+            .command(&self.binaries.program(program), &self.server_dir)
+    }
+
+    /// The server's settings for tests.
+    fn settings(&self) -> [(&'static str, String); 8] {
+        // A list of directories: quoted, with quotes doubled.
+        let socket_dir = format!(
+            "\"{}\"",
+            self.server_dir.display().to_string().replace('"', "\"\"")
+        );
+        [
+            ("listen_addresses", String::new()),
+            ("unix_socket_directories", socket_dir),
+            ("unix_socket_permissions", "0700".to_owned()),
+            ("port", PORT.to_string()),
+            ("max_connections", max_connections().to_string()),
+            ("fsync", "off".to_owned()),
+            ("synchronous_commit", "off".to_owned()),
+            ("full_page_writes", "off".to_owned()),
+        ]
     }
 
     fn check(&self, action: &str, output: io::Result<Output>) -> Result<(), Error> {
         match output {
             Ok(output) if output.status.success() => Ok(()),
-            Ok(output) => {
-                let printed = format!(
-                    "{} {}",
-                    String::from_utf8_lossy(&output.stdout).trim(),
-                    String::from_utf8_lossy(&output.stderr).trim()
-                );
-                Err(self.failure(
-                    action,
-                    format!("{} ({printed})", output.status),
-                    String::new(),
-                ))
-            }
+            Ok(output) => Err(self.failure(
+                action,
+                format!("{} ({})", output.status, printed(&output)),
+                String::new(),
+            )),
             Err(error) => Err(self.failure(action, error.to_string(), String::new())),
         }
     }
 
     pub(crate) fn failure(&self, action: &str, reason: String, remedy: String) -> Error {
-        let log = fs::read_to_string(self.log()).unwrap_or_default();
-        let lines: Vec<&str> = log.lines().collect();
         Error::Embedded {
             action: action.to_owned(),
             reason,
@@ -297,9 +390,40 @@ impl Cluster {
                 format!("{remedy}. ")
             },
             dir: self.dir.clone(),
-            log_tail: lines[lines.len().saturating_sub(15)..].join("\n"),
+            log_tail: self.log_tail(),
         }
     }
+
+    /// The last lines of `server.log` (this user's file, which the server
+    /// writes through the descriptor it was started with), from its last
+    /// 16 KiB at most.
+    fn log_tail(&self) -> String {
+        let Ok(mut file) = File::open(self.log()) else {
+            return String::new();
+        };
+        let length = file.metadata().map_or(0, |meta| meta.len());
+        let mut bytes = Vec::new();
+        let read = file
+            .seek(SeekFrom::Start(length.saturating_sub(LOG_TAIL_BYTES)))
+            .and_then(|_| file.take(LOG_TAIL_BYTES).read_to_end(&mut bytes));
+        if read.is_err() {
+            return String::new();
+        }
+        let text = String::from_utf8_lossy(&bytes);
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(15)..].join("\n")
+    }
+}
+
+/// What a program printed, its last lines.
+fn printed(output: &Output) -> String {
+    let text = format!(
+        "{}\n{}",
+        String::from_utf8_lossy(&output.stdout).trim(),
+        String::from_utf8_lossy(&output.stderr).trim()
+    );
+    let lines: Vec<&str> = text.trim().lines().collect();
+    lines[lines.len().saturating_sub(15)..].join("\n")
 }
 
 /// The server's `max_connections`: 100, and 25 more per core.
@@ -315,23 +439,4 @@ pub(crate) fn max_connections() -> u32 {
 /// `superuser_reserved_connections` (3 by default, untouched here) back.
 pub(crate) fn client_connections() -> u32 {
     max_connections() - 3
-}
-
-/// `postgres` (else `nobody`) when pgtest runs as root, since `initdb` and
-/// `postgres` refuse to; nobody otherwise.
-fn server_user() -> Result<Option<User>, Error> {
-    if !Uid::effective().is_root() {
-        return Ok(None);
-    }
-    for name in ["postgres", "nobody"] {
-        if let Ok(Some(user)) = User::from_name(name) {
-            return Ok(Some(user));
-        }
-    }
-    Err(Error::NoServerUser)
-}
-
-/// Whether a process with this pid exists (possibly another user's).
-pub(crate) fn is_alive(pid: Pid) -> bool {
-    matches!(kill(pid, None), Ok(()) | Err(Errno::EPERM))
 }

@@ -1,9 +1,11 @@
 //! The embedded server: when no URL is configured, a cluster of the
 //! machine's own PostgreSQL binaries, one per user and major version, kept
 //! in a cache directory between runs, started by the first test process
-//! that needs it and reused by every later one.
+//! that needs it and reused by every later one. As root the server runs as
+//! another user, kept at arm's length (see [`boundary`]).
 
 mod binaries;
+mod boundary;
 mod cluster;
 pub(crate) mod watchdog;
 
@@ -13,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use sqlx::postgres::PgConnectOptions;
 
+use self::boundary::ServerUser;
 use self::cluster::{Cluster, PORT, State};
 use crate::Error;
 use crate::config::BinariesSearch;
@@ -42,10 +45,12 @@ struct InUse {
 
 /// Starts the embedded server of the binaries `search` finds, its cluster
 /// in `home`, or finds it running; its watchdog stops it after `idle`
-/// without a client. Once per process: later calls reuse the answer.
+/// without a client. As root, `server_user` (else `postgres`) runs it.
+/// Once per process: later calls reuse the answer.
 pub(crate) fn ensure(
     home: &StateDir,
     search: &BinariesSearch,
+    server_user: Option<&str>,
     idle: Duration,
 ) -> Result<Embedded, Error> {
     static IN_USE: Mutex<Option<InUse>> = Mutex::new(None);
@@ -53,23 +58,25 @@ pub(crate) fn ensure(
     if let Some(in_use) = in_use.as_ref() {
         return Ok(in_use.embedded.clone());
     }
-    let binaries = binaries::find(home, search)?;
-    let cluster = Cluster::prepare(binaries, home)?;
+    let user = self::server_user(server_user)?;
+    let binaries = binaries::find(home, search, &user)?;
+    let dir = home.make_cluster(binaries.major, user.uid)?;
+    let cluster = Cluster::new(binaries, dir, user)?;
     let started = Instant::now();
     let start_lock = cluster.lock_file("start.lock")?;
     wait_for_lock(&cluster, &start_lock, Mode::Exclusive)?;
     let clients = cluster.lock_file("clients.lock")?;
     wait_for_lock(&cluster, &clients, Mode::Shared)?;
-    if cluster.settle()? == State::Stopped {
+    if let State::Stopped(stale) = cluster.settle()? {
         cluster.init()?;
-        cluster.start()?;
+        cluster.start(stale.as_deref())?;
         tracing::debug!(elapsed = ?started.elapsed(), "embedded server started");
     }
     watchdog::ensure(&cluster, idle);
     drop(start_lock);
     let embedded = Embedded {
         options: PgConnectOptions::new_without_pgpass()
-            .socket(cluster.dir())
+            .socket(cluster.socket_dir())
             .port(PORT)
             .username("postgres")
             .database("postgres"),
@@ -80,6 +87,8 @@ pub(crate) fn ensure(
             cluster.log().display()
         ),
         client_connections: cluster::client_connections(),
+        // This user's directory, on the disk of the data: the server's own
+        // is not looked at (see `boundary`).
         data_dir: cluster.dir().to_owned(),
     };
     *in_use = Some(InUse {
@@ -87,6 +96,35 @@ pub(crate) fn ensure(
         _clients: clients,
     });
     Ok(embedded)
+}
+
+/// The user that runs the server: this one, or as root `name` (default
+/// `postgres`), never root. `nobody` only when named: other services run
+/// as `nobody`, and could then reach the cluster.
+fn server_user(name: Option<&str>) -> Result<ServerUser, Error> {
+    if !nix::unistd::Uid::effective().is_root() {
+        return Ok(ServerUser::me());
+    }
+    let wanted = name.unwrap_or("postgres");
+    match ServerUser::named(wanted) {
+        Some(user) if user.uid.is_root() => Err(Error::ServerUser {
+            name: wanted.to_owned(),
+            problem: "it is root, whom initdb and postgres refuse".to_owned(),
+        }),
+        Some(user) => {
+            if user.name == "nobody" {
+                tracing::warn!(
+                    "the embedded server runs as nobody: every process of nobody on this machine \
+                     can read and change its data"
+                );
+            }
+            Ok(user)
+        }
+        None => Err(Error::ServerUser {
+            name: wanted.to_owned(),
+            problem: "there is no such user".to_owned(),
+        }),
+    }
 }
 
 /// Takes `lock` in `mode`, waiting at most `LOCK_TIMEOUT` for its holder.

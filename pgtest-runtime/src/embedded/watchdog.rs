@@ -7,26 +7,22 @@
 //! could take that lock exclusively, and stops the server while holding it,
 //! so that no process can start using the server during the stop. It holds
 //! `watchdog.lock` while it lives, which is how a test process knows that
-//! one runs.
+//! one runs. It stops the server with `pg_ctl stop` run as the server's
+//! user, and signals no process itself (see [`super::boundary`]).
 
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use nix::sys::signal::{Signal, kill};
-use nix::unistd::Pid;
-
-use super::cluster::Cluster;
+use super::cluster::{Cluster, State};
 use crate::helper::{self, Job, say};
 use crate::lock::{LockFile, Mode};
 
-/// How long the watchdog waits for the server to stop.
-const STOP_TIMEOUT: Duration = Duration::from_secs(60);
 /// How often the watchdog looks.
 const TICK: Duration = Duration::from_secs(1);
 
 /// Starts a watchdog for `cluster` unless one is running.
 pub(crate) fn ensure(cluster: &Cluster, idle: Duration) {
-    let running = LockFile::open(&cluster.dir().join("watchdog.lock"), 0o644)
+    let running = LockFile::open(&cluster.dir().join("watchdog.lock"), 0o600)
         .and_then(|lock| lock.is_held(Mode::Shared))
         .unwrap_or(false);
     if running {
@@ -34,6 +30,7 @@ pub(crate) fn ensure(cluster: &Cluster, idle: Duration) {
     }
     let job = Job::Watchdog {
         cluster: cluster.dir().to_owned(),
+        bin: cluster.binaries().dir.clone(),
         idle: idle.max(TICK),
     };
     match helper::start(&job, &cluster.dir().join("watchdog.log"), None) {
@@ -46,15 +43,20 @@ pub(crate) fn ensure(cluster: &Cluster, idle: Duration) {
 }
 
 /// The watchdog's work, in its own process: returns its exit code.
-pub(crate) fn run(cluster: &Path, idle: Duration) -> i32 {
-    let open = |name: &str| LockFile::open(&cluster.join(name), 0o644);
-    let (me, clients) = match (open("watchdog.lock"), open("clients.lock")) {
-        (Ok(me), Ok(clients)) => (me, clients),
-        (Err(error), _) | (_, Err(error)) => {
-            eprintln!(
-                "watchdog: cannot open its lock files in {}: {error}",
-                cluster.display()
-            );
+pub(crate) fn run(dir: &Path, bin: &Path, idle: Duration) -> i32 {
+    let open = |name: &str| LockFile::open(&dir.join(name), 0o600);
+    let opened = (
+        open("watchdog.lock"),
+        open("clients.lock"),
+        Cluster::open(dir, bin),
+    );
+    let (me, clients, cluster) = match opened {
+        (Ok(me), Ok(clients), Ok(cluster)) => (me, clients, cluster),
+        (Err(error), _, _) | (_, Err(error), _) | (_, _, Err(error)) => {
+            say(&format!(
+                "watchdog: cannot open the cluster in {}: {error}",
+                dir.display()
+            ));
             return 1;
         }
     };
@@ -62,13 +64,12 @@ pub(crate) fn run(cluster: &Path, idle: Duration) -> i32 {
         // Another watchdog runs.
         return 0;
     }
-    let pid_file = cluster.join("data/postmaster.pid");
     let mut quiet_since = Instant::now();
-    while pid_file.exists() {
+    while matches!(cluster.state(), Ok(State::Ready | State::Busy)) {
         std::thread::sleep(TICK);
         match clients.try_lock(Mode::Exclusive) {
             Ok(true) if quiet_since.elapsed() >= idle => {
-                let stopped = stop(&pid_file);
+                let stopped = cluster.stop();
                 clients.unlock();
                 match stopped {
                     Ok(()) => {
@@ -79,7 +80,7 @@ pub(crate) fn run(cluster: &Path, idle: Duration) -> i32 {
                         return 0;
                     }
                     Err(error) => {
-                        say(&error);
+                        say(&format!("watchdog: {error}"));
                         return 1;
                     }
                 }
@@ -89,30 +90,4 @@ pub(crate) fn run(cluster: &Path, idle: Duration) -> i32 {
         }
     }
     0
-}
-
-/// Asks the postmaster of `pid_file` for a fast shutdown and waits until
-/// it is done. Works as root too: root may signal the server's user.
-fn stop(pid_file: &Path) -> Result<(), String> {
-    let text = std::fs::read_to_string(pid_file).unwrap_or_default();
-    let Some(pid) = text
-        .lines()
-        .next()
-        .and_then(|line| line.trim().parse().ok())
-    else {
-        return Ok(());
-    };
-    kill(Pid::from_raw(pid), Signal::SIGINT)
-        .map_err(|error| format!("cannot signal the server (pid {pid}): {error}"))?;
-    let deadline = Instant::now() + STOP_TIMEOUT;
-    while pid_file.exists() {
-        if Instant::now() > deadline {
-            return Err(format!(
-                "the server (pid {pid}) did not stop within {} s",
-                STOP_TIMEOUT.as_secs()
-            ));
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Ok(())
 }
