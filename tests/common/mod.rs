@@ -609,7 +609,12 @@ impl EmbeddedHome {
 
     /// The pid of the running postmaster, if any.
     pub fn postmaster_pid(&self) -> Option<u32> {
-        let text = fs::read_to_string(self.data_dir()?.join("postmaster.pid")).ok()?;
+        // Not a link or a FIFO that a test planted there.
+        let path = self.data_dir()?.join("postmaster.pid");
+        if !fs::symlink_metadata(&path).ok()?.is_file() {
+            return None;
+        }
+        let text = fs::read_to_string(path).ok()?;
         text.lines().next()?.trim().parse().ok()
     }
 }

@@ -28,8 +28,11 @@ use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
 
-use nix::fcntl::{OFlag, open, openat};
-use nix::sys::stat::Mode;
+use std::os::fd::OwnedFd;
+
+use nix::errno::Errno;
+use nix::fcntl::{AtFlags, OFlag, open, openat};
+use nix::sys::stat::{Mode, SFlag, fstatat};
 use nix::unistd::{Gid, Uid, User};
 
 use crate::config;
@@ -178,19 +181,16 @@ pub(crate) fn read_server_file(
     user: &ServerUser,
 ) -> Result<String, Unread> {
     let dir_flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
-    let top = open(dir, dir_flags, Mode::empty()).map_err(|errno| refused(dir, errno))?;
-    let sub_dir = openat(&top, sub, dir_flags, Mode::empty()).map_err(|errno| match errno {
-        nix::errno::Errno::ENOENT => Unread::Missing,
-        errno => refused(&dir.join(sub), errno),
-    })?;
+    let top = open(dir, dir_flags, Mode::empty())
+        .map_err(|errno| Unread::Refused(format!("{}: {}", dir.display(), errno.desc())))?;
+    let sub_dir = openat(&top, sub, dir_flags, Mode::empty())
+        .map_err(|errno| refused(&top, dir, sub, errno))?;
     let path = dir.join(sub).join(name);
     let flags = OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC;
-    let file = File::from(openat(&sub_dir, name, flags, Mode::empty()).map_err(
-        |errno| match errno {
-            nix::errno::Errno::ENOENT => Unread::Missing,
-            errno => refused(&path, errno),
-        },
-    )?);
+    let file = File::from(
+        openat(&sub_dir, name, flags, Mode::empty())
+            .map_err(|errno| refused(&sub_dir, &dir.join(sub), name, errno))?,
+    );
     let meta = file
         .metadata()
         .map_err(|error| Unread::Refused(format!("{}: {error}", path.display())))?;
@@ -217,13 +217,20 @@ pub(crate) fn read_server_file(
     Ok(text)
 }
 
-fn refused(path: &Path, errno: nix::errno::Errno) -> Unread {
-    let reason = match errno {
-        nix::errno::Errno::ELOOP => "it is a symbolic link".to_owned(),
-        nix::errno::Errno::ENOTDIR => "it is not a directory".to_owned(),
-        errno => errno.desc().to_owned(),
+/// Why `name` in the directory `dir` (at `path`) could not be opened:
+/// what it is, looked at through `dir`'s handle, when it is not what was
+/// asked for.
+fn refused(dir: &OwnedFd, path: &Path, name: &str, errno: Errno) -> Unread {
+    if errno == Errno::ENOENT {
+        return Unread::Missing;
+    }
+    let found = fstatat(dir, name, AtFlags::AT_SYMLINK_NOFOLLOW).ok();
+    let reason = match found.map(|stat| SFlag::from_bits_truncate(stat.st_mode) & SFlag::S_IFMT) {
+        Some(kind) if kind == SFlag::S_IFLNK => "it is a symbolic link".to_owned(),
+        Some(_) if errno == Errno::ENOTDIR => "it is not a directory".to_owned(),
+        _ => errno.desc().to_owned(),
     };
-    Unread::Refused(format!("{}: {reason}", path.display()))
+    Unread::Refused(format!("{}: {reason}", path.join(name).display()))
 }
 
 #[cfg(test)]

@@ -13,15 +13,15 @@
 //! server's user (see [`super::boundary`]).
 
 use std::fs::{self, File};
-use std::io::{self, Read, Seek, SeekFrom};
+use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Child, Command, Output};
 use std::time::{Duration, Instant};
 
 use super::binaries::Binaries;
 use super::boundary::{ServerUser, Unread, read_server_file};
 use crate::Error;
-use crate::lock::{LockFile, Pauses};
+use crate::lock::{LockFile, Pauses, open_no_follow};
 use crate::state::append_no_follow;
 
 /// The port number in the socket's name; the server listens on no TCP port.
@@ -246,7 +246,8 @@ impl Cluster {
         self.check("initialize its data directory (initdb)", output)?;
         let fresh = self.dir.join(format!("{DATA_DIR_FILE}.new"));
         let _ = fs::remove_file(&fresh);
-        fs::write(&fresh, format!("{name}\n"))
+        open_no_follow(&fresh, 0o600)
+            .and_then(|mut file| file.write_all(format!("{name}\n").as_bytes()))
             .and_then(|()| fs::rename(&fresh, self.dir.join(DATA_DIR_FILE)))
             .map_err(|error| {
                 self.failure("note its data directory", error.to_string(), String::new())
@@ -284,8 +285,28 @@ impl Cluster {
         let mut postmaster = started
             .map_err(|error| self.failure("start (postgres)", error.to_string(), String::new()))?;
         let stale_note = stale.map_or_else(String::new, |stale| format!("; {stale}"));
+        let waited = self.wait_for_start(&data, &mut postmaster, &stale_note);
+        if waited.is_err() {
+            // Our own child, not yet reaped: its pid cannot have been reused.
+            let _ = postmaster.kill();
+            let _ = postmaster.wait();
+        }
+        // Otherwise not waited for: it outlives this process, and init
+        // reaps it.
+        waited
+    }
+
+    /// Waits until the pid file says that `postmaster`, the server this
+    /// process started, accepts connections.
+    fn wait_for_start(
+        &self,
+        data: &str,
+        postmaster: &mut Child,
+        stale_note: &str,
+    ) -> Result<(), Error> {
         let deadline = Instant::now() + START_TIMEOUT;
         let mut pauses = Pauses::new();
+        let pid = i32::try_from(postmaster.id()).ok();
         loop {
             if let Ok(Some(status)) = postmaster.try_wait() {
                 return Err(self.failure(
@@ -294,16 +315,13 @@ impl Cluster {
                     String::new(),
                 ));
             }
-            let ours = self
-                .pid_file(&data)?
-                .is_some_and(|file| file.ready && file.pid == i32::try_from(postmaster.id()).ok());
-            if ours {
-                // Not waited for: it outlives this process, and init reaps it.
+            if self
+                .pid_file(data)?
+                .is_some_and(|file| file.ready && file.pid == pid)
+            {
                 return Ok(());
             }
             if Instant::now() > deadline {
-                // Our own child: its pid cannot have been reused.
-                let _ = postmaster.kill();
                 return Err(self.failure(
                     "start",
                     format!(
