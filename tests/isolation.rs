@@ -637,17 +637,29 @@ fn the_helper_makes_no_copy_that_would_leave_the_disk_short_of_room() {
         assert_passed(&output, 1);
     }
     cluster.wait_until(&count_is(TEST_DATABASES, 0), Duration::from_secs(60));
-    wait_for(
-        "the helper to say why it made no copy",
-        Duration::from_secs(60),
-        || cluster.spares_log().contains("copies made ahead stop"),
-    );
-    let said = cluster.spares_log();
+    let said = wait_for_helper(&cluster, "copies made ahead stop");
     assert!(
         said.contains("would leave less than PGTEST_MIN_FREE_DISK=1000000000 MiB"),
         "{said}"
     );
     assert_eq!(oids(&cluster, SPARES), Vec::<String>::new());
+}
+
+/// Waits until the cluster's spares helper says `what` (a minute at most);
+/// what it said, all of it when it never does.
+fn wait_for_helper(cluster: &Cluster, what: &str) -> String {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let said = cluster.spares_log();
+        if said.contains(what) {
+            return said;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "waited 60 s for the spares helper to say {what:?}; it said:\n{said}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// The spares helper of the cluster's runs: the process whose environment

@@ -22,9 +22,10 @@ pub struct Removed {
 /// (`PGTEST_DATABASE_URL`, `DATABASE_URL` or the embedded server, found
 /// from the current directory as a test would): shared databases,
 /// templates, test databases and unfinished copies, which its comment on
-/// each database marks. A database someone is connected to is left alone
-/// and listed in [`Removed::in_use`]; nothing pgtest did not make is
-/// touched. The next test run builds what it needs again.
+/// each database marks, among those the role pgtest logs in as owns. A
+/// database someone is connected to is left alone and listed in
+/// [`Removed::in_use`]; nothing pgtest did not make, and nothing another
+/// role owns whatever its comment says, is touched. The next test run builds what it needs again.
 ///
 /// ```no_run
 /// // A one-off test to run by hand: cargo test remove_pgtest_databases -- --ignored
@@ -44,18 +45,20 @@ pub async fn remove_all() -> Result<Removed, Error> {
     let here = std::env::current_dir().unwrap_or_else(|_| Path::new(".").to_owned());
     let config = Config::load(&here)?;
     let server = Server::new(&config, &StateDir::home(&config.home)?)?;
-    let mut admin = server.connect(server.admin_database()).await?;
-    let marked = catalog::marked(&mut admin)
+    let mut admin = server.connect_admin().await?;
+    let (_, marked) = catalog::marked(&mut admin)
         .await
         .map_err(|error| server.query_error("listing pgtest's databases", &error))?;
     let mut removed = Removed::default();
     for (name, _) in marked {
-        let dropped = catalog::drop_unused(&mut admin, &name).await;
+        let dropped = catalog::drop_ours(&mut admin, &name, false).await;
         let dropped = dropped
             .map_err(|error| server.query_error(format!("dropping database {name}"), &error))?;
         match dropped {
-            true => removed.dropped.push(name),
-            false => removed.in_use.push(name),
+            catalog::Dropped::Gone => removed.dropped.push(name),
+            catalog::Dropped::InUse => removed.in_use.push(name),
+            // Its owner changed since the listing: not pgtest's any more.
+            catalog::Dropped::NotOurs => {}
         }
     }
     let _ = admin.close().await;

@@ -47,12 +47,19 @@ const HOME_VAR: &str = "PGTEST_HOME";
 pub(crate) const BIN_VAR: &str = "PGTEST_PG_BIN";
 /// Set in a helper's environment: which helper it is and its arguments.
 pub(crate) const HELPER_VAR: &str = "PGTEST_HELPER";
-/// What a helper keeps of the test process's environment.
-const HELPER_KEEPS: [&str; 4] = [
+/// What a helper keeps of the test process's environment: where programs
+/// and libraries are, and the files and TLS settings a connection reads
+/// (its password comes through its pipe).
+const HELPER_KEEPS: [&str; 9] = [
     "PATH",
     "HOME",
     "LD_LIBRARY_PATH",
     "DYLD_FALLBACK_LIBRARY_PATH",
+    "PGPASSFILE",
+    "PGSSLMODE",
+    "PGSSLROOTCERT",
+    "PGSSLCERT",
+    "PGSSLKEY",
 ];
 
 /// What a process of the embedded server keeps of the test process's
@@ -147,6 +154,8 @@ pub(crate) struct Config {
     pub(crate) binaries: BinariesSearch,
     /// Who runs the embedded server when pgtest runs as root, when set.
     pub(crate) server_user: Option<String>,
+    /// `PGPASSWORD`, which connections read when the URL has no password.
+    pub(crate) env_password: Option<String>,
     /// Names the run this process belongs to.
     pub(crate) run_id: String,
 }
@@ -188,6 +197,7 @@ impl Config {
             home: home(),
             binaries,
             server_user: non_empty_var(SERVER_USER_VAR),
+            env_password: env::var("PGPASSWORD").ok(),
             run_id: run_id(),
         })
     }
@@ -224,10 +234,23 @@ fn home() -> PathBuf {
     }
 }
 
-/// Names the run this process belongs to: nextest's run id, else the
-/// parent process (cargo test runs a suite's binaries as its children).
+/// Names the run this process belongs to: nextest's run id; else, when
+/// `cargo test` started it, that cargo process (its pid and start: every
+/// test binary it runs is one run); else this process alone (a binary run
+/// by hand, by an IDE or a script: each time a run of its own).
 fn run_id() -> String {
-    env::var("NEXTEST_RUN_ID").unwrap_or_else(|_| format!("parent-{}", nix::unistd::getppid()))
+    if let Ok(id) = env::var("NEXTEST_RUN_ID") {
+        return id;
+    }
+    let parent = nix::unistd::getppid().as_raw();
+    match crate::process::describe(parent) {
+        Some(cargo) if cargo.name == "cargo" => format!("cargo-{parent}-{}", cargo.started),
+        _ => format!(
+            "process-{}-{}",
+            std::process::id(),
+            uuid::Uuid::new_v4().simple()
+        ),
+    }
 }
 
 /// The helper's marker, when this process is a helper (see

@@ -208,15 +208,42 @@ pub enum Error {
         message: String,
     },
 
-    /// A database of the shared database's name exists, but pgtest did not
-    /// make it.
+    /// A database of a name pgtest would use exists, but the server does
+    /// not say it is pgtest's: another role owns it, or it has no marker.
     #[error(
-        "database {database} exists but was not made by pgtest, so pgtest will neither use nor \
-         drop it. Drop or rename it yourself: DROP DATABASE \"{database}\""
+        "database {database} has a name pgtest would use, but {why}, so pgtest will neither use, \
+         copy, claim nor drop it: a database is pgtest's only when its owner is the role pgtest \
+         logs in as ({role}) and pgtest marked it. If you made it, drop or rename it; if you did \
+         not, a role that may create databases on this server did: find out why, then drop it \
+         as {owner} or a superuser: DROP DATABASE \"{database}\""
     )]
     ForeignDatabase {
         /// The database.
         database: String,
+        /// Its owner.
+        owner: String,
+        /// The role pgtest logs in as.
+        role: String,
+        /// Why it is not pgtest's.
+        why: String,
+    },
+
+    /// A template stayed in use while it was to be copied.
+    #[error(
+        "database {database} could not be made from {template}: other sessions stayed connected \
+         to the template for {} s (a template is copied only while no one is in it): {sessions}. \
+         End them (SELECT pg_terminate_backend(pid)), or find what keeps connecting there",
+        waited.as_secs()
+    )]
+    TemplateInUse {
+        /// The copy.
+        database: String,
+        /// The template.
+        template: String,
+        /// How long pgtest tried.
+        waited: Duration,
+        /// The sessions in it, one each.
+        sessions: String,
     },
 
     /// Another process held the bootstrap lock for too long.

@@ -25,6 +25,7 @@ mod markers;
 mod migrations;
 mod names;
 mod pool;
+mod process;
 mod recycle;
 mod redact;
 mod runner;

@@ -10,6 +10,7 @@
 //! pgtest: shared database, ready; test=…; host=…; run=…; created=…; lock=…
 //! pgtest: test database; test=…; host=…; run=…; created=…; lock=…
 //! pgtest: spare database; template=…
+//! pgtest: lock database
 //! ```
 
 use std::fmt;
@@ -24,6 +25,7 @@ const SHARED_BUILDING: &str = "pgtest: shared database, building";
 const SHARED_READY: &str = "pgtest: shared database, ready";
 const TEST: &str = "pgtest: test database";
 pub(crate) const SPARE: &str = "pgtest: spare database";
+const LOCK_DATABASE: &str = "pgtest: lock database";
 
 /// What a database built from a migration set is for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -49,6 +51,8 @@ pub(crate) enum Marker {
     Test(Origin),
     /// A copy of `template` made ahead, waiting for a test.
     Spare { template: String },
+    /// Where pgtest's advisory locks live (see [`crate::server`]).
+    LockDatabase,
 }
 
 /// Who made a copy, and the lock file its users hold.
@@ -64,13 +68,14 @@ pub(crate) struct Origin {
 }
 
 impl Origin {
-    /// A copy made now by `test` of `run`, on this machine.
-    pub(crate) fn now(test: &str, run: &str, lock: PathBuf) -> Self {
+    /// A copy made by `test` of `run`, on this machine; its time is the
+    /// server's, stamped when it is written (see [`Marker::at`]).
+    pub(crate) fn new(test: &str, run: &str, lock: PathBuf) -> Self {
         Self {
             test: test.to_owned(),
             host: host(),
             run: run.to_owned(),
-            created: now_secs(),
+            created: 0,
             lock,
         }
     }
@@ -108,9 +113,25 @@ impl fmt::Display for Origin {
 }
 
 impl Marker {
-    /// A complete template's marker, stamped as used now.
-    pub(crate) fn template_used_now() -> Self {
-        Self::Template { used: now_secs() }
+    /// A complete template's marker, its last use to be stamped.
+    pub(crate) const TEMPLATE: Self = Self::Template { used: 0 };
+
+    /// This marker stamped with the server's clock, `now` (seconds since
+    /// the epoch): a template's last use, a copy's making. Machines'
+    /// clocks differ; a server's is the one all of them read.
+    pub(crate) fn at(&self, now: u64) -> Self {
+        match self {
+            Self::Template { .. } => Self::Template { used: now },
+            Self::Shared(origin) => Self::Shared(Origin {
+                created: now,
+                ..origin.clone()
+            }),
+            Self::Test(origin) => Self::Test(Origin {
+                created: now,
+                ..origin.clone()
+            }),
+            other => other.clone(),
+        }
     }
 
     /// Reads a comment; `None` when it is not a marker of pgtest's.
@@ -132,6 +153,7 @@ impl Marker {
             SPARE => Some(Self::Spare {
                 template: rest.strip_prefix("template=")?.to_owned(),
             }),
+            LOCK_DATABASE => Some(Self::LockDatabase),
             _ => None,
         }
     }
@@ -154,16 +176,9 @@ impl fmt::Display for Marker {
             Self::Shared(origin) => write!(f, "{SHARED_READY}; {origin}"),
             Self::Test(origin) => write!(f, "{TEST}; {origin}"),
             Self::Spare { template } => write!(f, "{SPARE}; template={template}"),
+            Self::LockDatabase => f.write_str(LOCK_DATABASE),
         }
     }
-}
-
-/// Seconds since the Unix epoch.
-pub(crate) fn now_secs() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_secs()
 }
 
 /// This machine's name, from the system call (every platform has it).
@@ -201,6 +216,7 @@ mod tests {
             Marker::Spare {
                 template: "pgtest_app_0123456789ab".to_owned(),
             },
+            Marker::LockDatabase,
         ] {
             assert_eq!(Marker::parse(&marker.to_string()), Some(marker));
         }

@@ -5,7 +5,7 @@
 //! under construction.
 //!
 //! ```text
-//! template("my-app", migrations, fixtures)  == "pgtest_my_app_0123456789ab"
+//! template("my-app", role, migrations, fixtures) == "pgtest_my_app_0123456789ab"
 //! run_copy(template, host, run)             == "pgtest_my_app_0123456789ab_rf00dcaf"
 //! own_copy(template, "2b1a…")  (a test's)   == "pgtest_my_app_0123456789ab_2b1a09c3"
 //! spare(template, "5e77a01c…")              == "pgtest_my_app_0123456789ab_s5e77a01"
@@ -30,12 +30,16 @@ const LONGEST_SUFFIX: usize = 2 + COPY_KEY_LEN + BUILDING_SUFFIX.len();
 const PACKAGE_ROOM: usize = MAX_NAME_LEN - LONGEST_SUFFIX - "pgtest__".len() - HASH_LEN;
 
 /// The template of `package` for a migration set (its hash, hex) and
-/// fixture set: the package's name lowercased, other characters than ASCII
-/// letters and digits made `_`, cut to [`PACKAGE_ROOM`] bytes, then a hash
-/// of what goes in it.
-pub(crate) fn template(package: &str, migrations: &str, fixtures: &[Script]) -> String {
+/// fixture set, made by `role`: the package's name lowercased, other
+/// characters than ASCII letters and digits made `_`, cut to
+/// [`PACKAGE_ROOM`] bytes, then a hash of what goes in it and of the role
+/// (two roles on one server make templates of their own, since pgtest
+/// uses only the databases its role owns).
+pub(crate) fn template(package: &str, role: &str, migrations: &str, fixtures: &[Script]) -> String {
     let mut hash = Sha256::new();
     hash.update(b"template\0");
+    hash.update(role.as_bytes());
+    hash.update([0]);
     hash.update(migrations.as_bytes());
     for fixture in fixtures {
         hash.update([0]);
@@ -98,10 +102,18 @@ mod tests {
     }
 
     #[test]
+    fn two_roles_make_templates_of_their_own() {
+        assert_ne!(
+            template("app", "alice", HASH, &[]),
+            template("app", "bob", HASH, &[])
+        );
+    }
+
+    #[test]
     fn every_name_fits_whole_and_none_is_another_cut_short() {
         for length in [1, 26, 33, 34, 35, 40, 70, 200] {
             let package = "billing-Service".repeat(20)[..length].to_owned();
-            let template = template(&package, HASH, &[]);
+            let template = template(&package, "postgres", HASH, &[]);
             let names = [
                 template.clone(),
                 building(&template),

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::{Duration, Instant};
 
-use sqlx::postgres::{PgConnectOptions, PgConnection, PgSslMode};
+use sqlx::postgres::{PgConnectOptions, PgConnection};
 use sqlx::{ConnectOptions, Connection};
 
 use crate::config::{Config, Target, URL_VAR, UrlOrigin};
@@ -15,6 +15,13 @@ use crate::{Error, catalog, embedded};
 
 /// The database pgtest connects to for admin work when the URL names none.
 const DEFAULT_ADMIN_DATABASE: &str = "postgres";
+/// The database where pgtest's admin connections go and its advisory
+/// locks live, the same on every server whatever database a URL names, so
+/// that builders whose URLs differ take the same locks. Not `template1`,
+/// which copies would find in use.
+pub(crate) const LOCK_DATABASE: &str = "pgtest_locks";
+/// The line of the spares helper's credentials that holds the URL.
+const HELPER_URL_KEY: &str = "PGTEST_URL";
 /// The `application_name` of pgtest's own connections.
 pub(crate) const ADMIN_APPLICATION_NAME: &str = "pgtest bootstrap";
 
@@ -35,17 +42,6 @@ fn parse_url(url: &str, origin: &UrlOrigin) -> Result<PgConnectOptions, Error> {
     PgConnectOptions::from_str(url).map_err(|e| invalid(e.to_string()))
 }
 
-/// The password of a URL, decoded.
-fn url_password(url: &str) -> Option<String> {
-    let parsed = url::Url::parse(url).ok()?;
-    let password = parsed.password()?;
-    Some(
-        percent_encoding::percent_decode_str(password)
-            .decode_utf8_lossy()
-            .into_owned(),
-    )
-}
-
 /// How long a server that refuses connections for want of slots is retried.
 const REFUSED_RETRY: Duration = Duration::from_secs(60);
 
@@ -61,9 +57,11 @@ pub(crate) fn is_refused_for_slots(error: &sqlx::Error) -> bool {
 #[derive(Clone)]
 pub(crate) struct Server {
     options: PgConnectOptions,
-    /// The URL's password, for the spares helper (through its pipe). Never
+    /// The URL as given, password and all, and `PGPASSWORD`, for the spares
+    /// helper (through its pipe), which connects as the tests do. Never
     /// printed.
-    password: Option<String>,
+    secret_url: Option<String>,
+    env_password: Option<String>,
     admin_database: String,
     url: String,
     origin: String,
@@ -81,13 +79,12 @@ impl Server {
     /// The server `config` names; the embedded one (in `home`) is started
     /// if it is not running.
     pub(crate) fn new(config: &Config, home: &StateDir) -> Result<Self, Error> {
-        let (options, password, url, origin, known_capacity, data_dir) = match &config.target {
+        let (options, secret_url, url, origin, known_capacity, data_dir) = match &config.target {
             Target::Url { url, origin } => {
                 let options = parse_url(url, origin)?;
-                let password = url_password(url);
                 (
                     options,
-                    password,
+                    Some(url.clone()),
                     redact_url(url),
                     origin.to_string(),
                     None,
@@ -118,7 +115,8 @@ impl Server {
             .to_owned();
         Ok(Self {
             options,
-            password,
+            secret_url,
+            env_password: config.env_password.clone(),
             admin_database,
             url,
             origin,
@@ -156,7 +154,7 @@ impl Server {
     /// Asks the server for `max_connections` less
     /// `superuser_reserved_connections`.
     pub(crate) async fn max_client_connections(&self) -> Result<u32, Error> {
-        let mut admin = self.connect(self.admin_database()).await?;
+        let mut admin = self.connect_admin().await?;
         let asked = catalog::client_connections(&mut admin).await;
         let _ = admin.close().await;
         let connections =
@@ -183,32 +181,58 @@ impl Server {
         }
     }
 
-    /// How to connect to the admin database as pgtest's role, as the
-    /// variables `psql` takes (the password, if any, in `PGPASSWORD`): what
-    /// the spares helper is sent through its pipe.
-    pub(crate) fn connection_vars(&self) -> Vec<(&'static str, String)> {
-        let host = self.psql_host();
-        let ssl_mode = match self.options.get_ssl_mode() {
-            PgSslMode::Disable => "disable",
-            PgSslMode::Allow => "allow",
-            PgSslMode::Prefer => "prefer",
-            PgSslMode::Require => "require",
-            PgSslMode::VerifyCa => "verify-ca",
-            PgSslMode::VerifyFull => "verify-full",
+    /// What the spares helper is sent through its pipe to connect as the
+    /// tests do: `KEY=VALUE` lines, the URL as given (`PGTEST_URL`) or the
+    /// embedded server's socket and role, and `PGPASSWORD` when set (the
+    /// helper keeps `PGPASSFILE` and the `PGSSL…` variables in its
+    /// environment: see [`crate::config`]).
+    pub(crate) fn helper_credentials(&self) -> Vec<(&'static str, String)> {
+        let mut lines = match &self.secret_url {
+            Some(url) => vec![(HELPER_URL_KEY, url.clone())],
+            None => vec![
+                ("PGHOST", self.psql_host()),
+                ("PGPORT", self.options.get_port().to_string()),
+                ("PGUSER", self.user().to_owned()),
+            ],
         };
-        let mut env = vec![
-            ("PGHOST", host),
-            ("PGPORT", self.options.get_port().to_string()),
-            ("PGUSER", self.user().to_owned()),
-            ("PGDATABASE", self.admin_database.clone()),
-            ("PGSSLMODE", ssl_mode.to_owned()),
-            ("PGAPPNAME", "pgtest spares".to_owned()),
-            ("PGCONNECT_TIMEOUT", "10".to_owned()),
-        ];
-        if let Some(password) = &self.password {
-            env.push(("PGPASSWORD", password.clone()));
+        if let Some(password) = &self.env_password {
+            lines.push(("PGPASSWORD", password.clone()));
         }
-        env
+        lines
+    }
+
+    /// The options of the spares helper's admin connection, from the
+    /// lines of [`Self::helper_credentials`]: as the tests connect, to the
+    /// lock database, with the search path of an admin connection.
+    pub(crate) fn helper_options(lines: &str) -> Result<PgConnectOptions, String> {
+        let value = |key: &str| {
+            lines
+                .lines()
+                .find_map(|line| line.strip_prefix(key)?.strip_prefix('='))
+        };
+        let options = match value(HELPER_URL_KEY) {
+            Some(url) => {
+                let has_password = url::Url::parse(url).is_ok_and(|url| url.password().is_some());
+                let options = PgConnectOptions::from_str(url)
+                    .map_err(|_| "the URL it was given does not parse".to_owned())?;
+                match value("PGPASSWORD") {
+                    Some(password) if !has_password => options.password(password),
+                    _ => options,
+                }
+            }
+            None => PgConnectOptions::new_without_pgpass()
+                .socket(value("PGHOST").unwrap_or_default())
+                .port(
+                    value("PGPORT")
+                        .and_then(|port| port.parse().ok())
+                        .unwrap_or(5432),
+                )
+                .username(value("PGUSER").unwrap_or_default()),
+        };
+        Ok(options
+            .database(LOCK_DATABASE)
+            .application_name("pgtest spares")
+            .options([("search_path", "pg_catalog,pg_temp")]))
     }
 
     /// Options that connect to `database` on this server.
@@ -216,27 +240,69 @@ impl Server {
         self.options.clone().database(database)
     }
 
-    /// The database that admin work (locks, `CREATE DATABASE`) goes through:
-    /// the one named in the URL, so that every process locks in the same one.
-    pub(crate) fn admin_database(&self) -> &str {
-        &self.admin_database
+    /// An admin connection: to [`LOCK_DATABASE`], made first if missing
+    /// (from the URL's database), with a search path of `pg_catalog` alone
+    /// (given at connect, it overrides what the database's owner set), so
+    /// that what pgtest runs there means what it says.
+    pub(crate) async fn connect_admin(&self) -> Result<PgConnection, Error> {
+        let options = self.admin_options(LOCK_DATABASE);
+        match self.open(&options, LOCK_DATABASE).await? {
+            Ok(connection) => return Ok(connection),
+            Err(error) if sqlstate(&error).as_deref() == Some("3D000") => {}
+            Err(error) => return Err(self.connect_error(error, LOCK_DATABASE, None)),
+        }
+        let first = self.admin_options(&self.admin_database);
+        let mut first = match self.open(&first, &self.admin_database).await? {
+            Ok(connection) => connection,
+            Err(error) => return Err(self.connect_error(error, &self.admin_database, None)),
+        };
+        tracing::debug!("making the lock database");
+        let made = catalog::create_lock_database(&mut first, LOCK_DATABASE).await;
+        let _ = first.close().await;
+        made.map_err(|error| self.create_error(LOCK_DATABASE, &error.into()))?;
+        match self.open(&options, LOCK_DATABASE).await? {
+            Ok(connection) => Ok(connection),
+            Err(error) => Err(self.connect_error(error, LOCK_DATABASE, None)),
+        }
     }
 
-    /// One connection to `database` for pgtest's own work. Each try is
-    /// bounded by the connect timeout; a server that refuses for want of
-    /// slots (53300) is retried with backoff until `REFUSED_RETRY` has passed.
+    /// How pgtest's own connections to `database` connect.
+    fn admin_options(&self, database: &str) -> PgConnectOptions {
+        self.options_for(database)
+            .application_name(ADMIN_APPLICATION_NAME)
+            .options([("search_path", "pg_catalog,pg_temp")])
+            .disable_statement_logging()
+    }
+
+    /// One connection to `database` for pgtest's own work in it (building,
+    /// putting back).
     pub(crate) async fn connect(&self, database: &str) -> Result<PgConnection, Error> {
         let options = self
             .options_for(database)
             .application_name(ADMIN_APPLICATION_NAME)
             .disable_statement_logging();
+        match self.open(&options, database).await? {
+            Ok(connection) => Ok(connection),
+            Err(error) => Err(self.connect_error(error, database, None)),
+        }
+    }
+
+    /// One connection with `options`. Each try is bounded by the connect
+    /// timeout; a server that refuses for want of slots (53300) is retried
+    /// with backoff until `REFUSED_RETRY` has passed. The server's other
+    /// refusals are the inner error, for the caller to explain.
+    async fn open(
+        &self,
+        options: &PgConnectOptions,
+        database: &str,
+    ) -> Result<Result<PgConnection, sqlx::Error>, Error> {
         let started = Instant::now();
         let mut pause = Duration::from_millis(10);
         loop {
-            match tokio::time::timeout(self.connect_timeout, PgConnection::connect_with(&options))
+            match tokio::time::timeout(self.connect_timeout, PgConnection::connect_with(options))
                 .await
             {
-                Ok(Ok(connection)) => return Ok(connection),
+                Ok(Ok(connection)) => return Ok(Ok(connection)),
                 Ok(Err(error)) if is_refused_for_slots(&error) => {
                     if started.elapsed() > REFUSED_RETRY {
                         return Err(self.too_many_clients(started.elapsed()).await);
@@ -245,7 +311,7 @@ impl Server {
                     tokio::time::sleep(pause).await;
                     pause = (pause * 2).min(Duration::from_secs(1));
                 }
-                Ok(Err(error)) => return Err(self.connect_error(error, database, None)),
+                Ok(Err(error)) => return Ok(Err(error)),
                 Err(_) => return Err(self.timeout_error()),
             }
         }
@@ -345,7 +411,36 @@ impl Server {
     }
 
     /// Explains a failed `CREATE DATABASE` of `database`.
-    pub(crate) fn create_error(&self, database: &str, error: &sqlx::Error) -> Error {
+    /// The error for `database`, found not to be pgtest's.
+    pub(crate) fn foreign_database(&self, database: &str, found: &catalog::Found) -> Error {
+        let why = match found.ours {
+            false => format!("its owner is role {}, not {}", found.owner, self.user()),
+            true => "pgtest did not mark it as its own".to_owned(),
+        };
+        Error::ForeignDatabase {
+            database: database.to_owned(),
+            owner: found.owner.clone(),
+            role: self.user().to_owned(),
+            why,
+        }
+    }
+
+    /// The error for a failed `CREATE DATABASE` of `database`.
+    pub(crate) fn create_error(&self, database: &str, error: &catalog::CreateError) -> Error {
+        let error = match error {
+            catalog::CreateError::Sql(error) => error,
+            catalog::CreateError::TemplateInUse { template, sessions } => {
+                return Error::TemplateInUse {
+                    database: database.to_owned(),
+                    template: template.clone(),
+                    waited: catalog::COPY_RETRY,
+                    sessions: match sessions.is_empty() {
+                        true => "none by the time pgtest looked".to_owned(),
+                        false => sessions.join("; "),
+                    },
+                };
+            }
+        };
         match sqlstate(error).as_deref() {
             Some("42501") => {}
             Some(DISK_FULL) => {
@@ -373,19 +468,5 @@ impl Server {
             url: self.url.clone(),
             message: describe(error),
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::url_password;
-
-    #[test]
-    fn a_urls_password_is_decoded_for_psql() {
-        assert_eq!(
-            url_password("postgres://app:p%40ss%3Aword@db:5432/app").as_deref(),
-            Some("p@ss:word")
-        );
-        assert_eq!(url_password("postgres://app@db/app"), None);
     }
 }

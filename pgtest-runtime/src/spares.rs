@@ -30,12 +30,14 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
 use sqlx::Connection;
-use sqlx::postgres::{PgConnectOptions, PgConnection, PgSslMode};
+use sqlx::postgres::{PgConnectOptions, PgConnection};
 
+use crate::catalog::CreateError;
 use crate::error::{DISK_FULL, sqlstate};
 use crate::helper::{self, Job, say};
 use crate::lock::Mode;
 use crate::markers::Marker;
+use crate::server::Server;
 use crate::session::Session;
 use crate::state::{Entry, ServerDir, append_no_follow};
 use crate::{Error, catalog, names};
@@ -91,7 +93,7 @@ fn start_helper(session: &Session, limit: u32) {
         budget: session.dir.path().to_owned(),
         limit,
     };
-    let mut settings = session.server.connection_vars();
+    let mut settings = session.server.helper_credentials();
     if let Some(dir) = &session.server.data_dir {
         settings.push((DATA_DIR_KEY, dir.display().to_string()));
     }
@@ -226,8 +228,14 @@ pub(crate) fn run_helper(dir: &Path, limit: u32) -> i32 {
         say("no credentials came through its pipe: nothing to connect with");
         return 1;
     }
-    let options = connect_options(&credentials);
-    let mut room = Room::given(&credentials);
+    let options = match Server::helper_options(&credentials) {
+        Ok(options) => options,
+        Err(error) => {
+            say(&error);
+            return 1;
+        }
+    };
+    let mut room = Room::given(&credentials, &options);
     let opened = ServerDir::reopen(dir).and_then(|dir| {
         let locks = (dir.lock(Entry::SparesHelper)?, dir.lock(Entry::Clients)?);
         Ok((dir, locks))
@@ -454,17 +462,19 @@ struct Room {
 }
 
 impl Room {
-    /// What the lines the helper was given say.
-    fn given(settings: &str) -> Self {
+    /// What the lines the helper was given say, for a server `options`
+    /// reach.
+    fn given(settings: &str, options: &PgConnectOptions) -> Self {
         let value = |key: &str| {
             settings
                 .lines()
                 .find_map(|line| line.strip_prefix(key)?.strip_prefix('='))
         };
-        let host = value("PGHOST").unwrap_or_default();
+        let local = options.get_socket().is_some()
+            || ["localhost", "127.0.0.1", "::1"].contains(&options.get_host());
         Self {
             dir: value(DATA_DIR_KEY).map(PathBuf::from),
-            local: host.starts_with('/') || ["localhost", "127.0.0.1", "::1"].contains(&host),
+            local,
             keep_mib: value(MIN_FREE_KEY)
                 .and_then(|mib| mib.parse().ok())
                 .unwrap_or(crate::config::DEFAULT_MIN_FREE_DISK),
@@ -501,43 +511,36 @@ impl Room {
 /// database someone is connected to is not dropped.
 async fn run_job(admin: &mut PgConnection, job: &ServerJob) -> sqlx::Result<bool> {
     match job {
-        ServerJob::Drop { database } => catalog::drop_unused(admin, database).await,
+        // Not pgtest's role's any more: nothing to drop.
+        ServerJob::Drop { database } => catalog::drop_ours(admin, database, false)
+            .await
+            .map(|dropped| dropped != catalog::Dropped::InUse),
         ServerJob::Copy { template, database } => {
             let marker = Marker::Spare {
                 template: template.clone(),
             };
-            match catalog::create(admin, database, Some(template), &marker).await {
-                // Made before the helper that queued it was killed.
-                Err(error) if sqlstate(&error).as_deref() == Some("42P04") => {
-                    catalog::mark(admin, database, &marker).await
-                }
-                done => done,
+            // The template must be pgtest's role's: not copied otherwise.
+            let (_, template_found) = catalog::lookup(admin, template).await?;
+            if template_found.is_none_or(|found| found.pgtest_marker().is_none()) {
+                return Ok(true);
             }
-            .map(|()| true)
+            match catalog::create(admin, database, Some(template), &marker).await {
+                Ok(()) => Ok(true),
+                // Made before the helper that queued it was killed: marked
+                // again if it is pgtest's role's.
+                Err(CreateError::Sql(error)) if sqlstate(&error).as_deref() == Some("42P04") => {
+                    match catalog::lookup(admin, database).await? {
+                        (_, Some(found)) if found.ours => {
+                            catalog::mark(admin, database, &marker).await.map(|()| true)
+                        }
+                        _ => Ok(true),
+                    }
+                }
+                Err(CreateError::Sql(error)) => Err(error),
+                Err(CreateError::TemplateInUse { .. }) => Ok(false),
+            }
         }
     }
-}
-
-/// The connect options of the `KEY=VALUE` lines the helper was given: the
-/// variables `psql` would take.
-fn connect_options(credentials: &str) -> PgConnectOptions {
-    let mut options = PgConnectOptions::new_without_pgpass().application_name("pgtest spares");
-    for line in credentials.lines() {
-        let Some((key, value)) = line.split_once('=') else {
-            continue;
-        };
-        options = match key {
-            "PGHOST" if value.starts_with('/') => options.socket(value),
-            "PGHOST" => options.host(value),
-            "PGPORT" => options.port(value.parse().unwrap_or(5432)),
-            "PGUSER" => options.username(value),
-            "PGPASSWORD" => options.password(value),
-            "PGDATABASE" => options.database(value),
-            "PGSSLMODE" => options.ssl_mode(value.parse().unwrap_or(PgSslMode::Prefer)),
-            _ => options,
-        };
-    }
-    options
 }
 
 #[cfg(test)]

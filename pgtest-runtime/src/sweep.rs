@@ -19,7 +19,7 @@ use sqlx::Connection;
 use sqlx::postgres::PgConnection;
 
 use crate::bootstrap::drop_unclaimed;
-use crate::markers::{Marker, Origin, host, now_secs};
+use crate::markers::{Marker, Origin, host};
 use crate::server::Server;
 use crate::state::{Entry, ServerDir};
 use crate::{Error, catalog};
@@ -62,7 +62,7 @@ impl Sweep<'_> {
     }
 
     async fn run_with(&self, admin: &mut PgConnection) -> Result<(), Error> {
-        let databases = catalog::marked(admin).await.map_err(|error| {
+        let (now, databases) = catalog::marked(admin).await.map_err(|error| {
             self.server
                 .query_error("listing templates and their copies", &error)
         })?;
@@ -79,44 +79,70 @@ impl Sweep<'_> {
             if dropped == SWEEP_BATCH {
                 break;
             }
-            let (origin, lock) = match marker {
-                Some(Marker::Template { used }) => {
-                    if age(*used) > UNUSED_TEMPLATE_AGE {
-                        tracing::debug!(database = name, "sweeping a template unused for a week");
-                        dropped += usize::from(drop_unclaimed(self.server, admin, name).await?);
-                    }
-                    continue;
-                }
-                Some(Marker::Spare { template }) => {
-                    let used = templates.get(template.as_str()).copied().unwrap_or(0);
-                    if age(used) > UNUSED_SPARE_AGE {
-                        tracing::debug!(database = name, "sweeping a spare of an unused template");
-                        dropped += usize::from(drop_unclaimed(self.server, admin, name).await?);
-                    }
-                    continue;
-                }
-                Some(Marker::Test(origin)) => (origin, Entry::Live(name)),
-                Some(Marker::Shared(origin)) => (origin, Entry::Run(name)),
-                Some(Marker::Building(_)) | None => continue,
-            };
-            let passed = self.dir.entry(Entry::Passed(name));
-            if self.leave_passed && passed.exists() {
-                continue;
-            }
-            // Held while dropping, so that nobody starts using it meanwhile.
-            let Some(_lock) = sweepable(origin, &self.dir.entry(lock), &passed, &host, self.run)
-            else {
-                continue;
-            };
-            tracing::debug!(database = name, test = origin.test, "sweeping");
-            if drop_unclaimed(self.server, admin, name).await? {
-                dropped += 1;
-                let _ = fs::remove_file(&passed);
-                let _ = fs::remove_file(self.dir.entry(Entry::Failed(name)));
-                let _ = fs::remove_file(self.dir.entry(lock));
+            // One that cannot be dropped (a session in it, a privilege
+            // gone) stops no sweep: the next is looked at.
+            match self
+                .sweep_one(admin, name, marker.as_ref(), &templates, &host, now)
+                .await
+            {
+                Ok(true) => dropped += 1,
+                Ok(false) => {}
+                Err(error) => tracing::debug!(%error, database = name, "not swept"),
             }
         }
         Ok(())
+    }
+
+    /// Drops the database `name`, marked `marker`, if nobody can be using
+    /// it; whether it did. `now` is the server's clock.
+    async fn sweep_one(
+        &self,
+        admin: &mut PgConnection,
+        name: &str,
+        marker: Option<&Marker>,
+        templates: &HashMap<&str, u64>,
+        host: &str,
+        now: u64,
+    ) -> Result<bool, Error> {
+        let age = |since: u64| Duration::from_secs(now.saturating_sub(since));
+        let (origin, lock) = match marker {
+            Some(Marker::Template { used }) => {
+                if age(*used) <= UNUSED_TEMPLATE_AGE {
+                    return Ok(false);
+                }
+                tracing::debug!(database = name, "sweeping a template unused for a week");
+                return drop_unclaimed(self.server, admin, name).await;
+            }
+            Some(Marker::Spare { template }) => {
+                let used = templates.get(template.as_str()).copied().unwrap_or(0);
+                if age(used) <= UNUSED_SPARE_AGE {
+                    return Ok(false);
+                }
+                tracing::debug!(database = name, "sweeping a spare of an unused template");
+                return drop_unclaimed(self.server, admin, name).await;
+            }
+            Some(Marker::Test(origin)) => (origin, Entry::Live(name)),
+            Some(Marker::Shared(origin)) => (origin, Entry::Run(name)),
+            Some(Marker::Building(_) | Marker::LockDatabase) | None => return Ok(false),
+        };
+        let passed = self.dir.entry(Entry::Passed(name));
+        if self.leave_passed && passed.exists() {
+            return Ok(false);
+        }
+        let old = age(origin.created) > FOREIGN_AGE;
+        // Held while dropping, so that nobody starts using it meanwhile.
+        let Some(_lock) = sweepable(origin, &self.dir.entry(lock), &passed, host, self.run, old)
+        else {
+            return Ok(false);
+        };
+        tracing::debug!(database = name, test = origin.test, "sweeping");
+        let gone = drop_unclaimed(self.server, admin, name).await?;
+        if gone {
+            let _ = fs::remove_file(&passed);
+            let _ = fs::remove_file(self.dir.entry(Entry::Failed(name)));
+            let _ = fs::remove_file(self.dir.entry(lock));
+        }
+        Ok(gone)
     }
 }
 
@@ -124,15 +150,16 @@ impl Sweep<'_> {
 /// machine can tell) and it is not something the run `run` keeps (its
 /// shared database, its failed tests' databases). When so, its lock file
 /// (at `lock`, when the copy is this user's) locked, to hold while
-/// dropping.
+/// dropping. `old`: it was made more than a day ago.
 fn sweepable(
     origin: &Origin,
     lock: &Path,
     passed: &Path,
     host: &str,
     run: &str,
+    old: bool,
 ) -> Option<Option<File>> {
-    let by_age = || (age(origin.created) > FOREIGN_AGE).then_some(None);
+    let by_age = || old.then_some(None);
     // Another machine's, or another user's: its lock is not ours.
     if origin.host != host || origin.lock != lock {
         return by_age();
@@ -145,10 +172,6 @@ fn sweepable(
         Ok(()) | Err(TryLockError::WouldBlock) => None,
         Err(TryLockError::Error(_)) => by_age(),
     }
-}
-
-fn age(since: u64) -> Duration {
-    Duration::from_secs(now_secs().saturating_sub(since))
 }
 
 #[cfg(test)]
@@ -164,10 +187,11 @@ mod tests {
             test: "blog::tests::lists_posts".to_owned(),
             host: "ci-1".to_owned(),
             run: "run-a".to_owned(),
-            created: now_secs(),
+            created: 1_764_800_000,
             lock: lock.clone(),
         };
-        let here = |origin: &Origin, run| sweepable(origin, &lock, &passed, "ci-1", run).is_some();
+        let here =
+            |origin: &Origin, run| sweepable(origin, &lock, &passed, "ci-1", run, false).is_some();
         let held = File::create(&lock).unwrap();
         held.lock_shared().unwrap();
         assert!(!here(&origin, "run-b"), "a user holds the lock");
@@ -179,14 +203,11 @@ mod tests {
         assert!(here(&origin, "run-b"), "a later run sweeps it");
         fs::write(&passed, b"").unwrap();
         assert!(here(&origin, "run-a"), "a passed test's goes at once");
-        let foreign =
-            |origin: &Origin| sweepable(origin, &lock, &passed, "ci-2", "run-b").is_some();
-        assert!(!foreign(&origin), "another machine's, made today");
-        let old = Origin {
-            created: now_secs() - FOREIGN_AGE.as_secs() - 1,
-            ..origin.clone()
+        let foreign = |origin: &Origin, old| {
+            sweepable(origin, &lock, &passed, "ci-2", "run-b", old).is_some()
         };
-        assert!(foreign(&old), "another machine's, a day old");
+        assert!(!foreign(&origin, false), "another machine's, made today");
+        assert!(foreign(&origin, true), "another machine's, a day old");
         let elsewhere = Origin {
             lock: home.path().join("elsewhere/live-db.lock"),
             ..origin.clone()

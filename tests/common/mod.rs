@@ -215,10 +215,13 @@ impl Cluster {
             .to_owned()
     }
 
-    /// The names of the databases pgtest made (or is making).
+    /// The names of the databases pgtest made (or is making) to test in:
+    /// all but the lock database.
     pub fn pgtest_databases(&self) -> Vec<String> {
-        let names =
-            self.psql("select datname from pg_database where datname like 'pgtest%' order by 1");
+        let names = self.psql(
+            "select datname from pg_database \
+             where datname like 'pgtest%' and datname <> 'pgtest_locks' order by 1",
+        );
         names.lines().map(str::to_owned).collect()
     }
 

@@ -23,7 +23,7 @@ pub(super) async fn build(server: &Server, target: Target<'_>) -> Result<(), Err
 }
 
 async fn build_one(server: &Server, target: Target<'_>) -> Result<(), Error> {
-    let mut admin = server.connect(server.admin_database()).await?;
+    let mut admin = server.connect_admin().await?;
     lock(server, &mut admin, target.database).await?;
     // The lock is a session lock: closing the connection, or the process
     // dying, releases it.
@@ -43,23 +43,27 @@ async fn build_locked(
         marker: ready,
         source,
     } = target;
-    match marker(server, admin, database).await? {
-        Some(marker) if marker.is_ready(kind) => {
-            tracing::debug!(database, "another process built it");
-            return Ok(());
-        }
-        // An unfinished one of pgtest's: built again below.
-        Some(_) => {}
-        None if exists(server, admin, database).await? => {
-            return Err(Error::ForeignDatabase {
-                database: database.to_owned(),
-            });
-        }
-        None => {}
+    // A database of another role's, or unmarked, is an error here.
+    let (now, current) = marker(server, admin, database).await?;
+    if current.is_some_and(|current| current.is_ready(kind)) {
+        tracing::debug!(database, "another process built it");
+        return Ok(());
     }
     tracing::debug!(database, ?kind, "building");
+    // An unfinished build of pgtest's is dropped; anything else under its
+    // name is not touched.
     let building = names::building(database);
-    drop_forced(server, admin, &building).await?;
+    if let (_, Some(unfinished)) = marker(server, admin, &building).await? {
+        if unfinished != Marker::Building(kind) {
+            let found = catalog::Found {
+                owner: server.user().to_owned(),
+                ours: true,
+                marker: Some(unfinished),
+            };
+            return Err(server.foreign_database(&building, &found));
+        }
+        drop_ours(server, admin, &building).await?;
+    }
     let template = match source {
         Source::Copy { template } => Some(template.database),
         Source::Build { .. } => None,
@@ -68,9 +72,9 @@ async fn build_locked(
         .await
         .map_err(|error| server.create_error(&building, &error))?;
     if let Some(template) = template
-        && let Some(marker) = marker(server, admin, template).await?
+        && let (now, Some(used)) = marker(server, admin, template).await?
     {
-        note_template_use(server, admin, template, &marker).await?;
+        note_template_use(server, admin, template, &used, now).await?;
     }
     if let Source::Build {
         migrations,
@@ -78,10 +82,10 @@ async fn build_locked(
     } = source
         && let Err(error) = fill(server, &building, database, migrations, fixtures).await
     {
-        drop_forced(server, admin, &building).await?;
+        drop_ours(server, admin, &building).await?;
         return Err(error);
     }
-    catalog::mark_and_rename(admin, &building, ready, database)
+    catalog::mark_and_rename(admin, &building, &ready.at(now), database)
         .await
         .map_err(|error| server.query_error(format!("marking {database} ready"), &error))?;
     tracing::debug!(database, "built and ready");
@@ -110,20 +114,11 @@ async fn lock(server: &Server, admin: &mut PgConnection, database: &str) -> Resu
     }
 }
 
-async fn exists(server: &Server, admin: &mut PgConnection, database: &str) -> Result<bool, Error> {
-    catalog::exists(admin, database)
+/// Drops `database`, pgtest's unfinished build, whoever is connected to it.
+async fn drop_ours(server: &Server, admin: &mut PgConnection, database: &str) -> Result<(), Error> {
+    catalog::drop_ours(admin, database, true)
         .await
-        .map_err(|error| server.query_error("looking up the shared database", &error))
-}
-
-/// Drops `database`, whoever is connected to it.
-async fn drop_forced(
-    server: &Server,
-    admin: &mut PgConnection,
-    database: &str,
-) -> Result<(), Error> {
-    catalog::drop_forced(admin, database)
-        .await
+        .map(drop)
         .map_err(|error| server.query_error(format!("dropping database {database}"), &error))
 }
 
@@ -151,9 +146,9 @@ async fn fill(
     result
 }
 
-/// Drops `database` unless another process is building or dropping it
-/// (its advisory lock is taken) or someone is connected to it; whether it
-/// went.
+/// Drops `database`, pgtest's role's, unless another process is building
+/// or dropping it (its advisory lock is taken) or someone is connected to
+/// it; whether it went.
 pub(crate) async fn drop_unclaimed(
     server: &Server,
     admin: &mut PgConnection,
@@ -168,13 +163,13 @@ pub(crate) async fn drop_unclaimed(
     if !claimed {
         return Ok(false);
     }
-    let dropped = catalog::drop_unused(admin, database)
+    let dropped = catalog::drop_ours(admin, database, false)
         .await
         .map_err(|error| failed("dropping database", error));
     catalog::advisory_unlock(admin, database)
         .await
         .map_err(|error| failed("releasing", error))?;
-    dropped
+    dropped.map(|dropped| dropped == catalog::Dropped::Gone)
 }
 
 async fn migrate(

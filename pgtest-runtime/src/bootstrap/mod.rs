@@ -21,7 +21,7 @@ use self::build::build;
 pub(crate) use self::build::drop_unclaimed;
 use crate::error::sqlstate;
 use crate::lock::Mode;
-use crate::markers::{Kind, Marker, now_secs};
+use crate::markers::{Kind, Marker};
 use crate::migrations::Migrations;
 use crate::server::{Server, is_refused_for_slots};
 use crate::session::Session;
@@ -36,37 +36,45 @@ mod build;
 const USE_STAMP_EVERY: u64 = 60 * 60;
 
 /// Renews the last-use stamp of `template`, about to be copied, when its
-/// `marker` (as just read) is older than an hour, so that sweeps keep
-/// templates in use.
+/// `marker` (as just read) is older than an hour by the server's clock
+/// `now`, so that sweeps keep templates in use.
 pub(crate) async fn note_template_use(
     server: &Server,
     admin: &mut PgConnection,
     template: &str,
     marker: &Marker,
+    now: u64,
 ) -> Result<(), Error> {
     let used = match marker {
         Marker::Template { used } => *used,
         _ => 0,
     };
-    if now_secs().saturating_sub(used) < USE_STAMP_EVERY {
+    if now.saturating_sub(used) < USE_STAMP_EVERY {
         return Ok(());
     }
-    catalog::mark(admin, template, &Marker::template_used_now())
+    catalog::mark(admin, template, &Marker::TEMPLATE.at(now))
         .await
         .map_err(|error| server.query_error(format!("stamping {template} as used"), &error))
 }
 
-/// The marker of `database`, if it exists and has one of pgtest's; an
-/// error when it exists with another comment or none.
+/// The server's clock (seconds since the epoch) and the marker of
+/// `database`, if it exists; an error when it exists but is not pgtest's:
+/// owned by another role (whatever its comment says), or without a marker.
 pub(crate) async fn marker(
     server: &Server,
     admin: &mut PgConnection,
     database: &str,
-) -> Result<Option<Marker>, Error> {
-    let comment = catalog::comment(admin, database)
+) -> Result<(u64, Option<Marker>), Error> {
+    let (now, found) = catalog::lookup(admin, database)
         .await
         .map_err(|error| server.query_error("reading the ready marker", &error))?;
-    Ok(comment.as_deref().and_then(Marker::parse))
+    match found {
+        None => Ok((now, None)),
+        Some(found) => match found.pgtest_marker() {
+            Some(marker) => Ok((now, Some(marker.clone()))),
+            None => Err(server.foreign_database(database, &found)),
+        },
+    }
 }
 
 /// The connections a build holds at once: an admin connection (which holds
@@ -220,10 +228,17 @@ async fn ready_connection(
         Err(FirstConnection::Missing) => return Ok(None),
         Err(FirstConnection::Failed(error)) => return Err(error),
     };
-    let marker = catalog::own_marker(&mut connection)
+    let found = catalog::this_database(&mut connection)
         .await
         .map_err(|error| server.query_error("reading the ready marker", &error))?;
-    if marker.is_some_and(|marker| marker.is_ready(Kind::Shared)) {
+    if !found.ours {
+        let _ = connection.close().await;
+        return Err(server.foreign_database(database, &found));
+    }
+    if found
+        .marker
+        .is_some_and(|marker| marker.is_ready(Kind::Shared))
+    {
         Ok(Some(connection))
     } else {
         let _ = connection.close().await;

@@ -130,33 +130,8 @@ impl ServerUser {
             // What PostgreSQL itself asks: another user's process is not ours.
             return nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok();
         }
-        process_owner(pid) == Some(self.uid.as_raw())
+        crate::process::describe(pid).is_some_and(|process| process.owner == self.uid.as_raw())
     }
-}
-
-/// The owner of process `pid`, as the kernel says.
-#[cfg(any(target_os = "linux", target_os = "android"))]
-fn process_owner(pid: i32) -> Option<u32> {
-    std::fs::metadata(format!("/proc/{pid}"))
-        .ok()
-        .map(|meta| meta.uid())
-}
-
-/// The owner of process `pid`, as the kernel says.
-#[cfg(target_os = "macos")]
-fn process_owner(pid: i32) -> Option<u32> {
-    // SAFETY: the buffer is a zeroed `proc_bsdinfo` of the size passed.
-    let mut info: libc::proc_bsdinfo = unsafe { std::mem::zeroed() };
-    let size = libc::c_int::try_from(std::mem::size_of::<libc::proc_bsdinfo>()).ok()?;
-    let got =
-        unsafe { libc::proc_pidinfo(pid, libc::PROC_PIDTBSDINFO, 0, (&raw mut info).cast(), size) };
-    (got == size).then_some(info.pbi_uid)
-}
-
-/// The owner of process `pid`: unknown here, so never the server's user.
-#[cfg(not(any(target_os = "linux", target_os = "android", target_os = "macos")))]
-fn process_owner(_pid: i32) -> Option<u32> {
-    None
 }
 
 /// Why a file of the server's directory was not read.

@@ -30,6 +30,7 @@ use sqlx::{Connection, PgPool};
 use super::{Prepared, Teardown, run_scripts_on_pool, sweep_beside};
 use crate::bootstrap::{self, Target};
 use crate::budget::Slots;
+use crate::catalog::Claimed;
 use crate::error::sqlstate;
 use crate::lock::{LockFile, Mode, Pauses, open_no_follow};
 use crate::markers::{Kind, Marker, Origin};
@@ -61,7 +62,8 @@ pub(super) async fn prepare(
     migrations: &Migrations,
     tenant: Tenant,
 ) -> Result<Prepared, Error> {
-    let template = names::template(spec.package, &migrations.hash, spec.fixtures);
+    let role = session.server.user();
+    let template = names::template(spec.package, role, &migrations.hash, spec.fixtures);
     let claim = Claim {
         session,
         spec,
@@ -185,11 +187,16 @@ impl Claim<'_> {
         mut stored: Stored,
     ) -> Result<(TestPool, TestDatabase, PgConnection), Error> {
         let Session { server, .. } = self.session;
-        let marker = Marker::template_used_now();
-        let target = Target::template(self.template, &marker, migrations, self.spec.fixtures);
+        let target = Target::template(
+            self.template,
+            &Marker::TEMPLATE,
+            migrations,
+            self.spec.fixtures,
+        );
         // The pool's connections and an admin connection.
         let max = pool::max_for(self.spec, &self.session.budget, 1)?;
-        let (mut slots, mut admin) = with_template(self.session, target, max, self.spec).await?;
+        let (mut slots, mut admin, now) =
+            with_template(self.session, target, max, self.spec).await?;
         let spare = Marker::Spare {
             template: self.template.to_owned(),
         };
@@ -218,7 +225,7 @@ impl Claim<'_> {
             let held = std::io::Error::other("held by another process");
             self.session.dir.error(Entry::Live(&name), &held)
         })?;
-        let marker = self.marker(&name);
+        let marker = self.marker(&name).at(now);
         catalog::create(&mut admin, &name, Some(self.template), &marker)
             .await
             .map_err(|error| server.create_error(&name, &error))?;
@@ -266,9 +273,20 @@ impl Claim<'_> {
         let claimed = claimed.await;
         let _ = std::fs::remove_file(session.dir.entry(Entry::Spare(name)));
         match claimed {
-            Ok(Some((horizon, counts))) => Ok(Ok((pool, lock, Since { horizon, counts }))),
+            Ok(Claimed::Ours { horizon, counts }) => {
+                Ok(Ok((pool, lock, Since { horizon, counts })))
+            }
+            Ok(Claimed::NotOurs(owner)) => {
+                give_up(pool).await;
+                let found = catalog::Found {
+                    owner,
+                    ours: false,
+                    marker: None,
+                };
+                Err(session.server.foreign_database(name, &found))
+            }
             // Taken by another machine's test, or gone.
-            Ok(None) => Ok(Err(give_up(pool).await)),
+            Ok(Claimed::Taken) => Ok(Err(give_up(pool).await)),
             Err(error) if sqlstate(&error).as_deref() == Some("3D000") => {
                 Ok(Err(give_up(pool).await))
             }
@@ -279,7 +297,7 @@ impl Claim<'_> {
     /// The marker of `name` as the test's database.
     fn marker(&self, name: &str) -> Marker {
         let lock = self.session.dir.entry(Entry::Live(name));
-        Marker::Test(Origin::now(
+        Marker::Test(Origin::new(
             self.spec.name,
             &self.session.config.run_id,
             lock,
@@ -296,7 +314,7 @@ async fn drop_earlier_failure(
     kept: Vec<(String, String)>,
     test: &str,
 ) -> (u32, Option<String>) {
-    let existing = match catalog::marked(admin).await {
+    let existing = match catalog::marked(admin).await.map(|(_, marked)| marked) {
         Ok(existing) => existing,
         Err(error) => {
             tracing::warn!(%error, "cannot list pgtest's databases");
@@ -335,7 +353,8 @@ async fn drop_database(
             _ => return false,
         },
     };
-    if !matches!(catalog::drop_unused(admin, database).await, Ok(true)) {
+    let dropped = catalog::drop_ours(admin, database, false).await;
+    if !matches!(dropped, Ok(catalog::Dropped::Gone)) {
         return false;
     }
     for entry in [Entry::Failed(database), Entry::Live(database)] {
@@ -363,27 +382,29 @@ fn lock(session: &Session, name: &str) -> Result<Option<LockFile>, Error> {
 
 /// Makes sure the template is ready; takes the test's slots (for a pool
 /// of `max` and the admin connection) and opens the admin connection that
-/// copies it.
+/// copies it. The server's clock, read on the way.
 async fn with_template(
     session: &Session,
     target: Target<'_>,
     max: u32,
     spec: &TestSpec,
-) -> Result<(Slots, PgConnection), Error> {
+) -> Result<(Slots, PgConnection, u64), Error> {
     let Session { server, budget, .. } = session;
     let slots = budget.take(budget.upfront(max, 1), spec.name).await?;
-    let mut admin = server.connect(server.admin_database()).await?;
-    let marker = bootstrap::marker(server, &mut admin, target.database).await?;
+    let mut admin = server.connect_admin().await?;
+    let (now, marker) = bootstrap::marker(server, &mut admin, target.database).await?;
     if let Some(marker) = marker.filter(|marker| marker.is_ready(Kind::Template)) {
         // The marker read here is the stamp: no second query per test.
-        bootstrap::note_template_use(server, &mut admin, target.database, &marker).await?;
-        return Ok((slots, admin));
+        bootstrap::note_template_use(server, &mut admin, target.database, &marker, now).await?;
+        return Ok((slots, admin, now));
     }
     // Built below (on the reserve; this test keeps its slots), stamped as
     // used by the build.
     let _ = admin.close().await;
     bootstrap::build_once(session, None, target, spec.role, spec.name).await?;
-    Ok((slots, server.connect(server.admin_database()).await?))
+    let mut admin = server.connect_admin().await?;
+    let (now, _) = bootstrap::marker(server, &mut admin, target.database).await?;
+    Ok((slots, admin, now))
 }
 
 /// Takes the snapshot of `template` on its fresh copy `name`, and keeps it
@@ -508,7 +529,7 @@ impl TestDatabase {
             .collect();
         let mut admin = None;
         if !kept.is_empty() || limit == 0 {
-            match server.connect(server.admin_database()).await {
+            match server.connect_admin().await {
                 Ok(connection) => admin = Some(connection),
                 Err(error) => tracing::warn!(%error, "cannot drop failed tests' databases"),
             }

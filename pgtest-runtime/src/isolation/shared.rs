@@ -40,7 +40,7 @@ pub(super) async fn with_shared_database(
     migrations: &Migrations,
     tenant: Tenant,
 ) -> Result<(TestContext, Teardown), Error> {
-    let template = names::template(spec.package, &migrations.hash, &[]);
+    let template = names::template(spec.package, session.server.user(), &migrations.hash, &[]);
     let database = names::run_copy(&template, &markers::host(), &session.config.run_id);
     session.hold_while_alive(Entry::Run(&database)).await?;
     let max = pool::max_for(spec, &session.budget, 0)?;
@@ -95,10 +95,7 @@ async fn make_ready(
         return Ok(None);
     };
     pool.cover.add(sweeper, 1).await;
-    let admin = session
-        .server
-        .connect(session.server.admin_database())
-        .await?;
+    let admin = session.server.connect_admin().await?;
     Ok(Some(sweep_beside(session, admin)))
 }
 
@@ -110,10 +107,9 @@ async fn build(
     ready: &Ready<'_>,
     spec: &TestSpec,
 ) -> Result<bool, Error> {
-    let template_marker = Marker::template_used_now();
-    let template = Target::template(ready.template, &template_marker, ready.migrations, &[]);
+    let template = Target::template(ready.template, &Marker::TEMPLATE, ready.migrations, &[]);
     let lock = session.dir.entry(Entry::Run(ready.database));
-    let origin = Origin::now(spec.name, &session.config.run_id, lock);
+    let origin = Origin::new(spec.name, &session.config.run_id, lock);
     let marker = Marker::Shared(origin);
     let copy = Target {
         database: ready.database,
