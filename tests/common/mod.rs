@@ -186,22 +186,36 @@ impl Cluster {
             .join("\n")
     }
 
-    /// Runs SQL in `database`.
-    pub fn psql_in(&self, database: &str, sql: &str) -> String {
-        let output = Command::new(self.bin.join("psql"))
+    /// `psql`, to run `sql` in `database` as `user` over the socket.
+    pub fn psql_command(&self, user: &str, database: &str, sql: &str) -> Command {
+        let mut command = Command::new(self.bin.join("psql"));
+        command
             .args([
                 "-X",
                 "-At",
                 "-v",
                 "ON_ERROR_STOP=1",
                 "-U",
-                "postgres",
+                user,
                 "-d",
                 database,
             ])
             .arg("-h")
             .arg(self.dir.path())
-            .args(["-p", &self.port.to_string(), "-c", sql])
+            .args(["-p", &self.port.to_string(), "-c", sql]);
+        command
+    }
+
+    /// Runs SQL in `database`.
+    pub fn psql_in(&self, database: &str, sql: &str) -> String {
+        self.psql_as("postgres", database, sql)
+    }
+
+    /// Runs SQL in `database` as `user` (over the socket, where logins are
+    /// trusted).
+    pub fn psql_as(&self, user: &str, database: &str, sql: &str) -> String {
+        let output = self
+            .psql_command(user, database, sql)
             .output()
             .expect("run psql");
         assert!(
