@@ -72,6 +72,9 @@ pub(crate) struct Cover {
     slots: tokio::sync::Mutex<Option<Slots>>,
     /// Whether growing ever had to wait for a slot, for the failure message.
     waited: AtomicBool,
+    /// Whether a task of the test was seen waiting for a connection while
+    /// all of the pool's were in use, for the failure message.
+    starved: AtomicBool,
     /// The budget's error, when growing failed.
     failure: Mutex<Option<String>>,
 }
@@ -105,6 +108,12 @@ impl Cover {
     /// Whether growing the pool ever found no slot free at once.
     pub(crate) fn waited(&self) -> bool {
         self.waited.load(Ordering::Relaxed)
+    }
+
+    /// Whether a task of the test was seen waiting for a connection while
+    /// all of the pool's were in use.
+    pub(crate) fn starved(&self) -> bool {
+        self.starved.load(Ordering::Relaxed)
     }
 
     /// What the budget said when growing failed.
@@ -298,7 +307,9 @@ impl Gate {
             () = taken_by_test => true,
             () = tokio::time::sleep(PROBE_LIMIT) => true,
         };
-        if !waited_for {
+        if waited_for {
+            self.cover.starved.store(true, Ordering::Relaxed);
+        } else {
             self.held.push(holder);
             self.cover.trim(lent).await;
         }
@@ -369,6 +380,7 @@ pub(crate) async fn test_pool(
         others: AtomicU32::new(0),
         slots: tokio::sync::Mutex::new(None),
         waited: AtomicBool::new(false),
+        starved: AtomicBool::new(false),
         failure: Mutex::new(None),
     });
     let gate = Gate::new(max, Arc::clone(&cover)).await;
@@ -403,7 +415,10 @@ pub(crate) async fn test_pool(
 
 /// What to do when the test failed for want of a connection: its pool's
 /// own (every connection held by the test's code, while some of it waited
-/// for one more) or the budget's. Empty when nothing points there.
+/// for one more) or the budget's. Empty when nothing points there: a pool
+/// whose connections are all in use at the failure (a transaction's one,
+/// on its way back) says nothing unless a task was seen waiting, or an
+/// acquire timed out.
 pub(crate) fn starvation_hint(
     spec: &TestSpec,
     pool: &PgPool,
@@ -418,7 +433,7 @@ pub(crate) fn starvation_hint(
     }
     let max = cover.max();
     let timed_out = failure.contains("PoolTimedOut") || failure.contains("pool timed out");
-    let exhausted = pool.size() >= max && pool.num_idle() == 0;
+    let exhausted = cover.starved() && pool.size() >= max && pool.num_idle() == 0;
     if !timed_out && !exhausted {
         return String::new();
     }

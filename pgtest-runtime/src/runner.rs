@@ -91,6 +91,19 @@ pub fn run<F: TestFn>(spec: TestSpec, test: F) {
             _ => None,
         };
         let Some(failure) = failure else { return };
+        if let Some(dir) = crate::migrations::missing_default_dir(
+            spec.migrations,
+            std::path::Path::new(spec.manifest_dir),
+        ) {
+            notes.push_str(&format!(
+                "\npgtest: test `{}` ran with no migrations applied: there is no {} (where \
+                 pgtest looks by default: `migrations/` beside Cargo.toml, or sqlx.toml's \
+                 `[migrate] migrations-dir`). If it expected tables, add migrations there or \
+                 name their directory: #[pg_test(migrations = \"path/to/migrations\")]\n",
+                spec.name,
+                dir.display()
+            ));
+        }
         if let Some(kept) = kept {
             notes.push_str(&format!("\npgtest: test `{}` failed; {kept}\n", spec.name));
         }
