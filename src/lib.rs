@@ -187,25 +187,25 @@ pub mod __private {
         all(feature = "sqlx-0_9", not(feature = "sqlx-0_8")),
         diagnostic::on_unimplemented(
             message = "`#[pg_test]` does not support a test with the signature `{Self}` on sqlx 0.9",
+            note = "pgtest is built for sqlx 0.9 (its default feature `sqlx-0_9`); if this test's \
+                    sqlx is 0.8, depend on pgtest with `default-features = false, features = \
+                    [\"sqlx-0_8\"]`",
             note = "a #[pg_test] fn is async and takes (pool: PgPool), (pool: PgPool, tenant: \
                     Tenant), (conn: PoolConnection<Postgres>), (conn: PoolConnection<Postgres>, \
                     tenant: Tenant), (options: PgPoolOptions, connect: PgConnectOptions), \
-                    (ctx: TestContext) or nothing",
-            note = "pgtest is built for sqlx 0.9 (its default feature `sqlx-0_9`); if this test's \
-                    sqlx is 0.8, depend on pgtest with `default-features = false, features = \
-                    [\"sqlx-0_8\"]`"
+                    (ctx: TestContext) or nothing"
         )
     )]
     #[cfg_attr(
         all(feature = "sqlx-0_8", not(feature = "sqlx-0_9")),
         diagnostic::on_unimplemented(
             message = "`#[pg_test]` does not support a test with the signature `{Self}` on sqlx 0.8",
+            note = "pgtest is built for sqlx 0.8 (its feature `sqlx-0_8`); if this test's sqlx is \
+                    0.9, turn on pgtest's feature `sqlx-0_9` (its default)",
             note = "a #[pg_test] fn is async and takes (pool: PgPool), (pool: PgPool, tenant: \
                     Tenant), (conn: PoolConnection<Postgres>), (conn: PoolConnection<Postgres>, \
                     tenant: Tenant), (options: PgPoolOptions, connect: PgConnectOptions), \
-                    (ctx: TestContext) or nothing",
-            note = "pgtest is built for sqlx 0.8 (its feature `sqlx-0_8`); if this test's sqlx is \
-                    0.9, turn on pgtest's feature `sqlx-0_9` (its default)"
+                    (ctx: TestContext) or nothing"
         )
     )]
     #[cfg_attr(

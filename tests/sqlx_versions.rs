@@ -169,4 +169,8 @@ fn a_crate_on_sqlx_0_8_without_the_feature_is_told_which_to_enable() {
     ] {
         assert!(shown.contains(part), "expected {part:?} in:\n{shown}");
     }
+    // The feature to turn on leads, before the list of signatures.
+    let feature = shown.find("default-features = false").unwrap();
+    let signatures = shown.find("a #[pg_test] fn is async").unwrap();
+    assert!(feature < signatures, "{shown}");
 }
