@@ -26,6 +26,7 @@
 //! The README covers the server (`PGTEST_DATABASE_URL`, `DATABASE_URL`),
 //! the shared database's life cycle and how pgtest compares with
 //! `#[sqlx::test]`.
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 /// Runs an async test against PostgreSQL.
 ///
@@ -57,10 +58,12 @@
 /// | `fixtures("users", "posts")` | scripts as `#[sqlx::test]` reads them: `fixtures/<name>.sql` beside the test file; `"../x.sql"` relative to it; `fixtures(path = "dir", scripts("a", "b"))`; repeatable. In `database` isolation they are part of the template, run once | none |
 /// | `migrations = "dir"` | migrations directory, relative to the package's `Cargo.toml`; read when the test runs, so an edit needs no rebuild | `sqlx.toml`'s `[migrate] migrations-dir`, else `"./migrations"` when it exists, else none |
 /// | `migrations = false` | no migrations | |
-/// | `migrator = "path::TO::MIGRATOR"` | a `static` [`sqlx::migrate::Migrator`] (from `sqlx::migrate!`) | |
+/// | `migrator = "path::TO::MIGRATOR"` | a `static` `sqlx::migrate::Migrator` (from `sqlx::migrate!`) | |
 /// | `max_connections = N` | the most connections the test's pool opens | 5, as `#[sqlx::test]` (1 in `isolation = "transaction"`) |
 /// | `seed = "fixtures/x.sql"` | a script run on the test's pool before the body; repeatable, in order; the path is relative to the test file, as `include_str!` reads it | none |
 /// | `role = "app_user"` | every connection acts as this role (so row-level security applies to it) | the URL's role |
+/// | `flavor = "multi_thread"` | the body runs on tokio worker threads (for `tokio::task::block_in_place`), as `#[tokio::test(flavor = "multi_thread")]` | `"current_thread"`, as `#[sqlx::test]` |
+/// | `worker_threads = N` | with `flavor = "multi_thread"`: how many worker threads | tokio's: one per core |
 /// | `crate = "path"` | where pgtest is, for a renamed dependency | `::pgtest` |
 ///
 /// Seeds insert rows for the test's tenant through the setting, for example
@@ -146,6 +149,7 @@ compile_error!(
 /// default). The same items stand at the crate's root unless only
 /// `sqlx-0_8` is on.
 #[cfg(feature = "sqlx-0_9")]
+#[cfg_attr(docsrs, doc(cfg(feature = "sqlx-0_9")))]
 pub mod sqlx_0_9 {
     pub use pgtest_runtime::{Error, Removed, TestContext, remove_all};
 }
@@ -154,6 +158,7 @@ pub mod sqlx_0_9 {
 /// crate on sqlx 0.8 in a workspace where another crate turns `sqlx-0_9`
 /// on too names its context `pgtest::sqlx_0_8::TestContext`.
 #[cfg(feature = "sqlx-0_8")]
+#[cfg_attr(docsrs, doc(cfg(feature = "sqlx-0_8")))]
 pub mod sqlx_0_8 {
     pub use pgtest_runtime_sqlx08::{Error, Removed, TestContext, remove_all};
 }
@@ -172,7 +177,7 @@ pub use pgtest_core::Tenant;
 /// Used by the code `#[pg_test]` generates. Not a public API.
 #[doc(hidden)]
 pub mod __private {
-    pub use pgtest_core::{Isolation, MigrationSource, Script, TestSpec};
+    pub use pgtest_core::{Flavor, Isolation, MigrationSource, Script, TestSpec};
     use pgtest_core::{Tenant, TestTermination};
 
     /// Runs the test with the runtime of its own sqlx version, chosen by the

@@ -30,6 +30,23 @@ pub struct TestSpec {
     pub fixtures: &'static [Script],
     /// How the test is kept apart from the others.
     pub isolation: Isolation,
+    /// The tokio runtime the body runs on.
+    pub flavor: Flavor,
+}
+
+/// The tokio runtime a test's body runs on, as `#[tokio::test]` names it:
+/// one thread (the default, as in `#[sqlx::test]`), or worker threads,
+/// which `tokio::task::block_in_place` needs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Flavor {
+    /// `flavor = "current_thread"`.
+    CurrentThread,
+    /// `flavor = "multi_thread"`, with `worker_threads` when given (else
+    /// tokio's default, one per core).
+    MultiThread {
+        /// `worker_threads = N`.
+        worker_threads: Option<usize>,
+    },
 }
 
 /// How a test is kept apart from the others; see the attribute's docs.

@@ -10,8 +10,8 @@ use syn::punctuated::Punctuated;
 use syn::spanned::Spanned;
 use syn::{Lit, LitInt, LitStr, Token};
 
-const KEYS: &str =
-    "isolation, migrations, migrator, fixtures(…), max_connections, seed, role, crate";
+const KEYS: &str = "isolation, migrations, migrator, fixtures(…), max_connections, seed, role, \
+                    flavor, worker_threads, crate";
 
 /// Where the migrations come from.
 pub(crate) enum Migrations {
@@ -33,6 +33,13 @@ pub(crate) enum Isolation {
     Transaction,
 }
 
+/// The tokio runtime of the test's body.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Flavor {
+    CurrentThread,
+    MultiThread { worker_threads: Option<usize> },
+}
+
 /// The checked arguments.
 pub(crate) struct Args {
     /// As written; `None` lets the expansion choose.
@@ -45,6 +52,7 @@ pub(crate) struct Args {
     pub(crate) max_connections: Option<u32>,
     pub(crate) seeds: Vec<LitStr>,
     pub(crate) role: Option<LitStr>,
+    pub(crate) flavor: Flavor,
     pub(crate) krate: syn::Path,
     /// Whether any argument concerns the database.
     pub(crate) any_database_key: Option<Span>,
@@ -60,6 +68,8 @@ pub(crate) struct RawArgs {
     max_connections: Option<(Span, LitInt)>,
     seeds: Vec<(Span, LitStr)>,
     role: Option<(Span, LitStr)>,
+    flavor: Option<(Span, LitStr)>,
+    worker_threads: Option<(Span, LitInt)>,
     krate: Option<(Span, LitStr)>,
 }
 
@@ -91,6 +101,13 @@ impl RawArgs {
                 meta.value()?.parse()?,
             ),
             "role" => set_once(&mut self.role, &meta, span, meta.value()?.parse()?),
+            "flavor" => set_once(&mut self.flavor, &meta, span, meta.value()?.parse()?),
+            "worker_threads" => set_once(
+                &mut self.worker_threads,
+                &meta,
+                span,
+                meta.value()?.parse()?,
+            ),
             "crate" => set_once(&mut self.krate, &meta, span, meta.value()?.parse()?),
             "seed" => {
                 self.seeds.push((span, meta.value()?.parse()?));
@@ -155,6 +172,33 @@ impl RawArgs {
         {
             return Err(syn::Error::new(role.span(), "`role` must name a role"));
         }
+        let flavor = match (&self.flavor, &self.worker_threads) {
+            (None, None) => Flavor::CurrentThread,
+            (Some((_, lit)), threads) => match (lit.value().as_str(), threads) {
+                ("current_thread", None) => Flavor::CurrentThread,
+                ("current_thread", Some((span, _))) => {
+                    return Err(syn::Error::new(
+                        *span,
+                        "`worker_threads` needs `flavor = \"multi_thread\"`",
+                    ));
+                }
+                ("multi_thread", threads) => Flavor::MultiThread {
+                    worker_threads: threads.as_ref().map(worker_threads).transpose()?,
+                },
+                _ => {
+                    return Err(syn::Error::new(
+                        lit.span(),
+                        "`flavor` is \"current_thread\" or \"multi_thread\"",
+                    ));
+                }
+            },
+            (None, Some((span, _))) => {
+                return Err(syn::Error::new(
+                    *span,
+                    "`worker_threads` needs `flavor = \"multi_thread\"`",
+                ));
+            }
+        };
         let isolation = match &self.isolation {
             None => None,
             Some((_, lit)) => Some(match lit.value().as_str() {
@@ -186,9 +230,21 @@ impl RawArgs {
             max_connections,
             seeds: self.seeds.into_iter().map(|(_, seed)| seed).collect(),
             role: self.role.map(|(_, role)| role),
+            flavor,
             krate,
             any_database_key,
         })
+    }
+}
+
+/// A `worker_threads = N`, at least 1.
+fn worker_threads((_, lit): &(Span, LitInt)) -> syn::Result<usize> {
+    match lit.base10_parse::<usize>() {
+        Ok(n) if n >= 1 => Ok(n),
+        _ => Err(syn::Error::new(
+            lit.span(),
+            "`worker_threads` must be at least 1",
+        )),
     }
 }
 

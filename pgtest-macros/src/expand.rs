@@ -8,7 +8,7 @@ use quote::{quote, quote_spanned};
 use syn::spanned::Spanned;
 use syn::{Attribute, FnArg, ItemFn};
 
-use crate::args::{Args, Isolation, Migrations, RawArgs};
+use crate::args::{Args, Flavor, Isolation, Migrations, RawArgs};
 
 /// Which attribute is expanding; they differ in the default isolation.
 #[derive(Clone, Copy)]
@@ -214,6 +214,16 @@ fn emit(function: &ItemFn, args: &Args) -> TokenStream {
     };
     let seeds = args.seeds.iter().map(script);
     let fixtures = args.fixtures.iter().map(script);
+    let flavor = match args.flavor {
+        Flavor::CurrentThread => quote! { #krate::__private::Flavor::CurrentThread },
+        Flavor::MultiThread { worker_threads } => {
+            let threads = match worker_threads {
+                Some(n) => quote! { ::core::option::Option::Some(#n) },
+                None => quote! { ::core::option::Option::None },
+            };
+            quote! { #krate::__private::Flavor::MultiThread { worker_threads: #threads } }
+        }
+    };
     let isolation = match args.isolation {
         Some(Isolation::Shared) | None => quote! { Shared },
         Some(Isolation::Database) => quote! { Database },
@@ -236,6 +246,7 @@ fn emit(function: &ItemFn, args: &Args) -> TokenStream {
                     seeds: &[#(#seeds),*],
                     fixtures: &[#(#fixtures),*],
                     isolation: #krate::__private::Isolation::#isolation,
+                    flavor: #flavor,
                 },
                 test,
             )
@@ -292,6 +303,8 @@ mod tests {
                 role = "app_user",
                 seed = "a.sql",
                 seed = "b.sql",
+                flavor = "multi_thread",
+                worker_threads = 2,
                 crate = "::renamed"
             ),
             quote! {
@@ -462,6 +475,40 @@ mod tests {
         assert!(
             message.contains("isolation, migrations, migrator, fixtures(…), max_connections"),
             "{message}"
+        );
+    }
+
+    #[test]
+    fn worker_threads_need_the_multi_thread_flavor_and_a_flavor_is_one_of_two() {
+        let body = quote!(
+            async fn t(pool: PgPool) {}
+        );
+        for (args, expected) in [
+            (
+                quote!(worker_threads = 2),
+                "`worker_threads` needs `flavor = \"multi_thread\"`",
+            ),
+            (
+                quote!(flavor = "current_thread", worker_threads = 2),
+                "`worker_threads` needs `flavor = \"multi_thread\"`",
+            ),
+            (
+                quote!(flavor = "multi_thread", worker_threads = 0),
+                "`worker_threads` must be at least 1",
+            ),
+            (
+                quote!(flavor = "many"),
+                "`flavor` is \"current_thread\" or \"multi_thread\"",
+            ),
+        ] {
+            let message = error(args.clone(), body.clone());
+            assert!(message.contains(expected), "{args}: {message}");
+        }
+        let text = pretty(quote!(flavor = "multi_thread"), body);
+        assert!(
+            text.contains("Flavor::MultiThread {")
+                && text.contains("worker_threads: ::core::option::Option::None"),
+            "{text}"
         );
     }
 

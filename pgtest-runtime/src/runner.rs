@@ -16,10 +16,11 @@ use crate::isolation::{self, Prepared};
 use crate::session::Session;
 use crate::shapes::TestFn;
 use crate::{Error, spares};
-use pgtest_core::{Isolation, MigrationSource, TestSpec, TestTermination};
+use pgtest_core::{Flavor, Isolation, MigrationSource, TestSpec, TestTermination};
 
-/// Runs one test: prepares its database, calls the body on a fresh
-/// single-threaded tokio runtime, and cleans up whatever the outcome.
+/// Runs one test: prepares its database, calls the body on a fresh tokio
+/// runtime of the test's flavor (one thread unless it asked for
+/// `multi_thread`), and cleans up whatever the outcome.
 ///
 /// # Panics
 ///
@@ -35,15 +36,22 @@ pub fn run<F: TestFn>(spec: TestSpec, test: F) {
     if let MigrationSource::Migrator(migrator) = spec.migrations {
         let _ = crate::migrations::static_migrator(migrator);
     }
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap_or_else(|error| {
-            panic!(
-                "pgtest: test `{}`: cannot start a tokio runtime: {error}",
-                spec.name
-            )
-        });
+    let mut builder = match spec.flavor {
+        Flavor::CurrentThread => tokio::runtime::Builder::new_current_thread(),
+        Flavor::MultiThread { worker_threads } => {
+            let mut builder = tokio::runtime::Builder::new_multi_thread();
+            if let Some(threads) = worker_threads {
+                builder.worker_threads(threads);
+            }
+            builder
+        }
+    };
+    let runtime = builder.enable_all().build().unwrap_or_else(|error| {
+        panic!(
+            "pgtest: test `{}`: cannot start a tokio runtime: {error}",
+            spec.name
+        )
+    });
     runtime.block_on(async {
         if F::OPENS_CONNECTIONS && spec.isolation == Isolation::Transaction {
             panic!(
