@@ -7,7 +7,7 @@ mod common;
 
 use std::fs;
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::{Output, Stdio};
 use std::time::Duration;
 
 use common::{Cluster, finish, text};
@@ -116,11 +116,9 @@ fn cargo_test(cluster: &Cluster, examples: &[(&str, &str)]) -> (Output, String) 
     for (name, version) in examples {
         add_example(workspace.path(), name, version);
     }
-    let target = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/pgtest-it-projects");
-    let child = Command::new(env!("CARGO"))
+    let child = common::project_cargo()
         .args(["test", "--workspace", "--offline"])
         .current_dir(workspace.path())
-        .env("CARGO_TARGET_DIR", target)
         .env_remove("DATABASE_URL")
         .env("PGTEST_DATABASE_URL", cluster.url())
         .env("TMPDIR", cluster.tmp_dir())
