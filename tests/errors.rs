@@ -275,6 +275,21 @@ fn a_failing_test_whose_pool_no_task_waited_for_gets_no_pool_hint() {
             "{fixture} got a pool hint:\n{text}"
         );
     }
+    // A shared-mode failure says where its rows are.
+    let text =
+        assert_failed_without_password(&run(cluster.exact("fixture_shared_fails_inside_begin")));
+    let database = cluster.run_database();
+    assert_contains(
+        &text,
+        &[
+            &format!("failed in the run's shared database {database} as tenant "),
+            "its rows are those whose tenant_id is '",
+            &format!(
+                "inspect them with: psql -h '127.0.0.1' -p {}",
+                cluster.port()
+            ),
+        ],
+    );
 }
 
 #[test]

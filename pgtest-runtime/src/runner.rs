@@ -72,6 +72,11 @@ pub fn run<F: TestFn>(spec: TestSpec, test: F) {
             .map(|Prepared { context, teardown }| (context, teardown))
             .unzip();
         let pool = context.as_ref().map(|context| context.pool().clone());
+        // Where a shared-mode test's rows are, for its failure message.
+        let rows = context
+            .as_ref()
+            .filter(|_| spec.isolation == Isolation::Shared)
+            .map(|context| (context.database().to_owned(), context.tenant()));
         let cover = teardown
             .as_ref()
             .map(|teardown| Arc::clone(teardown.cover()));
@@ -112,6 +117,9 @@ pub fn run<F: TestFn>(spec: TestSpec, test: F) {
                 dir.display()
             ));
         }
+        if let Some((database, tenant)) = rows {
+            notes.push_str(&shared_rows_note(&spec, &database, tenant).await);
+        }
         if let Some(kept) = kept {
             notes.push_str(&format!("\npgtest: test `{}` failed; {kept}\n", spec.name));
         }
@@ -126,6 +134,24 @@ pub fn run<F: TestFn>(spec: TestSpec, test: F) {
             }
         }
     });
+}
+
+/// Where a failed shared-mode test's rows are: the run's database and the
+/// test's tenant, and how to look at them.
+async fn shared_rows_note(spec: &TestSpec, database: &str, tenant: crate::Tenant) -> String {
+    let psql = match Session::get(spec.manifest_dir).await {
+        Ok(session) => format!(
+            "; inspect them with: {}",
+            session.server.psql_command(database)
+        ),
+        Err(_) => String::new(),
+    };
+    format!(
+        "\npgtest: test `{}` failed in the run's shared database {database} as tenant {tenant}: \
+         its rows are those whose tenant_id is '{tenant}' (kept until a later run sweeps the \
+         run's database){psql}\n",
+        spec.name
+    )
 }
 
 fn panic_message(payload: &(dyn Any + Send)) -> Option<&str> {
