@@ -219,8 +219,8 @@ impl Budget {
         self.dir.entry(Entry::Slot(index))
     }
 
-    /// Who holds slots now, for the timeout message.
-    fn holders(&self) -> String {
+    /// Who holds slots now, for the timeout message and `cargo pgtest`.
+    pub(crate) fn holders(&self) -> String {
         let mut holders: Vec<String> = (0..self.free_for_all())
             .map(|index| self.slot(index))
             .chain([self.dir.entry(Entry::Reserve)])

@@ -21,6 +21,7 @@ mod error;
 mod helper;
 mod isolation;
 mod lock;
+pub mod manage;
 mod markers;
 mod migrations;
 mod names;

@@ -141,7 +141,7 @@ pub fn run<F: TestFn>(spec: TestSpec, test: F) {
 async fn shared_rows_note(spec: &TestSpec, database: &str, tenant: crate::Tenant) -> String {
     let psql = match Session::get(spec.manifest_dir).await {
         Ok(session) => format!(
-            "; inspect them with: {}",
+            "; inspect them with: {} (or: cargo pgtest psql {database})",
             session.server.psql_command(database)
         ),
         Err(_) => String::new(),
@@ -169,7 +169,7 @@ async fn prepare(spec: &TestSpec) -> Result<Prepared, Error> {
 
 /// Does a helper's work (this process was started as a helper, not to run
 /// a test); its exit code.
-fn run_helper(job: Result<Job, std::ffi::OsString>) -> i32 {
+pub(crate) fn run_helper(job: Result<Job, std::ffi::OsString>) -> i32 {
     match job {
         Ok(Job::Watchdog { cluster, bin, idle }) => watchdog::run(&cluster, &bin, idle),
         Ok(Job::Spares { budget, limit }) => spares::run_helper(&budget, limit),

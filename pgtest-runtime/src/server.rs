@@ -71,6 +71,10 @@ pub(crate) struct Server {
     /// Where its data is, when it is on this machine where pgtest can look
     /// (the embedded server's).
     pub(crate) data_dir: Option<PathBuf>,
+    /// The `psql` beside the embedded server's binaries, else on `PATH`.
+    psql_program: PathBuf,
+    /// Whether this process started the embedded server.
+    pub(crate) started_embedded: bool,
     pub(crate) connect_timeout: Duration,
     pub(crate) bootstrap_timeout: Duration,
 }
@@ -79,18 +83,14 @@ impl Server {
     /// The server `config` names; the embedded one (in `home`) is started
     /// if it is not running.
     pub(crate) fn new(config: &Config, home: &StateDir) -> Result<Self, Error> {
-        let (options, secret_url, url, origin, known_capacity, data_dir) = match &config.target {
-            Target::Url { url, origin } => {
-                let options = parse_url(url, origin)?;
-                (
-                    options,
-                    Some(url.clone()),
-                    redact_url(url),
-                    origin.to_string(),
-                    None,
-                    None,
-                )
-            }
+        let (options, secret_url, url, origin, embedded) = match &config.target {
+            Target::Url { url, origin } => (
+                parse_url(url, origin)?,
+                Some(url.clone()),
+                redact_url(url),
+                origin.to_string(),
+                None,
+            ),
             Target::Embedded => {
                 let embedded = embedded::ensure(
                     home,
@@ -98,14 +98,12 @@ impl Server {
                     config.server_user.as_deref(),
                     config.embedded_idle,
                 )?;
-                let capacity = Some(embedded.client_connections);
                 (
-                    embedded.options,
+                    embedded.options.clone(),
                     None,
-                    embedded.description,
+                    embedded.description.clone(),
                     URL_VAR.to_owned(),
-                    capacity,
-                    Some(embedded.data_dir),
+                    Some(embedded),
                 )
             }
         };
@@ -120,11 +118,58 @@ impl Server {
             admin_database,
             url,
             origin,
-            known_capacity,
-            data_dir,
+            known_capacity: embedded
+                .as_ref()
+                .map(|embedded| embedded.client_connections),
+            data_dir: embedded.as_ref().map(|embedded| embedded.data_dir.clone()),
+            psql_program: embedded
+                .as_ref()
+                .map(|embedded| embedded.bin.join("psql"))
+                .filter(|psql| psql.is_file())
+                .unwrap_or_else(|| PathBuf::from("psql")),
+            started_embedded: embedded.is_some_and(|embedded| embedded.started),
             connect_timeout: config.connect_timeout,
             bootstrap_timeout: config.bootstrap_timeout,
         })
+    }
+
+    /// How the server was chosen: the variable (and file) of its URL, or
+    /// the embedded server's.
+    pub(crate) fn origin(&self) -> &str {
+        &self.origin
+    }
+
+    /// `psql` on `database` as pgtest's role, with the password, if any,
+    /// in its environment (never on its command line, which `ps` shows).
+    pub(crate) fn psql(&self, database: &str) -> std::process::Command {
+        let mut command = std::process::Command::new(&self.psql_program);
+        command
+            .arg("-h")
+            .arg(self.psql_host())
+            .args([
+                "-p",
+                &self.options.get_port().to_string(),
+                "-U",
+                self.user(),
+            ])
+            .arg(database);
+        let password = self
+            .secret_url
+            .as_deref()
+            .and_then(|url| url::Url::parse(url).ok())
+            .and_then(|url| {
+                let password = url.password()?;
+                Some(
+                    percent_encoding::percent_decode_str(password)
+                        .decode_utf8_lossy()
+                        .into_owned(),
+                )
+            })
+            .or_else(|| self.env_password.clone());
+        if let Some(password) = password {
+            command.env("PGPASSWORD", password);
+        }
+        command
     }
 
     /// The redacted URL, for messages.
