@@ -42,6 +42,20 @@ fn parse_url(url: &str, origin: &UrlOrigin) -> Result<PgConnectOptions, Error> {
     PgConnectOptions::from_str(url).map_err(|e| invalid(e.to_string()))
 }
 
+/// Whether this user may run `program` without running what another user
+/// put there: a file, and its directory, owned by root or this user and
+/// writable by no one else (the embedded server's binaries may be the
+/// server user's, which root must not run).
+fn safe_to_run(program: &std::path::Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let me = nix::unistd::Uid::effective().as_raw();
+    let trusted = |path: &std::path::Path| {
+        std::fs::metadata(path)
+            .is_ok_and(|meta| (meta.uid() == 0 || meta.uid() == me) && meta.mode() & 0o022 == 0)
+    };
+    program.is_file() && trusted(program) && program.parent().is_some_and(trusted)
+}
+
 /// How long a server that refuses connections for want of slots is retried.
 const REFUSED_RETRY: Duration = Duration::from_secs(60);
 
@@ -125,7 +139,7 @@ impl Server {
             psql_program: embedded
                 .as_ref()
                 .map(|embedded| embedded.bin.join("psql"))
-                .filter(|psql| psql.is_file())
+                .filter(|psql| safe_to_run(psql))
                 .unwrap_or_else(|| PathBuf::from("psql")),
             started_embedded: embedded.is_some_and(|embedded| embedded.started),
             connect_timeout: config.connect_timeout,
