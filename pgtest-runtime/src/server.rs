@@ -43,17 +43,24 @@ fn parse_url(url: &str, origin: &UrlOrigin) -> Result<PgConnectOptions, Error> {
 }
 
 /// Whether this user may run `program` without running what another user
-/// put there: a file, and its directory, owned by root or this user and
-/// writable by no one else (the embedded server's binaries may be the
-/// server user's, which root must not run).
+/// put there: a file, and every directory above it, owned by root or this
+/// user and writable by no one else (but a sticky one, `/tmp`), no link on
+/// the way (the embedded server's binaries may be the server user's,
+/// which root must not run).
 fn safe_to_run(program: &std::path::Path) -> bool {
     use std::os::unix::fs::MetadataExt;
     let me = nix::unistd::Uid::effective().as_raw();
-    let trusted = |path: &std::path::Path| {
-        std::fs::metadata(path)
-            .is_ok_and(|meta| (meta.uid() == 0 || meta.uid() == me) && meta.mode() & 0o022 == 0)
+    let trusted = |path: &std::path::Path, sticky_ok: bool| {
+        std::fs::symlink_metadata(path).is_ok_and(|meta| {
+            let owner = meta.uid() == 0 || meta.uid() == me;
+            let writable = meta.mode() & 0o022 != 0 && !(sticky_ok && meta.mode() & 0o1000 != 0);
+            owner && !writable && !meta.file_type().is_symlink()
+        })
     };
-    program.is_file() && trusted(program) && program.parent().is_some_and(trusted)
+    program.is_absolute()
+        && program.is_file()
+        && trusted(program, false)
+        && program.ancestors().skip(1).all(|dir| trusted(dir, true))
 }
 
 /// How long a server that refuses connections for want of slots is retried.

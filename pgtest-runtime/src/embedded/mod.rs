@@ -134,7 +134,14 @@ fn server_user(name: Option<&str>) -> Result<ServerUser, Error> {
     if !nix::unistd::Uid::effective().is_root() {
         return Ok(ServerUser::me());
     }
-    let wanted = name.unwrap_or("postgres");
+    // macOS names the server's account `_postgres`.
+    let wanted = name.unwrap_or(
+        if cfg!(target_os = "macos") && ServerUser::named("postgres").is_none() {
+            "_postgres"
+        } else {
+            "postgres"
+        },
+    );
     match ServerUser::named(wanted) {
         Some(user) if user.uid.is_root() => Err(Error::ServerUser {
             name: wanted.to_owned(),
@@ -142,9 +149,10 @@ fn server_user(name: Option<&str>) -> Result<ServerUser, Error> {
         }),
         Some(user) => {
             if user.name == "nobody" {
-                tracing::warn!(
-                    "the embedded server runs as nobody: every process of nobody on this machine \
-                     can read and change its data"
+                // Straight to stderr: the test harness captures eprintln!.
+                crate::helper::say(
+                    "pgtest: warning: the embedded server runs as nobody (PGTEST_SERVER_USER): \
+                     every process of nobody on this machine can read and change its data",
                 );
             }
             Ok(user)
