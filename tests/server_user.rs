@@ -424,43 +424,35 @@ fn rewrite_the_pid_file_and_let_root_act(home: &EmbeddedHome, pid: &str) -> Stri
     text(&output)
 }
 
-#[test]
-fn a_pid_file_rewritten_to_name_a_process_of_root_gets_that_process_no_signal() {
-    if !is_root() {
-        return;
-    }
-    let recorder = Recorder::start();
+/// Rewrites a running server's pid file to name `recorder` (see
+/// [`rewrite_the_pid_file_and_let_root_act`]): the next test's message
+/// names it as `what`, and the recorder gets no signal.
+fn pid_file_naming(recorder: Recorder, what: &str) {
     let home = EmbeddedHome::new();
     let printed = rewrite_the_pid_file_and_let_root_act(&home, &recorder.pid().to_string());
-    assert!(
-        printed.contains(&format!(
-            "postmaster.pid names pid {}, which is no process of postgres",
-            recorder.pid()
-        )),
-        "the stale pid file is not named:\n{printed}"
-    );
+    let named = format!("postmaster.pid names pid {}, {what}", recorder.pid());
+    assert!(printed.contains(&named), "no {named:?} in:\n{printed}");
     recorder.assert_got_no_signal();
 }
 
 #[test]
-fn a_pid_file_naming_another_process_of_the_server_user_gets_it_no_signal() {
-    if !is_root() {
-        return;
+fn a_pid_file_rewritten_to_name_a_process_of_root_gets_that_process_no_signal() {
+    if is_root() {
+        pid_file_naming(Recorder::start(), "which is no process of postgres");
     }
+}
+
+#[test]
+fn a_pid_file_naming_another_process_of_the_server_user_gets_it_no_signal() {
     // The server's user may signal its own processes: only what the pid
     // file names keeps pg_ctl stop off this one, unless pgtest sees that
     // it is not this directory's server.
-    let recorder = Recorder::start_as_server_user();
-    let home = EmbeddedHome::new();
-    let printed = rewrite_the_pid_file_and_let_root_act(&home, &recorder.pid().to_string());
-    assert!(
-        printed.contains(&format!(
-            "postmaster.pid names pid {}, a process of postgres that is not this directory's server",
-            recorder.pid()
-        )),
-        "the stale pid file is not named:\n{printed}"
-    );
-    recorder.assert_got_no_signal();
+    if is_root() {
+        pid_file_naming(
+            Recorder::start_as_server_user(),
+            "a process of postgres that is not this directory's server",
+        );
+    }
 }
 
 #[test]

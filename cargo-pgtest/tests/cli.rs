@@ -44,6 +44,12 @@ fn cargo_pgtest(args: &[&str], env: &[(&str, &str)]) -> Output {
     output
 }
 
+/// `cargo pgtest psql test` reads the row the failed fixture left.
+fn assert_psql_reads_the_kept_row(test: &str, env: &[(&str, &str)]) {
+    let args = ["psql", test, "--", "-At", "-c", "select body from notes"];
+    assert_eq!(succeeded(&cargo_pgtest(&args, env)).trim(), "look at me");
+}
+
 fn succeeded(output: &Output) -> String {
     assert!(output.status.success(), "{}", text(output));
     text(output)
@@ -68,18 +74,7 @@ fn on_the_embedded_server_a_failed_tests_database_opens_after_the_server_stopped
         || home.postmaster_pid().is_none(),
     );
 
-    let shown = succeeded(&cargo_pgtest(
-        &[
-            "psql",
-            "fixture_fails_with_a_row",
-            "--",
-            "-At",
-            "-c",
-            "select body from notes",
-        ],
-        &env,
-    ));
-    assert_eq!(shown.trim(), "look at me");
+    assert_psql_reads_the_kept_row("fixture_fails_with_a_row", &env);
 
     let status = succeeded(&cargo_pgtest(&["status"], &env));
     for part in [
@@ -130,18 +125,7 @@ fn on_a_server_given_by_url_it_sees_opens_and_cleans_what_pgtest_made() {
     ] {
         assert!(status.contains(part), "no {part:?} in:\n{status}");
     }
-    let shown = succeeded(&cargo_pgtest(
-        &[
-            "psql",
-            "cli::fixture_fails_with_a_row",
-            "--",
-            "-At",
-            "-c",
-            "select body from notes",
-        ],
-        &env,
-    ));
-    assert_eq!(shown.trim(), "look at me");
+    assert_psql_reads_the_kept_row("cli::fixture_fails_with_a_row", &env);
     let unknown = cargo_pgtest(&["psql", "no_such_test"], &env);
     assert!(!unknown.status.success());
     assert!(

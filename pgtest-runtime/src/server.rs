@@ -481,7 +481,10 @@ impl Server {
     pub(crate) fn foreign_database(&self, database: &str, found: &catalog::Found) -> Error {
         let why = match found.ours {
             false => format!("its owner is role {}, not {}", found.owner, self.user()),
-            true => "pgtest did not mark it as its own".to_owned(),
+            true => match &found.marker {
+                None => "pgtest did not mark it as its own".to_owned(),
+                Some(marker) => format!("its marker ({marker}) is not what pgtest expects there"),
+            },
         };
         Error::ForeignDatabase {
             database: database.to_owned(),
