@@ -15,7 +15,7 @@ use crate::helper::{self, Job};
 use crate::isolation::{self, Prepared};
 use crate::session::Session;
 use crate::shapes::TestFn;
-use crate::{Error, spares};
+use crate::{Error, pool, spares};
 use pgtest_core::{Isolation, MigrationSource, TestSpec, TestTermination};
 
 /// Runs one test: prepares its database, calls the body on a fresh
@@ -35,8 +35,11 @@ pub fn run<F: TestFn>(spec: TestSpec, test: F) {
     if let MigrationSource::Migrator(migrator) = spec.migrations {
         let _ = crate::migrations::static_migrator(migrator);
     }
+    // A pool that opens connections as sqlx's does keeps a permit ahead,
+    // also topped up just before the runtime waits (see `pool`).
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
+        .on_thread_park(pool::top_up_before_park)
         .build()
         .unwrap_or_else(|error| {
             panic!(
@@ -63,6 +66,7 @@ pub fn run<F: TestFn>(spec: TestSpec, test: F) {
         let (context, teardown) = prepared
             .map(|Prepared { context, teardown }| (context, teardown))
             .unzip();
+        pool::before_body().await;
         let pool = context.as_ref().map(|context| context.pool().clone());
         let cover = teardown
             .as_ref()
