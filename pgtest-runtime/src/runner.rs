@@ -35,11 +35,10 @@ pub fn run<F: TestFn>(spec: TestSpec, test: F) {
     if let MigrationSource::Migrator(migrator) = spec.migrations {
         let _ = crate::migrations::static_migrator(migrator);
     }
-    // A pool that opens connections as sqlx's does keeps a permit ahead,
-    // also topped up just before the runtime waits (see `pool`).
+    // Pools lend permits as the runtime is about to wait (see `pool`).
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
-        .on_thread_park(pool::top_up_before_park)
+        .on_thread_park(pool::at_park)
         .build()
         .unwrap_or_else(|error| {
             panic!(

@@ -11,7 +11,9 @@
 //!
 //! **When a task waits.** Once the pool has handed out no connection for
 //! `PGTEST_GROW_AFTER` (10 ms) while all of its connections are in use,
-//! the gate queues for a permit of the pool itself and lets one go: the
+//! the gate takes a slot and, when the test's runtime is about to wait
+//! (every task has run by then, so a connection given back has started on
+//! its way), queues for a permit of the pool itself and lets one go: the
 //! pool's semaphore is fair, so a task already waiting gets it, and else
 //! the gate gets it back. A connection on its way back is only a ping
 //! away, and a slow query has no one waiting behind it, so a frugal pool
@@ -27,86 +29,34 @@
 //! way back, before anything else runs: the next task that asks opens a
 //! connection, as it would on sqlx's pool, instead of waiting for the one
 //! on its way back. Tasks that ask while the permit ahead is being used to
-//! open a connection wait; they get one just before the test's runtime
-//! waits ([`top_up_before_park`], tokio's `on_thread_park`), when it goes
-//! idle before it looks for I/O (through which a connection on its way
+//! open a connection wait; they get one when the test's runtime is about
+//! to wait, before it looks for I/O (through which a connection on its way
 //! back could reach them first). The pool hands permits to tasks in the
 //! order they wait, so the gate lends until one stays free.
 
-use std::cell::RefCell;
 use std::future::Future;
 use std::pin::pin;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
-use std::task::{Context, Poll, Waker};
+use std::task::{Context, Waker};
 use std::time::{Duration, Instant};
 
 use sqlx::PgPool;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use tokio::sync::oneshot;
 
 use super::cover::Cover;
+use super::thread;
 use crate::Error;
-
-/// How often the gate looks for who took a permit it let go.
-const GATE_TICK: Duration = Duration::from_millis(2);
 
 /// The longest a connection given back counts as on its way to idle.
 const RETURN_LIMIT: Duration = Duration::from_secs(1);
-
-/// How long the gate looks for who took a permit it let go.
-const PROBE_LIMIT: Duration = Duration::from_secs(1);
-
-thread_local! {
-    /// The gates of this thread's pools that keep a permit ahead once
-    /// their test's body runs.
-    static AHEAD: RefCell<Vec<Weak<Gate>>> = const { RefCell::new(Vec::new()) };
-}
-
-/// Lends the permits that the pools of this thread keep ahead (see the
-/// module's docs). The runner's runtime calls it just before it waits.
-pub(crate) fn top_up_before_park() {
-    AHEAD.with_borrow_mut(|gates| {
-        gates.retain(|gate| {
-            gate.upgrade()
-                .inspect(|gate| {
-                    gate.top_up();
-                })
-                .is_some()
-        })
-    });
-}
-
-/// Hands the pools of this thread that keep a permit ahead to the test's
-/// body as sqlx's `connect_with` hands a pool over: one connection, idle
-/// (the one its test was prepared on once it is back, else a new one),
-/// and from then on a permit ahead.
-pub(crate) async fn before_body() {
-    let waiting: Vec<Arc<Gate>> = AHEAD.with_borrow(|gates| {
-        gates
-            .iter()
-            .filter_map(Weak::upgrade)
-            .filter(|gate| !gate.ahead.load(Ordering::Acquire))
-            .collect()
-    });
-    for gate in waiting {
-        // With no permit free, a connection on its way back is waited for,
-        // not replaced (and the watch lends none meanwhile).
-        gate.handing_over.store(true, Ordering::Release);
-        let acquired = tokio::time::timeout(RETURN_LIMIT, gate.pool.acquire()).await;
-        if let Ok(Ok(mut connection)) = acquired {
-            connection.return_to_pool().await;
-        }
-        gate.handing_over.store(false, Ordering::Release);
-        gate.ahead.store(true, Ordering::Release);
-        let _ = gate.top_up();
-    }
-}
 
 /// Lends a test's pool the permits for its connections (see the module's
 /// docs).
 pub(super) struct Gate {
     /// The test's pool.
-    pool: PgPool,
+    pub(super) pool: PgPool,
     /// The pool's maximum.
     max: u32,
     /// One holder per permit held back; dropping one lends its permit to
@@ -116,14 +66,23 @@ pub(super) struct Gate {
     counts: Arc<Counts>,
     /// The test's slots, which cover every permit lent.
     cover: Arc<Cover>,
+    /// Whether the pool keeps a permit ahead, as sqlx's opens connections,
+    /// once handed to the test's body.
+    pub(super) one_ahead: bool,
     /// Whether the pool is being handed to the test's body.
-    handing_over: AtomicBool,
-    /// Whether it keeps a permit ahead now (see [`before_body`]).
-    ahead: AtomicBool,
+    pub(super) handing_over: AtomicBool,
+    /// Whether the test's body has it.
+    pub(super) handed_over: AtomicBool,
+    /// Whether the test built a pool of its own on the permits, whose
+    /// connections the gate does not see.
+    own_pool: AtomicBool,
+    /// Where to answer the lend the watch has taken a slot for, decided
+    /// when the runtime is about to wait: whether a task waited.
+    lend: Mutex<Option<oneshot::Sender<bool>>>,
 }
 
 /// What a test's pool did so far.
-pub(super) struct Counts {
+struct Counts {
     /// Connections handed out, new or reused.
     handouts: AtomicU64,
     /// Connections opened.
@@ -154,16 +113,16 @@ impl Counts {
 impl Gate {
     /// The test's pool, from `options` (its size among them) and
     /// `connect`, behind a gate that lends it its first permit and holds
-    /// the others back; the gate watches it until it closes. With `ahead`,
-    /// the pool keeps a permit ahead once [`before_body`] hands it over.
+    /// the others back; the gate watches it until it closes. With
+    /// `one_ahead`, the pool keeps a permit ahead once it is handed to the
+    /// test's body ([`thread::before_body`]).
     pub(super) async fn open(
         options: PgPoolOptions,
         connect: PgConnectOptions,
         cover: Arc<Cover>,
         grow_after: Duration,
-        ahead: bool,
+        one_ahead: bool,
     ) -> PgPool {
-        let max = options.get_max_connections();
         let counts = Arc::new(Counts {
             handouts: AtomicU64::new(0),
             opened: AtomicU32::new(0),
@@ -172,60 +131,26 @@ impl Gate {
             last_release: AtomicU64::new(0),
             since: Instant::now(),
         });
-        let gate = Arc::new_cyclic(|gate: &Weak<Self>| {
-            let (on_new, on_reuse, on_release) = (gate.clone(), gate.clone(), gate.clone());
-            let (new_counts, reuse_counts) = (Arc::clone(&counts), Arc::clone(&counts));
-            let release_counts = Arc::clone(&counts);
-            // Each hook runs as the pool hands a connection out or takes
-            // one back: where a pool that keeps a permit ahead tops it up.
-            let pool = options
-                .after_connect(move |_, _| {
-                    new_counts.handouts.fetch_add(1, Ordering::AcqRel);
-                    new_counts.opened.fetch_add(1, Ordering::AcqRel);
-                    top_up(&on_new);
-                    Box::pin(async { Ok(()) })
-                })
-                .before_acquire(move |_, _| {
-                    reuse_counts.handouts.fetch_add(1, Ordering::AcqRel);
-                    reuse_counts.reused.fetch_add(1, Ordering::AcqRel);
-                    top_up(&on_reuse);
-                    Box::pin(async { Ok(true) })
-                })
-                .after_release(move |_, _| {
-                    let now = release_counts.since.elapsed().as_millis() as u64;
-                    release_counts.last_release.store(now, Ordering::Release);
-                    release_counts.released.fetch_add(1, Ordering::AcqRel);
-                    let served = top_up(&on_release);
-                    Box::pin(async move {
-                        // A task that waited got a permit: it goes first,
-                        // before this connection can be back.
-                        if served {
-                            tokio::task::yield_now().await;
-                        }
-                        Ok(true)
-                    })
-                })
-                .connect_lazy_with(connect);
-            Self {
-                pool,
-                max,
-                held: Mutex::new(Vec::new()),
-                counts,
-                cover,
-                handing_over: AtomicBool::new(false),
-                ahead: AtomicBool::new(false),
-            }
+        let gate = Arc::new_cyclic(|gate: &Weak<Self>| Self {
+            max: options.get_max_connections(),
+            pool: with_hooks(options, gate, Some(&counts)).connect_lazy_with(connect),
+            held: Mutex::new(Vec::new()),
+            counts,
+            cover,
+            one_ahead,
+            handing_over: AtomicBool::new(false),
+            handed_over: AtomicBool::new(false),
+            own_pool: AtomicBool::new(false),
+            lend: Mutex::new(None),
         });
-        for _ in 1..max {
+        for _ in 1..gate.max {
             let holder = holder(&gate.pool);
             // Takes a permit of the pool, fails to connect, and keeps the
             // permit until it is dropped.
             let _ = holder.acquire().await;
             gate.held().push(holder);
         }
-        if ahead {
-            AHEAD.with_borrow_mut(|gates| gates.push(Arc::downgrade(&gate)));
-        }
+        thread::add(&gate);
         let pool = gate.pool.clone();
         tokio::spawn(gate.watch(grow_after));
         pool
@@ -238,6 +163,12 @@ impl Gate {
     /// How many permits the gate lends the pool now.
     fn lent(&self) -> u32 {
         self.max - self.held().len() as u32
+    }
+
+    /// Whether the pool keeps a permit ahead now: it is of sqlx's kind, and
+    /// the test's body has it.
+    fn keeps_one_ahead(&self) -> bool {
+        self.one_ahead && self.handed_over.load(Ordering::Acquire)
     }
 
     /// Lends one more permit whenever the pool has handed out no
@@ -253,20 +184,11 @@ impl Gate {
             tokio::time::sleep((grow_after / 2).max(Duration::from_millis(1))).await;
             let handouts = self.counts.handouts.load(Ordering::Acquire);
             let lent = self.lent();
-            // Every connection it may open is open (none still connecting,
-            // which can take long with a slow login) and in use.
-            let opened = self.counts.opened.load(Ordering::Acquire);
-            let (size, idle) = (pool.size(), pool.num_idle());
-            let all_busy = idle == 0
-                && size >= lent
-                && size <= opened
-                && !self.counts.on_its_way_back(idle)
-                && !self.handing_over.load(Ordering::Acquire);
-            if handouts != last || !all_busy {
+            if handouts != last || !self.starved(lent) {
                 (last, quiet_since) = (handouts, Instant::now());
             } else if quiet_since.elapsed() >= grow_after {
                 let lend = tokio::select! {
-                    lend = self.lend_if_waited_for(lent) => lend,
+                    lend = self.lend_if_waited_for(lent, grow_after) => lend,
                     () = pool.close_event() => break,
                 };
                 match lend {
@@ -286,68 +208,110 @@ impl Gate {
         pool.close_event().await;
     }
 
+    /// Whether every connection the pool may open with the `lent` permits
+    /// is open (none still connecting, which can take long with a slow
+    /// login) and in use, none on its way back; for a pool of the test's
+    /// own, whether no permit is free.
+    fn starved(&self, lent: u32) -> bool {
+        if self.own_pool.load(Ordering::Acquire) {
+            return !has_free_permit(&self.pool);
+        }
+        let opened = self.counts.opened.load(Ordering::Acquire);
+        let (size, idle) = (self.pool.size(), self.pool.num_idle());
+        idle == 0
+            && size >= lent
+            && size <= opened
+            && !self.counts.on_its_way_back(idle)
+            && !self.handing_over.load(Ordering::Acquire)
+    }
+
     /// Lends one more permit if a task of the test waits for a connection
     /// (all `lent` are in use), after taking the slot that covers it; gives
-    /// the slot back when none waits. Whether one waits, only the pool's
-    /// queue knows: a new holder queues for the permit behind any task
-    /// already waiting, and the permit goes to the first in line.
-    async fn lend_if_waited_for(&self, lent: u32) -> Result<bool, Error> {
+    /// the slot back when none waits. Asked of the runtime's next park
+    /// ([`Self::at_park`]), decided here if none comes within `grow_after`.
+    async fn lend_if_waited_for(&self, lent: u32, grow_after: Duration) -> Result<bool, Error> {
         self.cover.cover(lent + 1).await?;
-        let holder = holder(&self.pool);
-        let mut acquire = pin!(holder.acquire());
-        // sqlx's child pool looks at its own permits first and at its
-        // parent's on the next poll: two polls queue it on the pool.
-        let free = std::future::poll_fn(|cx| {
-            for _ in 0..2 {
-                if acquire.as_mut().poll(cx).is_ready() {
-                    return Poll::Ready(true);
-                }
-            }
-            Poll::Ready(false)
-        })
-        .await;
-        if free {
-            // A permit the pool gave back (a failed connection attempt):
-            // held back again.
-            self.held().push(holder);
-            self.cover.trim(self.lent()).await;
-            return Ok(false);
-        }
-        drop(self.held().pop());
-        let size = self.pool.size();
-        let taken_by_test = async {
-            while self.pool.size() <= size {
-                tokio::time::sleep(GATE_TICK).await;
-            }
-        };
-        // Without a sign either way, the permit counts as lent: its slot
-        // stays.
-        let waited_for = tokio::select! {
-            _ = &mut acquire => false,
-            () = taken_by_test => true,
-            () = tokio::time::sleep(PROBE_LIMIT) => true,
+        let (answer, answered) = oneshot::channel();
+        *self.asked() = Some(answer);
+        let waited_for = match tokio::time::timeout(grow_after, answered).await {
+            Ok(answer) => answer.unwrap_or(false),
+            Err(_) => match self.asked().take() {
+                Some(_) => self.starved(self.lent()) && self.lend_to_a_waiting_task(),
+                None => false,
+            },
         };
         if !waited_for {
-            self.held().push(holder);
             self.cover.trim(self.lent()).await;
         }
         Ok(waited_for)
     }
 
+    fn asked(&self) -> MutexGuard<'_, Option<oneshot::Sender<bool>>> {
+        self.lend.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// What the gate does when the test's runtime is about to wait: every
+    /// task has run, none is about to; answers the watch's lend, and tops
+    /// up the permit ahead.
+    pub(super) fn at_park(&self) {
+        let asked = self.asked().take();
+        if let Some(answer) = asked {
+            let _ = answer.send(self.starved(self.lent()) && self.lend_to_a_waiting_task());
+        }
+        self.top_up();
+    }
+
+    /// Options for a pool the test builds itself on the pool's permits,
+    /// from `options`: with the hooks through which one of sqlx's kind
+    /// keeps a permit ahead; the gate then watches its permits instead of
+    /// its connections.
+    pub(super) fn own_pool(self: &Arc<Self>, options: PgPoolOptions) -> PgPoolOptions {
+        self.own_pool.store(true, Ordering::Release);
+        with_hooks(options, &Arc::downgrade(self), None)
+    }
+
+    /// Lends a permit to the task of the test that waits first for one, if
+    /// any; whether one did.
+    fn lend_to_a_waiting_task(&self) -> bool {
+        let holder = holder(&self.pool);
+        let mut acquire = pin!(probe(holder.clone()));
+        let mut cx = Context::from_waker(Waker::noop());
+        // sqlx's child pool looks at its own permits first and at its
+        // parent's on the next poll: two polls queue it on the pool.
+        if (0..2).any(|_| acquire.as_mut().poll(&mut cx).is_ready()) {
+            // A permit nobody holds: one a failed connection attempt gave
+            // back is held back again; the one a pool keeps ahead goes
+            // back to it.
+            if !self.keeps_one_ahead() {
+                self.held().push(holder);
+            }
+            return false;
+        }
+        drop(self.held().pop());
+        let waited_for = acquire.as_mut().poll(&mut cx).is_pending();
+        if !waited_for {
+            self.held().push(holder);
+        }
+        waited_for
+    }
+
     /// Keeps a permit of the pool free beyond its connections (open, or
     /// opening), once the test's body runs: lends one when every permit
-    /// lent has a connection (after taking a free slot), and another while
-    /// a waiting task takes the last; whether a waiting task got one.
-    fn top_up(&self) -> bool {
-        if !self.ahead.load(Ordering::Acquire) || self.pool.is_closed() {
+    /// lent has a connection (or, with a pool of the test's own, when none
+    /// is free), after taking a free slot, and another while a waiting task
+    /// takes the last; whether a waiting task got one.
+    pub(super) fn top_up(&self) -> bool {
+        if !self.keeps_one_ahead() || self.pool.is_closed() {
             return false;
         }
         let mut held = self.held();
+        let lent = self.max - held.len() as u32;
+        let none_free = match self.own_pool.load(Ordering::Acquire) {
+            true => !has_free_permit(&self.pool),
+            false => self.pool.size() >= lent,
+        };
         let mut served = false;
-        if self.pool.size() < self.max - held.len() as u32 {
-            return served;
-        }
-        while !held.is_empty() {
+        while none_free && !held.is_empty() {
             let lent = self.max - held.len() as u32;
             if !self.cover.try_cover(lent + 1) {
                 break;
@@ -363,6 +327,52 @@ impl Gate {
     }
 }
 
+/// `options` with the hooks through which `gate`'s pool keeps a permit
+/// ahead (each runs as the pool hands a connection out or takes one back)
+/// and, for the test's pool, counts what it does.
+fn with_hooks(
+    options: PgPoolOptions,
+    gate: &Weak<Gate>,
+    counts: Option<&Arc<Counts>>,
+) -> PgPoolOptions {
+    let (on_new, on_reuse, on_release) = (gate.clone(), gate.clone(), gate.clone());
+    let (new_counts, reuse_counts) = (counts.cloned(), counts.cloned());
+    let release_counts = counts.cloned();
+    options
+        .after_connect(move |_, _| {
+            if let Some(counts) = &new_counts {
+                counts.handouts.fetch_add(1, Ordering::AcqRel);
+                counts.opened.fetch_add(1, Ordering::AcqRel);
+            }
+            top_up(&on_new);
+            Box::pin(async { Ok(()) })
+        })
+        .before_acquire(move |_, _| {
+            if let Some(counts) = &reuse_counts {
+                counts.handouts.fetch_add(1, Ordering::AcqRel);
+                counts.reused.fetch_add(1, Ordering::AcqRel);
+            }
+            top_up(&on_reuse);
+            Box::pin(async { Ok(true) })
+        })
+        .after_release(move |_, _| {
+            if let Some(counts) = &release_counts {
+                let now = counts.since.elapsed().as_millis() as u64;
+                counts.last_release.store(now, Ordering::Release);
+                counts.released.fetch_add(1, Ordering::AcqRel);
+            }
+            let served = top_up(&on_release);
+            Box::pin(async move {
+                // A task that waited got a permit: it goes first, before
+                // this connection can be back.
+                if served {
+                    tokio::task::yield_now().await;
+                }
+                Ok(true)
+            })
+        })
+}
+
 /// Tops up the permit that `gate`'s pool keeps ahead, if it still lives
 /// (see [`Gate::top_up`]); whether a waiting task got one.
 fn top_up(gate: &Weak<Gate>) -> bool {
@@ -372,27 +382,32 @@ fn top_up(gate: &Weak<Gate>) -> bool {
 /// Whether `pool` has a permit free: a new holder, polled twice, then
 /// takes it (and gives it back as it goes), else it queues, and is dropped.
 fn has_free_permit(pool: &PgPool) -> bool {
-    let probe = holder(pool);
-    let mut acquire = pin!(probe.acquire());
+    let holder = holder(pool);
+    let mut acquire = pin!(probe(holder.clone()));
     let mut cx = Context::from_waker(Waker::noop());
     (0..2).any(|_| acquire.as_mut().poll(&mut cx).is_ready())
+}
+
+/// `holder`'s attempt to take a permit, polled by the gate, which takes
+/// nothing from the budget of the task it runs in (tokio's cooperative
+/// scheduling): a task of the test that asks for a connection next is not
+/// made to wait by it.
+fn probe(holder: PgPool) -> impl Future<Output = ()> {
+    tokio::task::unconstrained(async move {
+        let _ = holder.acquire().await;
+    })
 }
 
 /// A pool that takes one of `pool`'s permits when its `acquire` fails,
 /// and holds it until it is dropped.
 fn holder(pool: &PgPool) -> PgPool {
-    quiet_pool()
-        .max_connections(1)
-        .parent(pool.clone())
-        .connect_lazy_with(nowhere())
-}
-
-/// Options of a pool that never keeps or opens a connection of its own.
-fn quiet_pool() -> PgPoolOptions {
     PgPoolOptions::new()
+        .max_connections(1)
         .min_connections(0)
         .idle_timeout(None)
         .max_lifetime(None)
+        .parent(pool.clone())
+        .connect_lazy_with(nowhere())
 }
 
 /// Where nothing listens: a connection attempt fails at once, which is

@@ -21,6 +21,7 @@
 
 mod cover;
 mod gate;
+mod thread;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -35,7 +36,7 @@ use gate::Gate;
 use pgtest_core::{Isolation, PoolKind, TestSpec};
 
 pub(crate) use cover::Cover;
-pub(crate) use gate::{before_body, top_up_before_park};
+pub(crate) use thread::{at_park, before_body, own_pool_options};
 
 /// The size of a test's pool when the attribute does not say: what
 /// `#[sqlx::test]` gives, so that code which holds connections while it
@@ -103,9 +104,9 @@ pub(crate) async fn test_pool(
         .acquire_timeout(session.config.acquire_timeout);
     let cover = Arc::new(Cover::new(max));
     // A transaction's test holds its one connection: nothing to hand over.
-    let ahead = spec.pool == PoolKind::Sqlx && spec.isolation != Isolation::Transaction;
+    let one_ahead = spec.pool == PoolKind::Sqlx && spec.isolation != Isolation::Transaction;
     let grow_after = session.config.grow_after;
-    let pool = Gate::open(options, connect, Arc::clone(&cover), grow_after, ahead).await;
+    let pool = Gate::open(options, connect, Arc::clone(&cover), grow_after, one_ahead).await;
     TestPool { pool, cover }
 }
 
