@@ -177,7 +177,7 @@ pub use pgtest_core::Tenant;
 /// Used by the code `#[pg_test]` generates. Not a public API.
 #[doc(hidden)]
 pub mod __private {
-    pub use pgtest_core::{Flavor, Isolation, MigrationSource, Script, TestSpec};
+    pub use pgtest_core::{Flavor, Isolation, MigrationSource, PoolKind, Script, TestSpec};
     use pgtest_core::{Tenant, TestTermination};
 
     /// Runs the test with the runtime of its own sqlx version, chosen by the

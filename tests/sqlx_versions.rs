@@ -1,7 +1,8 @@
 //! The example suites, copied into workspaces of their own whose crates are
 //! on sqlx 0.8, or on 0.8 and 0.9 side by side (so that pgtest is built
 //! with both runtimes), pass under `cargo test` as they do in this
-//! workspace on sqlx 0.9.
+//! workspace on sqlx 0.9; so does `tests/pool_oracle.rs`, the drop-in's
+//! pool against sqlx's.
 
 mod common;
 
@@ -153,6 +154,76 @@ fn crates_on_sqlx_0_8_and_0_9_share_a_workspace() {
     // its context `pgtest::sqlx_0_8::TestContext`; projects takes one.)
     let passed = run_workspace(&cluster, &[("projects", "0.9"), ("blog", "0.8")]);
     assert_eq!(passed, 17);
+}
+
+#[test]
+fn the_drop_ins_pool_hands_out_connections_as_sqlxs_on_sqlx_0_8() {
+    let workspace = tempfile::tempdir().unwrap();
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let tests = workspace.path().join("tests");
+    fs::create_dir_all(tests.join("common")).unwrap();
+    fs::copy(
+        repo.join("tests/pool_oracle.rs"),
+        tests.join("pool_oracle.rs"),
+    )
+    .unwrap();
+    fs::copy(
+        repo.join("tests/common/mod.rs"),
+        tests.join("common/mod.rs"),
+    )
+    .unwrap();
+    fs::create_dir_all(workspace.path().join("src")).unwrap();
+    fs::write(workspace.path().join("src/lib.rs"), "").unwrap();
+    fs::copy(repo.join("Cargo.lock"), workspace.path().join("Cargo.lock")).unwrap();
+    let manifest = format!(
+        r#"[package]
+name = "pgtest-pool-oracle"
+version = "0.0.0"
+edition = "2024"
+publish = false
+
+[dev-dependencies]
+{sqlx}
+{pgtest}
+tokio = {{ version = "1", features = ["rt", "time", "sync", "macros"] }}
+tempfile = "3"
+
+[workspace]
+"#,
+        sqlx = sqlx("0.8"),
+        pgtest = pgtest(Some("0.8")),
+    );
+    fs::write(workspace.path().join("Cargo.toml"), manifest).unwrap();
+    let child = common::project_cargo()
+        .args([
+            "test",
+            "--offline",
+            "--test",
+            "pool_oracle",
+            "--",
+            "--nocapture",
+        ])
+        .current_dir(workspace.path())
+        .env_remove("DATABASE_URL")
+        .env_remove("PGTEST_DATABASE_URL")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run cargo test");
+    let output = finish(child, Duration::from_secs(1200));
+    let shown = text(&output);
+    assert!(
+        output.status.success(),
+        "the oracle failed on sqlx 0.8:\n{shown}"
+    );
+    // Its tables, for the record.
+    for line in shown.lines().filter(|line| line.contains(" | ")) {
+        println!("{line}");
+    }
+    assert!(
+        shown.contains("test result: ok. 3 passed"),
+        "expected the oracle's three tests:\n{shown}"
+    );
 }
 
 #[test]

@@ -30,6 +30,8 @@ pub struct TestSpec {
     pub fixtures: &'static [Script],
     /// How the test is kept apart from the others.
     pub isolation: Isolation,
+    /// How the test's pool opens connections.
+    pub pool: PoolKind,
     /// The tokio runtime the body runs on.
     pub flavor: Flavor,
 }
@@ -58,6 +60,18 @@ pub enum Isolation {
     Database,
     /// One connection inside a transaction that is rolled back.
     Transaction,
+}
+
+/// How a test's pool opens connections; see the attribute's `pool`
+/// argument.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PoolKind {
+    /// Opens a further connection only when a task of the test waits for
+    /// one (`#[pg_test]`'s default).
+    Frugal,
+    /// Opens and hands out connections as a plain sqlx pool of the same
+    /// size and options would (`#[sqlx_test]`'s default).
+    Sqlx,
 }
 
 /// A SQL script embedded at compile time: a seed or a fixture.

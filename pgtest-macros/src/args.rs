@@ -10,8 +10,8 @@ use syn::punctuated::Punctuated;
 use syn::spanned::Spanned;
 use syn::{Lit, LitInt, LitStr, Token};
 
-const KEYS: &str = "isolation, migrations, migrator, fixtures(…), max_connections, seed, role, \
-                    flavor, worker_threads, crate";
+const KEYS: &str = "isolation, migrations, migrator, fixtures(…), max_connections, pool, seed, \
+                    role, flavor, worker_threads, crate";
 
 /// Where the migrations come from.
 pub(crate) enum Migrations {
@@ -33,6 +33,15 @@ pub(crate) enum Isolation {
     Transaction,
 }
 
+/// How the test's pool opens connections.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Pool {
+    /// A further connection only when a task of the test waits for one.
+    Frugal,
+    /// As a plain sqlx pool of the same size and options would.
+    Sqlx,
+}
+
 /// The tokio runtime of the test's body.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Flavor {
@@ -50,6 +59,8 @@ pub(crate) struct Args {
     pub(crate) fixtures: Vec<LitStr>,
     /// As written; `None` lets the expansion choose from the body.
     pub(crate) max_connections: Option<u32>,
+    /// As written; `None` lets the expansion choose by the attribute.
+    pub(crate) pool: Option<Pool>,
     pub(crate) seeds: Vec<LitStr>,
     pub(crate) role: Option<LitStr>,
     pub(crate) flavor: Flavor,
@@ -66,6 +77,7 @@ pub(crate) struct RawArgs {
     migrations: Option<(Span, Lit)>,
     migrator: Option<(Span, LitStr)>,
     max_connections: Option<(Span, LitInt)>,
+    pool: Option<(Span, LitStr)>,
     seeds: Vec<(Span, LitStr)>,
     role: Option<(Span, LitStr)>,
     flavor: Option<(Span, LitStr)>,
@@ -100,6 +112,7 @@ impl RawArgs {
                 span,
                 meta.value()?.parse()?,
             ),
+            "pool" => set_once(&mut self.pool, &meta, span, meta.value()?.parse()?),
             "role" => set_once(&mut self.role, &meta, span, meta.value()?.parse()?),
             "flavor" => set_once(&mut self.flavor, &meta, span, meta.value()?.parse()?),
             "worker_threads" => set_once(
@@ -213,10 +226,32 @@ impl RawArgs {
                 }
             }),
         };
+        let pool = match &self.pool {
+            None => None,
+            Some((_, lit)) => Some(match lit.value().as_str() {
+                "frugal" => Pool::Frugal,
+                "sqlx" => Pool::Sqlx,
+                _ => {
+                    return Err(syn::Error::new(
+                        lit.span(),
+                        "`pool` is \"sqlx\" (connections opened as a plain sqlx pool opens \
+                         them) or \"frugal\" (one more only when the test waits for one)",
+                    ));
+                }
+            }),
+        };
+        if let (Some(Isolation::Transaction), Some((span, _))) = (isolation, &self.pool) {
+            return Err(syn::Error::new(
+                *span,
+                "`pool` has no effect with isolation = \"transaction\": the test gets one \
+                 connection; remove it",
+            ));
+        }
         let any_database_key = [
             self.isolation.as_ref().map(|(span, _)| *span),
             self.fixtures.first().map(|(span, _)| *span),
             self.max_connections.as_ref().map(|(span, _)| *span),
+            self.pool.as_ref().map(|(span, _)| *span),
             self.role.as_ref().map(|(span, _)| *span),
             self.seeds.first().map(|(span, _)| *span),
         ]
@@ -228,6 +263,7 @@ impl RawArgs {
             migrations,
             fixtures: self.fixtures.into_iter().map(|(_, path)| path).collect(),
             max_connections,
+            pool,
             seeds: self.seeds.into_iter().map(|(_, seed)| seed).collect(),
             role: self.role.map(|(_, role)| role),
             flavor,

@@ -8,14 +8,17 @@ use quote::{quote, quote_spanned};
 use syn::spanned::Spanned;
 use syn::{Attribute, FnArg, ItemFn};
 
-use crate::args::{Args, Flavor, Isolation, Migrations, RawArgs};
+use crate::args::{Args, Flavor, Isolation, Migrations, Pool, RawArgs};
 
-/// Which attribute is expanding; they differ in the default isolation.
+/// Which attribute is expanding; they differ in the default isolation and
+/// pool.
 #[derive(Clone, Copy)]
 pub(crate) enum Flavour {
-    /// `#[pg_test]`: shared, or database when it has fixtures.
+    /// `#[pg_test]`: shared, or database when it has fixtures; a frugal
+    /// pool.
     PgTest,
-    /// `#[sqlx_test]`: database, as `#[sqlx::test]` behaves.
+    /// `#[sqlx_test]`: database, and a pool that opens connections as
+    /// sqlx's does, as `#[sqlx::test]` behaves.
     Sqlx,
 }
 
@@ -54,6 +57,10 @@ pub(crate) fn expand(
                 Flavour::PgTest => Isolation::Shared,
             });
             args.isolation = Some(isolation);
+            args.pool.get_or_insert(match flavour {
+                Flavour::Sqlx => Pool::Sqlx,
+                Flavour::PgTest => Pool::Frugal,
+            });
             if isolation == Isolation::Transaction {
                 check_transaction_inputs(&function)?;
             }
@@ -229,6 +236,10 @@ fn emit(function: &ItemFn, args: &Args) -> TokenStream {
         Some(Isolation::Database) => quote! { Database },
         Some(Isolation::Transaction) => quote! { Transaction },
     };
+    let pool = match args.pool {
+        Some(Pool::Frugal) | None => quote! { Frugal },
+        Some(Pool::Sqlx) => quote! { Sqlx },
+    };
     quote! {
         #(#attrs)*
         #test_attribute
@@ -246,6 +257,7 @@ fn emit(function: &ItemFn, args: &Args) -> TokenStream {
                     seeds: &[#(#seeds),*],
                     fixtures: &[#(#fixtures),*],
                     isolation: #krate::__private::Isolation::#isolation,
+                    pool: #krate::__private::PoolKind::#pool,
                     flavor: #flavor,
                 },
                 test,
@@ -300,6 +312,7 @@ mod tests {
             quote!(
                 migrations = "src",
                 max_connections = 2,
+                pool = "sqlx",
                 role = "app_user",
                 seed = "a.sql",
                 seed = "b.sql",
@@ -380,6 +393,74 @@ mod tests {
             ),
         );
         assert!(kept.contains("Isolation::Transaction"), "{kept}");
+    }
+
+    #[test]
+    fn sqlx_test_expands_to_a_database_of_its_own_and_a_pool_like_sqlxs() {
+        let tokens = expand(
+            quote!(fixtures("users")),
+            quote! {
+                async fn lists_users(pool: PgPool) -> sqlx::Result<()> { Ok(()) }
+            },
+            manifest_dir(),
+            Flavour::Sqlx,
+        )
+        .expect("expands");
+        insta::assert_snapshot!(prettyplease::unparse(
+            &syn::parse2(tokens).expect("expansion is a file")
+        ));
+    }
+
+    #[test]
+    fn either_attribute_takes_the_others_pool() {
+        let pool_of = |args: TokenStream, flavour: Flavour| {
+            let tokens = expand(
+                args,
+                quote!(
+                    async fn t(pool: PgPool) {}
+                ),
+                manifest_dir(),
+                flavour,
+            );
+            let text = tokens.expect("expands").to_string();
+            let kind = text.split("PoolKind :: ").nth(1).expect("a pool kind");
+            kind.split_whitespace()
+                .next()
+                .unwrap_or_default()
+                .to_owned()
+        };
+        assert_eq!(pool_of(quote!(), Flavour::PgTest), "Frugal");
+        assert_eq!(pool_of(quote!(), Flavour::Sqlx), "Sqlx");
+        assert_eq!(pool_of(quote!(pool = "sqlx"), Flavour::PgTest), "Sqlx");
+        assert_eq!(pool_of(quote!(pool = "frugal"), Flavour::Sqlx), "Frugal");
+    }
+
+    #[test]
+    fn a_pool_is_sqlx_or_frugal_and_has_no_place_in_a_transaction() {
+        let message = error(
+            quote!(pool = "eager"),
+            quote!(
+                async fn t(pool: PgPool) {}
+            ),
+        );
+        assert!(
+            message.contains("`pool` is \"sqlx\"") && message.contains("or \"frugal\""),
+            "{message}"
+        );
+        let message = error(
+            quote!(isolation = "transaction", pool = "sqlx"),
+            quote!(
+                async fn t(conn: PoolConnection<Postgres>) {}
+            ),
+        );
+        assert!(message.contains("`pool` has no effect"), "{message}");
+        let message = error(
+            quote!(pool = "sqlx", pool = "frugal"),
+            quote!(
+                async fn t(pool: PgPool) {}
+            ),
+        );
+        assert!(message.contains("`pool` is given twice"), "{message}");
     }
 
     #[test]

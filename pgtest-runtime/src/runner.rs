@@ -15,7 +15,7 @@ use crate::helper::{self, Job};
 use crate::isolation::{self, Prepared};
 use crate::session::Session;
 use crate::shapes::TestFn;
-use crate::{Error, spares};
+use crate::{Error, pool, spares};
 use pgtest_core::{Flavor, Isolation, MigrationSource, TestSpec, TestTermination};
 
 /// Runs one test: prepares its database, calls the body on a fresh tokio
@@ -46,12 +46,17 @@ pub fn run<F: TestFn>(spec: TestSpec, test: F) {
             builder
         }
     };
-    let runtime = builder.enable_all().build().unwrap_or_else(|error| {
-        panic!(
-            "pgtest: test `{}`: cannot start a tokio runtime: {error}",
-            spec.name
-        )
-    });
+    // Pools lend permits as the runtime is about to wait (see `pool`).
+    let runtime = builder
+        .enable_all()
+        .on_thread_park(pool::at_park)
+        .build()
+        .unwrap_or_else(|error| {
+            panic!(
+                "pgtest: test `{}`: cannot start a tokio runtime: {error}",
+                spec.name
+            )
+        });
     runtime.block_on(async {
         if F::OPENS_CONNECTIONS && spec.isolation == Isolation::Transaction {
             panic!(
@@ -71,6 +76,7 @@ pub fn run<F: TestFn>(spec: TestSpec, test: F) {
         let (context, teardown) = prepared
             .map(|Prepared { context, teardown }| (context, teardown))
             .unzip();
+        pool::before_body().await;
         let pool = context.as_ref().map(|context| context.pool().clone());
         // Where a shared-mode test's rows are, for its failure message.
         let rows = context

@@ -1,7 +1,8 @@
-//! Runs one generated suite as `#[pg_test]`, `#[sqlx::test]` and plain
-//! `#[tokio::test]` with a pre-migrated database, under `cargo nextest run
-//! -j J` and `cargo test -- --test-threads=J`, against a server started with
-//! `max_connections = 100`, and prints a markdown table of medians. After
+//! Runs one generated suite as `#[pg_test]`, `#[pgtest::sqlx_test]`,
+//! `#[sqlx::test]` and plain `#[tokio::test]` with a pre-migrated
+//! database, under `cargo nextest run -j J` and `cargo test --
+//! --test-threads=J`, against a server started with `max_connections =
+//! 100`, and prints a markdown table of medians. After
 //! each run it waits for pgtest's spares helper and reports how long it
 //! worked. With `--new-server`, each run gets a new server and a new
 //! pgtest home, as a CI run does: nothing of pgtest's exists.
@@ -34,7 +35,7 @@ usage: cargo run -p pgtest-bench --release -- [options]
   --binaries N       test binaries the suite is split into (8)
   --jobs J[,J…]      tests at once: nextest -j J, cargo test --test-threads=J (16)
   --runs N           runs of each flavour; the table shows medians (3)
-  --flavours LIST    some of pgtest,pgtestdb,pgtesttx,sqlx,plain (all)
+  --flavours LIST    some of pgtest,pgtestdb,pgtesttx,pgtestsqlx,sqlx,plain (all)
   --cargo-test       also run each flavour under cargo test
   --new-server       a new server and pgtest home for each run, as in CI
   --via-library      the bodies' queries run in a function of the suite's library
@@ -505,9 +506,10 @@ fn print_table(options: &Options, rows: &[(&str, usize, Vec<Vec<Sample>>)]) {
             _ => "-".to_owned(),
         };
         println!(
-            "| {runner} | {jobs} | **ratios** | pgtest/plain {}, sqlx/pgtest {} | | | | | | | | |",
+            "| {runner} | {jobs} | **ratios** | pgtest/plain {}, sqlx/pgtest {}, sqlx/pgtestsqlx {} | | | | | | | | |",
             ratio("pgtest", "plain"),
-            ratio("sqlx", "pgtest")
+            ratio("sqlx", "pgtest"),
+            ratio("sqlx", "pgtestsqlx")
         );
         // Wall time above plain's, spread over the tests.
         let overhead: Vec<String> = options

@@ -1,4 +1,4 @@
-//! The generated suite: a realistic schema and the same test bodies in five
+//! The generated suite: a realistic schema and the same test bodies in six
 //! flavours, written under `target/` (never committed).
 
 use std::fmt::Write as _;
@@ -6,8 +6,17 @@ use std::fs;
 use std::path::Path;
 
 /// The ways of writing the same tests: `#[pg_test]` in each isolation
-/// mode (shared, database, transaction), `#[sqlx::test]`, and plain.
-pub(crate) const FLAVOURS: [&str; 5] = ["pgtest", "pgtestdb", "pgtesttx", "sqlx", "plain"];
+/// mode (shared, database, transaction), `#[pgtest::sqlx_test]` (the
+/// drop-in: a database each, a pool that opens connections as sqlx's
+/// does), `#[sqlx::test]`, and plain.
+pub(crate) const FLAVOURS: [&str; 6] = [
+    "pgtest",
+    "pgtestdb",
+    "pgtesttx",
+    "pgtestsqlx",
+    "sqlx",
+    "plain",
+];
 
 const MIGRATIONS: [(&str, &str); 6] = [
     (
@@ -183,6 +192,10 @@ tokio = {{ version = "1", features = ["macros", "rt"] }}
                         file,
                         "\n#[pgtest::pg_test(isolation = \"transaction\", migrations = \"./migrations\")]\nasync fn {name}(mut conn: sqlx::pool::PoolConnection<sqlx::Postgres>) {{\n    let org = Uuid::new_v4();{}}}\n",
                         BODY.replace("&pool", "&mut *conn")
+                    )?,
+                    "pgtestsqlx" => write!(
+                        file,
+                        "\n#[pgtest::sqlx_test(migrations = \"./migrations\")]\nasync fn {name}(pool: PgPool) {{\n    let org = Uuid::new_v4();{body}}}\n"
                     )?,
                     "sqlx" => write!(
                         file,
