@@ -1,0 +1,305 @@
+//! Putting a passed test's database back into what a fresh copy of its
+//! template is, in one transaction (see the module's documentation).
+
+use std::fmt::Write as _;
+
+use sqlx::Row;
+use sqlx::postgres::PgConnection;
+
+use super::changes::{Changed, EMPTY_HASH, no_extended_statistics, rows_hash};
+use super::fingerprint::FINGERPRINT;
+use super::snapshot::{FORMATS, Kind, Snapshot, Table, copy_in};
+use super::{PutBack, Reset, Since};
+use crate::catalog;
+use crate::compat::{self, query};
+
+/// What a reset puts back, by what it found changed.
+struct Work<'a> {
+    /// Tables (and partitioned tables) truncated, then filled again where
+    /// the template has rows: those a test wrote in or whose statistics
+    /// moved, with their families.
+    truncated: Vec<&'a Table>,
+    /// Materialized views refreshed.
+    views: Vec<&'a Table>,
+    /// Tables whose statistics rows are deleted, and written back where
+    /// the template has some.
+    statistics: Vec<&'a Table>,
+    /// Partitioned tables whose `pg_class` statistics are written back
+    /// (PostgreSQL 18 on).
+    parents: Vec<&'a Table>,
+}
+
+impl Snapshot {
+    /// Readies `connection`, one of the test's, for [`Self::reset`]: what
+    /// the test set in its session undone, its temporary tables dropped,
+    /// and what it wrote counted at the server.
+    pub(crate) async fn ready(&self, connection: &mut PgConnection) -> sqlx::Result<()> {
+        let mut statement = "reset session authorization; reset all; discard temp".to_owned();
+        if self.catalogs.is_some() {
+            statement.push_str("; select pg_stat_force_next_flush()");
+        }
+        catalog::run(connection, &statement).await
+    }
+
+    /// Puts back what a test changed in the database `connection` is
+    /// connected to and marks it spare as `back` says, in one transaction,
+    /// when no other session is connected to it; what the database was
+    /// like at the claim (`since`) spares looking at what cannot have
+    /// changed. Nothing of it stays unless it is done.
+    pub(crate) async fn reset(
+        &self,
+        connection: &mut PgConnection,
+        since: &Since,
+        back: &PutBack<'_>,
+    ) -> sqlx::Result<Reset> {
+        let reset = self.reset_in_transaction(connection, since, back).await;
+        if !matches!(reset, Ok(Reset::Done { .. })) {
+            let _ = catalog::run(connection, "rollback").await;
+        }
+        reset
+    }
+
+    /// [`Self::reset`] in a transaction it begins, and commits when done.
+    /// Two round trips unless a table with template rows, or a view, has
+    /// to be filled again: the first begins, looks for other sessions,
+    /// reads the counts and compares what the planner reads; the second
+    /// puts back and commits.
+    async fn reset_in_transaction(
+        &self,
+        connection: &mut PgConnection,
+        since: &Since,
+        back: &PutBack<'_>,
+    ) -> sqlx::Result<Reset> {
+        // Read after the other sessions are found gone (the statements of
+        // one query string run in order): what they wrote is counted.
+        let mut look = format!(
+            "begin; {FORMATS}; {}; select {}, {}, {}, {}",
+            catalog::NO_FLUSH_WAIT,
+            catalog::OTHER_SESSIONS,
+            catalog::spares_count(),
+            self.class_look(),
+            self.statistics_look()
+        );
+        let counted = self.counted_statement(since);
+        if let Some(statement) = &counted {
+            let _ = write!(look, "; {statement}");
+        }
+        let rows = compat::raw(&look).fetch_all(&mut *connection).await?;
+        let row = rows.first().ok_or(sqlx::Error::RowNotFound)?;
+        let (others, spares): (i64, i64) = (row.try_get(0)?, row.try_get(1)?);
+        if others > 0 {
+            return Ok(Reset::Busy);
+        }
+        if spares >= i64::from(back.limit) {
+            return Ok(Reset::Retire(
+                "PGTEST_SPARE_DATABASES spares are kept already",
+            ));
+        }
+        let (class, statistics): (Vec<i64>, Vec<i64>) = (row.try_get(2)?, row.try_get(3)?);
+        let changed = match rows.get(1).map(|row| self.counted(row, since)) {
+            Some(changed) => changed?,
+            None => None,
+        };
+        let changed = match changed {
+            Some(changed) => changed,
+            None => self.compared(connection, since.horizon).await?,
+        };
+        if changed.catalog {
+            let fingerprint: String = query(FINGERPRINT)
+                .fetch_one(&mut *connection)
+                .await?
+                .try_get(0)?;
+            if fingerprint != self.fingerprint {
+                return Ok(Reset::Retire("its schema or settings changed"));
+            }
+        }
+        let large_objects = changed.large_objects;
+        if large_objects != self.large_objects && self.large_objects > 0 {
+            return Ok(Reset::Retire("its large objects changed"));
+        }
+        let work = match self.work(&changed, &class, &statistics) {
+            Ok(work) => work,
+            Err(why) => return Ok(Reset::Retire(why)),
+        };
+        let mut statements = String::new();
+        if !work.truncated.is_empty() {
+            // Triggers and foreign keys off: the template's rows go back
+            // as they are.
+            let names: Vec<&str> = work.truncated.iter().map(|t| t.name.as_str()).collect();
+            let _ = write!(
+                statements,
+                "set local session_replication_role = replica; truncate {}; ",
+                names.join(", ")
+            );
+        }
+        self.write_statistics(&work, &mut statements);
+        for (sequence, changed) in self.sequences.iter().zip(&changed.sequences) {
+            if *changed {
+                let _ = write!(
+                    statements,
+                    "select setval({}, {}, {}); ",
+                    sequence.oid, sequence.last_value, sequence.is_called
+                );
+            }
+        }
+        if large_objects > 0 && self.large_objects == 0 {
+            statements.push_str("select lo_unlink(oid) from pg_largeobject_metadata; ");
+        }
+        if self.catalogs.is_some() {
+            // Counted before the next test's claim reads the counts.
+            statements.push_str("select pg_stat_force_next_flush(); ");
+        }
+        statements.push_str(&catalog::mark_statement(back.database, back.spare));
+        let refilled: Vec<&Table> = work
+            .truncated
+            .iter()
+            .copied()
+            .filter(|table| table.rows.is_some())
+            .collect();
+        let refill = work.views.len() + refilled.len();
+        if refill == 0 {
+            statements.push_str("; commit");
+        }
+        catalog::run(connection, &statements).await?;
+        if refill > 0 {
+            // Into the new, empty files, in the fresh copy's order: laid
+            // out as the template's were when it was built.
+            for table in refilled {
+                if let Some(rows) = &table.rows {
+                    copy_in(connection, &table.name, &rows.columns, &rows.data).await?;
+                }
+            }
+            for view in &work.views {
+                let refresh = format!("refresh materialized view {}", view.name);
+                catalog::run(connection, &refresh).await?;
+                let statement = format!("select {}", rows_hash(&view.name));
+                let hash: String = query(&statement)
+                    .fetch_one(&mut *connection)
+                    .await?
+                    .try_get(0)?;
+                let expected = view
+                    .rows
+                    .as_ref()
+                    .map_or(EMPTY_HASH, |rows| rows.hash.as_str());
+                if hash != expected {
+                    return Ok(Reset::Retire(
+                        "a materialized view, refreshed, differs from the template's",
+                    ));
+                }
+            }
+            catalog::run(connection, "commit").await?;
+        }
+        Ok(Reset::Done {
+            tables: work.truncated.len() + work.views.len(),
+            sequences: changed.sequences.iter().filter(|changed| **changed).count(),
+        })
+    }
+
+    /// What to put back, by what `changed` says and the tables whose
+    /// `pg_class` statistics (`class`) or statistics rows (`statistics`)
+    /// differ from a fresh copy's; why the database is retired instead.
+    fn work(
+        &self,
+        changed: &Changed,
+        class: &[i64],
+        statistics: &[i64],
+    ) -> Result<Work<'_>, &'static str> {
+        let mut truncated = vec![false; self.tables.len()];
+        let mut work = Work {
+            truncated: Vec::new(),
+            views: Vec::new(),
+            statistics: Vec::new(),
+            parents: Vec::new(),
+        };
+        for (table, written) in self.tables.iter().zip(&changed.tables) {
+            let moved = class.contains(&table.oid);
+            if !written && !moved {
+                continue;
+            }
+            match (table.kind, &table.family) {
+                (Kind::View, _) => work.views.push(table),
+                (Kind::Parent, _) if !moved => {}
+                (Kind::Parent, _) if self.major < 18 => {
+                    return Err("a partitioned table's statistics changed, and PostgreSQL \
+                        before 18 cannot write them back");
+                }
+                (Kind::Parent, _) => work.parents.push(table),
+                (Kind::Table, None) => {
+                    return Err(
+                        "a table it wrote in takes along, when truncated, a relation \
+                        pgtest does not put back (a foreign table)",
+                    );
+                }
+                (Kind::Table, Some(family)) => {
+                    for &member in family {
+                        truncated[member] = true;
+                    }
+                }
+            }
+        }
+        work.truncated = self
+            .tables
+            .iter()
+            .zip(truncated)
+            .filter_map(|(table, truncated)| truncated.then_some(table))
+            .collect();
+        for table in self.tables.iter().filter(|t| statistics.contains(&t.oid)) {
+            match &table.statistics {
+                Some(kept) if kept.extended => {
+                    return Err("its extended statistics changed, which no PostgreSQL \
+                        version writes back");
+                }
+                Some(_) if self.major < 18 => {
+                    return Err(
+                        "the statistics of a table whose template has some changed, \
+                        and PostgreSQL before 18 cannot write them back",
+                    );
+                }
+                _ => work.statistics.push(table),
+            }
+        }
+        Ok(work)
+    }
+
+    /// Appends to `statements` what writes back the statistics `work`
+    /// names: their rows deleted (the template has none, or they are
+    /// written anew), the template's written back, and partitioned
+    /// tables' `pg_class` statistics.
+    fn write_statistics(&self, work: &Work<'_>, statements: &mut String) {
+        if !work.statistics.is_empty() {
+            let oids: Vec<String> = work.statistics.iter().map(|t| t.oid.to_string()).collect();
+            let oids = format!("'{{{}}}'::oid[]", oids.join(","));
+            let _ = write!(
+                statements,
+                "delete from pg_statistic where starelid = any({oids}) \
+                     or starelid in (select indexrelid from pg_index where indrelid = any({oids})); \
+                 {}; ",
+                no_extended_statistics(&oids, self.major)
+            );
+            for table in &work.statistics {
+                if let Some(kept) = &table.statistics {
+                    let _ = write!(statements, "{}; ", kept.restore);
+                }
+            }
+        }
+        for part in work.parents.iter().flat_map(|table| &table.parts) {
+            let values: Vec<&str> = part.class.split(',').collect();
+            let names = ["relpages", "reltuples", "relallvisible", "relallfrozen"];
+            let types = ["int", "real", "int", "int"];
+            let arguments: Vec<String> = values
+                .iter()
+                .zip(names.iter().zip(types))
+                .map(|(value, (name, kind))| format!("'{name}', {value}::{kind}"))
+                .collect();
+            let _ = write!(
+                statements,
+                "select pg_restore_relation_stats('schemaname', n.nspname::text, \
+                     'relname', c.relname::text, {}) \
+                 from pg_class c join pg_namespace n on n.oid = c.relnamespace \
+                 where c.oid = {}; ",
+                arguments.join(", "),
+                part.oid
+            );
+        }
+    }
+}
