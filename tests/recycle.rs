@@ -457,11 +457,12 @@ const SHOP_UNORDERED: &str = "select c.name, o.total, l.product from customers c
     join regions r on r.id = c.region_id";
 
 /// What the planner and an unordered query see of the database
-/// `connection` is connected to: each relation's size in blocks (every
-/// fork, TOAST included), its `pg_class` statistics, the `pg_statistic`
-/// and extended statistics rows, each table's rows with their places, the
-/// plans of [`SHOP_JOINS`] and the rows of [`SHOP_UNORDERED`] in the order
-/// they come.
+/// `connection` is connected to: each relation's size in blocks (TOAST
+/// included; and its visibility map's: the free space map's file is the
+/// one thing left out, see README), its `pg_class` statistics, the
+/// `pg_statistic` and extended statistics rows, each table's rows with
+/// their places, the plans of [`SHOP_JOINS`] and the rows of
+/// [`SHOP_UNORDERED`] in the order they come.
 async fn planner_view(connection: &mut PgConnection) -> anyhow::Result<Vec<String>> {
     let mut view: Vec<String> = sqlx::query_scalar(
         "with rel as (select c.oid, c.relname::text as name from pg_class c \
@@ -470,8 +471,7 @@ async fn planner_view(connection: &mut PgConnection) -> anyhow::Result<Vec<Strin
              join pg_class t on t.oid = c.reltoastrelid where c.relnamespace = 'public'::regnamespace \
          union all select i.indexrelid, 'toast index of ' || c.relname from pg_class c \
              join pg_index i on i.indrelid = c.reltoastrelid where c.relnamespace = 'public'::regnamespace) \
-         select format('blocks %s: %s main, %s fsm, %s vm', name, \
-             pg_relation_size(oid, 'main') / 8192, pg_relation_size(oid, 'fsm') / 8192, \
+         select format('blocks %s: %s main, %s vm', name, pg_relation_size(oid, 'main') / 8192, \
              pg_relation_size(oid, 'vm') / 8192) from rel \
          union all select format('pg_class %s: relpages %s, reltuples %s, relallvisible %s, \
              relallfrozen %s', name, c.relpages, c.reltuples, c.relallvisible, \

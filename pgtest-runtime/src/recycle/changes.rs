@@ -10,7 +10,7 @@ use sqlx::postgres::{PgConnection, PgRow};
 
 use super::Since;
 use super::fingerprint::{NOT_COUNTED, WRITTEN_IN, catalog_written, written_in};
-use super::snapshot::{Kind, Snapshot, Table};
+use super::snapshot::{Kind, Role, Snapshot, Table};
 use crate::catalog;
 use crate::compat::query;
 
@@ -112,6 +112,46 @@ impl Snapshot {
         format!(
             "(select coalesce(array_agg(distinct e.t), '{{}}') from (values {}) e(oid, t, class) \
              join pg_class c on c.oid = e.oid where {} <> e.class)",
+            expected.join(", "),
+            class_of("c", self.major)
+        )
+    }
+
+    /// An SQL expression: the oids of the TOAST tables that have pages.
+    pub(super) fn toast_look(&self) -> String {
+        let toasts: Vec<String> = self
+            .tables
+            .iter()
+            .flat_map(|table| &table.parts)
+            .filter(|part| part.role == Role::Toast)
+            .map(|part| part.oid.to_string())
+            .collect();
+        format!(
+            "(select coalesce(array_agg(t::int8), '{{}}') from unnest('{{{}}}'::oid[]) t \
+             where pg_relation_size(t) > 0)",
+            toasts.join(",")
+        )
+    }
+
+    /// An SQL expression: the oids of the relations of `tables` whose size
+    /// in blocks or `pg_class` statistics differ from a fresh copy's.
+    pub(super) fn parts_look(&self, tables: &[&Table]) -> String {
+        let expected: Vec<String> = tables
+            .iter()
+            .flat_map(|table| &table.parts)
+            .map(|part| {
+                format!(
+                    "({}::oid, {}::int8, {})",
+                    part.oid,
+                    part.blocks,
+                    catalog::literal(&part.class)
+                )
+            })
+            .collect();
+        format!(
+            "(select coalesce(array_agg(e.oid::int8), '{{}}') from (values {}) e(oid, blocks, class) \
+             left join pg_class c on c.oid = e.oid where c.oid is null \
+             or pg_relation_size(e.oid) / 8192 <> e.blocks or {} <> e.class)",
             expected.join(", "),
             class_of("c", self.major)
         )

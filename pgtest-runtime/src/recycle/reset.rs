@@ -8,17 +8,32 @@ use sqlx::postgres::PgConnection;
 
 use super::changes::{Changed, EMPTY_HASH, no_extended_statistics, rows_hash};
 use super::fingerprint::FINGERPRINT;
-use super::snapshot::{FORMATS, Kind, Snapshot, Table, copy_in};
+use super::snapshot::{FORMATS, Kind, Part, Role, Snapshot, Table, copy_in};
 use super::{PutBack, Reset, Since};
 use crate::catalog;
 use crate::compat::{self, query};
 
+/// The indexes of `table` a reset builds anew: all of the table's (its
+/// rows were deleted and vacuumed: `VACUUM` wrote their statistics), and
+/// its TOAST table's when it has pages (`toasts`, the TOAST tables with
+/// pages before the reset) or the template's has.
+fn rebuilt<'a>(table: &'a Table, toasts: &[i64]) -> impl Iterator<Item = &'a Part> {
+    let toasted = table
+        .parts
+        .iter()
+        .any(|part| part.role == Role::Toast && (part.blocks > 0 || toasts.contains(&part.oid)));
+    table
+        .parts
+        .iter()
+        .filter(move |part| part.role == Role::Index || (part.role == Role::ToastIndex && toasted))
+}
+
 /// What a reset puts back, by what it found changed.
 struct Work<'a> {
-    /// Tables (and partitioned tables) truncated, then filled again where
-    /// the template has rows: those a test wrote in or whose statistics
-    /// moved, with their families.
-    truncated: Vec<&'a Table>,
+    /// Tables a test wrote in or whose statistics moved: emptied, their
+    /// pages given back (`VACUUM`), their indexes built anew, then filled
+    /// again where the template has rows.
+    tables: Vec<&'a Table>,
     /// Materialized views refreshed.
     views: Vec<&'a Table>,
     /// Tables whose statistics rows are deleted, and written back where
@@ -73,12 +88,13 @@ impl Snapshot {
         // Read after the other sessions are found gone (the statements of
         // one query string run in order): what they wrote is counted.
         let mut look = format!(
-            "begin; {FORMATS}; {}; select {}, {}, {}, {}",
+            "begin; {FORMATS}; {}; select {}, {}, {}, {}, {}",
             catalog::NO_FLUSH_WAIT,
             catalog::OTHER_SESSIONS,
             catalog::spares_count(),
             self.class_look(),
-            self.statistics_look()
+            self.statistics_look(),
+            self.toast_look()
         );
         let counted = self.counted_statement(since);
         if let Some(statement) = &counted {
@@ -96,6 +112,7 @@ impl Snapshot {
             ));
         }
         let (class, statistics): (Vec<i64>, Vec<i64>) = (row.try_get(2)?, row.try_get(3)?);
+        let toasts: Vec<i64> = row.try_get(4)?;
         let changed = match rows.get(1).map(|row| self.counted(row, since)) {
             Some(changed) => changed?,
             None => None,
@@ -121,78 +138,113 @@ impl Snapshot {
             Ok(work) => work,
             Err(why) => return Ok(Reset::Retire(why)),
         };
-        let mut statements = String::new();
-        if !work.truncated.is_empty() {
-            // Triggers and foreign keys off: the template's rows go back
-            // as they are.
-            let names: Vec<&str> = work.truncated.iter().map(|t| t.name.as_str()).collect();
-            let _ = write!(
-                statements,
-                "set local session_replication_role = replica; truncate {}; ",
-                names.join(", ")
-            );
-        }
-        self.write_statistics(&work, &mut statements);
+        // What the last transaction writes before the mark.
+        let mut last = String::new();
+        self.write_statistics(&work, &mut last);
         for (sequence, changed) in self.sequences.iter().zip(&changed.sequences) {
             if *changed {
                 let _ = write!(
-                    statements,
+                    last,
                     "select setval({}, {}, {}); ",
                     sequence.oid, sequence.last_value, sequence.is_called
                 );
             }
         }
         if large_objects > 0 && self.large_objects == 0 {
-            statements.push_str("select lo_unlink(oid) from pg_largeobject_metadata; ");
+            last.push_str("select lo_unlink(oid) from pg_largeobject_metadata; ");
         }
+        if !work.tables.is_empty() {
+            self.empty(connection, &work.tables).await?;
+            last = format!(
+                "begin; {FORMATS}; {}; set local session_replication_role = replica; {last}",
+                catalog::NO_FLUSH_WAIT
+            );
+            for part in work.tables.iter().flat_map(|table| rebuilt(table, &toasts)) {
+                let _ = write!(last, "reindex index {}; ", part.name);
+            }
+        }
+        if !last.is_empty() {
+            catalog::run(connection, &last).await?;
+        }
+        for table in &work.tables {
+            if let Some(rows) = &table.rows {
+                // Into the empty pages, in the fresh copy's order: laid
+                // out as the template's were when it was built.
+                copy_in(connection, &table.name, &rows.columns, &rows.data).await?;
+            }
+        }
+        for view in &work.views {
+            let refresh = format!("refresh materialized view {}", view.name);
+            catalog::run(connection, &refresh).await?;
+            let statement = format!("select {}", rows_hash(&view.name));
+            let hash: String = query(&statement)
+                .fetch_one(&mut *connection)
+                .await?
+                .try_get(0)?;
+            let expected = view
+                .rows
+                .as_ref()
+                .map_or(EMPTY_HASH, |rows| rows.hash.as_str());
+            if hash != expected {
+                return Ok(Reset::Retire(
+                    "a materialized view, refreshed, differs from the template's",
+                ));
+            }
+        }
+        if !work.tables.is_empty() {
+            // Nothing to wait for but a `VACUUM` that found the deleted
+            // rows still seen by someone.
+            let statement = format!("select {}", self.parts_look(&work.tables));
+            let differ: Vec<i64> = query(&statement)
+                .fetch_one(&mut *connection)
+                .await?
+                .try_get(0)?;
+            if !differ.is_empty() {
+                return Ok(Reset::Retire(
+                    "a table put back has other pages than a fresh copy's (VACUUM could not \
+                     give them back: a session held rows a test had deleted)",
+                ));
+            }
+        }
+        let mut mark = String::new();
         if self.catalogs.is_some() {
             // Counted before the next test's claim reads the counts.
-            statements.push_str("select pg_stat_force_next_flush(); ");
+            mark.push_str("select pg_stat_force_next_flush(); ");
         }
-        statements.push_str(&catalog::mark_statement(back.database, back.spare));
-        let refilled: Vec<&Table> = work
-            .truncated
-            .iter()
-            .copied()
-            .filter(|table| table.rows.is_some())
-            .collect();
-        let refill = work.views.len() + refilled.len();
-        if refill == 0 {
-            statements.push_str("; commit");
-        }
-        catalog::run(connection, &statements).await?;
-        if refill > 0 {
-            // Into the new, empty files, in the fresh copy's order: laid
-            // out as the template's were when it was built.
-            for table in refilled {
-                if let Some(rows) = &table.rows {
-                    copy_in(connection, &table.name, &rows.columns, &rows.data).await?;
-                }
-            }
-            for view in &work.views {
-                let refresh = format!("refresh materialized view {}", view.name);
-                catalog::run(connection, &refresh).await?;
-                let statement = format!("select {}", rows_hash(&view.name));
-                let hash: String = query(&statement)
-                    .fetch_one(&mut *connection)
-                    .await?
-                    .try_get(0)?;
-                let expected = view
-                    .rows
-                    .as_ref()
-                    .map_or(EMPTY_HASH, |rows| rows.hash.as_str());
-                if hash != expected {
-                    return Ok(Reset::Retire(
-                        "a materialized view, refreshed, differs from the template's",
-                    ));
-                }
-            }
-            catalog::run(connection, "commit").await?;
-        }
+        mark.push_str(&catalog::mark_statement(back.database, back.spare));
+        mark.push_str("; commit");
+        catalog::run(connection, &mark).await?;
         Ok(Reset::Done {
-            tables: work.truncated.len() + work.views.len(),
+            tables: work.tables.len() + work.views.len(),
             sequences: changed.sequences.iter().filter(|changed| **changed).count(),
         })
+    }
+
+    /// Empties `tables` and gives their pages back, ending the reset's
+    /// transaction: their rows deleted (triggers and foreign keys off) and
+    /// committed, then `VACUUM`, which needs no transaction around it, and
+    /// finds the deleted rows dead to every session (none is left in the
+    /// database), removes them from the indexes and truncates each table
+    /// (and its TOAST table) to no pages. Until the reset is done, the
+    /// database is still the test's: a reset that stops here retires it.
+    async fn empty(&self, connection: &mut PgConnection, tables: &[&Table]) -> sqlx::Result<()> {
+        let mut statements = "set local session_replication_role = replica; ".to_owned();
+        for table in tables {
+            let _ = write!(statements, "delete from {}; ", table.name);
+        }
+        statements.push_str("set synchronous_commit = off; commit");
+        catalog::run(connection, &statements).await?;
+        let names: Vec<&str> = tables.iter().map(|table| table.name.as_str()).collect();
+        let options = match self.major {
+            // The database's frozen ids are not looked at (a scan of pg_class).
+            16.. => "index_cleanup on, truncate on, skip_database_stats on",
+            _ => "index_cleanup on, truncate on",
+        };
+        catalog::run(
+            connection,
+            &format!("vacuum ({options}) {}", names.join(", ")),
+        )
+        .await
     }
 
     /// What to put back, by what `changed` says and the tables whose
@@ -204,9 +256,8 @@ impl Snapshot {
         class: &[i64],
         statistics: &[i64],
     ) -> Result<Work<'_>, &'static str> {
-        let mut truncated = vec![false; self.tables.len()];
         let mut work = Work {
-            truncated: Vec::new(),
+            tables: Vec::new(),
             views: Vec::new(),
             statistics: Vec::new(),
             parents: Vec::new(),
@@ -216,33 +267,17 @@ impl Snapshot {
             if !written && !moved {
                 continue;
             }
-            match (table.kind, &table.family) {
-                (Kind::View, _) => work.views.push(table),
-                (Kind::Parent, _) if !moved => {}
-                (Kind::Parent, _) if self.major < 18 => {
+            match table.kind {
+                Kind::Table => work.tables.push(table),
+                Kind::View => work.views.push(table),
+                Kind::Parent if !moved => {}
+                Kind::Parent if self.major < 18 => {
                     return Err("a partitioned table's statistics changed, and PostgreSQL \
                         before 18 cannot write them back");
                 }
-                (Kind::Parent, _) => work.parents.push(table),
-                (Kind::Table, None) => {
-                    return Err(
-                        "a table it wrote in takes along, when truncated, a relation \
-                        pgtest does not put back (a foreign table)",
-                    );
-                }
-                (Kind::Table, Some(family)) => {
-                    for &member in family {
-                        truncated[member] = true;
-                    }
-                }
+                Kind::Parent => work.parents.push(table),
             }
         }
-        work.truncated = self
-            .tables
-            .iter()
-            .zip(truncated)
-            .filter_map(|(table, truncated)| truncated.then_some(table))
-            .collect();
         for table in self.tables.iter().filter(|t| statistics.contains(&t.oid)) {
             match &table.statistics {
                 Some(kept) if kept.extended => {

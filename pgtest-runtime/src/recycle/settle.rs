@@ -18,23 +18,22 @@ use crate::compat::query;
 ///   (those of tables its role does not own are left alone);
 /// - where its copies may be recycled (the role is a superuser) and its
 ///   rows are few enough to keep in a snapshot, it is laid out as a reset
-///   lays out what it puts back: every table emptied and its rows copied
-///   back in the same order, in one transaction (no dead rows, no space
-///   that updates and deletes left; indexes and TOAST filled anew), and
-///   every populated materialized view refreshed.
+///   lays out what it puts back: every table emptied, vacuumed to no
+///   pages, its indexes built anew, then its rows copied back in the same
+///   order (no dead rows, no space left by updates and deletes), and every
+///   populated materialized view refreshed. Its `pg_class` statistics are
+///   then a vacuumed table's (`reltuples` 0, not -1: the planner does not
+///   take an empty table for 10 pages).
 pub(crate) async fn settle(connection: &mut PgConnection) -> sqlx::Result<()> {
-    let settings = texts(
-        &mut *connection,
-        &format!(
-            "select format('alter %s %s set (autovacuum_enabled = false, \
+    let settings = format!(
+        "select format('alter %s %s set (autovacuum_enabled = false, \
                  toast.autovacuum_enabled = false)', \
              case c.relkind when 'm' then 'materialized view' else 'table' end, c.oid::regclass) \
          from pg_class c join pg_namespace n on n.oid = c.relnamespace \
          where c.relkind in ('r', 'm') and {USER_SCHEMAS} \
          and pg_has_role(c.relowner, 'MEMBER') order by c.oid"
-        ),
-    )
-    .await?;
+    );
+    let settings = texts(connection, &settings).await?;
     if !settings.is_empty() {
         catalog::run(connection, &settings.join("; ")).await?;
     }
@@ -45,59 +44,39 @@ pub(crate) async fn settle(connection: &mut PgConnection) -> sqlx::Result<()> {
     if !superuser {
         return Ok(());
     }
-    let mut transaction = connection.begin().await?;
+    let Some(tables) = take_rows(connection).await? else {
+        return Ok(());
+    };
+    if tables.is_empty() {
+        return Ok(());
+    }
+    let mut empty = "set synchronous_commit = off; \
+        begin; set local session_replication_role = replica; "
+        .to_owned();
+    for (name, _, _) in &tables {
+        empty.push_str(&format!("delete from {name}; "));
+    }
+    empty.push_str("commit");
+    catalog::run(connection, &empty).await?;
+    let names: Vec<&str> = tables.iter().map(|(name, _, _)| name.as_str()).collect();
     catalog::run(
-        &mut transaction,
-        &format!("{FORMATS}; set local session_replication_role = replica"),
+        connection,
+        &format!(
+            "vacuum (index_cleanup on, truncate on) {}",
+            names.join(", ")
+        ),
     )
     .await?;
-    let tables = query(&format!(
-        "select c.oid::regclass::text, \
-             coalesce((select string_agg(quote_ident(attname), ', ' order by attnum) \
-                 from pg_attribute where attrelid = c.oid and attnum > 0 \
-                 and not attisdropped and attgenerated = ''), ''), c.relkind = 'r' \
-         from pg_class c join pg_namespace n on n.oid = c.relnamespace \
-         where c.relkind in ('r', 'p') and {USER_SCHEMAS} order by c.oid"
-    ))
-    .fetch_all(&mut *transaction)
-    .await?;
-    let tables: Vec<(String, String, bool)> = tables
-        .iter()
-        .map(|row| Ok((row.try_get(0)?, row.try_get(1)?, row.try_get(2)?)))
-        .collect::<sqlx::Result<_>>()?;
-    if tables.is_empty() {
-        return transaction.rollback().await;
+    let mut transaction = connection.begin().await?;
+    let mut fill = format!("{FORMATS}; set local session_replication_role = replica");
+    for name in &names {
+        fill.push_str(&format!("; reindex table {name}"));
     }
-    let mut rows = Vec::new();
-    let mut bytes = 0;
-    for (name, columns, _) in tables.iter().filter(|(_, _, stored)| *stored) {
-        if columns.is_empty() {
-            let statement = format!("select exists (select from {name})");
-            let has_rows: bool = query(&statement)
-                .fetch_one(&mut *transaction)
-                .await?
-                .try_get(0)?;
-            // Rows without columns cannot be copied back; its copies are
-            // not recycled either.
-            if has_rows {
-                return transaction.rollback().await;
-            }
-            continue;
-        }
-        let data = copy_out(&mut transaction, name, columns).await?;
-        bytes += data.len();
-        if bytes > MAX_ROWS_BYTES {
-            // Its copies are not recycled (see `Snapshot::take`).
-            return transaction.rollback().await;
-        }
+    catalog::run(&mut transaction, &fill).await?;
+    for (name, columns, data) in &tables {
         if !data.is_empty() {
-            rows.push((name, columns, data));
+            copy_in(&mut transaction, name, columns, data).await?;
         }
-    }
-    let names: Vec<&str> = tables.iter().map(|(name, _, _)| name.as_str()).collect();
-    catalog::run(&mut transaction, &format!("truncate {}", names.join(", "))).await?;
-    for (name, columns, data) in rows {
-        copy_in(&mut transaction, name, columns, &data).await?;
     }
     let views = format!(
         "select format('refresh materialized view %s', c.oid::regclass) \
@@ -109,6 +88,51 @@ pub(crate) async fn settle(connection: &mut PgConnection) -> sqlx::Result<()> {
         catalog::run(&mut transaction, &views.join("; ")).await?;
     }
     transaction.commit().await
+}
+
+/// Each table's name, columns and rows (`COPY` text, in physical order);
+/// `None` when they are too many to keep, or a table has rows but no
+/// columns to copy them back with (its copies are not recycled either).
+async fn take_rows(
+    connection: &mut PgConnection,
+) -> sqlx::Result<Option<Vec<(String, String, String)>>> {
+    let mut transaction = connection.begin().await?;
+    catalog::run(&mut transaction, FORMATS).await?;
+    let statement = format!(
+        "select c.oid::regclass::text, \
+             coalesce((select string_agg(quote_ident(attname), ', ' order by attnum) \
+                 from pg_attribute where attrelid = c.oid and attnum > 0 \
+                 and not attisdropped and attgenerated = ''), '') \
+         from pg_class c join pg_namespace n on n.oid = c.relnamespace \
+         where c.relkind = 'r' and {USER_SCHEMAS} order by c.oid"
+    );
+    let found = query(&statement).fetch_all(&mut *transaction).await?;
+    let mut tables = Vec::new();
+    let mut bytes = 0;
+    for row in found {
+        let (name, columns): (String, String) = (row.try_get(0)?, row.try_get(1)?);
+        let data = match columns.is_empty() {
+            true => {
+                let statement = format!("select exists (select from {name})");
+                let has_rows: bool = query(&statement)
+                    .fetch_one(&mut *transaction)
+                    .await?
+                    .try_get(0)?;
+                if has_rows {
+                    return Ok(None);
+                }
+                String::new()
+            }
+            false => copy_out(&mut transaction, &name, &columns).await?,
+        };
+        bytes += data.len();
+        if bytes > MAX_ROWS_BYTES {
+            return Ok(None);
+        }
+        tables.push((name, columns, data));
+    }
+    transaction.rollback().await?;
+    Ok(Some(tables))
 }
 
 /// The first column of each row of `statement`, a query pgtest built.

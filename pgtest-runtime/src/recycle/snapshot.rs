@@ -62,11 +62,6 @@ pub(super) struct Table {
     pub(super) kind: Kind,
     /// Its rows, when it has any.
     pub(super) rows: Option<Rows>,
-    /// What a `TRUNCATE` of it takes along (itself, the tables that
-    /// reference it by foreign keys and the children of any of them, over
-    /// and over), as indexes into the snapshot's tables; `None` when one of
-    /// them is no table of the snapshot's (a foreign table, say).
-    pub(super) family: Option<Vec<usize>>,
     /// Its relations the planner reads: itself, its indexes, and a
     /// table's TOAST table and that one's index (a refresh gives a view new
     /// ones).
@@ -81,8 +76,8 @@ pub(super) enum Kind {
     Table,
     /// A materialized view: its contents are refreshed, never put back.
     View,
-    /// A partitioned table: no rows of its own, truncated with its
-    /// partitions.
+    /// A partitioned table: no rows or pages of its own (its partitions
+    /// are tables), statistics only.
     Parent,
 }
 
@@ -100,10 +95,23 @@ pub(super) struct Rows {
 #[derive(Debug, PartialEq, Eq)]
 pub(super) struct Part {
     pub(super) oid: i64,
+    /// Its name, schema-qualified and quoted.
+    pub(super) name: String,
+    pub(super) role: Role,
     /// Its size in blocks (the main fork).
     pub(super) blocks: i64,
     /// Its `pg_class` statistics, as [`class_of`] prints them.
     pub(super) class: String,
+}
+
+/// What a part is to its table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Role {
+    /// The table (or view) itself.
+    Itself,
+    Index,
+    Toast,
+    ToastIndex,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -223,7 +231,6 @@ impl Snapshot {
                 name,
                 kind,
                 rows,
-                family: None,
                 parts: Vec::new(),
                 statistics: None,
             });
@@ -232,7 +239,6 @@ impl Snapshot {
             transaction.rollback().await?;
             return Ok(None);
         }
-        take_families(&mut transaction, &mut tables).await?;
         take_parts(&mut transaction, &mut tables, major).await?;
         take_statistics(&mut transaction, &mut tables, major).await?;
         transaction.rollback().await?;
@@ -290,40 +296,6 @@ async fn take_rows(
     })))
 }
 
-/// Fills each table's family (see [`Table::family`]).
-async fn take_families(connection: &mut PgConnection, tables: &mut [Table]) -> sqlx::Result<()> {
-    let families = rows_of(
-        &mut *connection,
-        &format!(
-            "with recursive edges(parent, child) as ( \
-             select confrelid, conrelid from pg_constraint where contype = 'f' \
-             union select inhparent, inhrelid from pg_inherits), \
-         family(root, member) as ( \
-             select c.oid, c.oid from pg_class c join pg_namespace n on n.oid = c.relnamespace \
-                 where c.relkind in ('r', 'p') and {USER_SCHEMAS} \
-             union select f.root, e.child from family f join edges e on e.parent = f.member) \
-         select root::int8, array_agg(member::int8 order by member) from family group by root"
-        ),
-    )
-    .await?;
-    let index: HashMap<i64, usize> = tables
-        .iter()
-        .enumerate()
-        .map(|(at, table)| (table.oid, at))
-        .collect();
-    for row in families {
-        let (root, members): (i64, Vec<i64>) = (row.try_get(0)?, row.try_get(1)?);
-        let Some(&at) = index.get(&root) else {
-            continue;
-        };
-        tables[at].family = members
-            .iter()
-            .map(|member| index.get(member).copied())
-            .collect();
-    }
-    Ok(())
-}
-
 /// Fills each table's parts (see [`Table::parts`]).
 async fn take_parts(
     connection: &mut PgConnection,
@@ -333,13 +305,14 @@ async fn take_parts(
     let parts = rows_of(
         &mut *connection,
         &format!(
-            "select t.oid::int8, c.oid::int8, pg_relation_size(c.oid) / 8192, {} \
+            "select t.oid::int8, c.oid::int8, c.oid::regclass::text, r.role, \
+                 pg_relation_size(c.oid) / 8192, {} \
          from pg_class t join pg_namespace n on n.oid = t.relnamespace \
-         join lateral (select t.oid union all select indexrelid from pg_index \
+         join lateral (select t.oid, 's' union all select indexrelid, 'i' from pg_index \
                  where indrelid = t.oid \
-             union all select t.reltoastrelid where t.reltoastrelid <> 0 and t.relkind = 'r' \
-             union all select indexrelid from pg_index where t.reltoastrelid <> 0 \
-                 and t.relkind = 'r' and indrelid = t.reltoastrelid) r(oid) on true \
+             union all select t.reltoastrelid, 't' where t.reltoastrelid <> 0 and t.relkind = 'r' \
+             union all select indexrelid, 'x' from pg_index where t.reltoastrelid <> 0 \
+                 and t.relkind = 'r' and indrelid = t.reltoastrelid) r(oid, role) on true \
          join pg_class c on c.oid = r.oid \
          where t.relkind in ('r', 'm', 'p') and {USER_SCHEMAS} order by 1, 2",
             class_of("c", major)
@@ -347,14 +320,21 @@ async fn take_parts(
     )
     .await?;
     for row in parts {
-        let (table, oid, blocks, class): (i64, i64, i64, String) = (
-            row.try_get(0)?,
-            row.try_get(1)?,
-            row.try_get(2)?,
-            row.try_get(3)?,
-        );
+        let (table, oid, name): (i64, i64, String) =
+            (row.try_get(0)?, row.try_get(1)?, row.try_get(2)?);
+        let (role, blocks, class): (String, i64, String) =
+            (row.try_get(3)?, row.try_get(4)?, row.try_get(5)?);
+        let Some(role) = Role::parse(&role) else {
+            continue;
+        };
         if let Some(table) = tables.iter_mut().find(|found| found.oid == table) {
-            table.parts.push(Part { oid, blocks, class });
+            table.parts.push(Part {
+                oid,
+                name,
+                role,
+                blocks,
+                class,
+            });
         }
     }
     Ok(())
@@ -390,6 +370,25 @@ async fn take_statistics(
         }
     }
     Ok(())
+}
+
+impl Role {
+    /// The letter a role is kept as.
+    pub(super) fn letter(self) -> &'static str {
+        match self {
+            Self::Itself => "s",
+            Self::Index => "i",
+            Self::Toast => "t",
+            Self::ToastIndex => "x",
+        }
+    }
+
+    /// The role of `letter`.
+    pub(super) fn parse(letter: &str) -> Option<Self> {
+        [Self::Itself, Self::Index, Self::Toast, Self::ToastIndex]
+            .into_iter()
+            .find(|role| role.letter() == letter)
+    }
 }
 
 /// For each table with column statistics (its own, or its indexes'), the

@@ -3,7 +3,7 @@
 
 use std::fmt::Write as _;
 
-use super::snapshot::{Kind, Part, Rows, Sequence, Snapshot, Statistics, Table};
+use super::snapshot::{Kind, Part, Role, Rows, Sequence, Snapshot, Statistics, Table};
 
 /// What a template whose copies cannot be recycled stores.
 pub(super) const UNRECYCLABLE: &str = "pgtest snapshot 3 none\n";
@@ -45,23 +45,28 @@ impl Snapshot {
                 Kind::View => "v",
                 Kind::Parent => "p",
             };
-            let family = table
-                .family
-                .as_ref()
-                .map_or_else(|| "-".to_owned(), |family| list(family.iter()));
             let (statistics, extended, restore) = match &table.statistics {
                 None => ("-", false, ""),
                 Some(kept) => (kept.hash.as_str(), kept.extended, kept.restore.as_str()),
             };
             let mut parts = String::new();
             for part in &table.parts {
-                let _ = writeln!(parts, "{} {} {}", part.oid, part.blocks, part.class);
+                let _ = writeln!(
+                    parts,
+                    "{} {} {} {} {}",
+                    part.oid,
+                    part.role.letter(),
+                    part.blocks,
+                    part.class,
+                    part.name.len()
+                );
+                parts.push_str(&part.name);
             }
             let texts = [table.name.as_str(), columns, data, &parts, restore];
             let lengths: Vec<String> = texts.iter().map(|text| text.len().to_string()).collect();
             let _ = writeln!(
                 text,
-                "table {} {kind} {hash} {family} {statistics} {extended} {}",
+                "table {} {kind} {hash} {statistics} {extended} {}",
                 table.oid,
                 lengths.join(" ")
             );
@@ -109,7 +114,6 @@ impl Snapshot {
                     oid,
                     kind,
                     hash,
-                    family,
                     statistics,
                     extended,
                     name,
@@ -137,7 +141,6 @@ impl Snapshot {
                             columns,
                             data,
                         }),
-                        family: parse_list(family)?,
                         parts: parse_parts(&parts)?,
                         statistics: match statistics {
                             "-" => None,
@@ -175,18 +178,24 @@ fn parse_list<T: std::str::FromStr>(text: &str) -> Option<Option<Vec<T>>> {
     }
 }
 
-/// Parts, a line each: oid, blocks, `pg_class` statistics.
+/// Parts, each a line (oid, role, blocks, `pg_class` statistics, the
+/// length of its name) and its name.
 fn parse_parts(text: &str) -> Option<Vec<Part>> {
-    text.lines()
-        .map(|line| {
-            let mut words = line.splitn(3, ' ');
-            Some(Part {
-                oid: words.next()?.parse().ok()?,
-                blocks: words.next()?.parse().ok()?,
-                class: words.next()?.to_owned(),
-            })
-        })
-        .collect()
+    let mut rest = text;
+    let mut parts = Vec::new();
+    while !rest.is_empty() {
+        let [oid, role, blocks, class, name] = next_line(&mut rest)?[..] else {
+            return None;
+        };
+        parts.push(Part {
+            oid: oid.parse().ok()?,
+            name: next_text(&mut rest, name)?,
+            role: Role::parse(role)?,
+            blocks: blocks.parse().ok()?,
+            class: class.to_owned(),
+        });
+    }
+    Some(parts)
 }
 
 /// The words of the next line of `rest`, which moves past it.
@@ -215,6 +224,11 @@ mod tests {
     fn a_snapshot_reads_back_what_was_written() {
         let part = |oid, blocks, class: &str| Part {
             oid,
+            name: format!("public.\"part {oid}\""),
+            role: match blocks {
+                0 => Role::Itself,
+                _ => Role::ToastIndex,
+            },
             blocks,
             class: class.to_owned(),
         };
@@ -229,7 +243,6 @@ mod tests {
                     name: "public.plain".to_owned(),
                     kind: Kind::Table,
                     rows: None,
-                    family: Some(vec![0, 1]),
                     parts: vec![part(16390, 0, "0,-1,0,0"), part(16393, 1, "1,0,0,0")],
                     statistics: None,
                 },
@@ -242,7 +255,6 @@ mod tests {
                         columns: "\"id\", \"a b\"".to_owned(),
                         data: "1\tx\\ny\n2\t\\N\n".to_owned(),
                     }),
-                    family: Some(vec![1]),
                     parts: vec![part(16391, 1, "0,-1,0,0")],
                     statistics: Some(Statistics {
                         hash: "cafe".to_owned(),
@@ -259,7 +271,6 @@ mod tests {
                         columns: "\"n\"".to_owned(),
                         data: String::new(),
                     }),
-                    family: None,
                     parts: Vec::new(),
                     statistics: Some(Statistics {
                         hash: "d00d".to_owned(),
@@ -272,7 +283,6 @@ mod tests {
                     name: "public.parent".to_owned(),
                     kind: Kind::Parent,
                     rows: None,
-                    family: Some(vec![3, 0]),
                     parts: vec![part(16394, 0, "0,-1,0,0")],
                     statistics: None,
                 },
