@@ -7,44 +7,48 @@
 //!
 //! A template is readied for this when it is built ([`settle`]): its
 //! tables keep autovacuum out (a setting of each table, copied with it),
-//! and each is laid out as a reset lays it out: emptied, its rows copied
-//! back in the same order. A [`Snapshot`] of a fresh copy, taken once per
-//! template on this machine and kept in the server's directory, records
-//! what a reset compares against: a fingerprint of the catalog
-//! (everything but data: tables, columns, constraints, indexes,
-//! functions, types, extensions, ACLs, comments, the database's
-//! settings), each table's rows (a hash of them with their places, and
-//! their `COPY` text where it has any), each sequence's state, the number
-//! of large objects, and what the planner reads: each table's, index's and
-//! TOAST relation's size in blocks and `pg_class` statistics (`relpages`,
-//! `reltuples`, `relallvisible`), and the `pg_statistic` and extended
-//! statistics rows. The reset, in one transaction:
+//! and each is laid out as a reset lays it out (below). A [`Snapshot`] of
+//! a fresh copy, taken once per template on this machine and kept in the
+//! server's directory, records what a reset compares against: a
+//! fingerprint of the catalog (everything but data: tables, columns,
+//! constraints, indexes, functions, types, extensions, ACLs, comments, the
+//! database's settings), each table's rows (a hash of them with their
+//! places, and their `COPY` text where it has any), each sequence's state,
+//! the number of large objects, and what the planner reads: each table's,
+//! index's and TOAST relation's size in blocks and `pg_class` statistics
+//! (`relpages`, `reltuples`, `relallvisible`), and the `pg_statistic` and
+//! extended statistics rows. The reset:
 //!
 //! 1. compares the catalog's fingerprint: a test that changed the schema
 //!    (DDL, `ALTER DATABASE … SET`, a grant, a comment) retires its
 //!    database, which is dropped later, off the critical path;
 //! 2. finds the tables that differ (see [`changes`]) and those whose
-//!    statistics differ (a test's `ANALYZE` or `VACUUM`), truncates them
-//!    together with the tables that reference them by foreign keys and
-//!    their children (`TRUNCATE` takes them along), and copies the
-//!    template's rows back where it had any, in the fresh copy's order,
-//!    with triggers and foreign keys off (`session_replication_role =
-//!    replica`, which needs a superuser: on a server where pgtest's role is
-//!    not one, databases are not recycled): new files for each table and
-//!    index, filled as the template's were, so sizes, pages, row places and
-//!    `pg_class` statistics are the fresh copy's;
-//! 3. deletes the statistics rows a test's `ANALYZE` wrote where the
+//!    `pg_class` statistics differ (a test's `ANALYZE` or `VACUUM`),
+//!    deletes their rows with triggers and foreign keys off
+//!    (`session_replication_role = replica`, which needs a superuser: on a
+//!    server where pgtest's role is not one, databases are not recycled)
+//!    and commits, then `VACUUM`s them to no pages (in a transaction of
+//!    their own: a reset that stops after this retires the database);
+//! 3. in a last transaction, builds their indexes anew (a btree never
+//!    gives pages back), copies the template's rows back where it had
+//!    any, in the fresh copy's order: pages, row places, index pages and
+//!    `pg_class` statistics are then the fresh copy's, as the template was
+//!    laid out the same way; then checks that they are (a `VACUUM` that
+//!    could not free the pages retires the database);
+//! 4. deletes the statistics rows a test's `ANALYZE` wrote where the
 //!    template had none, and writes the template's back where it had some
 //!    (PostgreSQL 18 on: `pg_restore_attribute_stats`; before, such a
 //!    database is retired);
-//! 4. sets every sequence that moved back to the template's value and
-//!    `is_called`, and unlinks large objects when the template has none.
+//! 5. sets every sequence that moved back to the template's value and
+//!    `is_called`, unlinks large objects when the template has none, and
+//!    marks the database spare.
 //!
 //! A materialized view whose contents or statistics changed is refreshed,
 //! and retires the database if it then differs from the template's; large
 //! objects retire it when the template has some, and so do extended
 //! statistics the template has and a test changed (no version writes them
-//! back). Temporary objects (schemas `pg_temp_N`), TOAST tables' names (a
+//! back). Temporary objects (schemas `pg_temp_N`), the free space map's
+//! file (a vacuumed table keeps one, empty), TOAST tables' names (a
 //! refresh makes new ones) and storage details the planner does not read
 //! (`relfilenode`, `relfrozenxid`, hint bits) are not compared.
 //!

@@ -1,5 +1,5 @@
 //! Putting a passed test's database back into what a fresh copy of its
-//! template is, in one transaction (see the module's documentation).
+//! template is (see the module's documentation).
 
 use std::fmt::Write as _;
 
@@ -57,10 +57,11 @@ impl Snapshot {
     }
 
     /// Puts back what a test changed in the database `connection` is
-    /// connected to and marks it spare as `back` says, in one transaction,
-    /// when no other session is connected to it; what the database was
-    /// like at the claim (`since`) spares looking at what cannot have
-    /// changed. Nothing of it stays unless it is done.
+    /// connected to and marks it spare as `back` says, when no other
+    /// session is connected to it; what the database was like at the claim
+    /// (`since`) spares looking at what cannot have changed. The mark is
+    /// the last transaction's: a database not done stays the test's, and
+    /// is retired.
     pub(crate) async fn reset(
         &self,
         connection: &mut PgConnection,
@@ -74,11 +75,14 @@ impl Snapshot {
         reset
     }
 
-    /// [`Self::reset`] in a transaction it begins, and commits when done.
-    /// Two round trips unless a table with template rows, or a view, has
-    /// to be filled again: the first begins, looks for other sessions,
-    /// reads the counts and compares what the planner reads; the second
-    /// puts back and commits.
+    /// [`Self::reset`], from a transaction it begins. Three round trips
+    /// when no table is put back (one begins, looks for other sessions,
+    /// reads the counts and compares what the planner reads; one writes
+    /// statistics and sequences back; one marks and commits); when some
+    /// are, their rows are deleted in the first transaction, which
+    /// commits, then a `VACUUM` of its own, then a last transaction
+    /// builds their indexes, fills them again (a round trip per table with
+    /// rows), checks their pages and marks.
     async fn reset_in_transaction(
         &self,
         connection: &mut PgConnection,
@@ -153,6 +157,20 @@ impl Snapshot {
         if large_objects > 0 && self.large_objects == 0 {
             last.push_str("select lo_unlink(oid) from pg_largeobject_metadata; ");
         }
+        let mut mark = String::new();
+        if self.catalogs.is_some() {
+            // Counted before the next test's claim reads the counts.
+            mark.push_str("select pg_stat_force_next_flush(); ");
+        }
+        mark.push_str(&catalog::mark_statement(back.database, back.spare));
+        mark.push_str("; commit");
+        if work.tables.is_empty() && work.views.is_empty() {
+            catalog::run(connection, &format!("{last}{mark}")).await?;
+            return Ok(Reset::Done {
+                tables: 0,
+                sequences: changed.sequences.iter().filter(|changed| **changed).count(),
+            });
+        }
         if !work.tables.is_empty() {
             self.empty(connection, &work.tables).await?;
             last = format!(
@@ -163,9 +181,16 @@ impl Snapshot {
                 let _ = write!(last, "reindex index {}; ", part.name);
             }
         }
-        if !last.is_empty() {
-            catalog::run(connection, &last).await?;
+        let refilled = work.tables.iter().any(|table| table.rows.is_some());
+        let check = format!("select {}", self.parts_look(&work.tables));
+        let checked_now = !work.tables.is_empty() && !refilled && work.views.is_empty();
+        if checked_now {
+            last.push_str(&check);
         }
+        let rows = match last.is_empty() {
+            true => Vec::new(),
+            false => compat::raw(&last).fetch_all(&mut *connection).await?,
+        };
         for table in &work.tables {
             if let Some(rows) = &table.rows {
                 // Into the empty pages, in the fresh copy's order: laid
@@ -192,13 +217,15 @@ impl Snapshot {
             }
         }
         if !work.tables.is_empty() {
-            // Nothing to wait for but a `VACUUM` that found the deleted
-            // rows still seen by someone.
-            let statement = format!("select {}", self.parts_look(&work.tables));
-            let differ: Vec<i64> = query(&statement)
-                .fetch_one(&mut *connection)
-                .await?
-                .try_get(0)?;
+            // Differs only after a `VACUUM` that found the deleted rows
+            // still seen by some session.
+            let differ: Vec<i64> = match checked_now {
+                true => rows.last().ok_or(sqlx::Error::RowNotFound)?.try_get(0)?,
+                false => query(&check)
+                    .fetch_one(&mut *connection)
+                    .await?
+                    .try_get(0)?,
+            };
             if !differ.is_empty() {
                 return Ok(Reset::Retire(
                     "a table put back has other pages than a fresh copy's (VACUUM could not \
@@ -206,13 +233,6 @@ impl Snapshot {
                 ));
             }
         }
-        let mut mark = String::new();
-        if self.catalogs.is_some() {
-            // Counted before the next test's claim reads the counts.
-            mark.push_str("select pg_stat_force_next_flush(); ");
-        }
-        mark.push_str(&catalog::mark_statement(back.database, back.spare));
-        mark.push_str("; commit");
         catalog::run(connection, &mark).await?;
         Ok(Reset::Done {
             tables: work.tables.len() + work.views.len(),
