@@ -4,7 +4,8 @@
 //! --test-threads=J`, against a server started with `max_connections =
 //! 100`, and prints a markdown table of medians. After
 //! each run it waits for pgtest's spares helper and reports how long it
-//! worked. With `--new-server`, each run gets a new server and a new
+//! worked, and how many test databases it retired (dropped rather than
+//! put back). With `--new-server`, each run gets a new server and a new
 //! pgtest home, as a CI run does: nothing of pgtest's exists.
 //!
 //! ```text
@@ -66,6 +67,9 @@ struct Sample {
     refusals: usize,
     connections: usize,
     leftover: i64,
+    /// Test databases the run used that pgtest retired (dropped, not put
+    /// back for the next test).
+    retired: usize,
 }
 
 fn parse_options() -> anyhow::Result<Options> {
@@ -320,6 +324,13 @@ async fn measure(
     let log = server.log();
     let log = &log[log_before..];
     let leftover = test_databases(admin).await? - leftover_before;
+    let existing: Vec<String> = sqlx::query_scalar("select datname from pg_database")
+        .fetch_all(&mut *admin)
+        .await?;
+    let retired = test_databases_used(log)
+        .iter()
+        .filter(|name| !existing.contains(name))
+        .count();
     Ok(Sample {
         wall,
         after,
@@ -335,7 +346,30 @@ async fn measure(
             .count()
             .saturating_sub(1),
         leftover,
+        retired,
     })
+}
+
+/// The databases of pgtest's tests that sessions connected to, from the
+/// `connection authorized: … database=NAME` lines of `log`: a test's own
+/// copy of a template, `<template>_<8 hex>`, or a spare made ahead,
+/// `<template>_s<7 hex>` (see pgtest-runtime/src/names.rs). One that is
+/// gone after the run and its spares helper was retired: dropped rather
+/// than put back for the next test.
+fn test_databases_used(log: &str) -> std::collections::BTreeSet<String> {
+    log.lines()
+        .filter_map(|line| line.split("connection authorized: ").nth(1))
+        .filter_map(|rest| rest.split(" database=").nth(1)?.split_whitespace().next())
+        .filter(|name| {
+            let Some((template, key)) = name.rsplit_once('_') else {
+                return false;
+            };
+            let hex = |text: &str| text.bytes().all(|byte| byte.is_ascii_hexdigit());
+            let key = key.strip_prefix('s').unwrap_or(key);
+            template.starts_with("pgtest_") && (key.len() == 8 || key.len() == 7) && hex(key)
+        })
+        .map(str::to_owned)
+        .collect()
 }
 
 /// The time the server spent in sessions of pgtest's spares helper (its
@@ -468,9 +502,9 @@ fn print_table(options: &Options, rows: &[(&str, usize, Vec<Vec<Sample>>)]) {
         options.tests, options.binaries, options.runs
     );
     println!(
-        "| runner | -j | flavour | wall (s) | each run (s) | after run (s) | helper at the server (s) | failed | peak conns | refused | conns opened/test | leftover dbs |"
+        "| runner | -j | flavour | wall (s) | each run (s) | after run (s) | helper at the server (s) | failed | peak conns | refused | conns opened/test | leftover dbs | retired dbs (each run) |"
     );
-    println!("|---|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|");
     for (runner, jobs, samples) in rows {
         let mut walls = std::collections::HashMap::new();
         for (flavour, runs) in options.flavours.iter().zip(samples) {
@@ -492,13 +526,15 @@ fn print_table(options: &Options, rows: &[(&str, usize, Vec<Vec<Sample>>)]) {
                     .map(|s| s.helper_sessions.as_secs_f64())
                     .collect(),
             );
+            let retired: Vec<String> = runs.iter().map(|s| s.retired.to_string()).collect();
             println!(
-                "| {runner} | {jobs} | {flavour} | {wall:.2} | {} | {after:.1} | {helper:.1} | {} | {} | {} | {per_test:.1} | {} |",
+                "| {runner} | {jobs} | {flavour} | {wall:.2} | {} | {after:.1} | {helper:.1} | {} | {} | {} | {per_test:.1} | {} | {} |",
                 each.join(" / "),
                 worst(|s| s.failed as f64),
                 worst(|s| s.peak as f64),
                 worst(|s| s.refusals as f64),
                 worst(|s| s.leftover as f64),
+                retired.join(" / "),
             );
         }
         let ratio = |a: &str, b: &str| match (walls.get(a), walls.get(b)) {
@@ -506,7 +542,7 @@ fn print_table(options: &Options, rows: &[(&str, usize, Vec<Vec<Sample>>)]) {
             _ => "-".to_owned(),
         };
         println!(
-            "| {runner} | {jobs} | **ratios** | pgtest/plain {}, sqlx/pgtest {}, sqlx/pgtestsqlx {} | | | | | | | | |",
+            "| {runner} | {jobs} | **ratios** | pgtest/plain {}, sqlx/pgtest {}, sqlx/pgtestsqlx {} | | | | | | | | | |",
             ratio("pgtest", "plain"),
             ratio("sqlx", "pgtest"),
             ratio("sqlx", "pgtestsqlx")
@@ -526,7 +562,7 @@ fn print_table(options: &Options, rows: &[(&str, usize, Vec<Vec<Sample>>)]) {
             .collect();
         if !overhead.is_empty() {
             println!(
-                "| {runner} | {jobs} | **ms per test above plain** | {} | | | | | | | | |",
+                "| {runner} | {jobs} | **ms per test above plain** | {} | | | | | | | | | |",
                 overhead.join(", ")
             );
         }
@@ -545,6 +581,24 @@ mod tests {
         assert_eq!(
             counts("Summary [ 1.0s] 4 tests run: 4 passed, 0 skipped"),
             (4, 0)
+        );
+    }
+
+    #[test]
+    fn the_test_databases_a_run_used_are_read_from_the_servers_log() {
+        let log = "pgtest x [1] LOG:  connection authorized: user=postgres database=pgtest_suite_0123456789ab_5e6f7a8b application_name=t\n\
+            [2] LOG:  connection authorized: user=postgres database=pgtest_suite_0123456789ab_s5e6f7a8\n\
+            [3] LOG:  connection authorized: user=postgres database=pgtest_suite_0123456789ab_r5e6f7a8\n\
+            [4] LOG:  connection authorized: user=postgres database=pgtest_suite_0123456789ab\n\
+            [5] LOG:  connection authorized: user=postgres database=bench_plain\n\
+            [6] LOG:  connection authorized: user=postgres database=pgtest_suite_0123456789ab_5e6f7a8b";
+        let used: Vec<String> = super::test_databases_used(log).into_iter().collect();
+        assert_eq!(
+            used,
+            [
+                "pgtest_suite_0123456789ab_5e6f7a8b",
+                "pgtest_suite_0123456789ab_s5e6f7a8"
+            ]
         );
     }
 

@@ -122,7 +122,8 @@ async fn drop_ours(server: &Server, admin: &mut PgConnection, database: &str) ->
         .map_err(|error| server.query_error(format!("dropping database {database}"), &error))
 }
 
-/// Migrates the copy `building` of `database`, then runs the fixtures on it.
+/// Migrates the copy `building` of `database`, runs the fixtures on it,
+/// and readies it for copies (see [`crate::recycle::settle`]).
 async fn fill(
     server: &Server,
     building: &str,
@@ -141,6 +142,11 @@ async fn fill(
             .await
             .map(|_| ())
             .map_err(|error| Error::script(fixture, describe(&error)));
+    }
+    if result.is_ok() {
+        result = crate::recycle::settle(&mut connection)
+            .await
+            .map_err(|error| server.query_error(format!("readying {database} for copies"), &error));
     }
     let _ = connection.close().await;
     result
