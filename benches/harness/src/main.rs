@@ -11,6 +11,8 @@
 //! cargo run -p pgtest-bench -- --smoke
 //! ```
 
+mod report;
+mod rusage;
 mod server;
 mod suite;
 
@@ -34,37 +36,44 @@ usage: cargo run -p pgtest-bench --release -- [options]
   --binaries N       test binaries the suite is split into (8)
   --jobs J[,J…]      tests at once: nextest -j J, cargo test --test-threads=J (16)
   --runs N           runs of each flavour; the table shows medians (3)
-  --flavours LIST    some of pgtest,pgtestdb,pgtesttx,sqlx,plain (all)
+  --flavours LIST    some of pgtest,pgtestdb,pgtesttx,sqlx,plain,floor (all)
   --cargo-test       also run each flavour under cargo test
   --new-server       a new server and pgtest home for each run, as in CI
   --via-library      the bodies' queries run in a function of the suite's library
   --smoke            4 tests per flavour, one run of each runner: checks the harness
 ";
 
-struct Options {
-    tests: usize,
-    binaries: usize,
-    jobs: Vec<usize>,
-    runs: usize,
-    cargo_test: bool,
-    flavours: Vec<&'static str>,
-    via_library: bool,
-    new_server: bool,
+pub(crate) struct Options {
+    pub(crate) tests: usize,
+    pub(crate) binaries: usize,
+    pub(crate) jobs: Vec<usize>,
+    pub(crate) runs: usize,
+    pub(crate) cargo_test: bool,
+    pub(crate) flavours: Vec<&'static str>,
+    pub(crate) via_library: bool,
+    pub(crate) new_server: bool,
 }
 
 /// One flavour's run.
-struct Sample {
-    wall: Duration,
+pub(crate) struct Sample {
+    pub(crate) wall: Duration,
     /// How long pgtest's spares helper worked once the run was over.
-    after: Duration,
+    pub(crate) after: Duration,
     /// The server's time in the helper's sessions, from its log.
-    helper_sessions: Duration,
-    passed: usize,
-    failed: usize,
-    peak: i64,
-    refusals: usize,
-    connections: usize,
-    leftover: i64,
+    pub(crate) helper_sessions: Duration,
+    pub(crate) passed: usize,
+    pub(crate) failed: usize,
+    pub(crate) peak: i64,
+    pub(crate) refusals: usize,
+    pub(crate) connections: usize,
+    pub(crate) leftover: i64,
+    /// What the test processes used, as their runner saw it.
+    pub(crate) tests: rusage::Usage,
+    /// The server's CPU time during the run (the harness's sessions not
+    /// counted).
+    pub(crate) server_cpu: Duration,
+    /// The CPU time of cargo, the runner and the test processes together.
+    pub(crate) client_cpu: Duration,
 }
 
 fn parse_options() -> anyhow::Result<Options> {
@@ -129,8 +138,15 @@ fn parse_options() -> anyhow::Result<Options> {
     Ok(options)
 }
 
-#[tokio::main(flavor = "current_thread")]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
+    rusage::run_if_runner();
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(bench())
+}
+
+async fn bench() -> anyhow::Result<()> {
     let options = parse_options()?;
     let repo = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../..")
@@ -195,7 +211,7 @@ async fn main() -> anyhow::Result<()> {
             rows.push((runner, jobs, samples));
         }
     }
-    print_table(&options, &rows);
+    report::print(&options, &rows);
     drop(server);
     server::empty_trash(&work.join("server"));
     Ok(())
@@ -282,19 +298,36 @@ async fn measure(
             ],
         ),
     };
+    let records = work.join("rusage");
+    let _ = std::fs::remove_file(&records);
     command
         .env("DATABASE_URL", server.url("postgres"))
         .env("PGTEST_DATABASE_URL", server.url("postgres"))
         .env("PLAIN_DATABASE_URL", server.url("bench_plain"))
         .env("PGTEST_HOME", work.join("home"))
+        .envs(rusage::runner_env(&records)?)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
 
     let peak = Arc::new(AtomicI64::new(0));
-    let sampler = tokio::spawn(sample_connections(server.url("postgres"), peak.clone()));
+    let (sampler_pid, sampling) = tokio::sync::oneshot::channel();
+    let sampler = tokio::spawn(sample_connections(
+        server.url("postgres"),
+        peak.clone(),
+        sampler_pid,
+    ));
+    // The harness's own sessions are not the run's work.
+    let admin_pid: i32 = sqlx::query_scalar("select pg_backend_pid()")
+        .fetch_one(&mut *admin)
+        .await?;
+    let harness_sessions = [admin_pid, sampling.await?].map(|pid| pid as u32);
+    let server_before = server.cpu(&harness_sessions);
+    let client_before = rusage::children_cpu();
     let started = Instant::now();
     let output = command.output().await?;
     let wall = started.elapsed();
+    let server_cpu = server.cpu(&harness_sessions).saturating_sub(server_before);
+    let client_cpu = rusage::children_cpu().saturating_sub(client_before);
     sampler.abort();
     let after = wait_for_spares_helper(&work.join("home/budget")).await;
 
@@ -334,6 +367,9 @@ async fn measure(
             .count()
             .saturating_sub(1),
         leftover,
+        tests: rusage::read(&records),
+        server_cpu,
+        client_cpu,
     })
 }
 
@@ -402,9 +438,19 @@ async fn test_databases(admin: &mut PgConnection) -> anyhow::Result<i64> {
     Ok(count)
 }
 
-/// Samples the number of client connections every 10 ms.
-async fn sample_connections(url: String, peak: Arc<AtomicI64>) -> anyhow::Result<()> {
+/// Samples the number of client connections every 10 ms, once it has
+/// sent its session's process id to `pid`.
+async fn sample_connections(
+    url: String,
+    peak: Arc<AtomicI64>,
+    pid: tokio::sync::oneshot::Sender<i32>,
+) -> anyhow::Result<()> {
     let mut connection = PgConnection::connect(&url).await?;
+    let _ = pid.send(
+        sqlx::query_scalar("select pg_backend_pid()")
+            .fetch_one(&mut connection)
+            .await?,
+    );
     loop {
         let now: i64 = sqlx::query_scalar(
             "select count(*) - 1 from pg_stat_activity where backend_type = 'client backend'",
@@ -448,87 +494,6 @@ fn counts(printed: &str) -> (usize, usize) {
         }
     }
     (passed, failed)
-}
-
-fn median(mut values: Vec<f64>) -> f64 {
-    values.sort_by(f64::total_cmp);
-    let middle = values.len() / 2;
-    if values.len() % 2 == 1 {
-        values[middle]
-    } else {
-        (values[middle - 1] + values[middle]) / 2.0
-    }
-}
-
-#[allow(clippy::type_complexity)]
-fn print_table(options: &Options, rows: &[(&str, usize, Vec<Vec<Sample>>)]) {
-    println!(
-        "\n{} tests per flavour in {} binaries, max_connections = 100, medians of {} runs\n",
-        options.tests, options.binaries, options.runs
-    );
-    println!(
-        "| runner | -j | flavour | wall (s) | each run (s) | after run (s) | helper at the server (s) | failed | peak conns | refused | conns opened/test | leftover dbs |"
-    );
-    println!("|---|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---:|");
-    for (runner, jobs, samples) in rows {
-        let mut walls = std::collections::HashMap::new();
-        for (flavour, runs) in options.flavours.iter().zip(samples) {
-            let wall = median(runs.iter().map(|s| s.wall.as_secs_f64()).collect());
-            walls.insert(*flavour, wall);
-            let worst = |f: fn(&Sample) -> f64| runs.iter().map(f).fold(0.0, f64::max);
-            let per_test = median(
-                runs.iter()
-                    .map(|s| s.connections as f64 / (s.passed + s.failed).max(1) as f64)
-                    .collect(),
-            );
-            let each: Vec<String> = runs
-                .iter()
-                .map(|s| format!("{:.2}", s.wall.as_secs_f64()))
-                .collect();
-            let after = median(runs.iter().map(|s| s.after.as_secs_f64()).collect());
-            let helper = median(
-                runs.iter()
-                    .map(|s| s.helper_sessions.as_secs_f64())
-                    .collect(),
-            );
-            println!(
-                "| {runner} | {jobs} | {flavour} | {wall:.2} | {} | {after:.1} | {helper:.1} | {} | {} | {} | {per_test:.1} | {} |",
-                each.join(" / "),
-                worst(|s| s.failed as f64),
-                worst(|s| s.peak as f64),
-                worst(|s| s.refusals as f64),
-                worst(|s| s.leftover as f64),
-            );
-        }
-        let ratio = |a: &str, b: &str| match (walls.get(a), walls.get(b)) {
-            (Some(a), Some(b)) => format!("{:.2}", a / b),
-            _ => "-".to_owned(),
-        };
-        println!(
-            "| {runner} | {jobs} | **ratios** | pgtest/plain {}, sqlx/pgtest {} | | | | | | | | |",
-            ratio("pgtest", "plain"),
-            ratio("sqlx", "pgtest")
-        );
-        // Wall time above plain's, spread over the tests.
-        let overhead: Vec<String> = options
-            .flavours
-            .iter()
-            .filter(|flavour| **flavour != "plain")
-            .filter_map(|flavour| {
-                let above = walls.get(flavour)? - walls.get("plain")?;
-                Some(format!(
-                    "{flavour} {:+.1}",
-                    above * 1000.0 / options.tests as f64
-                ))
-            })
-            .collect();
-        if !overhead.is_empty() {
-            println!(
-                "| {runner} | {jobs} | **ms per test above plain** | {} | | | | | | | | |",
-                overhead.join(", ")
-            );
-        }
-    }
 }
 
 #[cfg(test)]

@@ -1,4 +1,4 @@
-//! The generated suite: a realistic schema and the same test bodies in five
+//! The generated suite: a realistic schema and the same test bodies in six
 //! flavours, written under `target/` (never committed).
 
 use std::fmt::Write as _;
@@ -6,8 +6,11 @@ use std::fs;
 use std::path::Path;
 
 /// The ways of writing the same tests: `#[pg_test]` in each isolation
-/// mode (shared, database, transaction), `#[sqlx::test]`, and plain.
-pub(crate) const FLAVOURS: [&str; 5] = ["pgtest", "pgtestdb", "pgtesttx", "sqlx", "plain"];
+/// mode (shared, database, transaction), `#[sqlx::test]`, plain (a pool
+/// per test on a pre-migrated database), and the floor: the least any
+/// library must do per test, one connection opened for the test on that
+/// database (no pool, no budget, no tenant), closed at its end.
+pub(crate) const FLAVOURS: [&str; 6] = ["pgtest", "pgtestdb", "pgtesttx", "sqlx", "plain", "floor"];
 
 const MIGRATIONS: [(&str, &str); 6] = [
     (
@@ -113,7 +116,8 @@ const BODY: &str = r#"
 /// over `binaries` test binaries each. With `via_library`, the bodies call
 /// a function of the suite's library that runs the same queries (as tests
 /// that go through application code do) instead of running them inline;
-/// the transaction flavour, which takes a connection, stays inline.
+/// the transaction and floor flavours, which take a connection, stay
+/// inline.
 pub(crate) fn write(
     dir: &Path,
     pgtest: &Path,
@@ -165,8 +169,10 @@ tokio = {{ version = "1", features = ["macros", "rt"] }}
         let count = tests / binaries + usize::from(binary < tests % binaries);
         for flavour in FLAVOURS {
             let mut file = String::from("use sqlx::types::Uuid;\n");
-            if flavour != "pgtesttx" {
-                file.push_str("use sqlx::PgPool;\n");
+            match flavour {
+                "pgtesttx" => {}
+                "floor" => file.push_str("use sqlx::{Connection, PgConnection};\n"),
+                _ => file.push_str("use sqlx::PgPool;\n"),
             }
             for test in 0..count {
                 let name = format!("case_{binary}_{test}");
@@ -187,6 +193,11 @@ tokio = {{ version = "1", features = ["macros", "rt"] }}
                     "sqlx" => write!(
                         file,
                         "\n#[sqlx::test(migrations = \"./migrations\")]\nasync fn {name}(pool: PgPool) {{\n    let org = Uuid::new_v4();{body}}}\n"
+                    )?,
+                    "floor" => write!(
+                        file,
+                        "\n#[tokio::test]\nasync fn {name}() {{\n    let mut conn = PgConnection::connect(&std::env::var(\"PLAIN_DATABASE_URL\").unwrap()).await.unwrap();\n    let org = Uuid::new_v4();{}    conn.close().await.unwrap();\n}}\n",
+                        BODY.replace("&pool", "&mut conn")
                     )?,
                     _ => write!(
                         file,
