@@ -284,19 +284,29 @@ async fn measure(
                 .arg("--final-status-level=none");
             command
         }
-        _ => cargo(
-            suite_dir,
-            work,
-            &[
-                "test",
-                "--no-fail-fast",
-                "--test",
-                &pattern,
-                "--",
-                "--test-threads",
-                &jobs_arg,
-            ],
-        ),
+        _ => {
+            let mut command = cargo(
+                suite_dir,
+                work,
+                &[
+                    "test",
+                    "--no-fail-fast",
+                    "--test",
+                    &pattern,
+                    "--",
+                    "--test-threads",
+                    &jobs_arg,
+                ],
+            );
+            // pgtest takes the test binaries a `cargo test` starts for one
+            // run by their parent, cargo; under the harness's runner (see
+            // `rusage`) their parent is the runner, one per binary. The
+            // run's id, as nextest would give it, keeps them one run.
+            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?;
+            let run = format!("cargo-test-{}-{}", std::process::id(), now.as_nanos());
+            command.env("NEXTEST_RUN_ID", run);
+            command
+        }
     };
     let records = work.join("rusage");
     let _ = std::fs::remove_file(&records);
