@@ -11,6 +11,7 @@
 //! cargo run -p pgtest-bench -- --smoke
 //! ```
 
+mod compile;
 mod report;
 mod rusage;
 mod server;
@@ -36,11 +37,14 @@ usage: cargo run -p pgtest-bench --release -- [options]
   --binaries N       test binaries the suite is split into (8)
   --jobs J[,J…]      tests at once: nextest -j J, cargo test --test-threads=J (16)
   --runs N           runs of each flavour; the table shows medians (3)
-  --flavours LIST    some of pgtest,pgtestdb,pgtesttx,sqlx,plain,floor (all)
+  --flavours LIST    some of pgtest,pgtestdb,pgtesttx,sqlx,plain,floor (all), or none
   --cargo-test       also run each flavour under cargo test
   --new-server       a new server and pgtest home for each run, as in CI
   --via-library      the bodies' queries run in a function of the suite's library
-  --smoke            4 tests per flavour, one run of each runner: checks the harness
+  --compile N        first, the build, rebuild and expanded size of N tests per
+                     attribute (#[pg_test], #[pgtest::sqlx_test], #[sqlx::test]), --runs times
+  --smoke            4 tests per flavour, one run of each runner, 6 tests per
+                     attribute compiled once: checks the harness
 ";
 
 pub(crate) struct Options {
@@ -52,6 +56,7 @@ pub(crate) struct Options {
     pub(crate) flavours: Vec<&'static str>,
     pub(crate) via_library: bool,
     pub(crate) new_server: bool,
+    pub(crate) compile: Option<usize>,
 }
 
 /// One flavour's run.
@@ -86,6 +91,7 @@ fn parse_options() -> anyhow::Result<Options> {
         flavours: FLAVOURS.to_vec(),
         via_library: false,
         new_server: false,
+        compile: None,
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -103,9 +109,17 @@ fn parse_options() -> anyhow::Result<Options> {
             "--cargo-test" => options.cargo_test = true,
             "--via-library" => options.via_library = true,
             "--new-server" => options.new_server = true,
+            "--compile" => options.compile = Some(value()?.parse()?),
             "--flavours" => {
                 let wanted = value()?;
-                if let Some(unknown) = wanted.split(',').find(|w| !FLAVOURS.contains(w)) {
+                let wanted = match wanted.as_str() {
+                    "none" => String::new(),
+                    _ => wanted,
+                };
+                if let Some(unknown) = wanted
+                    .split(',')
+                    .find(|w| !w.is_empty() && !FLAVOURS.contains(w))
+                {
                     bail!(
                         "unknown flavour {unknown}; the flavours are {}",
                         FLAVOURS.join(",")
@@ -130,6 +144,7 @@ fn parse_options() -> anyhow::Result<Options> {
                     flavours: FLAVOURS.to_vec(),
                     via_library: options.via_library,
                     new_server: options.new_server,
+                    compile: Some(6),
                 }
             }
             other => bail!("unknown argument {other}\n{USAGE}"),
@@ -152,6 +167,27 @@ async fn bench() -> anyhow::Result<()> {
         .join("../..")
         .canonicalize()?;
     let work = repo.join("target/pgtest-bench");
+    let compiled = match options.compile {
+        Some(tests) => Some(compile::measure(&repo, &work, tests, options.runs).await?),
+        None => None,
+    };
+    if !options.flavours.is_empty() {
+        let rows = run_flavours(&options, &repo, &work).await?;
+        report::print(&options, &rows);
+    }
+    if let Some(figures) = compiled {
+        report::print_compile(&figures, options.runs);
+    }
+    Ok(())
+}
+
+/// Generates and builds the suite, runs each flavour under each runner,
+/// `--runs` times, on a server of the harness's own.
+async fn run_flavours(
+    options: &Options,
+    repo: &Path,
+    work: &Path,
+) -> anyhow::Result<Vec<report::Row>> {
     let suite_dir = work.join("suite");
     eprintln!(
         "generating {} tests per flavour in {}",
@@ -211,10 +247,9 @@ async fn bench() -> anyhow::Result<()> {
             rows.push((runner, jobs, samples));
         }
     }
-    report::print(&options, &rows);
     drop(server);
     server::empty_trash(&work.join("server"));
-    Ok(())
+    Ok(rows)
 }
 
 /// A new server in `work`, with the plain flavour's database migrated.

@@ -1,6 +1,7 @@
 //! The harness's tables, as markdown: each flavour's medians per runner,
 //! then each flavour above the floor, per test.
 
+use crate::compile::{ATTRIBUTES, Build, Figures};
 use crate::{Options, Sample};
 
 /// One runner at one `-j`: each flavour's samples, in the options' order.
@@ -144,6 +145,52 @@ fn print_above_floor(options: &Options, rows: &[Row]) {
                 above(2),
             );
         }
+    }
+}
+
+/// The compile-time table: medians of `runs` builds and rebuilds per
+/// attribute, and each against `#[sqlx::test]`'s (the last).
+pub(crate) fn print_compile(figures: &Figures, runs: usize) {
+    println!(
+        "\nCompile time, {} tests per attribute in one test binary, `cargo test --no-run` (dev profile, incremental), medians of {runs} runs\n",
+        figures.tests
+    );
+    println!(
+        "| attribute | build (s) | CPU (s) | rebuild after editing one test (s) | CPU (s) | MIR per test (KiB) | test binary (MiB) | / `#[sqlx::test]`: build, rebuild, MIR | each run: build / rebuild (s) |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---:|---|---|");
+    let of = |builds: &[Build], f: fn(&Build) -> f64| median(builds.iter().map(f).collect());
+    let figures_of = |index: usize| {
+        let builds = &figures.builds[index];
+        [
+            of(builds, |b| b.build_wall.as_secs_f64()),
+            of(builds, |b| b.build_cpu.as_secs_f64()),
+            of(builds, |b| b.rebuild_wall.as_secs_f64()),
+            of(builds, |b| b.rebuild_cpu.as_secs_f64()),
+            figures.mir_bytes[index] as f64 / 1024.0 / figures.tests.max(1) as f64,
+            of(builds, |b| b.binary_bytes as f64 / 1024.0 / 1024.0),
+        ]
+    };
+    let sqlx = figures_of(ATTRIBUTES.len() - 1);
+    for (index, (_, name)) in ATTRIBUTES.iter().enumerate() {
+        let [build, build_cpu, rebuild, rebuild_cpu, mir, binary] = figures_of(index);
+        let each: Vec<String> = figures.builds[index]
+            .iter()
+            .map(|b| {
+                format!(
+                    "{:.1} / {:.1}",
+                    b.build_wall.as_secs_f64(),
+                    b.rebuild_wall.as_secs_f64()
+                )
+            })
+            .collect();
+        println!(
+            "| {name} | {build:.1} | {build_cpu:.1} | {rebuild:.1} | {rebuild_cpu:.1} | {mir:.1} | {binary:.1} | {:.2}, {:.2}, {:.2} | {} |",
+            build / sqlx[0],
+            rebuild / sqlx[2],
+            mir / sqlx[4],
+            each.join("; ")
+        );
     }
 }
 
