@@ -196,7 +196,7 @@ async fn run_flavours(
     );
     suite::write(
         &suite_dir,
-        &repo,
+        repo,
         options.tests,
         options.binaries,
         options.via_library,
@@ -206,12 +206,12 @@ async fn run_flavours(
     // Long before the first server starts (see `server::set_aside`).
     server::empty_trash(&work.join("server"));
     eprintln!("building the suite (the first time compiles its dependencies)");
-    let build = cargo(&suite_dir, &work, &["test", "--no-run", "--quiet"])
+    let build = cargo(&suite_dir, work, &["test", "--no-run", "--quiet"])
         .status()
         .await?;
     anyhow::ensure!(build.success(), "the generated suite does not build");
 
-    let (mut server, mut admin) = start_server(&work, &suite_dir).await?;
+    let (mut server, mut admin) = start_server(work, &suite_dir).await?;
 
     let mut rows = Vec::new();
     let runners: &[&str] = if options.cargo_test {
@@ -229,12 +229,11 @@ async fn run_flavours(
                         let _ = admin.close().await;
                         drop(server);
                         let _ = std::fs::remove_dir_all(work.join("home"));
-                        (server, admin) = start_server(&work, &suite_dir).await?;
+                        (server, admin) = start_server(work, &suite_dir).await?;
                     }
-                    let sample = measure(
-                        &server, &mut admin, &suite_dir, &work, flavour, runner, jobs,
-                    )
-                    .await?;
+                    let sample =
+                        measure(&server, &mut admin, &suite_dir, work, flavour, runner, jobs)
+                            .await?;
                     eprintln!(
                         "{runner} -j {jobs} run {run} {flavour}: {:.2} s, {} passed, {} failed",
                         sample.wall.as_secs_f64(),
