@@ -9,8 +9,9 @@
 //! harness's children); then the size of what the crate expands to, as the
 //! compiler's MIR of the test binary (`--emit=mir`, stable rustc: every
 //! function the attributes and their macros generate, the bodies included,
-//! before generic code of other crates is instantiated), and the size of
-//! the test binary (which holds those instances too).
+//! before generic code of other crates is instantiated), also above the MIR
+//! of the same bodies without an attribute, and the size of the test binary
+//! (which holds those instances too).
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -28,6 +29,10 @@ pub(crate) const ATTRIBUTES: [(&str, &str); 3] = [
     ("sqlx", "`#[sqlx::test]`"),
 ];
 
+/// The same bodies, each in an async fn that a plain `#[test]` names but
+/// does not run: what the attributes' MIR is measured above.
+const BASELINE: &str = "body";
+
 /// One build and rebuild of one attribute's file.
 pub(crate) struct Build {
     pub(crate) build_wall: Duration,
@@ -42,6 +47,8 @@ pub(crate) struct Figures {
     pub(crate) tests: usize,
     pub(crate) builds: Vec<Vec<Build>>,
     pub(crate) mir_bytes: Vec<u64>,
+    /// The MIR of the same bodies without an attribute (see [`BASELINE`]).
+    pub(crate) baseline_mir_bytes: u64,
 }
 
 /// Measures `tests` tests per attribute, `runs` times, in `work/compile`.
@@ -54,28 +61,23 @@ pub(crate) async fn measure(
     let dir = work.join("compile");
     suite::write_crate(&dir, "bench-compile", repo)?;
     std::fs::copy(repo.join("Cargo.lock"), dir.join("Cargo.lock"))?;
-    for (flavour, _) in ATTRIBUTES {
+    let flavours = ATTRIBUTES.map(|(flavour, _)| flavour);
+    for flavour in flavours.iter().chain(&[BASELINE]) {
         write_file(&dir, flavour, tests, None)?;
     }
     eprintln!("compile time: building {tests} tests per attribute once (dependencies)");
-    cargo(&dir, work, &["test", "--no-run", "--quiet"], "0")
+    cargo(&dir, work, &["test", "--no-run", "--quiet"])
         .await?
         .ok()?;
     let mut builds: Vec<Vec<Build>> = ATTRIBUTES.iter().map(|_| Vec::new()).collect();
     for run in 0..runs {
         for (index, (flavour, name)) in ATTRIBUTES.iter().enumerate() {
-            cargo(
-                &dir,
-                work,
-                &["clean", "--quiet", "-p", "bench-compile"],
-                "1",
-            )
-            .await?
-            .ok()?;
+            let clean = ["clean", "--quiet", "-p", "bench-compile"];
+            cargo(&dir, work, &clean).await?.ok()?;
             write_file(&dir, flavour, tests, None)?;
-            let build = cargo(&dir, work, &build_args(flavour), "1").await?.ok()?;
+            let build = cargo(&dir, work, &build_args(flavour)).await?.ok()?;
             write_file(&dir, flavour, tests, Some(run))?;
-            let rebuild = cargo(&dir, work, &build_args(flavour), "1").await?.ok()?;
+            let rebuild = cargo(&dir, work, &build_args(flavour)).await?.ok()?;
             let binary = executable(&rebuild.printed)
                 .with_context(|| format!("cargo named no test binary for {name}"))?;
             eprintln!(
@@ -93,18 +95,19 @@ pub(crate) async fn measure(
         }
     }
     let mut mir_bytes = Vec::new();
-    for (flavour, name) in ATTRIBUTES {
-        let target = ["rustc", "--quiet", "--test", flavour];
-        let args = [&target[..], &["--", "--emit=mir"]].concat();
-        cargo(&dir, work, &args, "0").await?.ok()?;
+    for flavour in flavours.iter().chain(&[BASELINE]) {
+        let args = ["rustc", "--quiet", "--test", flavour, "--", "--emit=mir"];
+        cargo(&dir, work, &args).await?.ok()?;
         let mir = newest(&work.join("target/debug/deps"), flavour, "mir")
-            .with_context(|| format!("rustc wrote no MIR for {name}"))?;
+            .with_context(|| format!("rustc wrote no MIR for {flavour}"))?;
         mir_bytes.push(std::fs::metadata(mir)?.len());
     }
+    let baseline_mir_bytes = mir_bytes.pop().unwrap_or_default();
     Ok(Figures {
         tests,
         builds,
         mir_bytes,
+        baseline_mir_bytes,
     })
 }
 
@@ -153,17 +156,13 @@ impl Finished {
     }
 }
 
-/// Runs cargo in `dir` with the suite's target directory and
-/// `CARGO_INCREMENTAL=incremental`, timed.
-async fn cargo(
-    dir: &Path,
-    work: &Path,
-    args: &[&str],
-    incremental: &str,
-) -> anyhow::Result<Finished> {
+/// Runs cargo in `dir` with the suite's target directory and incremental
+/// builds (cargo's default for the dev profile, which `CARGO_INCREMENTAL`
+/// may have turned off), timed.
+async fn cargo(dir: &Path, work: &Path, args: &[&str]) -> anyhow::Result<Finished> {
     let mut command = crate::cargo(dir, work, args);
     command
-        .env("CARGO_INCREMENTAL", incremental)
+        .env("CARGO_INCREMENTAL", "1")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     let cpu = rusage::children_cpu();

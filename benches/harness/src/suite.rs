@@ -185,9 +185,11 @@ tokio = {{ version = "1", features = ["macros", "rt"] }}
     Ok(())
 }
 
-/// A test file of `flavour` (one of [`FLAVOURS`], or `sqlx_test` for
-/// `#[pgtest::sqlx_test]`) with a test of each name running `body` (the
-/// transaction and floor flavours run [`BODY`] on their connection).
+/// A test file of `flavour` (one of [`FLAVOURS`], `sqlx_test` for
+/// `#[pgtest::sqlx_test]`, or `body`: the body alone, in an async fn that
+/// a plain `#[test]` names but does not run) with a test of each name
+/// running `body` (the transaction and floor flavours run [`BODY`] on
+/// their connection).
 pub(crate) fn test_file(
     flavour: &str,
     names: impl Iterator<Item = String>,
@@ -230,6 +232,10 @@ pub(crate) fn test_file(
             "plain" => write!(
                 file,
                 "\n#[tokio::test]\nasync fn {name}() {{\n    let pool = PgPool::connect(&std::env::var(\"PLAIN_DATABASE_URL\").unwrap()).await.unwrap();\n    let org = Uuid::new_v4();{body}    pool.close().await;\n}}\n"
+            )?,
+            "body" => write!(
+                file,
+                "\nasync fn {name}_body(pool: PgPool) {{\n    let org = Uuid::new_v4();{body}}}\n\n#[test]\nfn {name}() {{\n    let _: fn(PgPool) -> _ = {name}_body;\n}}\n"
             )?,
             other => anyhow::bail!("no such flavour: {other}"),
         }
