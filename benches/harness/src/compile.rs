@@ -1,6 +1,7 @@
 //! Compile time: one test file of N tests (the suite's body, migrations
 //! from a directory) per attribute, `#[pg_test]`, `#[pgtest::sqlx_test]`
-//! and `#[sqlx::test]`, in a crate of its own beside the suite (its
+//! and `#[sqlx::test]`, and of the same bodies without one (see [`FILES`]),
+//! in a crate of its own beside the suite (its
 //! dependencies built once, shared with the suite). For each, in turn, run
 //! after run: the build of the test binary from scratch and the rebuild
 //! after editing one test's body, both as `cargo test --no-run` with
@@ -9,9 +10,8 @@
 //! harness's children); then the size of what the crate expands to, as the
 //! compiler's MIR of the test binary (`--emit=mir`, stable rustc: every
 //! function the attributes and their macros generate, the bodies included,
-//! before generic code of other crates is instantiated), also above the MIR
-//! of the same bodies without an attribute, and the size of the test binary
-//! (which holds those instances too).
+//! before generic code of other crates is instantiated), and the size of the
+//! test binary (which holds those instances too).
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -21,17 +21,16 @@ use anyhow::Context;
 
 use crate::{rusage, suite};
 
-/// The attributes compared: the suite's flavour that writes them, and how
-/// the table names them.
-pub(crate) const ATTRIBUTES: [(&str, &str); 3] = [
+/// The attributes compared, then the baseline: the suite's flavour that
+/// writes each, and how the table names it. The baseline (`body`) has the
+/// same bodies, each in an async fn that a plain `#[test]` names but does
+/// not run: what each attribute costs is measured above it.
+pub(crate) const FILES: [(&str, &str); 4] = [
     ("pgtest", "`#[pg_test]`"),
     ("sqlx_test", "`#[pgtest::sqlx_test]`"),
     ("sqlx", "`#[sqlx::test]`"),
+    ("body", "no attribute (the bodies alone)"),
 ];
-
-/// The same bodies, each in an async fn that a plain `#[test]` names but
-/// does not run: what the attributes' MIR is measured above.
-const BASELINE: &str = "body";
 
 /// One build and rebuild of one attribute's file.
 pub(crate) struct Build {
@@ -42,13 +41,11 @@ pub(crate) struct Build {
     pub(crate) binary_bytes: u64,
 }
 
-/// Each attribute's builds, in [`ATTRIBUTES`]' order, and its MIR's size.
+/// Each file's builds and the size of its MIR, in [`FILES`]' order.
 pub(crate) struct Figures {
     pub(crate) tests: usize,
     pub(crate) builds: Vec<Vec<Build>>,
     pub(crate) mir_bytes: Vec<u64>,
-    /// The MIR of the same bodies without an attribute (see [`BASELINE`]).
-    pub(crate) baseline_mir_bytes: u64,
 }
 
 /// Measures `tests` tests per attribute, `runs` times, in `work/compile`.
@@ -61,17 +58,16 @@ pub(crate) async fn measure(
     let dir = work.join("compile");
     suite::write_crate(&dir, "bench-compile", repo)?;
     std::fs::copy(repo.join("Cargo.lock"), dir.join("Cargo.lock"))?;
-    let flavours = ATTRIBUTES.map(|(flavour, _)| flavour);
-    for flavour in flavours.iter().chain(&[BASELINE]) {
+    for (flavour, _) in FILES {
         write_file(&dir, flavour, tests, None)?;
     }
     eprintln!("compile time: building {tests} tests per attribute once (dependencies)");
     cargo(&dir, work, &["test", "--no-run", "--quiet"])
         .await?
         .ok()?;
-    let mut builds: Vec<Vec<Build>> = ATTRIBUTES.iter().map(|_| Vec::new()).collect();
+    let mut builds: Vec<Vec<Build>> = FILES.iter().map(|_| Vec::new()).collect();
     for run in 0..runs {
-        for (index, (flavour, name)) in ATTRIBUTES.iter().enumerate() {
+        for (index, (flavour, name)) in FILES.iter().enumerate() {
             let clean = ["clean", "--quiet", "-p", "bench-compile"];
             cargo(&dir, work, &clean).await?.ok()?;
             write_file(&dir, flavour, tests, None)?;
@@ -95,19 +91,17 @@ pub(crate) async fn measure(
         }
     }
     let mut mir_bytes = Vec::new();
-    for flavour in flavours.iter().chain(&[BASELINE]) {
+    for (flavour, _) in FILES {
         let args = ["rustc", "--quiet", "--test", flavour, "--", "--emit=mir"];
         cargo(&dir, work, &args).await?.ok()?;
         let mir = newest(&work.join("target/debug/deps"), flavour, "mir")
             .with_context(|| format!("rustc wrote no MIR for {flavour}"))?;
         mir_bytes.push(std::fs::metadata(mir)?.len());
     }
-    let baseline_mir_bytes = mir_bytes.pop().unwrap_or_default();
     Ok(Figures {
         tests,
         builds,
         mir_bytes,
-        baseline_mir_bytes,
     })
 }
 

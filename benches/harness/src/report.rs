@@ -1,7 +1,7 @@
 //! The harness's tables, as markdown: each flavour's medians per runner,
 //! then each flavour above the floor, per test.
 
-use crate::compile::{ATTRIBUTES, Build, Figures};
+use crate::compile::{Build, FILES, Figures};
 use crate::{Options, Sample};
 
 /// One runner at one `-j`: each flavour's samples, in the options' order.
@@ -149,18 +149,17 @@ fn print_above_floor(options: &Options, rows: &[Row]) {
 }
 
 /// The compile-time table: medians of `runs` builds and rebuilds per
-/// attribute, and each against `#[sqlx::test]`'s (the last).
+/// file, and each attribute against `#[sqlx::test]` (the third file), as
+/// it is and above the bodies alone (the last).
 pub(crate) fn print_compile(figures: &Figures, runs: usize) {
     println!(
-        "\nCompile time, {} tests per attribute in one test binary, `cargo test --no-run` (dev profile, incremental), medians of {runs} runs\n",
+        "\nCompile time, {} tests per file in one test binary, `cargo test --no-run` (dev profile, incremental), medians of {runs} runs; CPU is cargo's and the compiler's\n",
         figures.tests
     );
     println!(
-        "| attribute | build (s) | CPU (s) | rebuild after editing one test (s) | CPU (s) | MIR per test (KiB) | above the bare body (KiB) | test binary (MiB) | / `#[sqlx::test]`: build, rebuild, MIR above the body | each run: build / rebuild (s) |"
+        "| tests written with | build (s) | CPU (s) | rebuild after editing one test (s) | CPU (s) | MIR per test (KiB) | test binary (MiB) | / `#[sqlx::test]`: build CPU, rebuild CPU, MIR | above the bodies alone, / `#[sqlx::test]`'s | each run: build / rebuild (s) |"
     );
-    println!("|---|---:|---:|---:|---:|---:|---:|---:|---|---|");
-    let per_test = |bytes: u64| bytes as f64 / 1024.0 / figures.tests.max(1) as f64;
-    let body = per_test(figures.baseline_mir_bytes);
+    println!("|---|---:|---:|---:|---:|---:|---:|---|---|---|");
     let of = |builds: &[Build], f: fn(&Build) -> f64| median(builds.iter().map(f).collect());
     let figures_of = |index: usize| {
         let builds = &figures.builds[index];
@@ -169,14 +168,14 @@ pub(crate) fn print_compile(figures: &Figures, runs: usize) {
             of(builds, |b| b.build_cpu.as_secs_f64()),
             of(builds, |b| b.rebuild_wall.as_secs_f64()),
             of(builds, |b| b.rebuild_cpu.as_secs_f64()),
-            per_test(figures.mir_bytes[index]),
+            figures.mir_bytes[index] as f64 / 1024.0 / figures.tests.max(1) as f64,
             of(builds, |b| b.binary_bytes as f64 / 1024.0 / 1024.0),
         ]
     };
-    let sqlx = figures_of(ATTRIBUTES.len() - 1);
-    for (index, (_, name)) in ATTRIBUTES.iter().enumerate() {
+    let sqlx = figures_of(2);
+    let body = figures_of(FILES.len() - 1);
+    for (index, (_, name)) in FILES.iter().enumerate() {
         let [build, build_cpu, rebuild, rebuild_cpu, mir, binary] = figures_of(index);
-        let above = mir - body;
         let each: Vec<String> = figures.builds[index]
             .iter()
             .map(|b| {
@@ -187,11 +186,19 @@ pub(crate) fn print_compile(figures: &Figures, runs: usize) {
                 )
             })
             .collect();
+        let ratios = |of: [f64; 6], base: [f64; 6]| {
+            [1, 3, 4]
+                .map(|i| format!("{:.2}", (of[i] - base[i]) / (sqlx[i] - base[i])))
+                .join(", ")
+        };
+        let (raw, above) = if index == FILES.len() - 1 {
+            (String::new(), String::new())
+        } else {
+            let of = figures_of(index);
+            (ratios(of, [0.0; 6]), ratios(of, body))
+        };
         println!(
-            "| {name} | {build:.1} | {build_cpu:.1} | {rebuild:.1} | {rebuild_cpu:.1} | {mir:.1} | {above:.1} | {binary:.1} | {:.2}, {:.2}, {:.2} | {} |",
-            build / sqlx[0],
-            rebuild / sqlx[2],
-            above / (sqlx[4] - body),
+            "| {name} | {build:.1} | {build_cpu:.1} | {rebuild:.1} | {rebuild_cpu:.1} | {mir:.1} | {binary:.1} | {raw} | {above} | {} |",
             each.join("; ")
         );
     }
