@@ -285,21 +285,26 @@ fn kept(vars: &[&'static str]) -> Vec<(&'static str, OsString)> {
 /// package's `sqlx.toml` names (`[common] database-url-var`, as sqlx 0.9's
 /// macros and CLI read it), each first from the process environment, then
 /// from the nearest `.env` file at or above `manifest_dir`.
+///
+/// The files are looked for only when needed: a process whose environment
+/// names the server (as in CI) reads neither.
 fn server_url(
     manifest_dir: &Path,
     env_var: impl Fn(&str) -> Option<String>,
 ) -> Result<Option<(String, UrlOrigin)>, Error> {
-    let dotenv = find_dotenv(manifest_dir);
-    let named = sqlx_toml_value(manifest_dir, "common", "database-url-var")?;
-    let vars = [URL_VAR, FALLBACK_URL_VAR]
-        .into_iter()
-        .map(str::to_owned)
-        .chain(named);
-    for var in vars {
+    let mut dotenv = None;
+    for var in [Some(URL_VAR), Some(FALLBACK_URL_VAR), None] {
+        let var = match var {
+            Some(var) => var.to_owned(),
+            None => match sqlx_toml_value(manifest_dir, "common", "database-url-var")? {
+                Some(named) => named,
+                None => break,
+            },
+        };
         if let Some(url) = env_var(&var) {
             return Ok(Some((url, UrlOrigin::Env(var))));
         }
-        if let Some(path) = &dotenv
+        if let Some(path) = dotenv.get_or_insert_with(|| find_dotenv(manifest_dir))
             && let Some(url) = dotenv_var(path, &var)?
         {
             return Ok(Some((url, UrlOrigin::DotEnv(var, path.clone()))));

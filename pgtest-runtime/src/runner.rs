@@ -15,18 +15,35 @@ use crate::helper::{self, Job};
 use crate::isolation::{self, Prepared};
 use crate::session::Session;
 use crate::shapes::TestFn;
-use crate::{Error, pool, spares};
+use crate::{Error, TestContext, pool, spares};
 use pgtest_core::{Flavor, Isolation, MigrationSource, TestSpec, TestTermination};
 
 /// Runs one test: prepares its database, calls the body on a fresh tokio
 /// runtime of the test's flavor (one thread unless it asked for
 /// `multi_thread`), and cleans up whatever the outcome.
 ///
+/// Every test instantiates this function; it only boxes the body, so that
+/// the runner itself ([`run_body`]) is compiled once, in this crate, rather
+/// than once per test in the test's crate.
+///
 /// # Panics
 ///
 /// When the database cannot be prepared, when the body returns `Err`, and
 /// with the body's own panic. Each message names the test.
 pub fn run<F: TestFn>(spec: TestSpec, test: F) {
+    let body: Body<'_> =
+        Box::new(move |context| Box::pin(async move { test.call(context).await.into_result() }));
+    run_body(spec, F::NEEDS_DATABASE, F::OPENS_CONNECTIONS, body);
+}
+
+/// A test's body, its type erased: called with the test's context, what
+/// it returned.
+type Body<'a> = Box<
+    dyn FnOnce(Option<TestContext>) -> Pin<Box<dyn Future<Output = Result<(), String>> + 'a>> + 'a,
+>;
+
+/// [`run`] for a body that `needs_database` (see [`TestFn`]).
+fn run_body(spec: TestSpec, needs_database: bool, opens_connections: bool, body: Body<'_>) {
     if let Some(job) = helper::this_process() {
         std::process::exit(run_helper(job));
     }
@@ -58,7 +75,7 @@ pub fn run<F: TestFn>(spec: TestSpec, test: F) {
             )
         });
     runtime.block_on(async {
-        if F::OPENS_CONNECTIONS && spec.isolation == Isolation::Transaction {
+        if opens_connections && spec.isolation == Isolation::Transaction {
             panic!(
                 "pgtest: test `{}` uses isolation = \"transaction\" but takes a way to open \
                  connections of its own (a pool, pool options or a TestContext), whose writes \
@@ -66,7 +83,7 @@ pub fn run<F: TestFn>(spec: TestSpec, test: F) {
                 spec.name
             );
         }
-        let prepared = match F::NEEDS_DATABASE {
+        let prepared = match needs_database {
             true => match prepare(&spec).await {
                 Ok(prepared) => Some(prepared),
                 Err(error) => panic!("pgtest: test `{}` could not start: {error}", spec.name),
@@ -86,9 +103,7 @@ pub fn run<F: TestFn>(spec: TestSpec, test: F) {
         let cover = teardown
             .as_ref()
             .map(|teardown| Arc::clone(teardown.cover()));
-        let outcome = CatchUnwind(test.call(context))
-            .await
-            .map(TestTermination::into_result);
+        let outcome = CatchUnwind(body(context)).await;
         let failure = match &outcome {
             Ok(Ok(())) => None,
             Ok(Err(error)) => Some(error.clone()),

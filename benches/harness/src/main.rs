@@ -1,11 +1,9 @@
-//! Runs one generated suite as `#[pg_test]`, `#[pgtest::sqlx_test]`,
-//! `#[sqlx::test]` and plain `#[tokio::test]` with a pre-migrated
-//! database, under `cargo nextest run -j J` and `cargo test --
-//! --test-threads=J`, against a server started with `max_connections =
-//! 100`, and prints a markdown table of medians. After
+//! Runs one generated suite as `#[pg_test]`, `#[sqlx::test]` and plain
+//! `#[tokio::test]` with a pre-migrated database, under `cargo nextest run
+//! -j J` and `cargo test -- --test-threads=J`, against a server started with
+//! `max_connections = 100`, and prints a markdown table of medians. After
 //! each run it waits for pgtest's spares helper and reports how long it
-//! worked, and how many test databases it retired (dropped rather than
-//! put back). With `--new-server`, each run gets a new server and a new
+//! worked. With `--new-server`, each run gets a new server and a new
 //! pgtest home, as a CI run does: nothing of pgtest's exists.
 //!
 //! ```text
@@ -13,6 +11,9 @@
 //! cargo run -p pgtest-bench -- --smoke
 //! ```
 
+mod compile;
+mod report;
+mod rusage;
 mod server;
 mod suite;
 
@@ -36,40 +37,51 @@ usage: cargo run -p pgtest-bench --release -- [options]
   --binaries N       test binaries the suite is split into (8)
   --jobs J[,J…]      tests at once: nextest -j J, cargo test --test-threads=J (16)
   --runs N           runs of each flavour; the table shows medians (3)
-  --flavours LIST    some of pgtest,pgtestdb,pgtesttx,pgtestsqlx,sqlx,plain (all)
+  --flavours LIST    some of pgtest,pgtestdb,pgtesttx,pgtestsqlx,sqlx,plain,floor (all), or none
   --cargo-test       also run each flavour under cargo test
   --new-server       a new server and pgtest home for each run, as in CI
   --via-library      the bodies' queries run in a function of the suite's library
-  --smoke            4 tests per flavour, one run of each runner: checks the harness
+  --compile N        first, the build, rebuild and expanded size of N tests per
+                     attribute (#[pg_test], #[pgtest::sqlx_test], #[sqlx::test]), --runs times
+  --smoke            4 tests per flavour, one run of each runner, 6 tests per
+                     attribute compiled once: checks the harness
 ";
 
-struct Options {
-    tests: usize,
-    binaries: usize,
-    jobs: Vec<usize>,
-    runs: usize,
-    cargo_test: bool,
-    flavours: Vec<&'static str>,
-    via_library: bool,
-    new_server: bool,
+pub(crate) struct Options {
+    pub(crate) tests: usize,
+    pub(crate) binaries: usize,
+    pub(crate) jobs: Vec<usize>,
+    pub(crate) runs: usize,
+    pub(crate) cargo_test: bool,
+    pub(crate) flavours: Vec<&'static str>,
+    pub(crate) via_library: bool,
+    pub(crate) new_server: bool,
+    pub(crate) compile: Option<usize>,
 }
 
 /// One flavour's run.
-struct Sample {
-    wall: Duration,
+pub(crate) struct Sample {
+    pub(crate) wall: Duration,
     /// How long pgtest's spares helper worked once the run was over.
-    after: Duration,
+    pub(crate) after: Duration,
     /// The server's time in the helper's sessions, from its log.
-    helper_sessions: Duration,
-    passed: usize,
-    failed: usize,
-    peak: i64,
-    refusals: usize,
-    connections: usize,
-    leftover: i64,
+    pub(crate) helper_sessions: Duration,
+    pub(crate) passed: usize,
+    pub(crate) failed: usize,
+    pub(crate) peak: i64,
+    pub(crate) refusals: usize,
+    pub(crate) connections: usize,
+    pub(crate) leftover: i64,
     /// Test databases the run used that pgtest retired (dropped, not put
     /// back for the next test).
-    retired: usize,
+    pub(crate) retired: usize,
+    /// What the test processes used, as their runner saw it.
+    pub(crate) tests: rusage::Usage,
+    /// The server's CPU time during the run (the harness's sessions not
+    /// counted).
+    pub(crate) server_cpu: Duration,
+    /// The CPU time of cargo, the runner and the test processes together.
+    pub(crate) client_cpu: Duration,
 }
 
 fn parse_options() -> anyhow::Result<Options> {
@@ -82,6 +94,7 @@ fn parse_options() -> anyhow::Result<Options> {
         flavours: FLAVOURS.to_vec(),
         via_library: false,
         new_server: false,
+        compile: None,
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -99,9 +112,17 @@ fn parse_options() -> anyhow::Result<Options> {
             "--cargo-test" => options.cargo_test = true,
             "--via-library" => options.via_library = true,
             "--new-server" => options.new_server = true,
+            "--compile" => options.compile = Some(value()?.parse()?),
             "--flavours" => {
                 let wanted = value()?;
-                if let Some(unknown) = wanted.split(',').find(|w| !FLAVOURS.contains(w)) {
+                let wanted = match wanted.as_str() {
+                    "none" => String::new(),
+                    _ => wanted,
+                };
+                if let Some(unknown) = wanted
+                    .split(',')
+                    .find(|w| !w.is_empty() && !FLAVOURS.contains(w))
+                {
                     bail!(
                         "unknown flavour {unknown}; the flavours are {}",
                         FLAVOURS.join(",")
@@ -126,6 +147,7 @@ fn parse_options() -> anyhow::Result<Options> {
                     flavours: FLAVOURS.to_vec(),
                     via_library: options.via_library,
                     new_server: options.new_server,
+                    compile: Some(6),
                 }
             }
             other => bail!("unknown argument {other}\n{USAGE}"),
@@ -134,13 +156,41 @@ fn parse_options() -> anyhow::Result<Options> {
     Ok(options)
 }
 
-#[tokio::main(flavor = "current_thread")]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
+    rusage::run_if_runner();
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(bench())
+}
+
+async fn bench() -> anyhow::Result<()> {
     let options = parse_options()?;
     let repo = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../..")
         .canonicalize()?;
     let work = repo.join("target/pgtest-bench");
+    let compiled = match options.compile {
+        Some(tests) => Some(compile::measure(&repo, &work, tests, options.runs).await?),
+        None => None,
+    };
+    if !options.flavours.is_empty() {
+        let rows = run_flavours(&options, &repo, &work).await?;
+        report::print(&options, &rows);
+    }
+    if let Some(figures) = compiled {
+        report::print_compile(&figures, options.runs);
+    }
+    Ok(())
+}
+
+/// Generates and builds the suite, runs each flavour under each runner,
+/// `--runs` times, on a server of the harness's own.
+async fn run_flavours(
+    options: &Options,
+    repo: &Path,
+    work: &Path,
+) -> anyhow::Result<Vec<report::Row>> {
     let suite_dir = work.join("suite");
     eprintln!(
         "generating {} tests per flavour in {}",
@@ -149,7 +199,7 @@ async fn main() -> anyhow::Result<()> {
     );
     suite::write(
         &suite_dir,
-        &repo,
+        repo,
         options.tests,
         options.binaries,
         options.via_library,
@@ -159,12 +209,12 @@ async fn main() -> anyhow::Result<()> {
     // Long before the first server starts (see `server::set_aside`).
     server::empty_trash(&work.join("server"));
     eprintln!("building the suite (the first time compiles its dependencies)");
-    let build = cargo(&suite_dir, &work, &["test", "--no-run", "--quiet"])
+    let build = cargo(&suite_dir, work, &["test", "--no-run", "--quiet"])
         .status()
         .await?;
     anyhow::ensure!(build.success(), "the generated suite does not build");
 
-    let (mut server, mut admin) = start_server(&work, &suite_dir).await?;
+    let (mut server, mut admin) = start_server(work, &suite_dir).await?;
 
     let mut rows = Vec::new();
     let runners: &[&str] = if options.cargo_test {
@@ -182,12 +232,11 @@ async fn main() -> anyhow::Result<()> {
                         let _ = admin.close().await;
                         drop(server);
                         let _ = std::fs::remove_dir_all(work.join("home"));
-                        (server, admin) = start_server(&work, &suite_dir).await?;
+                        (server, admin) = start_server(work, &suite_dir).await?;
                     }
-                    let sample = measure(
-                        &server, &mut admin, &suite_dir, &work, flavour, runner, jobs,
-                    )
-                    .await?;
+                    let sample =
+                        measure(&server, &mut admin, &suite_dir, work, flavour, runner, jobs)
+                            .await?;
                     eprintln!(
                         "{runner} -j {jobs} run {run} {flavour}: {:.2} s, {} passed, {} failed",
                         sample.wall.as_secs_f64(),
@@ -200,10 +249,9 @@ async fn main() -> anyhow::Result<()> {
             rows.push((runner, jobs, samples));
         }
     }
-    print_table(&options, &rows);
     drop(server);
     server::empty_trash(&work.join("server"));
-    Ok(())
+    Ok(rows)
 }
 
 /// A new server in `work`, with the plain flavour's database migrated.
@@ -273,33 +321,60 @@ async fn measure(
                 .arg("--final-status-level=none");
             command
         }
-        _ => cargo(
-            suite_dir,
-            work,
-            &[
-                "test",
-                "--no-fail-fast",
-                "--test",
-                &pattern,
-                "--",
-                "--test-threads",
-                &jobs_arg,
-            ],
-        ),
+        _ => {
+            let mut command = cargo(
+                suite_dir,
+                work,
+                &[
+                    "test",
+                    "--no-fail-fast",
+                    "--test",
+                    &pattern,
+                    "--",
+                    "--test-threads",
+                    &jobs_arg,
+                ],
+            );
+            // pgtest takes the test binaries a `cargo test` starts for one
+            // run by their parent, cargo; under the harness's runner (see
+            // `rusage`) their parent is the runner, one per binary. The
+            // run's id, as nextest would give it, keeps them one run.
+            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?;
+            let run = format!("cargo-test-{}-{}", std::process::id(), now.as_nanos());
+            command.env("NEXTEST_RUN_ID", run);
+            command
+        }
     };
+    let records = work.join("rusage");
+    let _ = std::fs::remove_file(&records);
     command
         .env("DATABASE_URL", server.url("postgres"))
         .env("PGTEST_DATABASE_URL", server.url("postgres"))
         .env("PLAIN_DATABASE_URL", server.url("bench_plain"))
         .env("PGTEST_HOME", work.join("home"))
+        .envs(rusage::runner_env(&records)?)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
 
     let peak = Arc::new(AtomicI64::new(0));
-    let sampler = tokio::spawn(sample_connections(server.url("postgres"), peak.clone()));
+    let (sampler_pid, sampling) = tokio::sync::oneshot::channel();
+    let sampler = tokio::spawn(sample_connections(
+        server.url("postgres"),
+        peak.clone(),
+        sampler_pid,
+    ));
+    // The harness's own sessions are not the run's work.
+    let admin_pid: i32 = sqlx::query_scalar("select pg_backend_pid()")
+        .fetch_one(&mut *admin)
+        .await?;
+    let harness_sessions = [admin_pid, sampling.await?].map(|pid| pid as u32);
+    let server_before = server.cpu(&harness_sessions);
+    let client_before = rusage::children_cpu();
     let started = Instant::now();
     let output = command.output().await?;
     let wall = started.elapsed();
+    let server_cpu = server.cpu(&harness_sessions).saturating_sub(server_before);
+    let client_cpu = rusage::children_cpu().saturating_sub(client_before);
     sampler.abort();
     let after = wait_for_spares_helper(&work.join("home/budget")).await;
 
@@ -347,6 +422,9 @@ async fn measure(
             .saturating_sub(1),
         leftover,
         retired,
+        tests: rusage::read(&records),
+        server_cpu,
+        client_cpu,
     })
 }
 
@@ -437,9 +515,19 @@ async fn test_databases(admin: &mut PgConnection) -> anyhow::Result<i64> {
     Ok(count)
 }
 
-/// Samples the number of client connections every 10 ms.
-async fn sample_connections(url: String, peak: Arc<AtomicI64>) -> anyhow::Result<()> {
+/// Samples the number of client connections every 10 ms, once it has
+/// sent its session's process id to `pid`.
+async fn sample_connections(
+    url: String,
+    peak: Arc<AtomicI64>,
+    pid: tokio::sync::oneshot::Sender<i32>,
+) -> anyhow::Result<()> {
     let mut connection = PgConnection::connect(&url).await?;
+    let _ = pid.send(
+        sqlx::query_scalar("select pg_backend_pid()")
+            .fetch_one(&mut connection)
+            .await?,
+    );
     loop {
         let now: i64 = sqlx::query_scalar(
             "select count(*) - 1 from pg_stat_activity where backend_type = 'client backend'",
@@ -485,90 +573,6 @@ fn counts(printed: &str) -> (usize, usize) {
     (passed, failed)
 }
 
-fn median(mut values: Vec<f64>) -> f64 {
-    values.sort_by(f64::total_cmp);
-    let middle = values.len() / 2;
-    if values.len() % 2 == 1 {
-        values[middle]
-    } else {
-        (values[middle - 1] + values[middle]) / 2.0
-    }
-}
-
-#[allow(clippy::type_complexity)]
-fn print_table(options: &Options, rows: &[(&str, usize, Vec<Vec<Sample>>)]) {
-    println!(
-        "\n{} tests per flavour in {} binaries, max_connections = 100, medians of {} runs\n",
-        options.tests, options.binaries, options.runs
-    );
-    println!(
-        "| runner | -j | flavour | wall (s) | each run (s) | after run (s) | helper at the server (s) | failed | peak conns | refused | conns opened/test | leftover dbs | retired dbs (each run) |"
-    );
-    println!("|---|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|");
-    for (runner, jobs, samples) in rows {
-        let mut walls = std::collections::HashMap::new();
-        for (flavour, runs) in options.flavours.iter().zip(samples) {
-            let wall = median(runs.iter().map(|s| s.wall.as_secs_f64()).collect());
-            walls.insert(*flavour, wall);
-            let worst = |f: fn(&Sample) -> f64| runs.iter().map(f).fold(0.0, f64::max);
-            let per_test = median(
-                runs.iter()
-                    .map(|s| s.connections as f64 / (s.passed + s.failed).max(1) as f64)
-                    .collect(),
-            );
-            let each: Vec<String> = runs
-                .iter()
-                .map(|s| format!("{:.2}", s.wall.as_secs_f64()))
-                .collect();
-            let after = median(runs.iter().map(|s| s.after.as_secs_f64()).collect());
-            let helper = median(
-                runs.iter()
-                    .map(|s| s.helper_sessions.as_secs_f64())
-                    .collect(),
-            );
-            let retired: Vec<String> = runs.iter().map(|s| s.retired.to_string()).collect();
-            println!(
-                "| {runner} | {jobs} | {flavour} | {wall:.2} | {} | {after:.1} | {helper:.1} | {} | {} | {} | {per_test:.1} | {} | {} |",
-                each.join(" / "),
-                worst(|s| s.failed as f64),
-                worst(|s| s.peak as f64),
-                worst(|s| s.refusals as f64),
-                worst(|s| s.leftover as f64),
-                retired.join(" / "),
-            );
-        }
-        let ratio = |a: &str, b: &str| match (walls.get(a), walls.get(b)) {
-            (Some(a), Some(b)) => format!("{:.2}", a / b),
-            _ => "-".to_owned(),
-        };
-        println!(
-            "| {runner} | {jobs} | **ratios** | pgtest/plain {}, sqlx/pgtest {}, sqlx/pgtestsqlx {} | | | | | | | | | |",
-            ratio("pgtest", "plain"),
-            ratio("sqlx", "pgtest"),
-            ratio("sqlx", "pgtestsqlx")
-        );
-        // Wall time above plain's, spread over the tests.
-        let overhead: Vec<String> = options
-            .flavours
-            .iter()
-            .filter(|flavour| **flavour != "plain")
-            .filter_map(|flavour| {
-                let above = walls.get(flavour)? - walls.get("plain")?;
-                Some(format!(
-                    "{flavour} {:+.1}",
-                    above * 1000.0 / options.tests as f64
-                ))
-            })
-            .collect();
-        if !overhead.is_empty() {
-            println!(
-                "| {runner} | {jobs} | **ms per test above plain** | {} | | | | | | | | | |",
-                overhead.join(", ")
-            );
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::counts;
@@ -581,24 +585,6 @@ mod tests {
         assert_eq!(
             counts("Summary [ 1.0s] 4 tests run: 4 passed, 0 skipped"),
             (4, 0)
-        );
-    }
-
-    #[test]
-    fn the_test_databases_a_run_used_are_read_from_the_servers_log() {
-        let log = "pgtest x [1] LOG:  connection authorized: user=postgres database=pgtest_suite_0123456789ab_5e6f7a8b application_name=t\n\
-            [2] LOG:  connection authorized: user=postgres database=pgtest_suite_0123456789ab_s5e6f7a8\n\
-            [3] LOG:  connection authorized: user=postgres database=pgtest_suite_0123456789ab_r5e6f7a8\n\
-            [4] LOG:  connection authorized: user=postgres database=pgtest_suite_0123456789ab\n\
-            [5] LOG:  connection authorized: user=postgres database=bench_plain\n\
-            [6] LOG:  connection authorized: user=postgres database=pgtest_suite_0123456789ab_5e6f7a8b";
-        let used: Vec<String> = super::test_databases_used(log).into_iter().collect();
-        assert_eq!(
-            used,
-            [
-                "pgtest_suite_0123456789ab_5e6f7a8b",
-                "pgtest_suite_0123456789ab_s5e6f7a8"
-            ]
         );
     }
 

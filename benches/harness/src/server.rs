@@ -5,6 +5,7 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::Duration;
 
 use anyhow::{Context, bail};
 
@@ -53,6 +54,56 @@ impl Server {
 
     pub(crate) fn log(&self) -> String {
         fs::read_to_string(self.dir.join("log")).unwrap_or_default()
+    }
+
+    /// CPU time the server's processes have used so far, less that of the
+    /// backends `except` (the harness's own sessions): the processes that
+    /// live now by the kernel's scheduler (`/proc/<pid>/schedstat`, in ns;
+    /// PostgreSQL's processes have one thread), those gone by their parent
+    /// the postmaster's `cutime` and `cstime` (clock ticks, summed by the
+    /// kernel in ns and cut once when read). Linux only; zero elsewhere.
+    pub(crate) fn cpu(&self, except: &[u32]) -> Duration {
+        let Some(postmaster) = fs::read_to_string(self.dir.join("data/postmaster.pid"))
+            .ok()
+            .and_then(|pid| pid.lines().next()?.trim().parse::<u32>().ok())
+        else {
+            return Duration::ZERO;
+        };
+        let on_cpu = |pid: u32| {
+            fs::read_to_string(format!("/proc/{pid}/schedstat"))
+                .ok()
+                .and_then(|line| line.split_whitespace().next()?.parse().ok())
+                .map_or(Duration::ZERO, Duration::from_nanos)
+        };
+        // Fields after the command's name: state is 3, ppid 4, cutime 16,
+        // cstime 17.
+        let stat = |pid: u32| -> Option<Vec<u64>> {
+            let text = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            let rest = text.rsplit_once(')')?.1;
+            Some(
+                rest.split_whitespace()
+                    .map(|field| field.parse().unwrap_or(0))
+                    .collect(),
+            )
+        };
+        let Some(own) = stat(postmaster) else {
+            return Duration::ZERO;
+        };
+        // SAFETY: sysconf reads a constant of the system.
+        let tick = 1_000_000_000 / unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+        let gone = Duration::from_nanos((own[13] + own[14]) * tick);
+        let live: Duration = fs::read_dir("/proc")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
+            .filter(|pid| !except.contains(pid))
+            .filter(|&pid| {
+                pid == postmaster || stat(pid).is_some_and(|s| s[1] == u64::from(postmaster))
+            })
+            .map(on_cpu)
+            .sum();
+        gone + live
     }
 
     fn as_server_user(&self, args: &[&str]) -> anyhow::Result<()> {

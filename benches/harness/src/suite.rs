@@ -8,14 +8,18 @@ use std::path::Path;
 /// The ways of writing the same tests: `#[pg_test]` in each isolation
 /// mode (shared, database, transaction), `#[pgtest::sqlx_test]` (the
 /// drop-in: a database each, a pool that opens connections as sqlx's
-/// does), `#[sqlx::test]`, and plain.
-pub(crate) const FLAVOURS: [&str; 6] = [
+/// does), `#[sqlx::test]`, plain (a pool
+/// per test on a pre-migrated database), and the floor: the least any
+/// library must do per test, one connection opened for the test on that
+/// database (no pool, no budget, no tenant), closed at its end.
+pub(crate) const FLAVOURS: [&str; 7] = [
     "pgtest",
     "pgtestdb",
     "pgtesttx",
     "pgtestsqlx",
     "sqlx",
     "plain",
+    "floor",
 ];
 
 const MIGRATIONS: [(&str, &str); 6] = [
@@ -95,7 +99,7 @@ create index deliveries_webhook on webhook_deliveries (webhook_id);",
 
 /// The body every flavour runs, with `pool` and `org` (a `Uuid`) in scope:
 /// sequential inserts scoped by the org, then reads back.
-const BODY: &str = r#"
+pub(crate) const BODY: &str = r#"
     sqlx::query("insert into orgs (id, name, plan) values ($1, 'acme', 'team')").bind(org).execute(&pool).await.unwrap();
     let mut users = Vec::new();
     for name in ["ada", "grace", "linus"] {
@@ -122,7 +126,8 @@ const BODY: &str = r#"
 /// over `binaries` test binaries each. With `via_library`, the bodies call
 /// a function of the suite's library that runs the same queries (as tests
 /// that go through application code do) instead of running them inline;
-/// the transaction flavour, which takes a connection, stays inline.
+/// the transaction and floor flavours, which take a connection, stay
+/// inline.
 pub(crate) fn write(
     dir: &Path,
     pgtest: &Path,
@@ -130,10 +135,8 @@ pub(crate) fn write(
     binaries: usize,
     via_library: bool,
 ) -> anyhow::Result<()> {
-    let _ = fs::remove_dir_all(dir.join("tests"));
-    fs::create_dir_all(dir.join("tests"))?;
+    write_crate(dir, "bench-suite", pgtest)?;
     fs::create_dir_all(dir.join("src"))?;
-    fs::create_dir_all(dir.join("migrations"))?;
     fs::write(
         dir.join("src/lib.rs"),
         format!(
@@ -146,6 +149,25 @@ pub(crate) fn write(
         true => "\n    bench_suite::scenario(&pool, org).await;\n",
         false => BODY,
     };
+    for binary in 0..binaries {
+        let count = tests / binaries + usize::from(binary < tests % binaries);
+        for flavour in FLAVOURS {
+            let names = (0..count).map(|test| format!("case_{binary}_{test}"));
+            fs::write(
+                dir.join("tests").join(format!("{flavour}_{binary}.rs")),
+                test_file(flavour, names, body)?,
+            )?;
+        }
+    }
+    Ok(())
+}
+
+/// A crate named `name` in `dir` with the suite's dependencies and
+/// migrations, and an empty `tests/`.
+pub(crate) fn write_crate(dir: &Path, name: &str, pgtest: &Path) -> anyhow::Result<()> {
+    let _ = fs::remove_dir_all(dir.join("tests"));
+    fs::create_dir_all(dir.join("tests"))?;
+    fs::create_dir_all(dir.join("migrations"))?;
     for (name, sql) in MIGRATIONS {
         fs::write(dir.join("migrations").join(name), sql)?;
     }
@@ -153,7 +175,7 @@ pub(crate) fn write(
         dir.join("Cargo.toml"),
         format!(
             r#"[package]
-name = "bench-suite"
+name = "{name}"
 version = "0.0.0"
 edition = "2024"
 publish = false
@@ -170,50 +192,65 @@ tokio = {{ version = "1", features = ["macros", "rt"] }}
             pgtest = pgtest.display()
         ),
     )?;
-    for binary in 0..binaries {
-        let count = tests / binaries + usize::from(binary < tests % binaries);
-        for flavour in FLAVOURS {
-            let mut file = String::from("use sqlx::types::Uuid;\n");
-            if flavour != "pgtesttx" {
-                file.push_str("use sqlx::PgPool;\n");
-            }
-            for test in 0..count {
-                let name = format!("case_{binary}_{test}");
-                match flavour {
-                    "pgtest" => write!(
-                        file,
-                        "\n#[pgtest::pg_test(migrations = \"./migrations\")]\nasync fn {name}(pool: PgPool, tenant: pgtest::Tenant) {{\n    let org: Uuid = tenant.id();{body}}}\n"
-                    )?,
-                    "pgtestdb" => write!(
-                        file,
-                        "\n#[pgtest::pg_test(isolation = \"database\", migrations = \"./migrations\")]\nasync fn {name}(pool: PgPool) {{\n    let org = Uuid::new_v4();{body}}}\n"
-                    )?,
-                    "pgtesttx" => write!(
-                        file,
-                        "\n#[pgtest::pg_test(isolation = \"transaction\", migrations = \"./migrations\")]\nasync fn {name}(mut conn: sqlx::pool::PoolConnection<sqlx::Postgres>) {{\n    let org = Uuid::new_v4();{}}}\n",
-                        BODY.replace("&pool", "&mut *conn")
-                    )?,
-                    "pgtestsqlx" => write!(
-                        file,
-                        "\n#[pgtest::sqlx_test(migrations = \"./migrations\")]\nasync fn {name}(pool: PgPool) {{\n    let org = Uuid::new_v4();{body}}}\n"
-                    )?,
-                    "sqlx" => write!(
-                        file,
-                        "\n#[sqlx::test(migrations = \"./migrations\")]\nasync fn {name}(pool: PgPool) {{\n    let org = Uuid::new_v4();{body}}}\n"
-                    )?,
-                    _ => write!(
-                        file,
-                        "\n#[tokio::test]\nasync fn {name}() {{\n    let pool = PgPool::connect(&std::env::var(\"PLAIN_DATABASE_URL\").unwrap()).await.unwrap();\n    let org = Uuid::new_v4();{body}    pool.close().await;\n}}\n"
-                    )?,
-                }
-            }
-            fs::write(
-                dir.join("tests").join(format!("{flavour}_{binary}.rs")),
+    Ok(())
+}
+
+/// A test file of `flavour` (one of [`FLAVOURS`], `sqlx_test` for
+/// `#[pgtest::sqlx_test]`, or `body`: the body alone, in an async fn that
+/// a plain `#[test]` names but does not run) with a test of each name
+/// running `body` (the transaction and floor flavours run [`BODY`] on
+/// their connection).
+pub(crate) fn test_file(
+    flavour: &str,
+    names: impl Iterator<Item = String>,
+    body: &str,
+) -> anyhow::Result<String> {
+    let mut file = String::from("use sqlx::types::Uuid;\n");
+    match flavour {
+        "pgtesttx" => {}
+        "floor" => file.push_str("use sqlx::{Connection, PgConnection};\n"),
+        _ => file.push_str("use sqlx::PgPool;\n"),
+    }
+    for name in names {
+        match flavour {
+            "pgtest" => write!(
                 file,
-            )?;
+                "\n#[pgtest::pg_test(migrations = \"./migrations\")]\nasync fn {name}(pool: PgPool, tenant: pgtest::Tenant) {{\n    let org: Uuid = tenant.id();{body}}}\n"
+            )?,
+            "pgtestdb" => write!(
+                file,
+                "\n#[pgtest::pg_test(isolation = \"database\", migrations = \"./migrations\")]\nasync fn {name}(pool: PgPool) {{\n    let org = Uuid::new_v4();{body}}}\n"
+            )?,
+            "pgtesttx" => write!(
+                file,
+                "\n#[pgtest::pg_test(isolation = \"transaction\", migrations = \"./migrations\")]\nasync fn {name}(mut conn: sqlx::pool::PoolConnection<sqlx::Postgres>) {{\n    let org = Uuid::new_v4();{}}}\n",
+                BODY.replace("&pool", "&mut *conn")
+            )?,
+            "sqlx" => write!(
+                file,
+                "\n#[sqlx::test(migrations = \"./migrations\")]\nasync fn {name}(pool: PgPool) {{\n    let org = Uuid::new_v4();{body}}}\n"
+            )?,
+            "sqlx_test" | "pgtestsqlx" => write!(
+                file,
+                "\n#[pgtest::sqlx_test(migrations = \"./migrations\")]\nasync fn {name}(pool: PgPool) {{\n    let org = Uuid::new_v4();{body}}}\n"
+            )?,
+            "floor" => write!(
+                file,
+                "\n#[tokio::test]\nasync fn {name}() {{\n    let mut conn = PgConnection::connect(&std::env::var(\"PLAIN_DATABASE_URL\").unwrap()).await.unwrap();\n    let org = Uuid::new_v4();{}    conn.close().await.unwrap();\n}}\n",
+                BODY.replace("&pool", "&mut conn")
+            )?,
+            "plain" => write!(
+                file,
+                "\n#[tokio::test]\nasync fn {name}() {{\n    let pool = PgPool::connect(&std::env::var(\"PLAIN_DATABASE_URL\").unwrap()).await.unwrap();\n    let org = Uuid::new_v4();{body}    pool.close().await;\n}}\n"
+            )?,
+            "body" => write!(
+                file,
+                "\nasync fn {name}_body(pool: PgPool) {{\n    let org = Uuid::new_v4();{body}}}\n\n#[test]\nfn {name}() {{\n    let _: fn(PgPool) -> _ = {name}_body;\n}}\n"
+            )?,
+            other => anyhow::bail!("no such flavour: {other}"),
         }
     }
-    Ok(())
+    Ok(file)
 }
 
 /// The migrations, for migrating the plain flavour's database.
