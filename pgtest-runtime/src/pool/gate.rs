@@ -415,5 +415,5 @@ fn holder(pool: &PgPool) -> PgPool {
 /// Where nothing listens: a connection attempt fails at once, which is
 /// what moves a permit from the test's pool to a holder.
 fn nowhere() -> PgConnectOptions {
-    PgConnectOptions::new().socket("/nonexistent/pgtest-gate")
+    PgConnectOptions::new_without_pgpass().socket("/nonexistent/pgtest-gate")
 }
