@@ -60,6 +60,8 @@
 /// | `migrations = false` | no migrations | |
 /// | `migrator = "path::TO::MIGRATOR"` | a `static` `sqlx::migrate::Migrator` (from `sqlx::migrate!`) | |
 /// | `max_connections = N` | the most connections the test's pool opens | 5, as `#[sqlx::test]` (1 in `isolation = "transaction"`) |
+/// | `pool = "frugal"` | the pool opens a connection only when a task of the test waits for one | the default |
+/// | `pool = "sqlx"` | the pool opens and hands out connections as a plain sqlx pool of the same size and options would (a new one whenever none is idle, even while another is on its way back) | in [`sqlx_test`] |
 /// | `seed = "fixtures/x.sql"` | a script run on the test's pool before the body; repeatable, in order; the path is relative to the test file, as `include_str!` reads it | none |
 /// | `role = "app_user"` | every connection acts as this role (so row-level security applies to it) | the URL's role |
 /// | `flavor = "multi_thread"` | the body runs on tokio worker threads (for `tokio::task::block_in_place`), as `#[tokio::test(flavor = "multi_thread")]` | `"current_thread"`, as `#[sqlx::test]` |
@@ -72,10 +74,12 @@
 /// The pool opens connections as the test needs them, up to five, so code
 /// that holds connections while it waits for more (a transaction, a
 /// service's background tasks on the pool) does not starve; a test that
-/// still runs short fails saying which `max_connections` to set. A test that
-/// runs its queries one after another is fastest with `max_connections = 1`:
-/// sqlx returns a connection to its pool in the background, so a larger
-/// pool opens a second connection for the next query.
+/// still runs short fails saying which `max_connections` to set. A frugal
+/// pool opens a second only when a task waits for one, so a test that runs
+/// its queries one after another keeps one connection, where sqlx's pool,
+/// which gets a used connection back in the background, opens a second for
+/// the next query (and `pool = "sqlx"` does too). Every connection is
+/// covered by the suite's connection budget either way.
 ///
 /// In `isolation = "transaction"` the test takes a connection, not a pool
 /// (a pool argument is a compile error): its `begin()` is a savepoint and
@@ -121,10 +125,11 @@
 pub use pgtest_macros::pg_test;
 
 /// `#[sqlx::test]`, served by pgtest: the same arguments as [`pg_test`],
-/// with `isolation = "database"` as the default, so that a suite written
-/// for `#[sqlx::test]` (fixed ids, whole-table counts) passes with only the
-/// attribute's path changed. Move tests to `#[pg_test]` (shared) one by one
-/// for speed.
+/// with `isolation = "database"` and `pool = "sqlx"` as the defaults, so
+/// that a suite written for `#[sqlx::test]` (fixed ids, whole-table counts,
+/// tasks that count on sqlx's pool to open a connection rather than wait
+/// for one on its way back) passes with only the attribute's path changed.
+/// Move tests to `#[pg_test]` (shared, frugal) one by one for speed.
 ///
 /// ```no_run
 /// use pgtest::sqlx_test;

@@ -36,6 +36,16 @@ fn pgtest(version: Option<&str>) -> String {
     }
 }
 
+/// The tokio of the crates these tests build.
+const TOKIO: &str = r#"tokio = { version = "1", features = ["rt", "time", "sync", "macros"] }"#;
+
+/// The `[package]` section of a crate named `name`.
+fn package(name: &str) -> String {
+    format!(
+        "[package]\nname = \"{name}\"\nversion = \"0.0.0\"\nedition = \"2024\"\npublish = false\n"
+    )
+}
+
 /// Copies `examples/<name>` into `workspace`, on sqlx `version` (`+` after
 /// it: with pgtest's default features instead of that version's).
 fn add_example(workspace: &Path, name: &str, version: &str) {
@@ -49,20 +59,8 @@ fn add_example(workspace: &Path, name: &str, version: &str) {
     let to = workspace.join(name);
     copy_dir(&from, &to);
     let manifest = format!(
-        r#"[package]
-name = "pgtest-example-{name}"
-version = "0.0.0"
-edition = "2024"
-publish = false
-
-[dependencies]
-{sqlx}
-tokio = {{ version = "1", features = ["rt", "time", "sync", "macros"] }}
-
-[dev-dependencies]
-anyhow = "1"
-{pgtest}
-"#,
+        "{package}\n[dependencies]\n{sqlx}\n{TOKIO}\n\n[dev-dependencies]\nanyhow = \"1\"\n{pgtest}\n",
+        package = package(&format!("pgtest-example-{name}")),
         sqlx = sqlx(version),
         pgtest = pgtest(pgtest_version),
     );
@@ -176,20 +174,8 @@ fn the_drop_ins_pool_hands_out_connections_as_sqlxs_on_sqlx_0_8() {
     fs::write(workspace.path().join("src/lib.rs"), "").unwrap();
     fs::copy(repo.join("Cargo.lock"), workspace.path().join("Cargo.lock")).unwrap();
     let manifest = format!(
-        r#"[package]
-name = "pgtest-pool-oracle"
-version = "0.0.0"
-edition = "2024"
-publish = false
-
-[dev-dependencies]
-{sqlx}
-{pgtest}
-tokio = {{ version = "1", features = ["rt", "time", "sync", "macros"] }}
-tempfile = "3"
-
-[workspace]
-"#,
+        "{package}\n[dev-dependencies]\n{sqlx}\n{pgtest}\n{TOKIO}\ntempfile = \"3\"\n\n[workspace]\n",
+        package = package("pgtest-pool-oracle"),
         sqlx = sqlx("0.8"),
         pgtest = pgtest(Some("0.8")),
     );

@@ -231,14 +231,19 @@ impl Gate {
     /// ([`Self::at_park`]), decided here if none comes within `grow_after`.
     async fn lend_if_waited_for(&self, lent: u32, grow_after: Duration) -> Result<bool, Error> {
         self.cover.cover(lent + 1).await?;
-        let (answer, answered) = oneshot::channel();
+        let (answer, mut answered) = oneshot::channel();
         *self.asked() = Some(answer);
-        let waited_for = match tokio::time::timeout(grow_after, answered).await {
+        let waited_for = match tokio::time::timeout(grow_after, &mut answered).await {
             Ok(answer) => answer.unwrap_or(false),
-            Err(_) => match self.asked().take() {
-                Some(_) => self.starved(self.lent()) && self.lend_to_a_waiting_task(),
-                None => false,
-            },
+            // No park came: decided here, unless one took the question
+            // meanwhile.
+            Err(_) => {
+                let unanswered = self.asked().take().is_some();
+                match unanswered {
+                    true => self.starved(self.lent()) && self.lend_to_a_waiting_task(),
+                    false => answered.await.unwrap_or(false),
+                }
+            }
         };
         if waited_for {
             self.cover.starved.store(true, Ordering::Relaxed);
@@ -289,7 +294,12 @@ impl Gate {
             }
             return false;
         }
-        drop(self.held().pop());
+        // Every permit lent meanwhile (a pool that keeps one ahead): none
+        // to lend.
+        let Some(lent) = self.held().pop() else {
+            return false;
+        };
+        drop(lent);
         let waited_for = acquire.as_mut().poll(&mut cx).is_pending();
         if !waited_for {
             self.held().push(holder);
@@ -415,5 +425,5 @@ fn holder(pool: &PgPool) -> PgPool {
 /// Where nothing listens: a connection attempt fails at once, which is
 /// what moves a permit from the test's pool to a holder.
 fn nowhere() -> PgConnectOptions {
-    PgConnectOptions::new().socket("/nonexistent/pgtest-gate")
+    PgConnectOptions::new_without_pgpass().socket("/nonexistent/pgtest-gate")
 }

@@ -1,7 +1,9 @@
 //! A test's pool: lazy, carrying the tenant, the test's name and role on
 //! every connection, covered by the connection budget as it grows
 //! ([`cover`]), behind a gate that decides when it may open one more
-//! connection ([`gate`]). Two kinds, by the attribute's `pool`:
+//! connection ([`gate`]), which the runner and the test's arguments reach
+//! through the gates of their thread ([`thread`]). Two kinds, by the
+//! attribute's `pool`:
 //!
 //! - **frugal** (`#[pg_test]`'s): a further connection only when a task
 //!   of the test waits for one. sqlx gives a used connection back to its
