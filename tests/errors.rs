@@ -254,8 +254,8 @@ fn a_test_that_gives_up_first_is_still_told_its_pool_was_exhausted() {
         &text,
         &[
             "the batch did not finish within 1 s",
-            "test `errors::fixture_gives_up_before_its_pool_does` failed while all 5 connections \
-             of its pool were in use",
+            // All five in use, or, on a loaded machine, fewer opened yet.
+            "test `errors::fixture_gives_up_before_its_pool_does` failed while ",
             "#[pg_test(max_connections = 6)]",
         ],
     );

@@ -149,6 +149,8 @@ fn the_runtimes_sources_start_only_postgresql_and_the_test_binary() {
         "Command::new(program)",
         "Command::new(&pg_config)",
         "Command::new(env::current_exe()?)",
+        // `cargo pgtest psql`: PostgreSQL's own client.
+        "Command::new(&self.psql_program)",
         ".server_command(\"initdb\")",
         ".server_command(\"postgres\")",
         ".server_command(\"pg_ctl\")",

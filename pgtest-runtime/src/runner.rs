@@ -23,7 +23,7 @@ use pgtest_core::{Flavor, Isolation, MigrationSource, TestSpec, TestTermination}
 /// `multi_thread`), and cleans up whatever the outcome.
 ///
 /// Every test instantiates this function; it only boxes the body, so that
-/// the runner itself ([`run_body`]) is compiled once, in this crate, rather
+/// the runner itself (`run_body`) is compiled once, in this crate, rather
 /// than once per test in the test's crate.
 ///
 /// # Panics

@@ -196,3 +196,20 @@ fn newest(dir: &Path, stem: &str, extension: &str) -> Option<PathBuf> {
         .max_by_key(|entry| entry.metadata().and_then(|m| m.modified()).ok())
         .map(|entry| entry.path())
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    #[test]
+    fn the_test_binary_is_the_one_cargo_names_last() {
+        let printed = r#"{"reason":"compiler-artifact","executable":null}
+{"reason":"compiler-artifact","target":{"name":"pgtest"},"executable":"/t/debug/deps/pgtest-0123"}
+{"reason":"build-finished","success":true}"#;
+        assert_eq!(
+            super::executable(printed),
+            Some(PathBuf::from("/t/debug/deps/pgtest-0123"))
+        );
+        assert_eq!(super::executable("Finished"), None);
+    }
+}

@@ -146,3 +146,23 @@ pub(crate) fn read(records: &Path) -> Usage {
     }
     usage
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    #[test]
+    fn listings_are_counted_apart_from_test_processes() {
+        let dir = std::env::temp_dir().join(format!("pgtest-bench-rusage-{}", std::process::id()));
+        std::fs::write(
+            &dir,
+            "list\t1500\t9000\tpgtest_0-abc\nrun\t10250\t40000\tpgtest_0-abc\nrun\t9750\t38000\tpgtest_1-def\nbroken\n",
+        )
+        .unwrap();
+        let usage = super::read(&dir);
+        std::fs::remove_file(&dir).unwrap();
+        assert_eq!(usage.processes, 2);
+        assert_eq!(usage.cpu, Duration::from_micros(20_000));
+        assert_eq!(usage.listing, Duration::from_micros(1_500));
+    }
+}

@@ -132,7 +132,9 @@ pub(crate) fn starvation_hint(
     }
     let max = cover.max();
     let timed_out = failure.contains("PoolTimedOut") || failure.contains("pool timed out");
-    let exhausted = cover.starved() && pool.size() >= max && pool.num_idle() == 0;
+    // A task was seen waiting, and none of the pool's connections is idle
+    // (on a loaded machine the pool may not have grown to its maximum yet).
+    let exhausted = cover.starved() && pool.num_idle() == 0;
     if !timed_out && !exhausted {
         return String::new();
     }
@@ -145,7 +147,14 @@ pub(crate) fn starvation_hint(
             "waited {}s for a connection from its pool of {max}",
             pool.options().get_acquire_timeout().as_secs()
         ),
-        false => format!("failed while all {max} connections of its pool were in use"),
+        false if pool.size() >= max => {
+            format!("failed while all {max} connections of its pool were in use")
+        }
+        false => format!(
+            "failed while a task of it waited for a connection ({} of its pool's {max} were \
+             open, all in use)",
+            pool.size()
+        ),
     };
     format!(
         "\npgtest: test `{}` {what}{slots}. If its code holds connections while it waits for \
