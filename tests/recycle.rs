@@ -631,6 +631,13 @@ async fn fixture_recycle_shop(pool: PgPool) -> anyhow::Result<()> {
     .bind(round)
     .execute(&mut *connection)
     .await?;
+    sqlx::query(
+        "insert into payments (order_id, amount, paid) \
+         select id, total, case when id % 3 = 0 then placed end from orders where id % 2 = $1 % 2",
+    )
+    .bind(round)
+    .execute(&mut *connection)
+    .await?;
     connection
         .execute(
             "delete from orders where id % 4 = 1 and id <= 40; \
