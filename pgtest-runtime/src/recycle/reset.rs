@@ -97,7 +97,7 @@ impl Snapshot {
             catalog::OTHER_SESSIONS,
             catalog::spares_count(),
             self.class_look(),
-            self.statistics_look(),
+            self.statistics_look(since),
             self.toast_look()
         );
         let counted = self.counted_statement(since);
