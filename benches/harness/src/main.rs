@@ -8,7 +8,7 @@
 //! pgtest home, as a CI run does: nothing of pgtest's exists.
 //!
 //! ```text
-//! cargo run -p pgtest-bench --release -- [--tests 200] [--binaries 8] [--jobs 16,64] [--runs 3] [--cargo-test] [--via-library] [--new-server]
+//! cargo run -p pgtest-bench --release -- [--tests 200] [--binaries 8] [--jobs 16,64] [--runs 3] [--cargo-test] [--via-library] [--new-server] [--server fsync=off]
 //! cargo run -p pgtest-bench -- --smoke
 //! ```
 
@@ -39,6 +39,7 @@ usage: cargo run -p pgtest-bench --release -- [options]
   --cargo-test       also run each flavour under cargo test
   --new-server       a new server and pgtest home for each run, as in CI
   --via-library      the bodies' queries run in a function of the suite's library
+  --server NAME=VALUE  a setting of the server (repeatable), e.g. fsync=off
   --smoke            4 tests per flavour, one run of each runner: checks the harness
 ";
 
@@ -51,6 +52,8 @@ struct Options {
     flavours: Vec<&'static str>,
     via_library: bool,
     new_server: bool,
+    /// Settings of the server, `NAME=VALUE`.
+    server: Vec<String>,
 }
 
 /// One flavour's run.
@@ -81,6 +84,7 @@ fn parse_options() -> anyhow::Result<Options> {
         flavours: FLAVOURS.to_vec(),
         via_library: false,
         new_server: false,
+        server: Vec::new(),
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -98,6 +102,13 @@ fn parse_options() -> anyhow::Result<Options> {
             "--cargo-test" => options.cargo_test = true,
             "--via-library" => options.via_library = true,
             "--new-server" => options.new_server = true,
+            "--server" => {
+                let setting = value()?;
+                if !setting.contains('=') || setting.contains(char::is_whitespace) {
+                    bail!("--server takes NAME=VALUE, got {setting}");
+                }
+                options.server.push(setting);
+            }
             "--flavours" => {
                 let wanted = value()?;
                 if let Some(unknown) = wanted.split(',').find(|w| !FLAVOURS.contains(w)) {
@@ -125,6 +136,7 @@ fn parse_options() -> anyhow::Result<Options> {
                     flavours: FLAVOURS.to_vec(),
                     via_library: options.via_library,
                     new_server: options.new_server,
+                    server: options.server.clone(),
                 }
             }
             other => bail!("unknown argument {other}\n{USAGE}"),
@@ -163,7 +175,7 @@ async fn main() -> anyhow::Result<()> {
         .await?;
     anyhow::ensure!(build.success(), "the generated suite does not build");
 
-    let (mut server, mut admin) = start_server(&work, &suite_dir).await?;
+    let (mut server, mut admin) = start_server(&work, &suite_dir, &options.server).await?;
 
     let mut rows = Vec::new();
     let runners: &[&str] = if options.cargo_test {
@@ -181,7 +193,7 @@ async fn main() -> anyhow::Result<()> {
                         let _ = admin.close().await;
                         drop(server);
                         let _ = std::fs::remove_dir_all(work.join("home"));
-                        (server, admin) = start_server(&work, &suite_dir).await?;
+                        (server, admin) = start_server(&work, &suite_dir, &options.server).await?;
                     }
                     let sample = measure(
                         &server, &mut admin, &suite_dir, &work, flavour, runner, jobs,
@@ -206,10 +218,15 @@ async fn main() -> anyhow::Result<()> {
 }
 
 /// A new server in `work`, with the plain flavour's database migrated.
-async fn start_server(work: &Path, suite_dir: &Path) -> anyhow::Result<(Server, PgConnection)> {
+async fn start_server(
+    work: &Path,
+    suite_dir: &Path,
+    settings: &[String],
+) -> anyhow::Result<(Server, PgConnection)> {
     let server = Server::start(
         &work.join("server"),
         20000 + (std::process::id() % 20000) as u16,
+        settings,
     )?;
     let mut admin = PgConnection::connect(&server.url("postgres")).await?;
     sqlx::query("create database bench_plain")
@@ -496,8 +513,13 @@ fn median(mut values: Vec<f64>) -> f64 {
 
 #[allow(clippy::type_complexity)]
 fn print_table(options: &Options, rows: &[(&str, usize, Vec<Vec<Sample>>)]) {
+    let settings: String = options
+        .server
+        .iter()
+        .map(|setting| format!(", {setting}"))
+        .collect();
     println!(
-        "\n{} tests per flavour in {} binaries, max_connections = 100, medians of {} runs\n",
+        "\n{} tests per flavour in {} binaries, max_connections = 100{settings}, medians of {} runs\n",
         options.tests, options.binaries, options.runs
     );
     println!(
