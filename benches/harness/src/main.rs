@@ -7,7 +7,7 @@
 //! pgtest home, as a CI run does: nothing of pgtest's exists.
 //!
 //! ```text
-//! cargo run -p pgtest-bench --release -- [--tests 200] [--binaries 8] [--jobs 16,64] [--runs 3] [--cargo-test] [--via-library] [--new-server]
+//! cargo run -p pgtest-bench --release -- [--tests 200] [--binaries 8] [--jobs 16,64] [--runs 3] [--cargo-test] [--via-library] [--new-server] [--server fsync=off]
 //! cargo run -p pgtest-bench -- --smoke
 //! ```
 
@@ -43,6 +43,7 @@ usage: cargo run -p pgtest-bench --release -- [options]
   --via-library      the bodies' queries run in a function of the suite's library
   --compile N        first, the build, rebuild and expanded size of N tests per
                      attribute (#[pg_test], #[pgtest::sqlx_test], #[sqlx::test]), --runs times
+  --server NAME=VALUE  a setting of the server (repeatable), e.g. fsync=off
   --smoke            4 tests per flavour, one run of each runner, 6 tests per
                      attribute compiled once: checks the harness
 ";
@@ -57,6 +58,8 @@ pub(crate) struct Options {
     pub(crate) via_library: bool,
     pub(crate) new_server: bool,
     pub(crate) compile: Option<usize>,
+    /// Settings of the server, `NAME=VALUE`.
+    pub(crate) server: Vec<String>,
 }
 
 /// One flavour's run.
@@ -95,6 +98,7 @@ fn parse_options() -> anyhow::Result<Options> {
         via_library: false,
         new_server: false,
         compile: None,
+        server: Vec::new(),
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -113,6 +117,13 @@ fn parse_options() -> anyhow::Result<Options> {
             "--via-library" => options.via_library = true,
             "--new-server" => options.new_server = true,
             "--compile" => options.compile = Some(value()?.parse()?),
+            "--server" => {
+                let setting = value()?;
+                if !setting.contains('=') || setting.contains(char::is_whitespace) {
+                    bail!("--server takes NAME=VALUE, got {setting}");
+                }
+                options.server.push(setting);
+            }
             "--flavours" => {
                 let wanted = value()?;
                 let wanted = match wanted.as_str() {
@@ -148,6 +159,7 @@ fn parse_options() -> anyhow::Result<Options> {
                     via_library: options.via_library,
                     new_server: options.new_server,
                     compile: Some(6),
+                    server: options.server.clone(),
                 }
             }
             other => bail!("unknown argument {other}\n{USAGE}"),
@@ -214,7 +226,7 @@ async fn run_flavours(
         .await?;
     anyhow::ensure!(build.success(), "the generated suite does not build");
 
-    let (mut server, mut admin) = start_server(work, &suite_dir).await?;
+    let (mut server, mut admin) = start_server(work, &suite_dir, &options.server).await?;
 
     let mut rows = Vec::new();
     let runners: &[&str] = if options.cargo_test {
@@ -232,7 +244,7 @@ async fn run_flavours(
                         let _ = admin.close().await;
                         drop(server);
                         let _ = std::fs::remove_dir_all(work.join("home"));
-                        (server, admin) = start_server(work, &suite_dir).await?;
+                        (server, admin) = start_server(work, &suite_dir, &options.server).await?;
                     }
                     let sample =
                         measure(&server, &mut admin, &suite_dir, work, flavour, runner, jobs)
@@ -255,10 +267,15 @@ async fn run_flavours(
 }
 
 /// A new server in `work`, with the plain flavour's database migrated.
-async fn start_server(work: &Path, suite_dir: &Path) -> anyhow::Result<(Server, PgConnection)> {
+async fn start_server(
+    work: &Path,
+    suite_dir: &Path,
+    settings: &[String],
+) -> anyhow::Result<(Server, PgConnection)> {
     let server = Server::start(
         &work.join("server"),
         20000 + (std::process::id() % 20000) as u16,
+        settings,
     )?;
     let mut admin = PgConnection::connect(&server.url("postgres")).await?;
     sqlx::query("create database bench_plain")

@@ -31,8 +31,13 @@ fn per_test(sample: &Sample) -> [f64; 3] {
 }
 
 fn print_runs(options: &Options, rows: &[Row]) {
+    let settings: String = options
+        .server
+        .iter()
+        .map(|setting| format!(", {setting}"))
+        .collect();
     println!(
-        "\n{} tests per flavour in {} binaries, max_connections = 100, medians of {} runs\n",
+        "\n{} tests per flavour in {} binaries, max_connections = 100{settings}, medians of {} runs\n",
         options.tests, options.binaries, options.runs
     );
     println!(

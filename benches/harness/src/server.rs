@@ -1,6 +1,7 @@
 //! The benchmark's own PostgreSQL server: started with `pg_ctl` (as the
 //! `postgres` user when run as root) with `max_connections = 100` and
-//! default durability, logging connections and refusals.
+//! default durability (unless `--server` says otherwise), logging
+//! connections and refusals.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -16,7 +17,9 @@ pub(crate) struct Server {
 }
 
 impl Server {
-    pub(crate) fn start(dir: &Path, port: u16) -> anyhow::Result<Self> {
+    /// Starts a server in `dir` on `port`, with `settings` (`NAME=VALUE`)
+    /// besides the harness's own.
+    pub(crate) fn start(dir: &Path, port: u16, settings: &[String]) -> anyhow::Result<Self> {
         let bin = pg_bin()?;
         set_aside(dir)?;
         fs::create_dir_all(dir)?;
@@ -37,11 +40,14 @@ impl Server {
             "--auth=trust",
             "--no-sync",
         ])?;
-        let options = format!(
+        let mut options = format!(
             "-p {port} -k {} -c listen_addresses=127.0.0.1 -c max_connections=100 -c log_connections=on \
              -c log_disconnections=on -c log_line_prefix='%a [%p] '",
             dir.display()
         );
+        for setting in settings {
+            options.push_str(&format!(" -c {setting}"));
+        }
         server.as_server_user(&[
             "pg_ctl", "-D", "data", "-l", "log", "-w", "-o", &options, "start",
         ])?;

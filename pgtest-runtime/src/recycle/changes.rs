@@ -9,7 +9,9 @@ use sqlx::Row;
 use sqlx::postgres::{PgConnection, PgRow};
 
 use super::Since;
-use super::fingerprint::{NOT_COUNTED, WRITTEN_IN, catalog_written, written_in};
+use super::fingerprint::{
+    NOT_COUNTED, STATISTICS_CATALOGS, WRITTEN_IN, catalog_written, written_in,
+};
 use super::snapshot::{Kind, Role, Snapshot, Table};
 use crate::catalog;
 use crate::compat::query;
@@ -158,8 +160,41 @@ impl Snapshot {
     }
 
     /// An SQL expression: the oids of the tables whose statistics rows
-    /// differ from a fresh copy's (see [`STATISTICS_FOUND`]).
-    pub(super) fn statistics_look(&self) -> String {
+    /// differ from a fresh copy's (see [`STATISTICS_FOUND`]); none, without
+    /// a look at them, when the server's counts of rows written in their
+    /// catalogs did not move since the claim (`since`).
+    pub(super) fn statistics_look(&self, since: &Since) -> String {
+        let look = self.statistics_compared();
+        let (Some(catalogs), Some(counts)) = (&self.catalogs, &since.counts) else {
+            return look;
+        };
+        // The claim's counts: the reset time first, then the catalogs'.
+        let last = catalogs.len();
+        let (Some(oids), Some(before)) = (
+            catalogs.get(last - STATISTICS_CATALOGS.len()..),
+            counts.get(1 + last - STATISTICS_CATALOGS.len()..=last),
+        ) else {
+            return look;
+        };
+        let now: Vec<String> = oids
+            .iter()
+            .map(|oid| {
+                format!(
+                    "pg_stat_get_tuples_inserted({oid}) + pg_stat_get_tuples_updated({oid}) \
+                     + pg_stat_get_tuples_deleted({oid})"
+                )
+            })
+            .collect();
+        format!(
+            "(case when array[{}]::int8[] = {}::int8[] then '{{}}'::int8[] else {look} end)",
+            now.join(", "),
+            array_text(before.iter().copied())
+        )
+    }
+
+    /// An SQL expression: the oids of the tables whose statistics rows
+    /// differ from a fresh copy's, looking at them all.
+    fn statistics_compared(&self) -> String {
         let expected: Vec<String> = self
             .tables
             .iter()
@@ -248,10 +283,12 @@ impl Snapshot {
         let Some(after) = after.filter(|after| after.len() == before.len() && !written) else {
             return Ok(None);
         };
-        // The reset time, then the catalogs.
+        // The reset time, then the catalogs (those of statistics rows
+        // last: see `Self::statistics_look`).
         let (catalogs_after, tables_after) = after.split_at(1 + catalogs.len());
         let (catalogs_before, tables_before) = before.split_at(1 + catalogs.len());
-        if catalogs_after != catalogs_before {
+        let schema = catalogs_after.len() - STATISTICS_CATALOGS.len();
+        if catalogs_after[..schema] != catalogs_before[..schema] {
             return Ok(None);
         }
         Ok(Some(Changed {

@@ -116,3 +116,8 @@ pub(super) const NOT_COUNTED: usize = WRITTEN_IN.len() - 1;
 /// The catalogs a test may write outside the catalog's fingerprint that
 /// still change what the next test sees: large objects.
 pub(super) const COUNTED_TOO: &str = "pg_largeobject_metadata";
+
+/// The catalogs of statistics rows, counted apart: written (an `ANALYZE`)
+/// without the schema changing, they only tell whether the statistics
+/// rows are worth comparing.
+pub(super) const STATISTICS_CATALOGS: [&str; 2] = ["pg_statistic", "pg_statistic_ext_data"];

@@ -2,6 +2,7 @@
 //! template is (see the module's documentation).
 
 use std::fmt::Write as _;
+use std::time::{Duration, Instant};
 
 use sqlx::Row;
 use sqlx::postgres::PgConnection;
@@ -12,6 +13,7 @@ use super::snapshot::{FORMATS, Kind, Part, Role, Snapshot, Table, copy_in};
 use super::{PutBack, Reset, Since};
 use crate::catalog;
 use crate::compat::{self, query};
+use crate::lock::Pauses;
 
 /// The indexes of `table` a reset builds anew: all of the table's (its
 /// rows were deleted and vacuumed: `VACUUM` wrote their statistics), and
@@ -27,6 +29,10 @@ fn rebuilt<'a>(table: &'a Table, toasts: &[i64]) -> impl Iterator<Item = &'a Par
         .iter()
         .filter(move |part| part.role == Role::Index || (part.role == Role::ToastIndex && toasted))
 }
+
+/// How long a reset runs `VACUUM` again while a session keeps the rows
+/// it deleted alive.
+const VACUUM_AGAIN: Duration = Duration::from_secs(1);
 
 /// What a reset puts back, by what it found changed.
 struct Work<'a> {
@@ -97,7 +103,7 @@ impl Snapshot {
             catalog::OTHER_SESSIONS,
             catalog::spares_count(),
             self.class_look(),
-            self.statistics_look(),
+            self.statistics_look(since),
             self.toast_look()
         );
         let counted = self.counted_statement(since);
@@ -245,8 +251,11 @@ impl Snapshot {
     /// committed, then `VACUUM`, which needs no transaction around it, and
     /// finds the deleted rows dead to every session (none is left in the
     /// database), removes them from the indexes and truncates each table
-    /// (and its TOAST table) to no pages. Until the reset is done, the
-    /// database is still the test's: a reset that stops here retires it.
+    /// (and its TOAST table) to no pages. A session that began before the
+    /// deletes committed (autovacuum analyzing a catalog, say) keeps them
+    /// alive until it ends: `VACUUM` runs again, for a second at most.
+    /// Until the reset is done, the database is still the test's: a reset
+    /// that stops here retires it.
     async fn empty(&self, connection: &mut PgConnection, tables: &[&Table]) -> sqlx::Result<()> {
         let mut statements = "set local session_replication_role = replica; ".to_owned();
         for table in tables {
@@ -260,11 +269,31 @@ impl Snapshot {
             16.. => "index_cleanup on, truncate on, skip_database_stats on",
             _ => "index_cleanup on, truncate on",
         };
-        catalog::run(
-            connection,
-            &format!("vacuum ({options}) {}", names.join(", ")),
-        )
-        .await
+        let vacuum = format!("vacuum ({options}) {}", names.join(", "));
+        let pages: Vec<String> = tables
+            .iter()
+            .flat_map(|table| &table.parts)
+            .filter(|part| matches!(part.role, Role::Itself | Role::Toast))
+            .map(|part| part.oid.to_string())
+            .collect();
+        let emptied = format!(
+            "select coalesce(bool_and(pg_relation_size(t) = 0), true) \
+             from unnest('{{{}}}'::oid[]) t",
+            pages.join(",")
+        );
+        let deadline = Instant::now() + VACUUM_AGAIN;
+        let mut pauses = Pauses::new();
+        loop {
+            catalog::run(connection, &vacuum).await?;
+            let done: bool = query(&emptied)
+                .fetch_one(&mut *connection)
+                .await?
+                .try_get(0)?;
+            if done || Instant::now() >= deadline {
+                return Ok(());
+            }
+            tokio::time::sleep(pauses.next_until(deadline)).await;
+        }
     }
 
     /// What to put back, by what `changed` says and the tables whose

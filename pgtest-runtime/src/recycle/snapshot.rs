@@ -8,7 +8,7 @@ use sqlx::postgres::{PgConnection, PgRow};
 use sqlx::{Connection, Row};
 
 use super::changes::{STATISTICS_FOUND, class_of, rows_hash};
-use super::fingerprint::{COUNTED_TOO, FINGERPRINT, NOT_COUNTED, WRITTEN_IN};
+use super::fingerprint::{COUNTED_TOO, FINGERPRINT, NOT_COUNTED, STATISTICS_CATALOGS, WRITTEN_IN};
 use crate::catalog;
 use crate::compat::query;
 
@@ -41,8 +41,9 @@ const SETTLED: &str = "not exists (select from pg_class c join pg_namespace n \
 pub(crate) struct Snapshot {
     pub(super) fingerprint: String,
     pub(super) large_objects: i64,
-    /// The catalogs of [`WRITTEN_IN`] (less the one [`NOT_COUNTED`]) and
-    /// [`COUNTED_TOO`], by oid, when the server counts each row its
+    /// The catalogs of [`WRITTEN_IN`] (less the one [`NOT_COUNTED`]),
+    /// [`COUNTED_TOO`] and [`STATISTICS_CATALOGS`] (last), by oid, when
+    /// the server counts each row its
     /// sessions write (PostgreSQL 15 on, with `track_counts`): a reset
     /// then looks only at what the counts say changed.
     pub(super) catalogs: Option<Vec<i64>>,
@@ -165,6 +166,7 @@ impl Snapshot {
             .iter()
             .map(|(catalog, _)| *catalog)
             .chain([COUNTED_TOO])
+            .chain(STATISTICS_CATALOGS)
             .collect();
         let catalogs: Option<Vec<i64>> = sqlx::query_scalar(
             "select case when current_setting('server_version_num')::int >= 150000 \
