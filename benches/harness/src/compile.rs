@@ -23,8 +23,9 @@ use crate::{rusage, suite};
 
 /// The attributes compared, then the baseline: the suite's flavour that
 /// writes each, and how the table names it. The baseline (`body`) has the
-/// same bodies, each in an async fn that a plain `#[test]` names but does
-/// not run: what each attribute costs is measured above it.
+/// same bodies, each in an async fn whose future a plain `#[test]` would
+/// poll (so that it is compiled, as under any attribute) but does not run:
+/// what each attribute costs is measured above it.
 pub(crate) const FILES: [(&str, &str); 4] = [
     ("pgtest", "`#[pg_test]`"),
     ("sqlx_test", "`#[pgtest::sqlx_test]`"),

@@ -186,8 +186,9 @@ tokio = {{ version = "1", features = ["macros", "rt"] }}
 }
 
 /// A test file of `flavour` (one of [`FLAVOURS`], `sqlx_test` for
-/// `#[pgtest::sqlx_test]`, or `body`: the body alone, in an async fn that
-/// a plain `#[test]` names but does not run) with a test of each name
+/// `#[pgtest::sqlx_test]`, or `body`: the body alone, in an async fn whose
+/// future a plain `#[test]` would poll once but does not run, so that it
+/// is compiled as a runner's would be) with a test of each name
 /// running `body` (the transaction and floor flavours run [`BODY`] on
 /// their connection).
 pub(crate) fn test_file(
@@ -200,6 +201,12 @@ pub(crate) fn test_file(
         "pgtesttx" => {}
         "floor" => file.push_str("use sqlx::{Connection, PgConnection};\n"),
         _ => file.push_str("use sqlx::PgPool;\n"),
+    }
+    if flavour == "body" {
+        // What any way of running the bodies compiles: their futures, polled.
+        file.push_str(
+            "\nfn poll_once<F: std::future::Future>(future: F) {\n    let mut future = std::pin::pin!(future);\n    let mut context = std::task::Context::from_waker(std::task::Waker::noop());\n    let _ = future.as_mut().poll(&mut context);\n}\n",
+        );
     }
     for name in names {
         match flavour {
@@ -235,7 +242,7 @@ pub(crate) fn test_file(
             )?,
             "body" => write!(
                 file,
-                "\nasync fn {name}_body(pool: PgPool) {{\n    let org = Uuid::new_v4();{body}}}\n\n#[test]\nfn {name}() {{\n    let _: fn(PgPool) -> _ = {name}_body;\n}}\n"
+                "\nasync fn {name}_body(pool: PgPool) {{\n    let org = Uuid::new_v4();{body}}}\n\n#[test]\nfn {name}() {{\n    let _: fn(PgPool) = |pool| poll_once({name}_body(pool));\n}}\n"
             )?,
             other => anyhow::bail!("no such flavour: {other}"),
         }
