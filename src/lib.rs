@@ -26,6 +26,7 @@
 //! The README covers the server (`PGTEST_DATABASE_URL`, `DATABASE_URL`),
 //! the shared database's life cycle and how pgtest compares with
 //! `#[sqlx::test]`.
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 /// Runs an async test against PostgreSQL.
 ///
@@ -57,10 +58,14 @@
 /// | `fixtures("users", "posts")` | scripts as `#[sqlx::test]` reads them: `fixtures/<name>.sql` beside the test file; `"../x.sql"` relative to it; `fixtures(path = "dir", scripts("a", "b"))`; repeatable. In `database` isolation they are part of the template, run once | none |
 /// | `migrations = "dir"` | migrations directory, relative to the package's `Cargo.toml`; read when the test runs, so an edit needs no rebuild | `sqlx.toml`'s `[migrate] migrations-dir`, else `"./migrations"` when it exists, else none |
 /// | `migrations = false` | no migrations | |
-/// | `migrator = "path::TO::MIGRATOR"` | a `static` [`sqlx::migrate::Migrator`] (from `sqlx::migrate!`) | |
+/// | `migrator = "path::TO::MIGRATOR"` | a `static` `sqlx::migrate::Migrator` (from `sqlx::migrate!`) | |
 /// | `max_connections = N` | the most connections the test's pool opens | 5, as `#[sqlx::test]` (1 in `isolation = "transaction"`) |
+/// | `pool = "frugal"` | the pool opens a connection only when a task of the test waits for one | the default |
+/// | `pool = "sqlx"` | the pool opens and hands out connections as a plain sqlx pool of the same size and options would (a new one whenever none is idle, even while another is on its way back) | in [`sqlx_test`] |
 /// | `seed = "fixtures/x.sql"` | a script run on the test's pool before the body; repeatable, in order; the path is relative to the test file, as `include_str!` reads it | none |
 /// | `role = "app_user"` | every connection acts as this role (so row-level security applies to it) | the URL's role |
+/// | `flavor = "multi_thread"` | the body runs on tokio worker threads (for `tokio::task::block_in_place`), as `#[tokio::test(flavor = "multi_thread")]` | `"current_thread"`, as `#[sqlx::test]` |
+/// | `worker_threads = N` | with `flavor = "multi_thread"`: how many worker threads | tokio's: one per core |
 /// | `crate = "path"` | where pgtest is, for a renamed dependency | `::pgtest` |
 ///
 /// Seeds insert rows for the test's tenant through the setting, for example
@@ -69,10 +74,12 @@
 /// The pool opens connections as the test needs them, up to five, so code
 /// that holds connections while it waits for more (a transaction, a
 /// service's background tasks on the pool) does not starve; a test that
-/// still runs short fails saying which `max_connections` to set. A test that
-/// runs its queries one after another is fastest with `max_connections = 1`:
-/// sqlx returns a connection to its pool in the background, so a larger
-/// pool opens a second connection for the next query.
+/// still runs short fails saying which `max_connections` to set. A frugal
+/// pool opens a second only when a task waits for one, so a test that runs
+/// its queries one after another keeps one connection, where sqlx's pool,
+/// which gets a used connection back in the background, opens a second for
+/// the next query (and `pool = "sqlx"` does too). Every connection is
+/// covered by the suite's connection budget either way.
 ///
 /// In `isolation = "transaction"` the test takes a connection, not a pool
 /// (a pool argument is a compile error): its `begin()` is a savepoint and
@@ -118,10 +125,11 @@
 pub use pgtest_macros::pg_test;
 
 /// `#[sqlx::test]`, served by pgtest: the same arguments as [`pg_test`],
-/// with `isolation = "database"` as the default, so that a suite written
-/// for `#[sqlx::test]` (fixed ids, whole-table counts) passes with only the
-/// attribute's path changed. Move tests to `#[pg_test]` (shared) one by one
-/// for speed.
+/// with `isolation = "database"` and `pool = "sqlx"` as the defaults, so
+/// that a suite written for `#[sqlx::test]` (fixed ids, whole-table counts,
+/// tasks that count on sqlx's pool to open a connection rather than wait
+/// for one on its way back) passes with only the attribute's path changed.
+/// Move tests to `#[pg_test]` (shared, frugal) one by one for speed.
 ///
 /// ```no_run
 /// use pgtest::sqlx_test;
@@ -146,6 +154,7 @@ compile_error!(
 /// default). The same items stand at the crate's root unless only
 /// `sqlx-0_8` is on.
 #[cfg(feature = "sqlx-0_9")]
+#[cfg_attr(docsrs, doc(cfg(feature = "sqlx-0_9")))]
 pub mod sqlx_0_9 {
     pub use pgtest_runtime::{Error, Removed, TestContext, remove_all};
 }
@@ -154,6 +163,7 @@ pub mod sqlx_0_9 {
 /// crate on sqlx 0.8 in a workspace where another crate turns `sqlx-0_9`
 /// on too names its context `pgtest::sqlx_0_8::TestContext`.
 #[cfg(feature = "sqlx-0_8")]
+#[cfg_attr(docsrs, doc(cfg(feature = "sqlx-0_8")))]
 pub mod sqlx_0_8 {
     pub use pgtest_runtime_sqlx08::{Error, Removed, TestContext, remove_all};
 }
@@ -172,7 +182,7 @@ pub use pgtest_core::Tenant;
 /// Used by the code `#[pg_test]` generates. Not a public API.
 #[doc(hidden)]
 pub mod __private {
-    pub use pgtest_core::{Isolation, MigrationSource, Script, TestSpec};
+    pub use pgtest_core::{Flavor, Isolation, MigrationSource, PoolKind, Script, TestSpec};
     use pgtest_core::{Tenant, TestTermination};
 
     /// Runs the test with the runtime of its own sqlx version, chosen by the
@@ -187,25 +197,25 @@ pub mod __private {
         all(feature = "sqlx-0_9", not(feature = "sqlx-0_8")),
         diagnostic::on_unimplemented(
             message = "`#[pg_test]` does not support a test with the signature `{Self}` on sqlx 0.9",
+            note = "pgtest is built for sqlx 0.9 (its default feature `sqlx-0_9`); if this test's \
+                    sqlx is 0.8, depend on pgtest with `default-features = false, features = \
+                    [\"sqlx-0_8\"]`",
             note = "a #[pg_test] fn is async and takes (pool: PgPool), (pool: PgPool, tenant: \
                     Tenant), (conn: PoolConnection<Postgres>), (conn: PoolConnection<Postgres>, \
                     tenant: Tenant), (options: PgPoolOptions, connect: PgConnectOptions), \
-                    (ctx: TestContext) or nothing",
-            note = "pgtest is built for sqlx 0.9 (its default feature `sqlx-0_9`); if this test's \
-                    sqlx is 0.8, depend on pgtest with `default-features = false, features = \
-                    [\"sqlx-0_8\"]`"
+                    (ctx: TestContext) or nothing"
         )
     )]
     #[cfg_attr(
         all(feature = "sqlx-0_8", not(feature = "sqlx-0_9")),
         diagnostic::on_unimplemented(
             message = "`#[pg_test]` does not support a test with the signature `{Self}` on sqlx 0.8",
+            note = "pgtest is built for sqlx 0.8 (its feature `sqlx-0_8`); if this test's sqlx is \
+                    0.9, turn on pgtest's feature `sqlx-0_9` (its default)",
             note = "a #[pg_test] fn is async and takes (pool: PgPool), (pool: PgPool, tenant: \
                     Tenant), (conn: PoolConnection<Postgres>), (conn: PoolConnection<Postgres>, \
                     tenant: Tenant), (options: PgPoolOptions, connect: PgConnectOptions), \
-                    (ctx: TestContext) or nothing",
-            note = "pgtest is built for sqlx 0.8 (its feature `sqlx-0_8`); if this test's sqlx is \
-                    0.9, turn on pgtest's feature `sqlx-0_9` (its default)"
+                    (ctx: TestContext) or nothing"
         )
     )]
     #[cfg_attr(

@@ -6,8 +6,9 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Cluster, assert_failed_without_password, assert_passed, run, run_together};
+use common::{Cluster, assert_failed_without_password, assert_passed, run, run_together, text};
 use pgtest::{PgPool, pg_test};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 
 /// Holds all four connections of its pool at once for a moment, as a busy
 /// test may.
@@ -187,6 +188,20 @@ async fn fixture_pool_three_at_once(pool: PgPool) -> Result<(), sqlx::Error> {
     Ok(())
 }
 
+/// The same three tasks on a pool the test builds from the options it is
+/// given: a child of the test's pool, which grows as it does.
+#[pg_test(migrations = false)]
+#[ignore = "a fixture, run in its own processes by the tests of this file"]
+async fn fixture_pool_of_its_own_three_at_once(
+    options: PgPoolOptions,
+    connect: PgConnectOptions,
+) -> Result<(), sqlx::Error> {
+    let pool = options.connect_with(connect).await?;
+    common::hold_together(&pool, 3).await?;
+    pool.close().await;
+    Ok(())
+}
+
 #[test]
 fn a_pool_opens_only_the_connections_its_test_uses_at_once() {
     let cluster = Cluster::start(&[]);
@@ -196,8 +211,20 @@ fn a_pool_opens_only_the_connections_its_test_uses_at_once() {
     for (test, expected) in [
         ("fixture_pool_one_query_at_a_time", 1),
         ("fixture_pool_three_at_once", 3),
+        // The test's pool's own connection (which checks the run's shared
+        // database), then its pool's three.
+        ("fixture_pool_of_its_own_three_at_once", 4),
     ] {
-        assert_passed(&run(cluster.exact(test)), 1);
+        let out = run(cluster.exact(test));
+        eprintln!(
+            "{}",
+            text(&out)
+                .lines()
+                .filter(|l| l.contains("DBG"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+        assert_passed(&out, 1);
         let log = cluster.log();
         let opened: Vec<&str> = log
             .lines()

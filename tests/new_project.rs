@@ -50,8 +50,7 @@ fn write(root: &Path, path: &str, contents: &str) {
 /// Builds the project's test binary in a target directory of its own
 /// (kept between runs, so only the first run compiles the dependencies).
 fn build_tests(project: &Path) -> PathBuf {
-    let target = projects_target();
-    let child = Command::new(env!("CARGO"))
+    let child = common::project_cargo()
         .args([
             "test",
             "--no-run",
@@ -59,7 +58,6 @@ fn build_tests(project: &Path) -> PathBuf {
             "--message-format=json-render-diagnostics",
         ])
         .current_dir(project)
-        .env("CARGO_TARGET_DIR", &target)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -82,12 +80,6 @@ fn build_tests(project: &Path) -> PathBuf {
             Some(PathBuf::from(&line[start..end]))
         })
         .expect("cargo names the test executable")
-}
-
-/// The target directory of the projects these tests build, kept between
-/// runs (so only the first run compiles the dependencies).
-fn projects_target() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("target/pgtest-it-projects")
 }
 
 fn run_suite(binary: &Path, cluster: &Cluster, expected_things: u32) {
@@ -195,11 +187,10 @@ fn run_readme_project(dir: &Path, dependencies: &str, cluster: &Cluster) {
 /// `cluster`.
 fn cargo_test(dir: &Path, args: &[&str], cluster: &Cluster) -> std::process::Output {
     fs::create_dir_all(cluster.tmp_dir()).unwrap();
-    let child = Command::new(env!("CARGO"))
+    let child = common::project_cargo()
         .arg("test")
         .args(args)
         .current_dir(dir)
-        .env("CARGO_TARGET_DIR", projects_target())
         .env_remove("DATABASE_URL")
         .env("PGTEST_DATABASE_URL", cluster.url())
         .env("TMPDIR", cluster.tmp_dir())

@@ -361,3 +361,29 @@ fn a_template_someone_is_in_is_waited_for_and_then_named_with_its_session() {
         started.elapsed()
     );
 }
+
+#[test]
+fn an_unfinished_build_of_pgtests_role_is_dropped_and_another_roles_is_not() {
+    let cluster = Cluster::start(&[]);
+    let template = template_name(&cluster);
+    let building = format!("{template}_building");
+    // Left by a crash: made by pgtest's role, its marker's commit lost.
+    cluster.psql(&format!("create database \"{building}\""));
+    assert_passed(&run(cluster.exact("fixture_shared_posts")), 1);
+    for database in cluster.pgtest_databases() {
+        cluster.psql(&format!("drop database \"{database}\" with (force)"));
+    }
+    create_role(&cluster, "mallory", "mallory-pw");
+    cluster.psql_as(
+        "mallory",
+        "postgres",
+        &format!("create database \"{building}\""),
+    );
+    let printed = assert_failed_without_password(&run(cluster.exact("fixture_shared_posts")));
+    assert!(
+        printed.contains(&format!("database {building} has a name pgtest would use"))
+            && printed.contains("its owner is role mallory"),
+        "{printed}"
+    );
+    assert_eq!(cluster.pgtest_databases(), [building]);
+}

@@ -10,7 +10,7 @@ use std::collections::BTreeSet;
 use std::path::Path;
 use std::time::Duration;
 
-use common::{EmbeddedHome, assert_passed, run, run_together, wait_for};
+use common::{Cluster, EmbeddedHome, assert_passed, run, run_together, wait_for};
 use pgtest::{PgPool, pg_test};
 use sqlx::{AssertSqlSafe, Connection, Executor, PgConnection, Row};
 
@@ -436,4 +436,331 @@ fn a_killed_tests_database_is_never_handed_on() {
         "the killed test's database was handed on: {read:?}"
     );
     assert_eq!(read[1], read[2], "the next tests share a recycled one");
+}
+
+/// The joins whose plans a recycled database must share with a fresh copy.
+const SHOP_JOINS: [&str; 4] = [
+    "select c.name, o.id, l.product from customers c join orders o on o.customer_id = c.id \
+     join lines l on l.order_id = o.id where c.tier = 2",
+    "select r.name, count(*) from regions r join customers c on c.region_id = r.id \
+     join orders o on o.customer_id = c.id group by r.name",
+    "select o.id, l.qty from orders o join lines l on l.order_id = o.id \
+     where o.placed > date '2024-01-20'",
+    "select c.id from customers c where c.region_id = 3 \
+     and exists (select from orders o where o.customer_id = c.id)",
+];
+
+/// A join without `ORDER BY`: its rows come in the order the plan and the
+/// pages give them.
+const SHOP_UNORDERED: &str = "select c.name, o.total, l.product from customers c \
+    join orders o on o.customer_id = c.id join lines l on l.order_id = o.id \
+    join regions r on r.id = c.region_id";
+
+/// What the planner and an unordered query see of the database
+/// `connection` is connected to: each relation's size in blocks (TOAST
+/// included; and its visibility map's: the free space map's file is the
+/// one thing left out, see README), its `pg_class` statistics, the
+/// `pg_statistic` and extended statistics rows, each table's rows with
+/// their places, the plans of [`SHOP_JOINS`] and the rows of
+/// [`SHOP_UNORDERED`] in the order they come.
+async fn planner_view(connection: &mut PgConnection) -> anyhow::Result<Vec<String>> {
+    let mut view: Vec<String> = sqlx::query_scalar(
+        "with rel as (select c.oid, c.relname::text as name from pg_class c \
+             where c.relnamespace = 'public'::regnamespace and c.relkind in ('r', 'i', 'm') \
+         union all select t.oid, 'toast of ' || c.relname from pg_class c \
+             join pg_class t on t.oid = c.reltoastrelid where c.relnamespace = 'public'::regnamespace \
+         union all select i.indexrelid, 'toast index of ' || c.relname from pg_class c \
+             join pg_index i on i.indrelid = c.reltoastrelid where c.relnamespace = 'public'::regnamespace) \
+         select format('blocks %s: %s main, %s vm', name, pg_relation_size(oid, 'main') / 8192, \
+             pg_relation_size(oid, 'vm') / 8192) from rel \
+         union all select format('pg_class %s: relpages %s, reltuples %s, relallvisible %s, \
+             relallfrozen %s', name, c.relpages, c.reltuples, c.relallvisible, \
+             to_jsonb(c) ->> 'relallfrozen') from rel join pg_class c using (oid) \
+         union all select format('pg_statistic %s: %s', s.starelid::regclass, s) \
+             from pg_statistic s where s.starelid in (select oid from rel) \
+         union all select format('extended statistics %s: %s', e.stxname, d) \
+             from pg_statistic_ext_data d join pg_statistic_ext e on e.oid = d.stxoid \
+         order by 1",
+    )
+    .fetch_all(&mut *connection)
+    .await?;
+    let tables: Vec<String> = sqlx::query_scalar(
+        "select relname::text from pg_class where relnamespace = 'public'::regnamespace \
+         and relkind = 'r' order by 1",
+    )
+    .fetch_all(&mut *connection)
+    .await?;
+    for table in tables {
+        let statement = format!(
+            "select coalesce(string_agg(ctid::text || ' ' || x::text, ', ' order by ctid), '') \
+             from {table} x"
+        );
+        let rows: String = sqlx::query_scalar(AssertSqlSafe(statement))
+            .fetch_one(&mut *connection)
+            .await?;
+        view.push(format!("rows of {table}: {rows}"));
+    }
+    for join in SHOP_JOINS {
+        let plan: Vec<String> = sqlx::query_scalar(AssertSqlSafe(format!("explain {join}")))
+            .fetch_all(&mut *connection)
+            .await?;
+        view.push(format!("plan of {join}:\n{}", plan.join("\n")));
+    }
+    let rows: Vec<String> = sqlx::query_scalar(AssertSqlSafe(format!(
+        "select x::text from ({SHOP_UNORDERED}) x"
+    )))
+    .fetch_all(&mut *connection)
+    .await?;
+    view.push(format!("unordered join: {}", rows.join(", ")));
+    Ok(view)
+}
+
+/// What the planner sees of a copy of `template` made now.
+async fn fresh_planner_view(pool: &PgPool, template: &str) -> anyhow::Result<Vec<String>> {
+    let admin_options = (*pool.connect_options()).clone().database("postgres");
+    let mut admin = PgConnection::connect_with(&admin_options).await?;
+    admin
+        .execute("drop database if exists recycle_fresh")
+        .await?;
+    admin
+        .execute(AssertSqlSafe(format!(
+            "create database recycle_fresh template \"{template}\""
+        )))
+        .await?;
+    let mut fresh =
+        PgConnection::connect_with(&admin_options.clone().database("recycle_fresh")).await?;
+    let view = planner_view(&mut fresh).await;
+    fresh.close().await?;
+    admin
+        .execute("drop database recycle_fresh with (force)")
+        .await?;
+    view
+}
+
+/// Waits until autovacuum has been through the database of `pool`, from
+/// a pass that began after now: it writes a catalog (a large object made
+/// and unlinked: dead rows in `pg_largeobject_metadata`, which a server
+/// whose thresholds are 0 vacuums at its next pass), waits until that
+/// catalog was vacuumed, then until no autovacuum worker is left in the
+/// database (the pass's later tables, the shop's among them, are done).
+async fn autovacuum_went_through(pool: &PgPool) -> anyhow::Result<()> {
+    let since: String =
+        sqlx::query_scalar("select now()::text from (select lo_unlink(lo_create(0))) unlinked")
+            .fetch_one(pool)
+            .await?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let (vacuumed, workers): (bool, i64) = sqlx::query_as(
+            "select coalesce(pg_stat_get_last_autovacuum_time( \
+                 'pg_largeobject_metadata'::regclass) > $1::timestamptz, false), \
+             (select count(*) from pg_stat_activity where datname = current_database() \
+                 and backend_type = 'autovacuum worker')",
+        )
+        .bind(&since)
+        .fetch_one(pool)
+        .await?;
+        if vacuumed && workers == 0 {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "autovacuum did not go through the database within 30 s"
+        );
+        sqlx::query("select pg_stat_clear_snapshot()")
+            .execute(pool)
+            .await?;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Checks that its database, as it claimed it (and, with
+/// `PGTEST_IT_AUTOVACUUM` set, once autovacuum went through it), is what
+/// the planner sees of a fresh copy of the template; then writes several
+/// hundred rows into the shop's tables, deletes and updates some of the
+/// template's, and, in odd rounds (`PGTEST_IT_ROUND`), analyzes the
+/// database, in rounds divisible by 3 vacuums the orders (as autovacuum
+/// would: freed space reused by the next inserts). Records its database
+/// first.
+#[pg_test(isolation = "database", migrations = "tests/fixtures/recycle/fidelity")]
+#[ignore = "a fixture, run in its own processes by the tests of this file"]
+async fn fixture_recycle_shop(pool: PgPool) -> anyhow::Result<()> {
+    let round: i64 = std::env::var("PGTEST_IT_ROUND")?.parse()?;
+    let mine = record(&pool).await?;
+    if std::env::var_os("PGTEST_IT_AUTOVACUUM").is_some() {
+        autovacuum_went_through(&pool).await?;
+    }
+    let template = &mine[..mine.rfind('_').expect("a copy's name")];
+    let expected = fresh_planner_view(&pool, template).await?;
+    let mut connection = pool.acquire().await?;
+    let found = planner_view(&mut connection).await?;
+    let differences: Vec<String> = found
+        .iter()
+        .zip(&expected)
+        .filter(|(found, expected)| found != expected)
+        .map(|(found, expected)| format!("found    {found}\nexpected {expected}"))
+        .collect();
+    anyhow::ensure!(
+        found.len() == expected.len() && differences.is_empty(),
+        "round {round}: the planner sees the recycled database otherwise than a fresh copy \
+         ({} lines against {}):\n{}",
+        found.len(),
+        expected.len(),
+        differences.join("\n")
+    );
+    sqlx::query(
+        "insert into customers (region_id, name, tier) \
+         select 1 + (i * $1) % 12, 'new customer ' || i, i % 3 from generate_series(1, 8) i",
+    )
+    .bind(round)
+    .execute(&mut *connection)
+    .await?;
+    sqlx::query(
+        "insert into orders (customer_id, placed, total, note) \
+         select 1 + (i * ($1 + 3)) % 60, date '2024-02-01' + i % 50, i * 1.25, \
+             case when i % 25 = 0 then (select string_agg(md5(i::text || j::text), '') \
+                 from generate_series(1, 250) j) end \
+         from generate_series(1, 150) i",
+    )
+    .bind(round)
+    .execute(&mut *connection)
+    .await?;
+    sqlx::query(
+        "insert into lines select o.id, n, 'product ' || (o.id * n + $1) % 13, n \
+         from orders o, generate_series(1, 3) n where o.id > 40",
+    )
+    .bind(round)
+    .execute(&mut *connection)
+    .await?;
+    connection
+        .execute(
+            "delete from orders where id % 4 = 1 and id <= 40; \
+             update customers set tier = tier + 1 where id % 3 = 0; \
+             update lines set qty = qty + 1 where n = 2",
+        )
+        .await?;
+    if round % 2 == 1 {
+        connection.execute("analyze").await?;
+    }
+    if round % 3 == 0 {
+        connection.execute("vacuum orders").await?;
+    }
+    Ok(())
+}
+
+/// Runs `statements` on `cluster` as the superuser; the first column of
+/// the last one's first row, as text.
+fn on_cluster(cluster: &Cluster, statements: &[&str]) -> Option<String> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime");
+    runtime.block_on(async {
+        let mut admin = PgConnection::connect(&cluster.url()).await.unwrap();
+        let mut last = None;
+        for statement in statements {
+            let row = sqlx::query(AssertSqlSafe(*statement))
+                .fetch_optional(&mut admin)
+                .await
+                .unwrap();
+            last = row.and_then(|row| row.try_get::<String, _>(0).ok());
+        }
+        last
+    })
+}
+
+/// Makes `cluster`'s autovacuum work at once: a second between passes,
+/// thresholds of 0 (any row written or dead is enough).
+fn eager_autovacuum(cluster: &Cluster) {
+    on_cluster(
+        cluster,
+        &[
+            "alter system set autovacuum_naptime = 1",
+            "alter system set autovacuum_vacuum_threshold = 0",
+            "alter system set autovacuum_vacuum_scale_factor = 0",
+            "alter system set autovacuum_vacuum_insert_threshold = 0",
+            "alter system set autovacuum_vacuum_insert_scale_factor = 0",
+            "alter system set autovacuum_analyze_threshold = 0",
+            "alter system set autovacuum_analyze_scale_factor = 0",
+            "select pg_reload_conf()::text",
+        ],
+    );
+}
+
+/// Runs `rounds` of the shop's fixture on `cluster`, autovacuum eager
+/// from the second on (after the first built the template): each round
+/// checks, at its claim, once autovacuum went through, that the planner
+/// sees its database as it sees a fresh copy.
+fn shop_rounds(cluster: &Cluster, file: &Path, rounds: std::ops::Range<usize>) {
+    for round in rounds {
+        if round > 0 {
+            eager_autovacuum(cluster);
+        }
+        let mut command = cluster.exact("fixture_recycle_shop");
+        command
+            .env("PGTEST_IT_FILE", file)
+            .env("PGTEST_IT_ROUND", round.to_string());
+        if round > 0 {
+            command.env("PGTEST_IT_AUTOVACUUM", "1");
+        }
+        assert_passed(&run(command), 1);
+    }
+}
+
+#[test]
+fn a_recycled_database_is_what_the_planner_sees_of_a_fresh_copy_at_each_claim() {
+    let cluster = Cluster::start(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("recorded");
+    shop_rounds(&cluster, &file, 0..6);
+    let names = recorded(&file);
+    assert_eq!(names.len(), 6, "{names:?}");
+    assert!(
+        names.iter().all(|name| *name == names[0]),
+        "every test got the first one's database: {names:?}"
+    );
+}
+
+/// Changes rows of a table whose statistics the template has (regions)
+/// and analyzes it, then records its database.
+#[pg_test(isolation = "database", migrations = "tests/fixtures/recycle/fidelity")]
+#[ignore = "a fixture, run in its own processes by the tests of this file"]
+async fn fixture_recycle_changes_template_statistics(pool: PgPool) -> anyhow::Result<()> {
+    pool.execute(
+        "update regions set name = name || ' (renamed)' where id % 2 = 0; analyze regions",
+    )
+    .await?;
+    record(&pool).await?;
+    Ok(())
+}
+
+#[test]
+fn statistics_the_template_has_are_written_back_from_postgresql_18_on_and_retire_the_database_before()
+ {
+    let cluster = Cluster::start(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("recorded");
+    shop_rounds(&cluster, &file, 0..1);
+    let output = run(cluster
+        .exact("fixture_recycle_changes_template_statistics")
+        .env("PGTEST_IT_FILE", &file));
+    assert_passed(&output, 1);
+    shop_rounds(&cluster, &file, 2..3);
+    let names = recorded(&file);
+    assert_eq!(names.len(), 3, "{names:?}");
+    assert_eq!(
+        names[0], names[1],
+        "the second test got the first's database"
+    );
+    let version = on_cluster(&cluster, &["show server_version_num"]).unwrap();
+    let major = version.parse::<u32>().unwrap() / 10000;
+    match major >= 18 {
+        true => assert_eq!(
+            names[1], names[2],
+            "PostgreSQL {major} writes statistics back"
+        ),
+        false => assert_ne!(
+            names[1], names[2],
+            "PostgreSQL {major} cannot write them back"
+        ),
+    }
 }

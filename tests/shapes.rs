@@ -17,6 +17,22 @@ async fn a_pool_alone(pool: PgPool) {
     assert_eq!(one, 1);
 }
 
+/// On worker threads, as `#[tokio::test(flavor = "multi_thread")]` has
+/// them: `block_in_place` works (it panics on a current-thread runtime).
+#[pg_test(migrations = false, flavor = "multi_thread", worker_threads = 2)]
+async fn a_multi_thread_test_may_block_in_place(pool: PgPool) -> Result<(), sqlx::Error> {
+    let handle = tokio::runtime::Handle::current();
+    assert_eq!(
+        handle.runtime_flavor(),
+        tokio::runtime::RuntimeFlavor::MultiThread
+    );
+    let one: i32 = tokio::task::block_in_place(|| {
+        handle.block_on(sqlx::query_scalar("select 1").fetch_one(&pool))
+    })?;
+    assert_eq!(one, 1);
+    Ok(())
+}
+
 #[pg_test(migrations = false)]
 async fn a_pool_and_a_tenant(pool: PgPool, tenant: Tenant) -> Result<(), sqlx::Error> {
     let setting: Uuid = sqlx::query_scalar("select current_setting('pgtest.tenant_id')::uuid")

@@ -1,13 +1,14 @@
 //! The example suites, copied into workspaces of their own whose crates are
 //! on sqlx 0.8, or on 0.8 and 0.9 side by side (so that pgtest is built
 //! with both runtimes), pass under `cargo test` as they do in this
-//! workspace on sqlx 0.9.
+//! workspace on sqlx 0.9; so does `tests/pool_oracle.rs`, the drop-in's
+//! pool against sqlx's.
 
 mod common;
 
 use std::fs;
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::{Output, Stdio};
 use std::time::Duration;
 
 use common::{Cluster, finish, text};
@@ -35,6 +36,16 @@ fn pgtest(version: Option<&str>) -> String {
     }
 }
 
+/// The tokio of the crates these tests build.
+const TOKIO: &str = r#"tokio = { version = "1", features = ["rt", "time", "sync", "macros"] }"#;
+
+/// The `[package]` section of a crate named `name`.
+fn package(name: &str) -> String {
+    format!(
+        "[package]\nname = \"{name}\"\nversion = \"0.0.0\"\nedition = \"2024\"\npublish = false\n"
+    )
+}
+
 /// Copies `examples/<name>` into `workspace`, on sqlx `version` (`+` after
 /// it: with pgtest's default features instead of that version's).
 fn add_example(workspace: &Path, name: &str, version: &str) {
@@ -48,20 +59,8 @@ fn add_example(workspace: &Path, name: &str, version: &str) {
     let to = workspace.join(name);
     copy_dir(&from, &to);
     let manifest = format!(
-        r#"[package]
-name = "pgtest-example-{name}"
-version = "0.0.0"
-edition = "2024"
-publish = false
-
-[dependencies]
-{sqlx}
-tokio = {{ version = "1", features = ["rt", "time", "sync", "macros"] }}
-
-[dev-dependencies]
-anyhow = "1"
-{pgtest}
-"#,
+        "{package}\n[dependencies]\n{sqlx}\n{TOKIO}\n\n[dev-dependencies]\nanyhow = \"1\"\n{pgtest}\n",
+        package = package(&format!("pgtest-example-{name}")),
         sqlx = sqlx(version),
         pgtest = pgtest(pgtest_version),
     );
@@ -116,11 +115,9 @@ fn cargo_test(cluster: &Cluster, examples: &[(&str, &str)]) -> (Output, String) 
     for (name, version) in examples {
         add_example(workspace.path(), name, version);
     }
-    let target = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/pgtest-it-projects");
-    let child = Command::new(env!("CARGO"))
+    let child = common::project_cargo()
         .args(["test", "--workspace", "--offline"])
         .current_dir(workspace.path())
-        .env("CARGO_TARGET_DIR", target)
         .env_remove("DATABASE_URL")
         .env("PGTEST_DATABASE_URL", cluster.url())
         .env("TMPDIR", cluster.tmp_dir())
@@ -158,6 +155,64 @@ fn crates_on_sqlx_0_8_and_0_9_share_a_workspace() {
 }
 
 #[test]
+fn the_drop_ins_pool_hands_out_connections_as_sqlxs_on_sqlx_0_8() {
+    let workspace = tempfile::tempdir().unwrap();
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let tests = workspace.path().join("tests");
+    fs::create_dir_all(tests.join("common")).unwrap();
+    fs::copy(
+        repo.join("tests/pool_oracle.rs"),
+        tests.join("pool_oracle.rs"),
+    )
+    .unwrap();
+    fs::copy(
+        repo.join("tests/common/mod.rs"),
+        tests.join("common/mod.rs"),
+    )
+    .unwrap();
+    fs::create_dir_all(workspace.path().join("src")).unwrap();
+    fs::write(workspace.path().join("src/lib.rs"), "").unwrap();
+    fs::copy(repo.join("Cargo.lock"), workspace.path().join("Cargo.lock")).unwrap();
+    let manifest = format!(
+        "{package}\n[dev-dependencies]\n{sqlx}\n{pgtest}\n{TOKIO}\ntempfile = \"3\"\n\n[workspace]\n",
+        package = package("pgtest-pool-oracle"),
+        sqlx = sqlx("0.8"),
+        pgtest = pgtest(Some("0.8")),
+    );
+    fs::write(workspace.path().join("Cargo.toml"), manifest).unwrap();
+    let child = common::project_cargo()
+        .args([
+            "test",
+            "--offline",
+            "--test",
+            "pool_oracle",
+            "--",
+            "--nocapture",
+        ])
+        .current_dir(workspace.path())
+        .env_remove("DATABASE_URL")
+        .env_remove("PGTEST_DATABASE_URL")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run cargo test");
+    let output = finish(child, Duration::from_secs(1200));
+    let shown = text(&output);
+    assert!(
+        output.status.success(),
+        "the oracle failed on sqlx 0.8:\n{shown}"
+    );
+    // Its tables, for the record.
+    for line in shown.lines().filter(|line| line.contains(" | ")) {
+        println!("{line}");
+    }
+    assert!(
+        shown.contains("test result: ok. 3 passed"),
+        "expected the oracle's three tests:\n{shown}"
+    );
+}
+
+#[test]
 fn a_crate_on_sqlx_0_8_without_the_feature_is_told_which_to_enable() {
     let cluster = Cluster::start(&[]);
     let (output, shown) = cargo_test(&cluster, &[("service", "0.8+")]);
@@ -169,4 +224,8 @@ fn a_crate_on_sqlx_0_8_without_the_feature_is_told_which_to_enable() {
     ] {
         assert!(shown.contains(part), "expected {part:?} in:\n{shown}");
     }
+    // The feature to turn on leads, before the list of signatures.
+    let feature = shown.find("default-features = false").unwrap();
+    let signatures = shown.find("a #[pg_test] fn is async").unwrap();
+    assert!(feature < signatures, "{shown}");
 }

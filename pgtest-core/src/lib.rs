@@ -30,6 +30,25 @@ pub struct TestSpec {
     pub fixtures: &'static [Script],
     /// How the test is kept apart from the others.
     pub isolation: Isolation,
+    /// How the test's pool opens connections.
+    pub pool: PoolKind,
+    /// The tokio runtime the body runs on.
+    pub flavor: Flavor,
+}
+
+/// The tokio runtime a test's body runs on, as `#[tokio::test]` names it:
+/// one thread (the default, as in `#[sqlx::test]`), or worker threads,
+/// which `tokio::task::block_in_place` needs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Flavor {
+    /// `flavor = "current_thread"`.
+    CurrentThread,
+    /// `flavor = "multi_thread"`, with `worker_threads` when given (else
+    /// tokio's default, one per core).
+    MultiThread {
+        /// `worker_threads = N`.
+        worker_threads: Option<usize>,
+    },
 }
 
 /// How a test is kept apart from the others; see the attribute's docs.
@@ -41,6 +60,18 @@ pub enum Isolation {
     Database,
     /// One connection inside a transaction that is rolled back.
     Transaction,
+}
+
+/// How a test's pool opens connections; see the attribute's `pool`
+/// argument.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PoolKind {
+    /// Opens a further connection only when a task of the test waits for
+    /// one (`#[pg_test]`'s default).
+    Frugal,
+    /// Opens and hands out connections as a plain sqlx pool of the same
+    /// size and options would (`#[sqlx_test]`'s default).
+    Sqlx,
 }
 
 /// A SQL script embedded at compile time: a seed or a fixture.

@@ -10,8 +10,8 @@ use syn::punctuated::Punctuated;
 use syn::spanned::Spanned;
 use syn::{Lit, LitInt, LitStr, Token};
 
-const KEYS: &str =
-    "isolation, migrations, migrator, fixtures(…), max_connections, seed, role, crate";
+const KEYS: &str = "isolation, migrations, migrator, fixtures(…), max_connections, pool, seed, \
+                    role, flavor, worker_threads, crate";
 
 /// Where the migrations come from.
 pub(crate) enum Migrations {
@@ -33,6 +33,22 @@ pub(crate) enum Isolation {
     Transaction,
 }
 
+/// How the test's pool opens connections.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Pool {
+    /// A further connection only when a task of the test waits for one.
+    Frugal,
+    /// As a plain sqlx pool of the same size and options would.
+    Sqlx,
+}
+
+/// The tokio runtime of the test's body.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Flavor {
+    CurrentThread,
+    MultiThread { worker_threads: Option<usize> },
+}
+
 /// The checked arguments.
 pub(crate) struct Args {
     /// As written; `None` lets the expansion choose.
@@ -43,8 +59,11 @@ pub(crate) struct Args {
     pub(crate) fixtures: Vec<LitStr>,
     /// As written; `None` lets the expansion choose from the body.
     pub(crate) max_connections: Option<u32>,
+    /// As written; `None` lets the expansion choose by the attribute.
+    pub(crate) pool: Option<Pool>,
     pub(crate) seeds: Vec<LitStr>,
     pub(crate) role: Option<LitStr>,
+    pub(crate) flavor: Flavor,
     pub(crate) krate: syn::Path,
     /// Whether any argument concerns the database.
     pub(crate) any_database_key: Option<Span>,
@@ -58,8 +77,11 @@ pub(crate) struct RawArgs {
     migrations: Option<(Span, Lit)>,
     migrator: Option<(Span, LitStr)>,
     max_connections: Option<(Span, LitInt)>,
+    pool: Option<(Span, LitStr)>,
     seeds: Vec<(Span, LitStr)>,
     role: Option<(Span, LitStr)>,
+    flavor: Option<(Span, LitStr)>,
+    worker_threads: Option<(Span, LitInt)>,
     krate: Option<(Span, LitStr)>,
 }
 
@@ -90,7 +112,15 @@ impl RawArgs {
                 span,
                 meta.value()?.parse()?,
             ),
+            "pool" => set_once(&mut self.pool, &meta, span, meta.value()?.parse()?),
             "role" => set_once(&mut self.role, &meta, span, meta.value()?.parse()?),
+            "flavor" => set_once(&mut self.flavor, &meta, span, meta.value()?.parse()?),
+            "worker_threads" => set_once(
+                &mut self.worker_threads,
+                &meta,
+                span,
+                meta.value()?.parse()?,
+            ),
             "crate" => set_once(&mut self.krate, &meta, span, meta.value()?.parse()?),
             "seed" => {
                 self.seeds.push((span, meta.value()?.parse()?));
@@ -155,6 +185,33 @@ impl RawArgs {
         {
             return Err(syn::Error::new(role.span(), "`role` must name a role"));
         }
+        let flavor = match (&self.flavor, &self.worker_threads) {
+            (None, None) => Flavor::CurrentThread,
+            (Some((_, lit)), threads) => match (lit.value().as_str(), threads) {
+                ("current_thread", None) => Flavor::CurrentThread,
+                ("current_thread", Some((span, _))) => {
+                    return Err(syn::Error::new(
+                        *span,
+                        "`worker_threads` needs `flavor = \"multi_thread\"`",
+                    ));
+                }
+                ("multi_thread", threads) => Flavor::MultiThread {
+                    worker_threads: threads.as_ref().map(worker_threads).transpose()?,
+                },
+                _ => {
+                    return Err(syn::Error::new(
+                        lit.span(),
+                        "`flavor` is \"current_thread\" or \"multi_thread\"",
+                    ));
+                }
+            },
+            (None, Some((span, _))) => {
+                return Err(syn::Error::new(
+                    *span,
+                    "`worker_threads` needs `flavor = \"multi_thread\"`",
+                ));
+            }
+        };
         let isolation = match &self.isolation {
             None => None,
             Some((_, lit)) => Some(match lit.value().as_str() {
@@ -169,10 +226,32 @@ impl RawArgs {
                 }
             }),
         };
+        let pool = match &self.pool {
+            None => None,
+            Some((_, lit)) => Some(match lit.value().as_str() {
+                "frugal" => Pool::Frugal,
+                "sqlx" => Pool::Sqlx,
+                _ => {
+                    return Err(syn::Error::new(
+                        lit.span(),
+                        "`pool` is \"sqlx\" (connections opened as a plain sqlx pool opens \
+                         them) or \"frugal\" (one more only when the test waits for one)",
+                    ));
+                }
+            }),
+        };
+        if let (Some(Isolation::Transaction), Some((span, _))) = (isolation, &self.pool) {
+            return Err(syn::Error::new(
+                *span,
+                "`pool` has no effect with isolation = \"transaction\": the test gets one \
+                 connection; remove it",
+            ));
+        }
         let any_database_key = [
             self.isolation.as_ref().map(|(span, _)| *span),
             self.fixtures.first().map(|(span, _)| *span),
             self.max_connections.as_ref().map(|(span, _)| *span),
+            self.pool.as_ref().map(|(span, _)| *span),
             self.role.as_ref().map(|(span, _)| *span),
             self.seeds.first().map(|(span, _)| *span),
         ]
@@ -184,11 +263,24 @@ impl RawArgs {
             migrations,
             fixtures: self.fixtures.into_iter().map(|(_, path)| path).collect(),
             max_connections,
+            pool,
             seeds: self.seeds.into_iter().map(|(_, seed)| seed).collect(),
             role: self.role.map(|(_, role)| role),
+            flavor,
             krate,
             any_database_key,
         })
+    }
+}
+
+/// A `worker_threads = N`, at least 1.
+fn worker_threads((_, lit): &(Span, LitInt)) -> syn::Result<usize> {
+    match lit.base10_parse::<usize>() {
+        Ok(n) if n >= 1 => Ok(n),
+        _ => Err(syn::Error::new(
+            lit.span(),
+            "`worker_threads` must be at least 1",
+        )),
     }
 }
 

@@ -8,14 +8,17 @@ use quote::{quote, quote_spanned};
 use syn::spanned::Spanned;
 use syn::{Attribute, FnArg, ItemFn};
 
-use crate::args::{Args, Isolation, Migrations, RawArgs};
+use crate::args::{Args, Flavor, Isolation, Migrations, Pool, RawArgs};
 
-/// Which attribute is expanding; they differ in the default isolation.
+/// Which attribute is expanding; they differ in the default isolation and
+/// pool.
 #[derive(Clone, Copy)]
 pub(crate) enum Flavour {
-    /// `#[pg_test]`: shared, or database when it has fixtures.
+    /// `#[pg_test]`: shared, or database when it has fixtures; a frugal
+    /// pool.
     PgTest,
-    /// `#[sqlx_test]`: database, as `#[sqlx::test]` behaves.
+    /// `#[sqlx_test]`: database, and a pool that opens connections as
+    /// sqlx's does, as `#[sqlx::test]` behaves.
     Sqlx,
 }
 
@@ -54,6 +57,10 @@ pub(crate) fn expand(
                 Flavour::PgTest => Isolation::Shared,
             });
             args.isolation = Some(isolation);
+            args.pool.get_or_insert(match flavour {
+                Flavour::Sqlx => Pool::Sqlx,
+                Flavour::PgTest => Pool::Frugal,
+            });
             if isolation == Isolation::Transaction {
                 check_transaction_inputs(&function)?;
             }
@@ -214,10 +221,24 @@ fn emit(function: &ItemFn, args: &Args) -> TokenStream {
     };
     let seeds = args.seeds.iter().map(script);
     let fixtures = args.fixtures.iter().map(script);
+    let flavor = match args.flavor {
+        Flavor::CurrentThread => quote! { #krate::__private::Flavor::CurrentThread },
+        Flavor::MultiThread { worker_threads } => {
+            let threads = match worker_threads {
+                Some(n) => quote! { ::core::option::Option::Some(#n) },
+                None => quote! { ::core::option::Option::None },
+            };
+            quote! { #krate::__private::Flavor::MultiThread { worker_threads: #threads } }
+        }
+    };
     let isolation = match args.isolation {
         Some(Isolation::Shared) | None => quote! { Shared },
         Some(Isolation::Database) => quote! { Database },
         Some(Isolation::Transaction) => quote! { Transaction },
+    };
+    let pool = match args.pool {
+        Some(Pool::Frugal) | None => quote! { Frugal },
+        Some(Pool::Sqlx) => quote! { Sqlx },
     };
     quote! {
         #(#attrs)*
@@ -236,6 +257,8 @@ fn emit(function: &ItemFn, args: &Args) -> TokenStream {
                     seeds: &[#(#seeds),*],
                     fixtures: &[#(#fixtures),*],
                     isolation: #krate::__private::Isolation::#isolation,
+                    pool: #krate::__private::PoolKind::#pool,
+                    flavor: #flavor,
                 },
                 test,
             )
@@ -289,9 +312,12 @@ mod tests {
             quote!(
                 migrations = "src",
                 max_connections = 2,
+                pool = "sqlx",
                 role = "app_user",
                 seed = "a.sql",
                 seed = "b.sql",
+                flavor = "multi_thread",
+                worker_threads = 2,
                 crate = "::renamed"
             ),
             quote! {
@@ -367,6 +393,74 @@ mod tests {
             ),
         );
         assert!(kept.contains("Isolation::Transaction"), "{kept}");
+    }
+
+    #[test]
+    fn sqlx_test_expands_to_a_database_of_its_own_and_a_pool_like_sqlxs() {
+        let tokens = expand(
+            quote!(fixtures("users")),
+            quote! {
+                async fn lists_users(pool: PgPool) -> sqlx::Result<()> { Ok(()) }
+            },
+            manifest_dir(),
+            Flavour::Sqlx,
+        )
+        .expect("expands");
+        insta::assert_snapshot!(prettyplease::unparse(
+            &syn::parse2(tokens).expect("expansion is a file")
+        ));
+    }
+
+    #[test]
+    fn either_attribute_takes_the_others_pool() {
+        let pool_of = |args: TokenStream, flavour: Flavour| {
+            let tokens = expand(
+                args,
+                quote!(
+                    async fn t(pool: PgPool) {}
+                ),
+                manifest_dir(),
+                flavour,
+            );
+            let text = tokens.expect("expands").to_string();
+            let kind = text.split("PoolKind :: ").nth(1).expect("a pool kind");
+            kind.split_whitespace()
+                .next()
+                .unwrap_or_default()
+                .to_owned()
+        };
+        assert_eq!(pool_of(quote!(), Flavour::PgTest), "Frugal");
+        assert_eq!(pool_of(quote!(), Flavour::Sqlx), "Sqlx");
+        assert_eq!(pool_of(quote!(pool = "sqlx"), Flavour::PgTest), "Sqlx");
+        assert_eq!(pool_of(quote!(pool = "frugal"), Flavour::Sqlx), "Frugal");
+    }
+
+    #[test]
+    fn a_pool_is_sqlx_or_frugal_and_has_no_place_in_a_transaction() {
+        let message = error(
+            quote!(pool = "eager"),
+            quote!(
+                async fn t(pool: PgPool) {}
+            ),
+        );
+        assert!(
+            message.contains("`pool` is \"sqlx\"") && message.contains("or \"frugal\""),
+            "{message}"
+        );
+        let message = error(
+            quote!(isolation = "transaction", pool = "sqlx"),
+            quote!(
+                async fn t(conn: PoolConnection<Postgres>) {}
+            ),
+        );
+        assert!(message.contains("`pool` has no effect"), "{message}");
+        let message = error(
+            quote!(pool = "sqlx", pool = "frugal"),
+            quote!(
+                async fn t(pool: PgPool) {}
+            ),
+        );
+        assert!(message.contains("`pool` is given twice"), "{message}");
     }
 
     #[test]
@@ -462,6 +556,40 @@ mod tests {
         assert!(
             message.contains("isolation, migrations, migrator, fixtures(…), max_connections"),
             "{message}"
+        );
+    }
+
+    #[test]
+    fn worker_threads_need_the_multi_thread_flavor_and_a_flavor_is_one_of_two() {
+        let body = quote!(
+            async fn t(pool: PgPool) {}
+        );
+        for (args, expected) in [
+            (
+                quote!(worker_threads = 2),
+                "`worker_threads` needs `flavor = \"multi_thread\"`",
+            ),
+            (
+                quote!(flavor = "current_thread", worker_threads = 2),
+                "`worker_threads` needs `flavor = \"multi_thread\"`",
+            ),
+            (
+                quote!(flavor = "multi_thread", worker_threads = 0),
+                "`worker_threads` must be at least 1",
+            ),
+            (
+                quote!(flavor = "many"),
+                "`flavor` is \"current_thread\" or \"multi_thread\"",
+            ),
+        ] {
+            let message = error(args.clone(), body.clone());
+            assert!(message.contains(expected), "{args}: {message}");
+        }
+        let text = pretty(quote!(flavor = "multi_thread"), body);
+        assert!(
+            text.contains("Flavor::MultiThread {")
+                && text.contains("worker_threads: ::core::option::Option::None"),
+            "{text}"
         );
     }
 

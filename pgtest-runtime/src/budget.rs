@@ -7,8 +7,11 @@
 //! test starts with the slots of the connections it opens first (all at
 //! once or none, holding nothing while it waits), and its pool's gate takes
 //! one more before it lets the pool open one more connection
-//! ([`Slots::grow`]). So the server's limit is used by the connections
-//! tests really open, not by the pools' maxima.
+//! ([`Slots::grow`]). A pool that opens connections as sqlx's does keeps
+//! one slot ahead of its connections, taken only when one is free at once
+//! ([`Slots::try_grow`]), never waiting. So the server's limit is used by
+//! the connections tests really open (and those ahead), not by the pools'
+//! maxima.
 //!
 //! Growing is the one place where a test holds slots while it waits for
 //! more, so it cannot deadlock: a grower takes a free slot when there is
@@ -19,7 +22,9 @@
 //! never waits again (a pool cannot grow by more than the reserve beyond
 //! what its test took up front), so it finishes and gives the reserve back:
 //! the head of the line waits at most for that, and every other grower for
-//! the head. Tests waiting to start leave freed slots to growers.
+//! the head. Tests waiting to start leave freed slots to growers. Taking a
+//! slot ahead waits for nothing, and adds to no pool's growth beyond its
+//! maximum, so the argument holds as it is.
 //!
 //! A slot is a locked file: a panicking test drops its guard, a killed
 //! process has its locks released by the operating system.
@@ -219,8 +224,8 @@ impl Budget {
         self.dir.entry(Entry::Slot(index))
     }
 
-    /// Who holds slots now, for the timeout message.
-    fn holders(&self) -> String {
+    /// Who holds slots now, for the timeout message and `cargo pgtest`.
+    pub(crate) fn holders(&self) -> String {
         let mut holders: Vec<String> = (0..self.free_for_all())
             .map(|index| self.slot(index))
             .chain([self.dir.entry(Entry::Reserve)])
@@ -258,6 +263,24 @@ impl Slots {
         }
     }
 
+    /// Takes one slot more if that needs no wait: a free one, else one of
+    /// the reserve when it holds it; whether it did.
+    pub(crate) fn try_grow(&mut self) -> Result<bool, Error> {
+        // A free slot before the reserve's, even when this test holds the
+        // reserve: [`Self::shrink_to`] gives free slots back first, so
+        // growing into the reserve first would, shrink after grow, move a
+        // test's slots into the reserve one by one.
+        let budget = self.budget.clone();
+        if SlotFiles::new(&budget).try_take(1, self)? {
+            return Ok(true);
+        }
+        if self.reserve.is_some() && self.from_reserve < budget.reserve() {
+            self.from_reserve += 1;
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
     /// Takes one slot more, of at most `ceiling` in all: a free one when
     /// there is one, else one of the reserve when it holds it. Else it
     /// waits (at most the budget timeout), in line behind other tests that
@@ -267,19 +290,11 @@ impl Slots {
     /// the module's documentation). Sets `waited` when it has to wait
     /// (before the wait, which a timeout of the caller's may cut short).
     pub(crate) async fn grow(&mut self, ceiling: u32, waited: &AtomicBool) -> Result<(), Error> {
+        if self.try_grow()? {
+            return Ok(());
+        }
         let budget = self.budget.clone();
-        // A free slot before the reserve's, even when this test holds the
-        // reserve: [`Self::shrink_to`] gives free slots back first, so
-        // growing into the reserve first would, shrink after grow, move a
-        // test's slots into the reserve one by one.
         let mut files = SlotFiles::new(&budget);
-        if files.try_take(1, self)? {
-            return Ok(());
-        }
-        if self.reserve.is_some() && self.from_reserve < budget.reserve() {
-            self.from_reserve += 1;
-            return Ok(());
-        }
         waited.store(true, Ordering::Relaxed);
         let started = Instant::now();
         let deadline = started + budget.timeout;

@@ -319,6 +319,29 @@ async fn sessions_in(connection: &mut PgConnection, database: &str) -> sqlx::Res
     .await
 }
 
+/// The size in bytes of each of `databases` (0 for one that is gone), in
+/// their order.
+pub(crate) async fn sizes(
+    connection: &mut PgConnection,
+    databases: &[String],
+) -> sqlx::Result<Vec<u64>> {
+    let rows: Vec<(String, i64)> = sqlx::query_as(
+        "select d.datname::text, pg_catalog.pg_database_size(d.oid) \
+         from pg_catalog.pg_database d where d.datname = any($1)",
+    )
+    .bind(databases)
+    .fetch_all(connection)
+    .await?;
+    Ok(databases
+        .iter()
+        .map(|name| {
+            rows.iter()
+                .find(|(found, _)| found == name)
+                .map_or(0, |(_, size)| u64::try_from(*size).unwrap_or(0))
+        })
+        .collect())
+}
+
 /// Makes the lock database `name`, marked so, unless it exists (another
 /// process made it at the same time: fine). Any role may connect to it:
 /// pgtest's roles all lock there; nothing but locks is kept in it.

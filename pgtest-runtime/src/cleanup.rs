@@ -5,6 +5,7 @@ use std::path::Path;
 use sqlx::Connection;
 
 use crate::config::Config;
+use crate::markers::Marker;
 use crate::server::Server;
 use crate::state::StateDir;
 use crate::{Error, catalog};
@@ -45,12 +46,26 @@ pub async fn remove_all() -> Result<Removed, Error> {
     let here = std::env::current_dir().unwrap_or_else(|_| Path::new(".").to_owned());
     let config = Config::load(&here)?;
     let server = Server::new(&config, &StateDir::home(&config.home)?)?;
+    remove(&server, false).await
+}
+
+/// Drops every database of pgtest's on `server` but those in use, or, as
+/// a `dry_run`, lists them as dropped and drops nothing.
+pub(crate) async fn remove(server: &Server, dry_run: bool) -> Result<Removed, Error> {
     let mut admin = server.connect_admin().await?;
     let (_, marked) = catalog::marked(&mut admin)
         .await
         .map_err(|error| server.query_error("listing pgtest's databases", &error))?;
     let mut removed = Removed::default();
-    for (name, _) in marked {
+    for (name, marker) in marked {
+        // Where this admin work happens; it holds nothing but locks.
+        if marker == Some(Marker::LockDatabase) {
+            continue;
+        }
+        if dry_run {
+            removed.dropped.push(name);
+            continue;
+        }
         let dropped = catalog::drop_ours(&mut admin, &name, false).await;
         let dropped = dropped
             .map_err(|error| server.query_error(format!("dropping database {name}"), &error))?;

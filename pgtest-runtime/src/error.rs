@@ -228,6 +228,26 @@ pub enum Error {
         why: String,
     },
 
+    /// `psql` could not be run.
+    #[error(
+        "psql could not be run: {reason}. Install PostgreSQL's client (apt-get install \
+         postgresql-client, or brew install libpq) or put its directory on PATH"
+    )]
+    Psql {
+        /// Why.
+        reason: String,
+    },
+
+    /// `cargo pgtest psql` was given a name it knows nothing of.
+    #[error(
+        "no failed test's kept database and no database of pgtest's is named {name}: \
+         `cargo pgtest status` lists both"
+    )]
+    UnknownDatabase {
+        /// The name given.
+        name: String,
+    },
+
     /// A template stayed in use while it was to be copied.
     #[error(
         "database {database} could not be made from {template}: other sessions stayed connected \

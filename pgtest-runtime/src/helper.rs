@@ -110,14 +110,16 @@ pub(crate) fn say(line: &str) {
 
 /// Starts a helper for `job`, its output appended to `log`, `secret` (if
 /// any) written to its input through a pipe.
+/// A process with no pgtest test (`cargo pgtest`) is run again with no
+/// arguments: it looks for the marker first (see
+/// [`crate::manage::run_helper_if_asked`]).
 pub(crate) fn start(job: &Job, log: &Path, secret: Option<&str>) -> io::Result<()> {
-    let test = TEST
-        .get()
-        .ok_or_else(|| io::Error::other("no pgtest test runs in this process"))?;
     let log = append_no_follow(log)?;
     let mut command = Command::new(env::current_exe()?);
+    if let Some(test) = TEST.get() {
+        command.args(["--exact", test, "--include-ignored", "--test-threads=1"]);
+    }
     command
-        .args(["--exact", test, "--include-ignored", "--test-threads=1"])
         .env_clear()
         .envs(config::helper_environment())
         .env(HELPER_VAR, job.encode())

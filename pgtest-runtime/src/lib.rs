@@ -21,6 +21,7 @@ mod error;
 mod helper;
 mod isolation;
 mod lock;
+pub mod manage;
 mod markers;
 mod migrations;
 mod names;
@@ -46,7 +47,9 @@ pub use pgtest_core::Tenant;
 pub mod __private {
     pub use crate::runner::run;
     pub use crate::shapes::TestFn;
-    pub use pgtest_core::{Isolation, MigrationSource, Script, TestSpec, TestTermination};
+    pub use pgtest_core::{
+        Flavor, Isolation, MigrationSource, PoolKind, Script, TestSpec, TestTermination,
+    };
     /// The sqlx this runtime is built against, for the facade's dispatch.
     pub use sqlx;
 }

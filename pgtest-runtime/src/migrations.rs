@@ -163,6 +163,17 @@ fn hex(bytes: &[u8]) -> String {
 
 /// The migrations directory that the package's `sqlx.toml` names, as sqlx
 /// 0.9 reads it, else `migrations`.
+/// The directory a test of the package at `manifest_dir` would have taken
+/// its migrations from when `source` found none there: what a failure's
+/// note names (a test that expected tables finds none).
+pub(crate) fn missing_default_dir(source: MigrationSource, manifest_dir: &Path) -> Option<PathBuf> {
+    if !matches!(source, MigrationSource::Default) {
+        return None;
+    }
+    let dir = manifest_dir.join(sqlx_toml_migrations_dir(manifest_dir).ok()?);
+    (!dir.is_dir()).then_some(dir)
+}
+
 fn sqlx_toml_migrations_dir(manifest_dir: &Path) -> Result<PathBuf, Error> {
     let dir = crate::config::sqlx_toml_value(manifest_dir, "migrate", "migrations-dir")?;
     Ok(PathBuf::from(dir.as_deref().unwrap_or("migrations")))

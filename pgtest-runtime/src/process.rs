@@ -35,6 +35,23 @@ pub(crate) fn describe(pid: i32) -> Option<Process> {
     })
 }
 
+/// Whether process `pid` works in the directory whose device and inode
+/// are `dir` (a postmaster works in its data directory); `None` where the
+/// kernel is not asked, or will not say.
+#[cfg(any(target_os = "linux", target_os = "android"))]
+pub(crate) fn works_in(pid: i32, dir: (u64, u64)) -> Option<bool> {
+    use std::os::unix::fs::MetadataExt;
+    // The kernel's link to the process's current directory.
+    let cwd = std::fs::metadata(format!("/proc/{pid}/cwd")).ok()?;
+    Some((cwd.dev(), cwd.ino()) == dir)
+}
+
+/// Whether process `pid` works in the directory `dir`: not asked here.
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
+pub(crate) fn works_in(_pid: i32, _dir: (u64, u64)) -> Option<bool> {
+    None
+}
+
 /// The process `pid`, if it lives and the kernel says.
 #[cfg(target_os = "macos")]
 pub(crate) fn describe(pid: i32) -> Option<Process> {

@@ -15,14 +15,15 @@ use crate::helper::{self, Job};
 use crate::isolation::{self, Prepared};
 use crate::session::Session;
 use crate::shapes::TestFn;
-use crate::{Error, TestContext, spares};
-use pgtest_core::{Isolation, MigrationSource, TestSpec, TestTermination};
+use crate::{Error, TestContext, pool, spares};
+use pgtest_core::{Flavor, Isolation, MigrationSource, TestSpec, TestTermination};
 
-/// Runs one test: prepares its database, calls the body on a fresh
-/// single-threaded tokio runtime, and cleans up whatever the outcome.
+/// Runs one test: prepares its database, calls the body on a fresh tokio
+/// runtime of the test's flavor (one thread unless it asked for
+/// `multi_thread`), and cleans up whatever the outcome.
 ///
 /// Every test instantiates this function; it only boxes the body, so that
-/// the runner itself ([`run_body`]) is compiled once, in this crate, rather
+/// the runner itself (`run_body`) is compiled once, in this crate, rather
 /// than once per test in the test's crate.
 ///
 /// # Panics
@@ -52,8 +53,20 @@ fn run_body(spec: TestSpec, needs_database: bool, opens_connections: bool, body:
     if let MigrationSource::Migrator(migrator) = spec.migrations {
         let _ = crate::migrations::static_migrator(migrator);
     }
-    let runtime = tokio::runtime::Builder::new_current_thread()
+    let mut builder = match spec.flavor {
+        Flavor::CurrentThread => tokio::runtime::Builder::new_current_thread(),
+        Flavor::MultiThread { worker_threads } => {
+            let mut builder = tokio::runtime::Builder::new_multi_thread();
+            if let Some(threads) = worker_threads {
+                builder.worker_threads(threads);
+            }
+            builder
+        }
+    };
+    // Pools lend permits as the runtime is about to wait (see `pool`).
+    let runtime = builder
         .enable_all()
+        .on_thread_park(pool::at_park)
         .build()
         .unwrap_or_else(|error| {
             panic!(
@@ -80,7 +93,13 @@ fn run_body(spec: TestSpec, needs_database: bool, opens_connections: bool, body:
         let (context, teardown) = prepared
             .map(|Prepared { context, teardown }| (context, teardown))
             .unzip();
+        pool::before_body().await;
         let pool = context.as_ref().map(|context| context.pool().clone());
+        // Where a shared-mode test's rows are, for its failure message.
+        let rows = context
+            .as_ref()
+            .filter(|_| spec.isolation == Isolation::Shared)
+            .map(|context| (context.database().to_owned(), context.tenant()));
         let cover = teardown
             .as_ref()
             .map(|teardown| Arc::clone(teardown.cover()));
@@ -106,6 +125,22 @@ fn run_body(spec: TestSpec, needs_database: bool, opens_connections: bool, body:
             _ => None,
         };
         let Some(failure) = failure else { return };
+        if let Some(dir) = crate::migrations::missing_default_dir(
+            spec.migrations,
+            std::path::Path::new(spec.manifest_dir),
+        ) {
+            notes.push_str(&format!(
+                "\npgtest: test `{}` ran with no migrations applied: there is no {} (where \
+                 pgtest looks by default: `migrations/` beside Cargo.toml, or sqlx.toml's \
+                 `[migrate] migrations-dir`). If it expected tables, add migrations there or \
+                 name their directory: #[pg_test(migrations = \"path/to/migrations\")]\n",
+                spec.name,
+                dir.display()
+            ));
+        }
+        if let Some((database, tenant)) = rows {
+            notes.push_str(&shared_rows_note(&spec, &database, tenant).await);
+        }
         if let Some(kept) = kept {
             notes.push_str(&format!("\npgtest: test `{}` failed; {kept}\n", spec.name));
         }
@@ -120,6 +155,24 @@ fn run_body(spec: TestSpec, needs_database: bool, opens_connections: bool, body:
             }
         }
     });
+}
+
+/// Where a failed shared-mode test's rows are: the run's database and the
+/// test's tenant, and how to look at them.
+async fn shared_rows_note(spec: &TestSpec, database: &str, tenant: crate::Tenant) -> String {
+    let psql = match Session::get(spec.manifest_dir).await {
+        Ok(session) => format!(
+            "; inspect them with: {} (or: cargo pgtest psql {database})",
+            session.server.psql_command(database)
+        ),
+        Err(_) => String::new(),
+    };
+    format!(
+        "\npgtest: test `{}` failed in the run's shared database {database} as tenant {tenant}: \
+         its rows are those whose tenant_id is '{tenant}' (kept until a later run sweeps the \
+         run's database){psql}\n",
+        spec.name
+    )
 }
 
 fn panic_message(payload: &(dyn Any + Send)) -> Option<&str> {
@@ -137,7 +190,7 @@ async fn prepare(spec: &TestSpec) -> Result<Prepared, Error> {
 
 /// Does a helper's work (this process was started as a helper, not to run
 /// a test); its exit code.
-fn run_helper(job: Result<Job, std::ffi::OsString>) -> i32 {
+pub(crate) fn run_helper(job: Result<Job, std::ffi::OsString>) -> i32 {
     match job {
         Ok(Job::Watchdog { cluster, bin, idle }) => watchdog::run(&cluster, &bin, idle),
         Ok(Job::Spares { budget, limit }) => spares::run_helper(&budget, limit),

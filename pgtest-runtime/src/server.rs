@@ -42,6 +42,27 @@ fn parse_url(url: &str, origin: &UrlOrigin) -> Result<PgConnectOptions, Error> {
     PgConnectOptions::from_str(url).map_err(|e| invalid(e.to_string()))
 }
 
+/// Whether this user may run `program` without running what another user
+/// put there: a file, and every directory above it, owned by root or this
+/// user and writable by no one else (but a sticky one, `/tmp`), no link on
+/// the way (the embedded server's binaries may be the server user's,
+/// which root must not run).
+fn safe_to_run(program: &std::path::Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let me = nix::unistd::Uid::effective().as_raw();
+    let trusted = |path: &std::path::Path, sticky_ok: bool| {
+        std::fs::symlink_metadata(path).is_ok_and(|meta| {
+            let owner = meta.uid() == 0 || meta.uid() == me;
+            let writable = meta.mode() & 0o022 != 0 && !(sticky_ok && meta.mode() & 0o1000 != 0);
+            owner && !writable && !meta.file_type().is_symlink()
+        })
+    };
+    program.is_absolute()
+        && program.is_file()
+        && trusted(program, false)
+        && program.ancestors().skip(1).all(|dir| trusted(dir, true))
+}
+
 /// How long a server that refuses connections for want of slots is retried.
 const REFUSED_RETRY: Duration = Duration::from_secs(60);
 
@@ -71,6 +92,10 @@ pub(crate) struct Server {
     /// Where its data is, when it is on this machine where pgtest can look
     /// (the embedded server's).
     pub(crate) data_dir: Option<PathBuf>,
+    /// The `psql` beside the embedded server's binaries, else on `PATH`.
+    psql_program: PathBuf,
+    /// Whether this process started the embedded server.
+    pub(crate) started_embedded: bool,
     pub(crate) connect_timeout: Duration,
     pub(crate) bootstrap_timeout: Duration,
 }
@@ -79,18 +104,14 @@ impl Server {
     /// The server `config` names; the embedded one (in `home`) is started
     /// if it is not running.
     pub(crate) fn new(config: &Config, home: &StateDir) -> Result<Self, Error> {
-        let (options, secret_url, url, origin, known_capacity, data_dir) = match &config.target {
-            Target::Url { url, origin } => {
-                let options = parse_url(url, origin)?;
-                (
-                    options,
-                    Some(url.clone()),
-                    redact_url(url),
-                    origin.to_string(),
-                    None,
-                    None,
-                )
-            }
+        let (options, secret_url, url, origin, embedded) = match &config.target {
+            Target::Url { url, origin } => (
+                parse_url(url, origin)?,
+                Some(url.clone()),
+                redact_url(url),
+                origin.to_string(),
+                None,
+            ),
             Target::Embedded => {
                 let embedded = embedded::ensure(
                     home,
@@ -98,14 +119,12 @@ impl Server {
                     config.server_user.as_deref(),
                     config.embedded_idle,
                 )?;
-                let capacity = Some(embedded.client_connections);
                 (
-                    embedded.options,
+                    embedded.options.clone(),
                     None,
-                    embedded.description,
+                    embedded.description.clone(),
                     URL_VAR.to_owned(),
-                    capacity,
-                    Some(embedded.data_dir),
+                    Some(embedded),
                 )
             }
         };
@@ -120,11 +139,58 @@ impl Server {
             admin_database,
             url,
             origin,
-            known_capacity,
-            data_dir,
+            known_capacity: embedded
+                .as_ref()
+                .map(|embedded| embedded.client_connections),
+            data_dir: embedded.as_ref().map(|embedded| embedded.data_dir.clone()),
+            psql_program: embedded
+                .as_ref()
+                .map(|embedded| embedded.bin.join("psql"))
+                .filter(|psql| safe_to_run(psql))
+                .unwrap_or_else(|| PathBuf::from("psql")),
+            started_embedded: embedded.is_some_and(|embedded| embedded.started),
             connect_timeout: config.connect_timeout,
             bootstrap_timeout: config.bootstrap_timeout,
         })
+    }
+
+    /// How the server was chosen: the variable (and file) of its URL, or
+    /// the embedded server's.
+    pub(crate) fn origin(&self) -> &str {
+        &self.origin
+    }
+
+    /// `psql` on `database` as pgtest's role, with the password, if any,
+    /// in its environment (never on its command line, which `ps` shows).
+    pub(crate) fn psql(&self, database: &str) -> std::process::Command {
+        let mut command = std::process::Command::new(&self.psql_program);
+        command
+            .arg("-h")
+            .arg(self.psql_host())
+            .args([
+                "-p",
+                &self.options.get_port().to_string(),
+                "-U",
+                self.user(),
+            ])
+            .arg(database);
+        let password = self
+            .secret_url
+            .as_deref()
+            .and_then(|url| url::Url::parse(url).ok())
+            .and_then(|url| {
+                let password = url.password()?;
+                Some(
+                    percent_encoding::percent_decode_str(password)
+                        .decode_utf8_lossy()
+                        .into_owned(),
+                )
+            })
+            .or_else(|| self.env_password.clone());
+        if let Some(password) = password {
+            command.env("PGPASSWORD", password);
+        }
+        command
     }
 
     /// The redacted URL, for messages.
@@ -415,7 +481,10 @@ impl Server {
     pub(crate) fn foreign_database(&self, database: &str, found: &catalog::Found) -> Error {
         let why = match found.ours {
             false => format!("its owner is role {}, not {}", found.owner, self.user()),
-            true => "pgtest did not mark it as its own".to_owned(),
+            true => match &found.marker {
+                None => "pgtest did not mark it as its own".to_owned(),
+                Some(marker) => format!("its marker ({marker}) is not what pgtest expects there"),
+            },
         };
         Error::ForeignDatabase {
             database: database.to_owned(),

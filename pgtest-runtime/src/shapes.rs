@@ -78,12 +78,9 @@ impl<Fut: Future<Output: TestTermination>> TestFn for fn(PgPoolOptions, PgConnec
     const OPENS_CONNECTIONS: bool = true;
     async fn call(self, context: Option<TestContext>) -> Self::Output {
         let pool = expect_context(context).into_pool();
-        // The test pool's options, hooks included: the connections of a
-        // pool built from them are covered by the test's slots too. Their
-        // permits come from the gate's pool, unless preparing the test
-        // opened a connection of the test's pool, which then holds the
-        // permit: that connection is closed, and the permit taken from it.
-        let holds_permit = pool.size() > 0;
+        // A pool built from these options is a child of the test's pool:
+        // it takes its permits, so its connections are covered by the
+        // test's slots too. The test's pool keeps no connection of its own.
         while pool.size() > 0 {
             // Idle, or on its way back to the pool (a ping away).
             let back = tokio::time::timeout(RETURN_WAIT, pool.acquire()).await;
@@ -92,10 +89,7 @@ impl<Fut: Future<Output: TestTermination>> TestFn for fn(PgPoolOptions, PgConnec
                 _ => break,
             }
         }
-        let options = match holds_permit {
-            true => pool.options().clone().parent(pool.clone()),
-            false => pool.options().clone(),
-        };
+        let options = crate::pool::own_pool_options(&pool);
         self(options, (*pool.connect_options()).clone()).await
     }
 }

@@ -527,6 +527,22 @@ fn run_as_server_user(command: &mut Command) {
     );
 }
 
+/// `cargo`, to build a project a test made: every such project shares one
+/// target directory, without incremental caches and with line tables for
+/// debug information, whatever the caller's settings, so that the
+/// dependencies are built once and `target/` stays small.
+pub fn project_cargo() -> Command {
+    let mut command = Command::new(env!("CARGO"));
+    command
+        .env(
+            "CARGO_TARGET_DIR",
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("target/pgtest-it-projects"),
+        )
+        .env("CARGO_INCREMENTAL", "0")
+        .env("CARGO_PROFILE_DEV_DEBUG", "line-tables-only");
+    command
+}
+
 /// The directory of this package's test fixtures.
 pub fn fixtures_dir() -> &'static Path {
     Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures"))

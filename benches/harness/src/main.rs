@@ -37,7 +37,7 @@ usage: cargo run -p pgtest-bench --release -- [options]
   --binaries N       test binaries the suite is split into (8)
   --jobs J[,J…]      tests at once: nextest -j J, cargo test --test-threads=J (16)
   --runs N           runs of each flavour; the table shows medians (3)
-  --flavours LIST    some of pgtest,pgtestdb,pgtesttx,sqlx,plain,floor (all), or none
+  --flavours LIST    some of pgtest,pgtestdb,pgtesttx,pgtestsqlx,sqlx,plain,floor (all), or none
   --cargo-test       also run each flavour under cargo test
   --new-server       a new server and pgtest home for each run, as in CI
   --via-library      the bodies' queries run in a function of the suite's library
@@ -72,6 +72,9 @@ pub(crate) struct Sample {
     pub(crate) refusals: usize,
     pub(crate) connections: usize,
     pub(crate) leftover: i64,
+    /// Test databases the run used that pgtest retired (dropped, not put
+    /// back for the next test).
+    pub(crate) retired: usize,
     /// What the test processes used, as their runner saw it.
     pub(crate) tests: rusage::Usage,
     /// The server's CPU time during the run (the harness's sessions not
@@ -396,6 +399,13 @@ async fn measure(
     let log = server.log();
     let log = &log[log_before..];
     let leftover = test_databases(admin).await? - leftover_before;
+    let existing: Vec<String> = sqlx::query_scalar("select datname from pg_database")
+        .fetch_all(&mut *admin)
+        .await?;
+    let retired = test_databases_used(log)
+        .iter()
+        .filter(|name| !existing.contains(name))
+        .count();
     Ok(Sample {
         wall,
         after,
@@ -411,10 +421,33 @@ async fn measure(
             .count()
             .saturating_sub(1),
         leftover,
+        retired,
         tests: rusage::read(&records),
         server_cpu,
         client_cpu,
     })
+}
+
+/// The databases of pgtest's tests that sessions connected to, from the
+/// `connection authorized: … database=NAME` lines of `log`: a test's own
+/// copy of a template, `<template>_<8 hex>`, or a spare made ahead,
+/// `<template>_s<7 hex>` (see pgtest-runtime/src/names.rs). One that is
+/// gone after the run and its spares helper was retired: dropped rather
+/// than put back for the next test.
+fn test_databases_used(log: &str) -> std::collections::BTreeSet<String> {
+    log.lines()
+        .filter_map(|line| line.split("connection authorized: ").nth(1))
+        .filter_map(|rest| rest.split(" database=").nth(1)?.split_whitespace().next())
+        .filter(|name| {
+            let Some((template, key)) = name.rsplit_once('_') else {
+                return false;
+            };
+            let hex = |text: &str| text.bytes().all(|byte| byte.is_ascii_hexdigit());
+            let key = key.strip_prefix('s').unwrap_or(key);
+            template.starts_with("pgtest_") && (key.len() == 8 || key.len() == 7) && hex(key)
+        })
+        .map(str::to_owned)
+        .collect()
 }
 
 /// The time the server spent in sessions of pgtest's spares helper (its

@@ -36,9 +36,9 @@ fn print_runs(options: &Options, rows: &[Row]) {
         options.tests, options.binaries, options.runs
     );
     println!(
-        "| runner | -j | flavour | wall (s) | each run (s) | CPU per test: test process (ms) | server (ms) | all client processes (ms) | test processes | after run (s) | helper at the server (s) | failed | peak conns | refused | conns opened/test | leftover dbs |"
+        "| runner | -j | flavour | wall (s) | each run (s) | CPU per test: test process (ms) | server (ms) | all client processes (ms) | test processes | after run (s) | helper at the server (s) | failed | peak conns | refused | conns opened/test | leftover dbs | retired dbs (each run) |"
     );
-    println!("|---|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|");
     for (runner, jobs, samples) in rows {
         let mut walls = std::collections::HashMap::new();
         for (flavour, runs) in options.flavours.iter().zip(samples) {
@@ -51,7 +51,7 @@ fn print_runs(options: &Options, rows: &[Row]) {
                 .map(|s| format!("{:.2}", s.wall.as_secs_f64()))
                 .collect();
             println!(
-                "| {runner} | {jobs} | {flavour} | {wall:.2} | {} | {:.1} | {:.1} | {:.1} | {} | {:.1} | {:.1} | {} | {} | {} | {:.1} | {} |",
+                "| {runner} | {jobs} | {flavour} | {wall:.2} | {} | {:.1} | {:.1} | {:.1} | {} | {:.1} | {:.1} | {} | {} | {} | {:.1} | {} | {} |",
                 each.join(" / "),
                 of(|s| per_test(s)[1]),
                 of(|s| per_test(s)[2]),
@@ -64,6 +64,10 @@ fn print_runs(options: &Options, rows: &[Row]) {
                 worst(|s| s.refusals as f64),
                 of(|s| s.connections as f64 / tests(s)),
                 worst(|s| s.leftover as f64),
+                runs.iter()
+                    .map(|s| s.retired.to_string())
+                    .collect::<Vec<_>>()
+                    .join(" / "),
             );
         }
         let ratio = |a: &str, b: &str| match (walls.get(a), walls.get(b)) {
@@ -71,9 +75,10 @@ fn print_runs(options: &Options, rows: &[Row]) {
             _ => "-".to_owned(),
         };
         println!(
-            "| {runner} | {jobs} | **ratios** | pgtest/plain {}, sqlx/pgtest {} | | | | | | | | | | | | |",
+            "| {runner} | {jobs} | **ratios** | pgtest/plain {}, sqlx/pgtest {}, sqlx/pgtestsqlx {} | | | | | | | | | | | | | |",
             ratio("pgtest", "plain"),
-            ratio("sqlx", "pgtest")
+            ratio("sqlx", "pgtest"),
+            ratio("sqlx", "pgtestsqlx")
         );
         // Wall time above plain's, spread over the tests.
         let overhead: Vec<String> = options

@@ -6,11 +6,21 @@ use std::fs;
 use std::path::Path;
 
 /// The ways of writing the same tests: `#[pg_test]` in each isolation
-/// mode (shared, database, transaction), `#[sqlx::test]`, plain (a pool
+/// mode (shared, database, transaction), `#[pgtest::sqlx_test]` (the
+/// drop-in: a database each, a pool that opens connections as sqlx's
+/// does), `#[sqlx::test]`, plain (a pool
 /// per test on a pre-migrated database), and the floor: the least any
 /// library must do per test, one connection opened for the test on that
 /// database (no pool, no budget, no tenant), closed at its end.
-pub(crate) const FLAVOURS: [&str; 6] = ["pgtest", "pgtestdb", "pgtesttx", "sqlx", "plain", "floor"];
+pub(crate) const FLAVOURS: [&str; 7] = [
+    "pgtest",
+    "pgtestdb",
+    "pgtesttx",
+    "pgtestsqlx",
+    "sqlx",
+    "plain",
+    "floor",
+];
 
 const MIGRATIONS: [(&str, &str); 6] = [
     (
@@ -227,7 +237,7 @@ pub(crate) fn test_file(
                 file,
                 "\n#[sqlx::test(migrations = \"./migrations\")]\nasync fn {name}(pool: PgPool) {{\n    let org = Uuid::new_v4();{body}}}\n"
             )?,
-            "sqlx_test" => write!(
+            "sqlx_test" | "pgtestsqlx" => write!(
                 file,
                 "\n#[pgtest::sqlx_test(migrations = \"./migrations\")]\nasync fn {name}(pool: PgPool) {{\n    let org = Uuid::new_v4();{body}}}\n"
             )?,

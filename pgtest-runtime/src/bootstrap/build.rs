@@ -50,16 +50,16 @@ async fn build_locked(
         return Ok(());
     }
     tracing::debug!(database, ?kind, "building");
-    // An unfinished build of pgtest's is dropped; anything else under its
-    // name is not touched.
+    // An unfinished build of pgtest's role is dropped: marked as building,
+    // or not marked at all (a server that crashed lost the marker's commit,
+    // not the database's). Anything else under its name is not touched.
     let building = names::building(database);
-    if let (_, Some(unfinished)) = marker(server, admin, &building).await? {
-        if unfinished != Marker::Building(kind) {
-            let found = catalog::Found {
-                owner: server.user().to_owned(),
-                ours: true,
-                marker: Some(unfinished),
-            };
+    let (_, found) = catalog::lookup(admin, &building)
+        .await
+        .map_err(|error| server.query_error("looking at an unfinished build", &error))?;
+    if let Some(found) = found {
+        let unfinished = found.marker.is_none() || found.marker == Some(Marker::Building(kind));
+        if !found.ours || !unfinished {
             return Err(server.foreign_database(&building, &found));
         }
         drop_ours(server, admin, &building).await?;
@@ -122,7 +122,8 @@ async fn drop_ours(server: &Server, admin: &mut PgConnection, database: &str) ->
         .map_err(|error| server.query_error(format!("dropping database {database}"), &error))
 }
 
-/// Migrates the copy `building` of `database`, then runs the fixtures on it.
+/// Migrates the copy `building` of `database`, runs the fixtures on it,
+/// and readies it for copies (see [`crate::recycle::settle`]).
 async fn fill(
     server: &Server,
     building: &str,
@@ -141,6 +142,11 @@ async fn fill(
             .await
             .map(|_| ())
             .map_err(|error| Error::script(fixture, describe(&error)));
+    }
+    if result.is_ok() {
+        result = crate::recycle::settle(&mut connection)
+            .await
+            .map_err(|error| server.query_error(format!("readying {database} for copies"), &error));
     }
     let _ = connection.close().await;
     result

@@ -7,11 +7,14 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use super::boundary::ServerUser;
+use super::boundary::{ServerUser, output_within};
 use crate::Error;
 use crate::config::{BIN_VAR, BinariesSearch};
 use crate::lock::open_no_follow;
 use crate::state::StateDir;
+
+/// How long `postgres --version` may take before it is killed.
+const VERSION_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// A directory holding `initdb`, `pg_ctl` and `postgres`, and their major
 /// version.
@@ -124,11 +127,9 @@ fn major_version(dir: &Path, user: &ServerUser) -> Option<u32> {
     if from_path.is_some() {
         return from_path;
     }
-    let output = user
-        .command(&dir.join("postgres"), Path::new("/"))
-        .arg("--version")
-        .output()
-        .ok()?;
+    let mut command = user.command(&dir.join("postgres"), Path::new("/"));
+    command.arg("--version");
+    let output = output_within(&mut command, VERSION_TIMEOUT).ok()?;
     let text = String::from_utf8_lossy(&output.stdout);
     let version = text
         .split_whitespace()

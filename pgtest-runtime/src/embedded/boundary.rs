@@ -26,7 +26,9 @@ use std::io::{self, Read};
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::{Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
 
 use std::os::fd::OwnedFd;
 
@@ -36,6 +38,75 @@ use nix::sys::stat::{Mode, SFlag, fstatat};
 use nix::unistd::{Gid, Uid, User};
 
 use crate::config;
+
+/// The most of a program's output pgtest keeps.
+const MAX_OUTPUT: u64 = 64 * 1024;
+
+/// Runs `command` (a process of the server's user) to its end, at most
+/// `limit`: its user could stop it (ptrace) or keep its output open
+/// forever, so past the limit it is killed (this process's own child,
+/// not yet reaped: its pid cannot be another's) and the wait ends; what it
+/// printed is read by threads that are not waited for past the limit
+/// either.
+pub(crate) fn output_within(command: &mut Command, limit: Duration) -> io::Result<Output> {
+    let deadline = Instant::now() + limit;
+    let mut child = command
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let (sender, receiver) = mpsc::channel();
+    let pipes: [Option<Box<dyn Read + Send>>; 2] = [
+        child
+            .stdout
+            .take()
+            .map(|pipe| Box::new(pipe) as Box<dyn Read + Send>),
+        child
+            .stderr
+            .take()
+            .map(|pipe| Box::new(pipe) as Box<dyn Read + Send>),
+    ];
+    for (index, pipe) in pipes.into_iter().enumerate() {
+        let sender = sender.clone();
+        std::thread::spawn(move || {
+            let mut bytes = Vec::new();
+            if let Some(pipe) = pipe {
+                let _ = pipe.take(MAX_OUTPUT).read_to_end(&mut bytes);
+            }
+            let _ = sender.send((index, bytes));
+        });
+    }
+    let mut pauses = crate::lock::Pauses::new();
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("it did not end within {} s and was killed", limit.as_secs()),
+            ));
+        }
+        std::thread::sleep(pauses.next_until(deadline));
+    };
+    let mut output = Output {
+        status,
+        stdout: Vec::new(),
+        stderr: Vec::new(),
+    };
+    for _ in 0..2 {
+        let wait = deadline
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_millis(100));
+        match receiver.recv_timeout(wait) {
+            Ok((0, bytes)) => output.stdout = bytes,
+            Ok((_, bytes)) => output.stderr = bytes,
+            Err(_) => break,
+        }
+    }
+    Ok(output)
+}
 
 /// The most of a server file pgtest reads (`postmaster.pid` is some 100
 /// bytes).
@@ -195,6 +266,16 @@ pub(crate) fn read_server_file(
 /// Why `name` in the directory `dir` (at `path`) could not be opened:
 /// what it is, looked at through `dir`'s handle, when it is not what was
 /// asked for.
+/// The device and inode of `dir/sub`, opened as in [`read_server_file`]
+/// (through `dir`'s handle, not following a link).
+pub(crate) fn dir_identity(dir: &Path, sub: &str) -> Option<(u64, u64)> {
+    let flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+    let top = open(dir, flags, Mode::empty()).ok()?;
+    let sub = File::from(openat(&top, sub, flags, Mode::empty()).ok()?);
+    let meta = sub.metadata().ok()?;
+    Some((meta.dev(), meta.ino()))
+}
+
 fn refused(dir: &OwnedFd, path: &Path, name: &str, errno: Errno) -> Unread {
     if errno == Errno::ENOENT {
         return Unread::Missing;

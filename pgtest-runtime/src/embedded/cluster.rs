@@ -19,7 +19,7 @@ use std::process::{Child, Command, Output};
 use std::time::{Duration, Instant};
 
 use super::binaries::Binaries;
-use super::boundary::{ServerUser, Unread, read_server_file};
+use super::boundary::{ServerUser, Unread, dir_identity, output_within, read_server_file};
 use crate::Error;
 use crate::lock::{LockFile, Pauses, open_no_follow};
 use crate::state::append_no_follow;
@@ -35,6 +35,8 @@ const MAX_SOCKET_PATH: usize = 107;
 /// How long to wait for the server to start or stop, and for another
 /// process's start.
 const START_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long `initdb` or `pg_ctl stop` may take before it is killed.
+const PROGRAM_TIMEOUT: Duration = Duration::from_secs(120);
 /// The file of this user's directory that names the data directory in
 /// `server/`, written once `initdb` made it.
 const DATA_DIR_FILE: &str = "data-dir";
@@ -158,17 +160,31 @@ impl Cluster {
         let Some(pid_file) = self.pid_file(&data)? else {
             return Ok(State::Stopped(None));
         };
-        match pid_file.pid.filter(|&pid| self.user.runs(pid)) {
-            Some(_) if pid_file.ready => Ok(State::Ready),
-            Some(_) => Ok(State::Busy),
-            None => Ok(State::Stopped(Some(format!(
-                "its stale {}/{data}/postmaster.pid names {}, which is no process of {}",
+        let named = pid_file
+            .pid
+            .map_or_else(|| "no pid".to_owned(), |pid| format!("pid {pid}"));
+        let stale = |what: String| {
+            State::Stopped(Some(format!(
+                "its stale {}/{data}/postmaster.pid names {named}, {what}",
                 self.server_dir.display(),
-                pid_file
-                    .pid
-                    .map_or_else(|| "no pid".to_owned(), |pid| format!("pid {pid}")),
+            )))
+        };
+        let Some(pid) = pid_file.pid.filter(|&pid| self.user.runs(pid)) else {
+            return Ok(stale(format!("which is no process of {}", self.user.name)));
+        };
+        // A postmaster works in its data directory; a process of the same
+        // user elsewhere (another server, a reused pid) is not this one.
+        let identity = dir_identity(&self.server_dir, &data);
+        if identity.and_then(|dir| crate::process::works_in(pid, dir)) == Some(false) {
+            return Ok(stale(format!(
+                "a process of {} that is not this directory's server: if no server runs in \
+                 it, remove that file",
                 self.user.name
-            )))),
+            )));
+        }
+        match pid_file.ready {
+            true => Ok(State::Ready),
+            false => Ok(State::Busy),
         }
     }
 
@@ -228,21 +244,18 @@ impl Cluster {
         }
         let name = format!("data-{:016x}", uuid::Uuid::new_v4().as_u64_pair().0);
         tracing::debug!(dir = %self.dir.display(), %name, "initdb for the embedded server");
-        let output = self
-            .server_command("initdb")
-            .arg("-D")
-            .arg(self.server_dir.join(&name))
-            .args([
-                "-U",
-                "postgres",
-                "--auth=trust",
-                "--encoding=UTF8",
-                "--no-locale",
-                // Not --no-instructions: PostgreSQL 13's initdb lacks it, and
-                // the output is captured anyway.
-                "--no-sync",
-            ])
-            .output();
+        let mut command = self.server_command("initdb");
+        command.arg("-D").arg(self.server_dir.join(&name)).args([
+            "-U",
+            "postgres",
+            "--auth=trust",
+            "--encoding=UTF8",
+            "--no-locale",
+            // Not --no-instructions: PostgreSQL 13's initdb lacks it, and
+            // the output is captured anyway.
+            "--no-sync",
+        ]);
+        let output = output_within(&mut command, PROGRAM_TIMEOUT);
         self.check("initialize its data directory (initdb)", output)?;
         let fresh = self.dir.join(format!("{DATA_DIR_FILE}.new"));
         let _ = fs::remove_file(&fresh);
@@ -342,14 +355,14 @@ impl Cluster {
         let Some(data) = self.data_name() else {
             return Ok(());
         };
-        let output = self
-            .server_command("pg_ctl")
+        let mut command = self.server_command("pg_ctl");
+        command
             .arg("-D")
             .arg(self.server_dir.join(data))
             .args(["-m", "fast", "-w", "-t"])
             .arg(START_TIMEOUT.as_secs().to_string())
-            .args(["-s", "stop"])
-            .output();
+            .args(["-s", "stop"]);
+        let output = output_within(&mut command, PROGRAM_TIMEOUT);
         match output {
             Ok(output) if output.status.success() => Ok(()),
             Ok(output) => Err(format!(

@@ -34,6 +34,10 @@ pub(crate) struct Embedded {
     pub(crate) client_connections: u32,
     /// Where its data is.
     pub(crate) data_dir: PathBuf,
+    /// Where its binaries are (`psql` may be there too).
+    pub(crate) bin: PathBuf,
+    /// Whether this process started it.
+    pub(crate) started: bool,
 }
 
 /// This process's use of the server: its description, and the shared lock
@@ -67,7 +71,8 @@ pub(crate) fn ensure(
     wait_for_lock(&cluster, &start_lock, Mode::Exclusive)?;
     let clients = cluster.lock_file("clients.lock")?;
     wait_for_lock(&cluster, &clients, Mode::Shared)?;
-    if let State::Stopped(stale) = cluster.settle()? {
+    let stopped = cluster.settle()?;
+    if let State::Stopped(stale) = &stopped {
         cluster.init()?;
         cluster.start(stale.as_deref())?;
         tracing::debug!(elapsed = ?started.elapsed(), "embedded server started");
@@ -90,12 +95,36 @@ pub(crate) fn ensure(
         // This user's directory, on the disk of the data: the server's own
         // is not looked at (see `boundary`).
         data_dir: cluster.dir().to_owned(),
+        bin: cluster.binaries().dir.clone(),
+        started: matches!(stopped, State::Stopped(_)),
     };
     *in_use = Some(InUse {
         embedded: embedded.clone(),
         _clients: clients,
     });
     Ok(embedded)
+}
+
+/// Stops the embedded server of the binaries `search` finds, in `home`,
+/// if it runs, waiting for a test that is starting it; whether it ran.
+pub(crate) fn stop(
+    home: &StateDir,
+    search: &BinariesSearch,
+    server_user: Option<&str>,
+) -> Result<bool, Error> {
+    let user = self::server_user(server_user)?;
+    let binaries = binaries::find(home, search, &user)?;
+    let dir = home.make_cluster(binaries.major, user.uid)?;
+    let cluster = Cluster::new(binaries, dir, user)?;
+    let start_lock = cluster.lock_file("start.lock")?;
+    wait_for_lock(&cluster, &start_lock, Mode::Exclusive)?;
+    if let State::Stopped(_) = cluster.settle()? {
+        return Ok(false);
+    }
+    cluster
+        .stop()
+        .map(|()| true)
+        .map_err(|reason| cluster.failure("stop", reason, String::new()))
 }
 
 /// The user that runs the server: this one, or as root `name` (default
@@ -105,7 +134,14 @@ fn server_user(name: Option<&str>) -> Result<ServerUser, Error> {
     if !nix::unistd::Uid::effective().is_root() {
         return Ok(ServerUser::me());
     }
-    let wanted = name.unwrap_or("postgres");
+    // macOS names the server's account `_postgres`.
+    let wanted = name.unwrap_or(
+        if cfg!(target_os = "macos") && ServerUser::named("postgres").is_none() {
+            "_postgres"
+        } else {
+            "postgres"
+        },
+    );
     match ServerUser::named(wanted) {
         Some(user) if user.uid.is_root() => Err(Error::ServerUser {
             name: wanted.to_owned(),
@@ -113,9 +149,10 @@ fn server_user(name: Option<&str>) -> Result<ServerUser, Error> {
         }),
         Some(user) => {
             if user.name == "nobody" {
-                tracing::warn!(
-                    "the embedded server runs as nobody: every process of nobody on this machine \
-                     can read and change its data"
+                // Straight to stderr: the test harness captures eprintln!.
+                crate::helper::say(
+                    "pgtest: warning: the embedded server runs as nobody (PGTEST_SERVER_USER): \
+                     every process of nobody on this machine can read and change its data",
                 );
             }
             Ok(user)

@@ -65,10 +65,12 @@ pub(crate) fn run(dir: &Path, bin: &Path, idle: Duration) -> i32 {
         return 0;
     }
     let mut quiet_since = Instant::now();
-    while matches!(cluster.state(), Ok(State::Ready | State::Busy)) {
+    while runs(&cluster) {
         std::thread::sleep(TICK);
         match clients.try_lock(Mode::Exclusive) {
-            Ok(true) if quiet_since.elapsed() >= idle => {
+            // Looked at again under the lock: the pid file may have changed
+            // during the pause, and pg_ctl stop signals what it names.
+            Ok(true) if quiet_since.elapsed() >= idle && runs(&cluster) => {
                 let stopped = cluster.stop();
                 clients.unlock();
                 match stopped {
@@ -90,4 +92,10 @@ pub(crate) fn run(dir: &Path, bin: &Path, idle: Duration) -> i32 {
         }
     }
     0
+}
+
+/// Whether the cluster's server runs (starting, ready or stopping), as its
+/// pid file says.
+fn runs(cluster: &Cluster) -> bool {
+    matches!(cluster.state(), Ok(State::Ready | State::Busy))
 }

@@ -563,9 +563,11 @@ impl TestDatabase {
             .unwrap_or_default();
         format!(
             "its database {name} is kept until a later run sweeps it{dropped}; \
-             inspect it with: {psql}",
+             inspect it with: {psql} (or, even once the embedded server has stopped: \
+             cargo pgtest psql {test}, from cargo install cargo-pgtest)",
             name = self.name,
             psql = server.psql_command(&self.name),
+            test = self.test,
         )
     }
 

@@ -1,0 +1,335 @@
+//! What a test changed in its database since its claim, by the server's
+//! counts of rows written where it keeps them in time (PostgreSQL 15 on),
+//! else by looking at it all; and what the planner would see otherwise
+//! than in a fresh copy (`pg_class` and `pg_statistic`), looked at every
+//! time: an `ANALYZE` or a `VACUUM` writes neither rows nor the catalogs'
+//! counted rows.
+
+use sqlx::Row;
+use sqlx::postgres::{PgConnection, PgRow};
+
+use super::Since;
+use super::fingerprint::{NOT_COUNTED, WRITTEN_IN, catalog_written, written_in};
+use super::snapshot::{Kind, Role, Snapshot, Table};
+use crate::catalog;
+use crate::compat::query;
+
+/// What a test may have changed, found by a reset.
+pub(super) struct Changed {
+    /// A catalog the fingerprint reads was written.
+    pub(super) catalog: bool,
+    /// For each table, whether its rows or their pages differ.
+    pub(super) tables: Vec<bool>,
+    /// For each sequence, whether it is to be set back.
+    pub(super) sequences: Vec<bool>,
+    pub(super) large_objects: i64,
+}
+
+/// The hash of a relation's rows as text with their places, in physical
+/// order.
+pub(super) fn rows_hash(name: &str) -> String {
+    format!(
+        "(select md5(coalesce(string_agg(x.ctid::text || ' ' || x::text, E'\\n' order by x.ctid), \
+         '')) from {name} x)"
+    )
+}
+
+/// The hash of a relation without rows: md5 of the empty string.
+pub(super) const EMPTY_HASH: &str = "d41d8cd98f00b204e9800998ecf8427e";
+
+/// The `pg_class` statistics the planner reads of the relation `alias`, as
+/// text, on a server of version `major` (18 adds `relallfrozen`).
+pub(super) fn class_of(alias: &str, major: u32) -> String {
+    let frozen = match major >= 18 {
+        true => format!(", {alias}.relallfrozen"),
+        false => String::new(),
+    };
+    format!("concat_ws(',', {alias}.relpages, {alias}.reltuples, {alias}.relallvisible{frozen})")
+}
+
+/// Each table's (or materialized view's) statistics rows, its indexes'
+/// and its extended statistics' data, as the md5 of their text, and
+/// whether extended statistics data is among them: `(table oid, hash,
+/// extended)`. Before PostgreSQL 15, an extended statistics object has
+/// its data row from its creation on, empty until an `ANALYZE`: only one
+/// with data counts.
+pub(super) const STATISTICS_FOUND: &str = "select t::int8, \
+        md5(string_agg(r, E'\\n' order by r)), bool_or(extended) from ( \
+        select coalesce(i.indrelid, s.starelid) as t, s::text as r, false as extended \
+            from pg_statistic s left join pg_index i on i.indexrelid = s.starelid \
+            where s.starelid >= 16384 \
+        union all select e.stxrelid, d::text, true from pg_statistic_ext_data d \
+            join pg_statistic_ext e on e.oid = d.stxoid where e.stxrelid >= 16384 \
+            and exists (select from jsonb_each(to_jsonb(d) - 'stxoid' - 'stxdinherit') \
+                where value <> 'null') \
+    ) rows group by t";
+
+/// What empties the extended statistics data of the tables `oids` (an SQL
+/// array) on a server of version `major`: before 15, the rows stay (an
+/// `ANALYZE` updates them), their data set back to null.
+pub(super) fn no_extended_statistics(oids: &str, major: u32) -> String {
+    let objects = format!("(select oid from pg_statistic_ext where stxrelid = any({oids}))");
+    match major {
+        ..=13 => format!(
+            "update pg_statistic_ext_data set stxdndistinct = null, stxddependencies = null, \
+             stxdmcv = null where stxoid in {objects}"
+        ),
+        14 => format!(
+            "update pg_statistic_ext_data set stxdndistinct = null, stxddependencies = null, \
+             stxdmcv = null, stxdexpr = null where stxoid in {objects}"
+        ),
+        _ => format!("delete from pg_statistic_ext_data where stxoid in {objects}"),
+    }
+}
+
+/// `values` as the text of an SQL array.
+fn array_text(values: impl Iterator<Item = i64>) -> String {
+    let values: Vec<String> = values.map(|value| value.to_string()).collect();
+    format!("'{{{}}}'", values.join(","))
+}
+
+impl Snapshot {
+    /// An SQL expression: the oids of the tables whose relations' `pg_class`
+    /// statistics differ from a fresh copy's.
+    pub(super) fn class_look(&self) -> String {
+        let expected: Vec<String> = self
+            .tables
+            .iter()
+            .flat_map(|table| {
+                table.parts.iter().map(|part| {
+                    format!(
+                        "({}::oid, {}::int8, {})",
+                        part.oid,
+                        table.oid,
+                        catalog::literal(&part.class)
+                    )
+                })
+            })
+            .collect();
+        if expected.is_empty() {
+            return "'{}'::int8[]".to_owned();
+        }
+        format!(
+            "(select coalesce(array_agg(distinct e.t), '{{}}') from (values {}) e(oid, t, class) \
+             join pg_class c on c.oid = e.oid where {} <> e.class)",
+            expected.join(", "),
+            class_of("c", self.major)
+        )
+    }
+
+    /// An SQL expression: the oids of the TOAST tables that have pages.
+    pub(super) fn toast_look(&self) -> String {
+        let toasts: Vec<String> = self
+            .tables
+            .iter()
+            .flat_map(|table| &table.parts)
+            .filter(|part| part.role == Role::Toast)
+            .map(|part| part.oid.to_string())
+            .collect();
+        format!(
+            "(select coalesce(array_agg(t::int8), '{{}}') from unnest('{{{}}}'::oid[]) t \
+             where pg_relation_size(t) > 0)",
+            toasts.join(",")
+        )
+    }
+
+    /// An SQL expression: the oids of the relations of `tables` whose size
+    /// in blocks or `pg_class` statistics differ from a fresh copy's.
+    pub(super) fn parts_look(&self, tables: &[&Table]) -> String {
+        let expected: Vec<String> = tables
+            .iter()
+            .flat_map(|table| &table.parts)
+            .map(|part| {
+                format!(
+                    "({}::oid, {}::int8, {})",
+                    part.oid,
+                    part.blocks,
+                    catalog::literal(&part.class)
+                )
+            })
+            .collect();
+        format!(
+            "(select coalesce(array_agg(e.oid::int8), '{{}}') from (values {}) e(oid, blocks, class) \
+             left join pg_class c on c.oid = e.oid where c.oid is null \
+             or pg_relation_size(e.oid) / 8192 <> e.blocks or {} <> e.class)",
+            expected.join(", "),
+            class_of("c", self.major)
+        )
+    }
+
+    /// An SQL expression: the oids of the tables whose statistics rows
+    /// differ from a fresh copy's (see [`STATISTICS_FOUND`]).
+    pub(super) fn statistics_look(&self) -> String {
+        let expected: Vec<String> = self
+            .tables
+            .iter()
+            .filter_map(|table| {
+                let statistics = table.statistics.as_ref()?;
+                Some(format!(
+                    "({}::int8, {})",
+                    table.oid,
+                    catalog::literal(&statistics.hash)
+                ))
+            })
+            .collect();
+        let expected = match expected.is_empty() {
+            true => "select null::int8, null::text where false".to_owned(),
+            false => format!("values {}", expected.join(", ")),
+        };
+        format!(
+            "(select coalesce(array_agg(coalesce(f.t, e.t)), '{{}}') \
+             from ({STATISTICS_FOUND}) f(t, h, extended) full join ({expected}) e(t, h) \
+             on e.t = f.t where f.h is distinct from e.h)"
+        )
+    }
+
+    /// An SQL expression: when the database's counts were last reset (0:
+    /// never; a reset of one table's counts is the database's too), then
+    /// the number of rows written (inserted, updated, deleted, in
+    /// transactions committed or not) in each catalog and table this
+    /// snapshot counts, since then; null when the server does not count
+    /// now. `None` when the snapshot does not count.
+    pub(crate) fn written_counts(&self) -> Option<String> {
+        let catalogs = self.catalogs.as_ref()?;
+        let oids = catalogs
+            .iter()
+            .copied()
+            .chain(self.tables.iter().map(|table| table.oid));
+        Some(format!(
+            "case when current_setting('track_counts')::bool then \
+                 array[coalesce((extract(epoch from pg_stat_get_db_stat_reset_time( \
+                     (select oid from pg_database where datname = current_database()))) \
+                     * 1000000)::int8, 0)] \
+                 || (select array_agg(pg_stat_get_tuples_inserted(o) \
+                     + pg_stat_get_tuples_updated(o) + pg_stat_get_tuples_deleted(o) order by n) \
+                     from unnest({}::oid[]) with ordinality as u(o, n)) end",
+            array_text(oids)
+        ))
+    }
+
+    /// The query that reads the server's counts of rows written, the
+    /// sequences that may have moved (every one that was not called in
+    /// the template: `setval(…, false)` leaves no trace) and whether the
+    /// database's own row changed, for [`Self::counted`]; `None` when this
+    /// snapshot or the claim kept no counts.
+    pub(super) fn counted_statement(&self, since: &Since) -> Option<String> {
+        since.counts.as_ref()?;
+        let counts = self.written_counts()?;
+        let sequences: Vec<String> = self
+            .sequences
+            .iter()
+            .map(|sequence| match sequence.is_called {
+                true => format!(
+                    "pg_sequence_last_value({}) is distinct from {}",
+                    sequence.oid, sequence.last_value
+                ),
+                false => "true".to_owned(),
+            })
+            .collect();
+        let (catalog, rows) = WRITTEN_IN[NOT_COUNTED];
+        Some(format!(
+            "select {counts}, array[{}]::bool[], {}",
+            sequences.join(", "),
+            written_in(catalog, rows, since.horizon)
+        ))
+    }
+
+    /// What changed since the claim by the server's counts of rows written
+    /// (`row`, read by [`Self::counted_statement`]): the tables written in,
+    /// the sequences that may have moved; `None` when the counts cannot
+    /// tell (the server does not count now, or a catalog was written: a
+    /// truncation, a refresh, a temporary table, DDL).
+    pub(super) fn counted(&self, row: &PgRow, since: &Since) -> sqlx::Result<Option<Changed>> {
+        let (Some(catalogs), Some(before)) = (&self.catalogs, &since.counts) else {
+            return Ok(None);
+        };
+        let after: Option<Vec<i64>> = row.try_get(0)?;
+        let written: bool = row.try_get(2)?;
+        let Some(after) = after.filter(|after| after.len() == before.len() && !written) else {
+            return Ok(None);
+        };
+        // The reset time, then the catalogs.
+        let (catalogs_after, tables_after) = after.split_at(1 + catalogs.len());
+        let (catalogs_before, tables_before) = before.split_at(1 + catalogs.len());
+        if catalogs_after != catalogs_before {
+            return Ok(None);
+        }
+        Ok(Some(Changed {
+            catalog: false,
+            tables: tables_after
+                .iter()
+                .zip(tables_before)
+                .map(|(after, before)| after != before)
+                .collect(),
+            sequences: row.try_get(1)?,
+            large_objects: self.large_objects,
+        }))
+    }
+
+    /// What changed since the transaction `horizon` by looking at it all:
+    /// whether a catalog the fingerprint reads holds a newer row, each
+    /// table's rows (with their places) and its relations' sizes against
+    /// the template's, each sequence's state, the count of large objects.
+    pub(super) async fn compared(
+        &self,
+        connection: &mut PgConnection,
+        horizon: u32,
+    ) -> sqlx::Result<Changed> {
+        let tables: Vec<String> = self.tables.iter().map(table_differs).collect();
+        let sequences: Vec<String> = self
+            .sequences
+            .iter()
+            .map(|sequence| {
+                format!(
+                    "(select (last_value, is_called) is distinct from ({}::int8, {}) from {})",
+                    sequence.last_value, sequence.is_called, sequence.name
+                )
+            })
+            .collect();
+        let statement = format!(
+            "select ({}), array[{}]::bool[], array[{}]::bool[], \
+             (select count(*) from pg_largeobject_metadata)",
+            catalog_written(horizon),
+            tables.join(", "),
+            sequences.join(", ")
+        );
+        let row = query(&statement).fetch_one(connection).await?;
+        Ok(Changed {
+            catalog: row.try_get(0)?,
+            tables: row.try_get(1)?,
+            sequences: row.try_get(2)?,
+            large_objects: row.try_get(3)?,
+        })
+    }
+}
+
+/// An SQL expression: whether `table`'s rows, their places or its
+/// relations' sizes differ from a fresh copy's (a partitioned table's are
+/// its partitions').
+fn table_differs(table: &Table) -> String {
+    if table.kind == Kind::Parent {
+        return "false".to_owned();
+    }
+    let rows = match &table.rows {
+        None => format!("exists (select from {})", table.name),
+        Some(rows) => format!(
+            "{} <> {}",
+            rows_hash(&table.name),
+            catalog::literal(&rows.hash)
+        ),
+    };
+    let sizes: Vec<String> = table
+        .parts
+        .iter()
+        .map(|part| {
+            format!(
+                "coalesce(pg_relation_size({}) / 8192 <> {}, true)",
+                part.oid, part.blocks
+            )
+        })
+        .collect();
+    if sizes.is_empty() {
+        return rows;
+    }
+    format!("({rows} or {})", sizes.join(" or "))
+}

@@ -1,0 +1,118 @@
+//! The catalog's side of a test's database: its fingerprint (what a
+//! schema change alters), and the catalogs whose rows a test writes when
+//! it changes the schema, to tell cheaply whether the fingerprint is worth
+//! computing.
+
+/// The catalog's fingerprint: every object a schema change makes or
+/// touches (user objects, from `FirstNormalObjectId` on, and the `public`
+/// schema), in every schema but temporary ones and TOAST's (whose tables a
+/// refresh or truncation makes anew), without what changes on its own.
+pub(super) const FINGERPRINT: &str = "with hidden as (select oid from pg_namespace where nspname = 'pg_toast' \
+        or nspname like 'pg\\_temp\\_%' or nspname like 'pg\\_toast\\_temp\\_%'), \
+    rel as (select oid from pg_class where oid >= 16384 \
+        and relnamespace not in (select oid from hidden)) \
+    select md5(string_agg(part, E'\\n' order by part)) from ( \
+    select 'class ' || (c.oid, relname, relnamespace, reltype, reloftype, relowner, relam, \
+        reltablespace, relpersistence, relkind, relnatts, relchecks, relrowsecurity, \
+        relforcerowsecurity, relispopulated, relreplident, relispartition, relacl, reloptions, \
+        relpartbound)::text as part from pg_class c where c.oid in (select oid from rel) \
+    union all select 'attribute ' || (attrelid, attname, atttypid, attlen, attnum, atttypmod, \
+        attndims, attnotnull, atthasdef, attidentity, attgenerated, attisdropped, attislocal, \
+        attinhcount, attcollation, attacl, attoptions, attfdwoptions)::text \
+        from pg_attribute where attrelid >= 16384 and attrelid in (select oid from rel) \
+    union all select 'namespace ' || n::text from pg_namespace n \
+        where (oid >= 16384 or nspname = 'public') and oid not in (select oid from hidden) \
+    union all select 'type ' || t::text from pg_type t \
+        where oid >= 16384 and typnamespace not in (select oid from hidden) \
+    union all select 'proc ' || p::text from pg_proc p where oid >= 16384 \
+    union all select 'constraint ' || c::text from pg_constraint c \
+        where oid >= 16384 and connamespace not in (select oid from hidden) \
+    union all select 'index ' || i::text from pg_index i where indrelid >= 16384 and indrelid in (select oid from rel) \
+    union all select 'attrdef ' || (adrelid, adnum, pg_get_expr(adbin, adrelid))::text \
+        from pg_attrdef where adrelid >= 16384 and adrelid in (select oid from rel) \
+    union all select 'trigger ' || (tgrelid, tgname, tgfoid, tgtype, tgenabled, tgisinternal, \
+        tgconstraint, tgdeferrable, tginitdeferred, tgnargs, tgattr, tgargs)::text \
+        from pg_trigger where tgrelid >= 16384 and tgrelid in (select oid from rel) \
+    union all select 'rewrite ' || (ev_class, rulename, ev_type, ev_enabled, is_instead, \
+        ev_qual, ev_action)::text from pg_rewrite where ev_class >= 16384 and ev_class in (select oid from rel) \
+    union all select 'policy ' || p::text from pg_policy p where polrelid >= 16384 and polrelid in (select oid from rel) \
+    union all select 'sequence ' || s::text from pg_sequence s where seqrelid >= 16384 and seqrelid in (select oid from rel) \
+    union all select 'inherits ' || i::text from pg_inherits i where inhrelid >= 16384 and inhrelid in (select oid from rel) \
+    union all select 'enum ' || e::text from pg_enum e where oid >= 16384 \
+    union all select 'extension ' || e::text from pg_extension e \
+    union all select 'cast ' || c::text from pg_cast c where oid >= 16384 \
+    union all select 'operator ' || o::text from pg_operator o where oid >= 16384 \
+    union all select 'collation ' || c::text from pg_collation c where oid >= 16384 \
+    union all select 'default acl ' || d::text from pg_default_acl d \
+    union all select 'event trigger ' || e::text from pg_event_trigger e \
+    union all select 'statistics ' || (stxrelid, stxname, stxnamespace, stxkeys, stxkind)::text \
+        from pg_statistic_ext where stxrelid >= 16384 and stxrelid in (select oid from rel) \
+    union all select 'description ' || d::text from pg_description d \
+        where (objoid >= 16384 or objoid = 2200) \
+        and (classoid <> 'pg_class'::regclass or objoid in (select oid from rel)) \
+    union all select 'settings ' || s::text from pg_db_role_setting s, pg_database d \
+        where s.setdatabase = d.oid and d.datname = current_database() \
+    union all select 'database ' || (datdba, encoding, datallowconn, datconnlimit, datacl)::text \
+        from pg_database where datname = current_database() \
+    ) parts";
+
+/// The catalogs the fingerprint reads, each with which of its rows count:
+/// user objects' (from `FirstNormalObjectId` on, found by the catalog's
+/// index; temporary ones included, a cost only), the `public` schema's
+/// (its fixed oid, 2200), and the database's own (last: see [`NOT_COUNTED`]).
+pub(super) const WRITTEN_IN: [(&str, &str); 24] = [
+    ("pg_class", "oid >= 16384"),
+    ("pg_attribute", "attrelid >= 16384"),
+    ("pg_namespace", "(oid >= 16384 or oid = 2200)"),
+    ("pg_type", "oid >= 16384"),
+    ("pg_proc", "oid >= 16384"),
+    ("pg_constraint", "oid >= 16384"),
+    ("pg_index", "indexrelid >= 16384"),
+    ("pg_attrdef", "oid >= 16384"),
+    ("pg_trigger", "oid >= 16384"),
+    ("pg_rewrite", "oid >= 16384"),
+    ("pg_policy", "oid >= 16384"),
+    ("pg_sequence", "seqrelid >= 16384"),
+    ("pg_inherits", "inhrelid >= 16384"),
+    ("pg_enum", "oid >= 16384"),
+    ("pg_extension", "oid >= 16384"),
+    ("pg_cast", "oid >= 16384"),
+    ("pg_operator", "oid >= 16384"),
+    ("pg_collation", "oid >= 16384"),
+    ("pg_default_acl", "oid >= 16384"),
+    ("pg_event_trigger", "oid >= 16384"),
+    ("pg_statistic_ext", "oid >= 16384"),
+    ("pg_description", "(objoid >= 16384 or objoid = 2200)"),
+    (
+        "pg_db_role_setting",
+        "setdatabase = (select oid from pg_database where datname = current_database())",
+    ),
+    ("pg_database", "datname = current_database()"),
+];
+
+/// Whether a catalog the fingerprint reads holds a row written after the
+/// transaction `horizon` (its low 32 bits): far cheaper than the
+/// fingerprint, which runs only when this says yes (a test's truncation or
+/// refresh writes `pg_class` without changing the schema).
+pub(super) fn catalog_written(horizon: u32) -> String {
+    let checks: Vec<String> = WRITTEN_IN
+        .iter()
+        .map(|(catalog, rows)| written_in(catalog, rows, horizon))
+        .collect();
+    checks.join(" or ")
+}
+
+/// Whether the rows `rows` of `catalog` hold one written after the
+/// transaction `horizon`.
+pub(super) fn written_in(catalog: &str, rows: &str, horizon: u32) -> String {
+    format!("exists (select from {catalog} where {rows} and age(xmin) < age('{horizon}'::xid))")
+}
+
+/// The catalog of [`WRITTEN_IN`] whose counts cannot tell: the whole
+/// server's (it is shared), which every copy of a template writes. Its
+/// row is looked at instead.
+pub(super) const NOT_COUNTED: usize = WRITTEN_IN.len() - 1;
+
+/// The catalogs a test may write outside the catalog's fingerprint that
+/// still change what the next test sees: large objects.
+pub(super) const COUNTED_TOO: &str = "pg_largeobject_metadata";

@@ -1,0 +1,360 @@
+//! Putting a passed test's database back into what a fresh copy of its
+//! template is (see the module's documentation).
+
+use std::fmt::Write as _;
+
+use sqlx::Row;
+use sqlx::postgres::PgConnection;
+
+use super::changes::{Changed, EMPTY_HASH, no_extended_statistics, rows_hash};
+use super::fingerprint::FINGERPRINT;
+use super::snapshot::{FORMATS, Kind, Part, Role, Snapshot, Table, copy_in};
+use super::{PutBack, Reset, Since};
+use crate::catalog;
+use crate::compat::{self, query};
+
+/// The indexes of `table` a reset builds anew: all of the table's (its
+/// rows were deleted and vacuumed: `VACUUM` wrote their statistics), and
+/// its TOAST table's when it has pages (`toasts`, the TOAST tables with
+/// pages before the reset) or the template's has.
+fn rebuilt<'a>(table: &'a Table, toasts: &[i64]) -> impl Iterator<Item = &'a Part> {
+    let toasted = table
+        .parts
+        .iter()
+        .any(|part| part.role == Role::Toast && (part.blocks > 0 || toasts.contains(&part.oid)));
+    table
+        .parts
+        .iter()
+        .filter(move |part| part.role == Role::Index || (part.role == Role::ToastIndex && toasted))
+}
+
+/// What a reset puts back, by what it found changed.
+struct Work<'a> {
+    /// Tables a test wrote in or whose statistics moved: emptied, their
+    /// pages given back (`VACUUM`), their indexes built anew, then filled
+    /// again where the template has rows.
+    tables: Vec<&'a Table>,
+    /// Materialized views refreshed.
+    views: Vec<&'a Table>,
+    /// Tables whose statistics rows are deleted, and written back where
+    /// the template has some.
+    statistics: Vec<&'a Table>,
+    /// Partitioned tables whose `pg_class` statistics are written back
+    /// (PostgreSQL 18 on).
+    parents: Vec<&'a Table>,
+}
+
+impl Snapshot {
+    /// Readies `connection`, one of the test's, for [`Self::reset`]: what
+    /// the test set in its session undone, its temporary tables dropped,
+    /// and what it wrote counted at the server.
+    pub(crate) async fn ready(&self, connection: &mut PgConnection) -> sqlx::Result<()> {
+        let mut statement = "reset session authorization; reset all; discard temp".to_owned();
+        if self.catalogs.is_some() {
+            statement.push_str("; select pg_stat_force_next_flush()");
+        }
+        catalog::run(connection, &statement).await
+    }
+
+    /// Puts back what a test changed in the database `connection` is
+    /// connected to and marks it spare as `back` says, when no other
+    /// session is connected to it; what the database was like at the claim
+    /// (`since`) spares looking at what cannot have changed. The mark is
+    /// the last transaction's: a database not done stays the test's, and
+    /// is retired.
+    pub(crate) async fn reset(
+        &self,
+        connection: &mut PgConnection,
+        since: &Since,
+        back: &PutBack<'_>,
+    ) -> sqlx::Result<Reset> {
+        let reset = self.reset_in_transaction(connection, since, back).await;
+        if !matches!(reset, Ok(Reset::Done { .. })) {
+            let _ = catalog::run(connection, "rollback").await;
+        }
+        reset
+    }
+
+    /// [`Self::reset`], from a transaction it begins. Three round trips
+    /// when no table is put back (one begins, looks for other sessions,
+    /// reads the counts and compares what the planner reads; one writes
+    /// statistics and sequences back; one marks and commits); when some
+    /// are, their rows are deleted in the first transaction, which
+    /// commits, then a `VACUUM` of its own, then a last transaction
+    /// builds their indexes, fills them again (a round trip per table with
+    /// rows), checks their pages and marks.
+    async fn reset_in_transaction(
+        &self,
+        connection: &mut PgConnection,
+        since: &Since,
+        back: &PutBack<'_>,
+    ) -> sqlx::Result<Reset> {
+        // Read after the other sessions are found gone (the statements of
+        // one query string run in order): what they wrote is counted.
+        let mut look = format!(
+            "begin; {FORMATS}; {}; select {}, {}, {}, {}, {}",
+            catalog::NO_FLUSH_WAIT,
+            catalog::OTHER_SESSIONS,
+            catalog::spares_count(),
+            self.class_look(),
+            self.statistics_look(),
+            self.toast_look()
+        );
+        let counted = self.counted_statement(since);
+        if let Some(statement) = &counted {
+            let _ = write!(look, "; {statement}");
+        }
+        let rows = compat::raw(&look).fetch_all(&mut *connection).await?;
+        let row = rows.first().ok_or(sqlx::Error::RowNotFound)?;
+        let (others, spares): (i64, i64) = (row.try_get(0)?, row.try_get(1)?);
+        if others > 0 {
+            return Ok(Reset::Busy);
+        }
+        if spares >= i64::from(back.limit) {
+            return Ok(Reset::Retire(
+                "PGTEST_SPARE_DATABASES spares are kept already",
+            ));
+        }
+        let (class, statistics): (Vec<i64>, Vec<i64>) = (row.try_get(2)?, row.try_get(3)?);
+        let toasts: Vec<i64> = row.try_get(4)?;
+        let changed = match rows.get(1).map(|row| self.counted(row, since)) {
+            Some(changed) => changed?,
+            None => None,
+        };
+        let changed = match changed {
+            Some(changed) => changed,
+            None => self.compared(connection, since.horizon).await?,
+        };
+        if changed.catalog {
+            let fingerprint: String = query(FINGERPRINT)
+                .fetch_one(&mut *connection)
+                .await?
+                .try_get(0)?;
+            if fingerprint != self.fingerprint {
+                return Ok(Reset::Retire("its schema or settings changed"));
+            }
+        }
+        let large_objects = changed.large_objects;
+        if large_objects != self.large_objects && self.large_objects > 0 {
+            return Ok(Reset::Retire("its large objects changed"));
+        }
+        let work = match self.work(&changed, &class, &statistics) {
+            Ok(work) => work,
+            Err(why) => return Ok(Reset::Retire(why)),
+        };
+        // What the last transaction writes before the mark.
+        let mut last = String::new();
+        self.write_statistics(&work, &mut last);
+        for (sequence, changed) in self.sequences.iter().zip(&changed.sequences) {
+            if *changed {
+                let _ = write!(
+                    last,
+                    "select setval({}, {}, {}); ",
+                    sequence.oid, sequence.last_value, sequence.is_called
+                );
+            }
+        }
+        if large_objects > 0 && self.large_objects == 0 {
+            last.push_str("select lo_unlink(oid) from pg_largeobject_metadata; ");
+        }
+        let mut mark = String::new();
+        if self.catalogs.is_some() {
+            // Counted before the next test's claim reads the counts.
+            mark.push_str("select pg_stat_force_next_flush(); ");
+        }
+        mark.push_str(&catalog::mark_statement(back.database, back.spare));
+        mark.push_str("; commit");
+        if work.tables.is_empty() && work.views.is_empty() {
+            catalog::run(connection, &format!("{last}{mark}")).await?;
+            return Ok(Reset::Done {
+                tables: 0,
+                sequences: changed.sequences.iter().filter(|changed| **changed).count(),
+            });
+        }
+        if !work.tables.is_empty() {
+            self.empty(connection, &work.tables).await?;
+            last = format!(
+                "begin; {FORMATS}; {}; set local session_replication_role = replica; {last}",
+                catalog::NO_FLUSH_WAIT
+            );
+            for part in work.tables.iter().flat_map(|table| rebuilt(table, &toasts)) {
+                let _ = write!(last, "reindex index {}; ", part.name);
+            }
+        }
+        let refilled = work.tables.iter().any(|table| table.rows.is_some());
+        let check = format!("select {}", self.parts_look(&work.tables));
+        let checked_now = !work.tables.is_empty() && !refilled && work.views.is_empty();
+        if checked_now {
+            last.push_str(&check);
+        }
+        let rows = match last.is_empty() {
+            true => Vec::new(),
+            false => compat::raw(&last).fetch_all(&mut *connection).await?,
+        };
+        for table in &work.tables {
+            if let Some(rows) = &table.rows {
+                // Into the empty pages, in the fresh copy's order: laid
+                // out as the template's were when it was built.
+                copy_in(connection, &table.name, &rows.columns, &rows.data).await?;
+            }
+        }
+        for view in &work.views {
+            let refresh = format!("refresh materialized view {}", view.name);
+            catalog::run(connection, &refresh).await?;
+            let statement = format!("select {}", rows_hash(&view.name));
+            let hash: String = query(&statement)
+                .fetch_one(&mut *connection)
+                .await?
+                .try_get(0)?;
+            let expected = view
+                .rows
+                .as_ref()
+                .map_or(EMPTY_HASH, |rows| rows.hash.as_str());
+            if hash != expected {
+                return Ok(Reset::Retire(
+                    "a materialized view, refreshed, differs from the template's",
+                ));
+            }
+        }
+        if !work.tables.is_empty() {
+            // Differs only after a `VACUUM` that found the deleted rows
+            // still seen by some session.
+            let differ: Vec<i64> = match checked_now {
+                true => rows.last().ok_or(sqlx::Error::RowNotFound)?.try_get(0)?,
+                false => query(&check)
+                    .fetch_one(&mut *connection)
+                    .await?
+                    .try_get(0)?,
+            };
+            if !differ.is_empty() {
+                return Ok(Reset::Retire(
+                    "a table put back has other pages than a fresh copy's (VACUUM could not \
+                     give them back: a session held rows a test had deleted)",
+                ));
+            }
+        }
+        catalog::run(connection, &mark).await?;
+        Ok(Reset::Done {
+            tables: work.tables.len() + work.views.len(),
+            sequences: changed.sequences.iter().filter(|changed| **changed).count(),
+        })
+    }
+
+    /// Empties `tables` and gives their pages back, ending the reset's
+    /// transaction: their rows deleted (triggers and foreign keys off) and
+    /// committed, then `VACUUM`, which needs no transaction around it, and
+    /// finds the deleted rows dead to every session (none is left in the
+    /// database), removes them from the indexes and truncates each table
+    /// (and its TOAST table) to no pages. Until the reset is done, the
+    /// database is still the test's: a reset that stops here retires it.
+    async fn empty(&self, connection: &mut PgConnection, tables: &[&Table]) -> sqlx::Result<()> {
+        let mut statements = "set local session_replication_role = replica; ".to_owned();
+        for table in tables {
+            let _ = write!(statements, "delete from {}; ", table.name);
+        }
+        statements.push_str("set synchronous_commit = off; commit");
+        catalog::run(connection, &statements).await?;
+        let names: Vec<&str> = tables.iter().map(|table| table.name.as_str()).collect();
+        let options = match self.major {
+            // The database's frozen ids are not looked at (a scan of pg_class).
+            16.. => "index_cleanup on, truncate on, skip_database_stats on",
+            _ => "index_cleanup on, truncate on",
+        };
+        catalog::run(
+            connection,
+            &format!("vacuum ({options}) {}", names.join(", ")),
+        )
+        .await
+    }
+
+    /// What to put back, by what `changed` says and the tables whose
+    /// `pg_class` statistics (`class`) or statistics rows (`statistics`)
+    /// differ from a fresh copy's; why the database is retired instead.
+    fn work(
+        &self,
+        changed: &Changed,
+        class: &[i64],
+        statistics: &[i64],
+    ) -> Result<Work<'_>, &'static str> {
+        let mut work = Work {
+            tables: Vec::new(),
+            views: Vec::new(),
+            statistics: Vec::new(),
+            parents: Vec::new(),
+        };
+        for (table, written) in self.tables.iter().zip(&changed.tables) {
+            let moved = class.contains(&table.oid);
+            if !written && !moved {
+                continue;
+            }
+            match table.kind {
+                Kind::Table => work.tables.push(table),
+                Kind::View => work.views.push(table),
+                Kind::Parent if !moved => {}
+                Kind::Parent if self.major < 18 => {
+                    return Err("a partitioned table's statistics changed, and PostgreSQL \
+                        before 18 cannot write them back");
+                }
+                Kind::Parent => work.parents.push(table),
+            }
+        }
+        for table in self.tables.iter().filter(|t| statistics.contains(&t.oid)) {
+            match &table.statistics {
+                Some(kept) if kept.extended => {
+                    return Err("its extended statistics changed, which no PostgreSQL \
+                        version writes back");
+                }
+                Some(_) if self.major < 18 => {
+                    return Err(
+                        "the statistics of a table whose template has some changed, \
+                        and PostgreSQL before 18 cannot write them back",
+                    );
+                }
+                _ => work.statistics.push(table),
+            }
+        }
+        Ok(work)
+    }
+
+    /// Appends to `statements` what writes back the statistics `work`
+    /// names: their rows deleted (the template has none, or they are
+    /// written anew), the template's written back, and partitioned
+    /// tables' `pg_class` statistics.
+    fn write_statistics(&self, work: &Work<'_>, statements: &mut String) {
+        if !work.statistics.is_empty() {
+            let oids: Vec<String> = work.statistics.iter().map(|t| t.oid.to_string()).collect();
+            let oids = format!("'{{{}}}'::oid[]", oids.join(","));
+            let _ = write!(
+                statements,
+                "delete from pg_statistic where starelid = any({oids}) \
+                     or starelid in (select indexrelid from pg_index where indrelid = any({oids})); \
+                 {}; ",
+                no_extended_statistics(&oids, self.major)
+            );
+            for table in &work.statistics {
+                if let Some(kept) = &table.statistics {
+                    let _ = write!(statements, "{}; ", kept.restore);
+                }
+            }
+        }
+        for part in work.parents.iter().flat_map(|table| &table.parts) {
+            let values: Vec<&str> = part.class.split(',').collect();
+            let names = ["relpages", "reltuples", "relallvisible", "relallfrozen"];
+            let types = ["int", "real", "int", "int"];
+            let arguments: Vec<String> = values
+                .iter()
+                .zip(names.iter().zip(types))
+                .map(|(value, (name, kind))| format!("'{name}', {value}::{kind}"))
+                .collect();
+            let _ = write!(
+                statements,
+                "select pg_restore_relation_stats('schemaname', n.nspname::text, \
+                     'relname', c.relname::text, {}) \
+                 from pg_class c join pg_namespace n on n.oid = c.relnamespace \
+                 where c.oid = {}; ",
+                arguments.join(", "),
+                part.oid
+            );
+        }
+    }
+}

@@ -1,0 +1,142 @@
+//! Readying a template as it is built, so that a reset can put its copies
+//! back into what a fresh copy is.
+
+use sqlx::postgres::PgConnection;
+use sqlx::{Connection, Row};
+
+use super::snapshot::{FORMATS, MAX_ROWS_BYTES, USER_SCHEMAS, copy_in, copy_out};
+use crate::catalog;
+use crate::compat::query;
+
+/// Readies the template `connection` (its builder's) is connected to,
+/// once its migrations and fixtures ran:
+///
+/// - its tables and materialized views keep autovacuum out (the storage
+///   settings `autovacuum_enabled` and `toast.autovacuum_enabled`, copied
+///   with them): autovacuum neither analyzes nor vacuums the template or
+///   its copies, so a copy's statistics and pages stay as they were made
+///   (those of tables its role does not own are left alone);
+/// - where its copies may be recycled (the role is a superuser) and its
+///   rows are few enough to keep in a snapshot, it is laid out as a reset
+///   lays out what it puts back: every table emptied, vacuumed to no
+///   pages, its indexes built anew, then its rows copied back in the same
+///   order (no dead rows, no space left by updates and deletes), and every
+///   populated materialized view refreshed. Its `pg_class` statistics are
+///   then a vacuumed table's (`reltuples` 0, not -1: the planner does not
+///   take an empty table for 10 pages).
+pub(crate) async fn settle(connection: &mut PgConnection) -> sqlx::Result<()> {
+    let settings = format!(
+        "select format('alter %s %s set (autovacuum_enabled = false, \
+                 toast.autovacuum_enabled = false)', \
+             case c.relkind when 'm' then 'materialized view' else 'table' end, c.oid::regclass) \
+         from pg_class c join pg_namespace n on n.oid = c.relnamespace \
+         where c.relkind in ('r', 'm') and {USER_SCHEMAS} \
+         and pg_has_role(c.relowner, 'MEMBER') order by c.oid"
+    );
+    let settings = texts(connection, &settings).await?;
+    if !settings.is_empty() {
+        catalog::run(connection, &settings.join("; ")).await?;
+    }
+    let superuser: bool =
+        sqlx::query_scalar("select rolsuper from pg_roles where rolname = current_user")
+            .fetch_one(&mut *connection)
+            .await?;
+    if !superuser {
+        return Ok(());
+    }
+    let Some(tables) = take_rows(connection).await? else {
+        return Ok(());
+    };
+    if tables.is_empty() {
+        return Ok(());
+    }
+    let mut empty = "set synchronous_commit = off; \
+        begin; set local session_replication_role = replica; "
+        .to_owned();
+    for (name, _, _) in &tables {
+        empty.push_str(&format!("delete from {name}; "));
+    }
+    empty.push_str("commit");
+    catalog::run(connection, &empty).await?;
+    let names: Vec<&str> = tables.iter().map(|(name, _, _)| name.as_str()).collect();
+    catalog::run(
+        connection,
+        &format!(
+            "vacuum (index_cleanup on, truncate on) {}",
+            names.join(", ")
+        ),
+    )
+    .await?;
+    let mut transaction = connection.begin().await?;
+    let mut fill = format!("{FORMATS}; set local session_replication_role = replica");
+    for name in &names {
+        fill.push_str(&format!("; reindex table {name}"));
+    }
+    catalog::run(&mut transaction, &fill).await?;
+    for (name, columns, data) in &tables {
+        if !data.is_empty() {
+            copy_in(&mut transaction, name, columns, data).await?;
+        }
+    }
+    let views = format!(
+        "select format('refresh materialized view %s', c.oid::regclass) \
+         from pg_class c join pg_namespace n on n.oid = c.relnamespace \
+         where c.relkind = 'm' and c.relispopulated and {USER_SCHEMAS} order by c.oid"
+    );
+    let views = texts(&mut transaction, &views).await?;
+    if !views.is_empty() {
+        catalog::run(&mut transaction, &views.join("; ")).await?;
+    }
+    transaction.commit().await
+}
+
+/// Each table's name, columns and rows (`COPY` text, in physical order);
+/// `None` when they are too many to keep, or a table has rows but no
+/// columns to copy them back with (its copies are not recycled either).
+async fn take_rows(
+    connection: &mut PgConnection,
+) -> sqlx::Result<Option<Vec<(String, String, String)>>> {
+    let mut transaction = connection.begin().await?;
+    catalog::run(&mut transaction, FORMATS).await?;
+    let statement = format!(
+        "select c.oid::regclass::text, \
+             coalesce((select string_agg(quote_ident(attname), ', ' order by attnum) \
+                 from pg_attribute where attrelid = c.oid and attnum > 0 \
+                 and not attisdropped and attgenerated = ''), '') \
+         from pg_class c join pg_namespace n on n.oid = c.relnamespace \
+         where c.relkind = 'r' and {USER_SCHEMAS} order by c.oid"
+    );
+    let found = query(&statement).fetch_all(&mut *transaction).await?;
+    let mut tables = Vec::new();
+    let mut bytes = 0;
+    for row in found {
+        let (name, columns): (String, String) = (row.try_get(0)?, row.try_get(1)?);
+        let data = match columns.is_empty() {
+            true => {
+                let statement = format!("select exists (select from {name})");
+                let has_rows: bool = query(&statement)
+                    .fetch_one(&mut *transaction)
+                    .await?
+                    .try_get(0)?;
+                if has_rows {
+                    return Ok(None);
+                }
+                String::new()
+            }
+            false => copy_out(&mut transaction, &name, &columns).await?,
+        };
+        bytes += data.len();
+        if bytes > MAX_ROWS_BYTES {
+            return Ok(None);
+        }
+        tables.push((name, columns, data));
+    }
+    transaction.rollback().await?;
+    Ok(Some(tables))
+}
+
+/// The first column of each row of `statement`, a query pgtest built.
+async fn texts(connection: &mut PgConnection, statement: &str) -> sqlx::Result<Vec<String>> {
+    let rows = query(statement).fetch_all(connection).await?;
+    rows.iter().map(|row| row.try_get(0)).collect()
+}
