@@ -28,7 +28,7 @@ use crate::{rusage, suite};
 /// what each attribute costs is measured above it.
 pub(crate) const FILES: [(&str, &str); 4] = [
     ("pgtest", "`#[pg_test]`"),
-    ("sqlx_test", "`#[pgtest::sqlx_test]`"),
+    ("pgtestsqlx", "`#[pgtest::sqlx_test]`"),
     ("sqlx", "`#[sqlx::test]`"),
     ("body", "no attribute (the bodies alone)"),
 ];
