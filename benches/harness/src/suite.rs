@@ -197,7 +197,7 @@ tokio = {{ version = "1", features = ["macros", "rt"] }}
 
 /// A test file of `flavour` (one of [`FLAVOURS`], or `body`: the body
 /// alone, in an async fn whose future a plain `#[test]` would poll once but
-/// does not run, so that it is compiled as a runner's would be) with a test
+/// does not run, so that it is compiled and linked as a runner's would be) with a test
 /// of each name running `body` (the transaction and floor flavours run
 /// [`BODY`] on their connection).
 pub(crate) fn test_file(
@@ -251,7 +251,7 @@ pub(crate) fn test_file(
             )?,
             "body" => write!(
                 file,
-                "\nasync fn {name}_body(pool: PgPool) {{\n    let org = Uuid::new_v4();{body}}}\n\n#[test]\nfn {name}() {{\n    let _: fn(PgPool) = |pool| poll_once({name}_body(pool));\n}}\n"
+                "\nasync fn {name}_body(pool: PgPool) {{\n    let org = Uuid::new_v4();{body}}}\n\n#[test]\nfn {name}() {{\n    std::hint::black_box((|pool: PgPool| poll_once({name}_body(pool))) as fn(PgPool));\n}}\n"
             )?,
             other => anyhow::bail!("no such flavour: {other}"),
         }
