@@ -1,17 +1,17 @@
 //! Compile time: one test file of N tests (the suite's body, migrations
 //! from a directory) per attribute, `#[pg_test]`, `#[pgtest::sqlx_test]`
 //! and `#[sqlx::test]`, and of the same bodies without one (see [`FILES`]),
-//! in a crate of its own beside the suite (its
-//! dependencies built once, shared with the suite). For each, in turn, run
-//! after run: the build of the test binary from scratch and the rebuild
-//! after editing one test's body, both as `cargo test --no-run` with
-//! cargo's defaults for the dev profile (incremental), timed as wall time
-//! and as the CPU time of cargo and the compiler (`getrusage` of the
-//! harness's children); then the size of what the crate expands to, as the
-//! compiler's MIR of the test binary (`--emit=mir`, stable rustc: every
-//! function the attributes and their macros generate, the bodies included,
-//! before generic code of other crates is instantiated), and the size of the
-//! test binary (which holds those instances too).
+//! in a crate of its own beside the suite (its dependencies built once,
+//! shared with the suite). For each, in turn, run after run: the build of
+//! the test binary from scratch and the rebuild after editing one test's
+//! body, both as `cargo test --no-run` with cargo's defaults for the dev
+//! profile (incremental), timed as wall time and as the CPU time of cargo
+//! and the compiler (`getrusage` of the harness's children); then the size
+//! of what the crate expands to, as the compiler's MIR of the test binary
+//! (`--emit=mir`, stable rustc: every function the attributes and their
+//! macros generate, the bodies included, before generic code of other
+//! crates is instantiated), and the size of the test binary (which holds
+//! those instances too).
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -23,11 +23,12 @@ use crate::{rusage, suite};
 
 /// The attributes compared, then the baseline: the suite's flavour that
 /// writes each, and how the table names it. The baseline (`body`) has the
-/// same bodies, each in an async fn that a plain `#[test]` names but does
-/// not run: what each attribute costs is measured above it.
+/// same bodies, each in an async fn whose future a plain `#[test]` would
+/// poll (so that it is compiled, as under any attribute) but does not run:
+/// what each attribute costs is measured above it.
 pub(crate) const FILES: [(&str, &str); 4] = [
     ("pgtest", "`#[pg_test]`"),
-    ("sqlx_test", "`#[pgtest::sqlx_test]`"),
+    ("pgtestsqlx", "`#[pgtest::sqlx_test]`"),
     ("sqlx", "`#[sqlx::test]`"),
     ("body", "no attribute (the bodies alone)"),
 ];

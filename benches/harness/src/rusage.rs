@@ -17,7 +17,7 @@ use std::ffi::OsString;
 use std::io::Write as _;
 use std::path::Path;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// Names the file the runner appends its lines to.
 const RECORDS_VAR: &str = "PGTEST_BENCH_RUSAGE";
@@ -30,11 +30,9 @@ pub(crate) struct Usage {
     /// User and system time of the processes that ran tests.
     pub(crate) cpu: Duration,
     /// How many processes ran tests (nextest: one per test; cargo test:
-    /// one per binary).
+    /// one per binary), not counting those that listed them (nextest runs
+    /// each binary with `--list` first).
     pub(crate) processes: usize,
-    /// User and system time of the processes that listed tests (nextest
-    /// runs each binary with `--list` before the run).
-    pub(crate) listing: Duration,
 }
 
 /// The runner's work, when the harness was started as one: runs the
@@ -49,9 +47,7 @@ pub(crate) fn run_if_runner() {
         eprintln!("pgtest-bench {RUNNER_ARG}: no command");
         std::process::exit(2);
     };
-    let started = Instant::now();
     let status = Command::new(program).args(rest).status();
-    let wall = started.elapsed();
     let status = status.unwrap_or_else(|error| {
         eprintln!("pgtest-bench {RUNNER_ARG}: cannot run {program:?}: {error}");
         std::process::exit(2);
@@ -63,9 +59,8 @@ pub(crate) fn run_if_runner() {
     };
     if let Some(file) = std::env::var_os(RECORDS_VAR) {
         let line = format!(
-            "{kind}\t{}\t{}\t{}\n",
+            "{kind}\t{}\t{}\n",
             cpu.as_micros(),
-            wall.as_micros(),
             Path::new(program).file_name().unwrap_or_default().display()
         );
         let appended = std::fs::OpenOptions::new()
@@ -135,13 +130,9 @@ pub(crate) fn read(records: &Path) -> Usage {
         else {
             continue;
         };
-        let cpu = Duration::from_micros(cpu);
-        match kind {
-            "list" => usage.listing += cpu,
-            _ => {
-                usage.cpu += cpu;
-                usage.processes += 1;
-            }
+        if kind == "run" {
+            usage.cpu += Duration::from_micros(cpu);
+            usage.processes += 1;
         }
     }
     usage
@@ -156,13 +147,12 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("pgtest-bench-rusage-{}", std::process::id()));
         std::fs::write(
             &dir,
-            "list\t1500\t9000\tpgtest_0-abc\nrun\t10250\t40000\tpgtest_0-abc\nrun\t9750\t38000\tpgtest_1-def\nbroken\n",
+            "list\t1500\tpgtest_0-abc\nrun\t10250\tpgtest_0-abc\nrun\t9750\tpgtest_1-def\nbroken\n",
         )
         .unwrap();
         let usage = super::read(&dir);
         std::fs::remove_file(&dir).unwrap();
         assert_eq!(usage.processes, 2);
         assert_eq!(usage.cpu, Duration::from_micros(20_000));
-        assert_eq!(usage.listing, Duration::from_micros(1_500));
     }
 }

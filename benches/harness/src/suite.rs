@@ -1,4 +1,4 @@
-//! The generated suite: a realistic schema and the same test bodies in six
+//! The generated suite: a realistic schema and the same test bodies in seven
 //! flavours, written under `target/` (never committed).
 
 use std::fmt::Write as _;
@@ -8,10 +8,10 @@ use std::path::Path;
 /// The ways of writing the same tests: `#[pg_test]` in each isolation
 /// mode (shared, database, transaction), `#[pgtest::sqlx_test]` (the
 /// drop-in: a database each, a pool that opens connections as sqlx's
-/// does), `#[sqlx::test]`, plain (a pool
-/// per test on a pre-migrated database), and the floor: the least any
-/// library must do per test, one connection opened for the test on that
-/// database (no pool, no budget, no tenant), closed at its end.
+/// does), `#[sqlx::test]`, plain (a pool per test on a pre-migrated
+/// database), and the floor: the least any library must do per test, one
+/// connection opened for the test on that database (no pool, no budget, no
+/// tenant), closed at its end.
 pub(crate) const FLAVOURS: [&str; 7] = [
     "pgtest",
     "pgtestdb",
@@ -195,11 +195,11 @@ tokio = {{ version = "1", features = ["macros", "rt"] }}
     Ok(())
 }
 
-/// A test file of `flavour` (one of [`FLAVOURS`], `sqlx_test` for
-/// `#[pgtest::sqlx_test]`, or `body`: the body alone, in an async fn that
-/// a plain `#[test]` names but does not run) with a test of each name
-/// running `body` (the transaction and floor flavours run [`BODY`] on
-/// their connection).
+/// A test file of `flavour` (one of [`FLAVOURS`], or `body`: the body
+/// alone, in an async fn whose future a plain `#[test]` would poll once but
+/// does not run, so that it is compiled and linked as a runner's would be) with a test
+/// of each name running `body` (the transaction and floor flavours run
+/// [`BODY`] on their connection).
 pub(crate) fn test_file(
     flavour: &str,
     names: impl Iterator<Item = String>,
@@ -210,6 +210,12 @@ pub(crate) fn test_file(
         "pgtesttx" => {}
         "floor" => file.push_str("use sqlx::{Connection, PgConnection};\n"),
         _ => file.push_str("use sqlx::PgPool;\n"),
+    }
+    if flavour == "body" {
+        // What any way of running the bodies compiles: their futures, polled.
+        file.push_str(
+            "\nfn poll_once<F: std::future::Future>(future: F) {\n    let mut future = std::pin::pin!(future);\n    let mut context = std::task::Context::from_waker(std::task::Waker::noop());\n    let _ = future.as_mut().poll(&mut context);\n}\n",
+        );
     }
     for name in names {
         match flavour {
@@ -230,7 +236,7 @@ pub(crate) fn test_file(
                 file,
                 "\n#[sqlx::test(migrations = \"./migrations\")]\nasync fn {name}(pool: PgPool) {{\n    let org = Uuid::new_v4();{body}}}\n"
             )?,
-            "sqlx_test" | "pgtestsqlx" => write!(
+            "pgtestsqlx" => write!(
                 file,
                 "\n#[pgtest::sqlx_test(migrations = \"./migrations\")]\nasync fn {name}(pool: PgPool) {{\n    let org = Uuid::new_v4();{body}}}\n"
             )?,
@@ -245,7 +251,7 @@ pub(crate) fn test_file(
             )?,
             "body" => write!(
                 file,
-                "\nasync fn {name}_body(pool: PgPool) {{\n    let org = Uuid::new_v4();{body}}}\n\n#[test]\nfn {name}() {{\n    let _: fn(PgPool) -> _ = {name}_body;\n}}\n"
+                "\nasync fn {name}_body(pool: PgPool) {{\n    let org = Uuid::new_v4();{body}}}\n\n#[test]\nfn {name}() {{\n    std::hint::black_box((|pool: PgPool| poll_once({name}_body(pool))) as fn(PgPool));\n}}\n"
             )?,
             other => anyhow::bail!("no such flavour: {other}"),
         }
