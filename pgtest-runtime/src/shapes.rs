@@ -10,9 +10,6 @@ use sqlx::{PgPool, Postgres};
 use crate::{Tenant, TestContext};
 use pgtest_core::TestTermination;
 
-/// How long a connection the runner used may take to come back to the pool.
-const RETURN_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
-
 /// A test body that `#[pg_test]` can call: one impl per supported signature.
 #[diagnostic::on_unimplemented(
     message = "`#[pg_test]` does not support a test with the signature `{Self}`",
@@ -80,16 +77,8 @@ impl<Fut: Future<Output: TestTermination>> TestFn for fn(PgPoolOptions, PgConnec
         let pool = expect_context(context).into_pool();
         // A pool built from these options is a child of the test's pool:
         // it takes its permits, so its connections are covered by the
-        // test's slots too. The test's pool keeps no connection of its own.
-        while pool.size() > 0 {
-            // Idle, or on its way back to the pool (a ping away).
-            let back = tokio::time::timeout(RETURN_WAIT, pool.acquire()).await;
-            match back {
-                Ok(Ok(connection)) => drop(connection.close().await),
-                _ => break,
-            }
-        }
-        let options = crate::pool::own_pool_options(&pool);
+        // test's slots too.
+        let options = crate::pool::own_pool_options(&pool).await;
         self(options, (*pool.connect_options()).clone()).await
     }
 }

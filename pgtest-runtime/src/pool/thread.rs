@@ -13,7 +13,8 @@ use sqlx::postgres::PgPoolOptions;
 
 use super::gate::Gate;
 
-/// How long handing a pool over waits for its connection to come back.
+/// How long the gates wait for a connection the test was prepared on to
+/// come back to its pool.
 const RETURN_WAIT: Duration = Duration::from_secs(1);
 
 thread_local! {
@@ -64,10 +65,18 @@ pub(crate) async fn before_body() {
     }
 }
 
-/// Options for a pool the test builds itself on `pool`'s permits, once
-/// `pool` has no connection left: a child of it, with the options of its
-/// kind (see [`Gate::own_pool`]).
-pub(crate) fn own_pool_options(pool: &PgPool) -> PgPoolOptions {
+/// Options for a pool the test builds itself on `pool`'s permits: a child
+/// of it, with the options of its kind (see [`Gate::own_pool`]). `pool`'s
+/// connections are closed first (idle, or once back), so that their
+/// permits are the new pool's to take.
+pub(crate) async fn own_pool_options(pool: &PgPool) -> PgPoolOptions {
+    while pool.size() > 0 {
+        let back = tokio::time::timeout(RETURN_WAIT, pool.acquire()).await;
+        match back {
+            Ok(Ok(connection)) => drop(connection.close().await),
+            _ => break,
+        }
+    }
     let of = pool.options();
     let options = PgPoolOptions::new()
         .max_connections(of.get_max_connections())
