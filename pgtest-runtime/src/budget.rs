@@ -36,8 +36,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::Error;
-use crate::lock::{Mode, Pauses, open_no_follow};
+use crate::lock::{Mode, open_no_follow};
 use crate::state::{Entry, ServerDir, files_error};
+use crate::wait::{Look, Pace, Wait, wait_until};
 
 /// Slots kept for the one test at a time that grows while no slot is free:
 /// the most a pool grows beyond what its test takes up front.
@@ -148,21 +149,25 @@ impl Budget {
             return Err(self.timeout_error(count));
         };
         let growers = self.dir.lock(Entry::Growers)?;
-        let mut pauses = Pauses::new();
-        loop {
+        let taken = wait_until(deadline, "free slots", Pace::Local, async || {
             // Slots that free up go to tests that wait to grow first: they
             // hold connections already, and finish sooner with more.
             let nobody_grows = !growers
                 .is_held(Mode::Exclusive)
                 .map_err(|error| self.dir.error(Entry::Growers, &error))?;
-            if nobody_grows && files.try_take(count, &mut slots)? {
+            Ok::<_, Error>(match nobody_grows && files.try_take(count, &mut slots)? {
+                true => Look::Ready(()),
+                // Named by the timeout's error (see `holders`).
+                false => Look::Held("other tests".to_owned()),
+            })
+        })
+        .await?;
+        match taken {
+            Ok(()) => {
                 tracing::debug!(waited = ?started.elapsed(), count, "took connection slots");
-                return Ok(slots);
+                Ok(slots)
             }
-            if Instant::now() >= deadline {
-                return Err(self.timeout_error(count));
-            }
-            tokio::time::sleep(pauses.next_until(deadline)).await;
+            Err(_) => Err(self.timeout_error(count)),
         }
     }
 
@@ -312,7 +317,8 @@ impl Slots {
         let Some(_line) = line.await? else {
             return Err(budget.timeout_error(1));
         };
-        let mut pauses = Pauses::new();
+        // Spawned by the gate: a loop of its own (see `Wait`).
+        let mut wait = Wait::until(deadline, "a slot to grow into", Pace::Local);
         loop {
             let missing = ceiling.saturating_sub(self.count()).max(1);
             if files.try_take(missing, self)? {
@@ -333,10 +339,10 @@ impl Slots {
                     Err(TryLockError::Error(error)) => return Err(files_error(&path, &error)),
                 }
             }
-            if Instant::now() >= deadline {
+            // Named by the timeout's error (see `holders`).
+            if wait.pause("other tests".to_owned()).await.is_err() {
                 return Err(budget.timeout_error(missing));
             }
-            tokio::time::sleep(pauses.next_until(deadline)).await;
         }
     }
 }

@@ -12,6 +12,7 @@ use sqlx::{Executor, Row};
 
 use crate::error::sqlstate;
 use crate::markers::{Marker, PREFIX, SPARE};
+use crate::wait::{Look, Pace, wait_until};
 
 /// First key of pgtest's advisory locks ("pgts"); the second is per name.
 const LOCK_CLASS: i32 = 0x7067_7473;
@@ -276,27 +277,26 @@ pub(crate) async fn create(
             .unwrap_or_default()
     );
     let deadline = Instant::now() + COPY_RETRY;
-    let mut pause = Duration::from_millis(50);
-    loop {
+    let what = format!("{} to be free to copy", template.unwrap_or(database));
+    let made = wait_until(deadline, &what, Pace::Server, async || {
         match run(connection, &statement).await {
-            Ok(()) => break,
+            Ok(()) => Ok(Look::Ready(())),
             // 55006: "source database … is being accessed by other users".
-            Err(error) if sqlstate(&error).as_deref() == Some("55006") => {
-                let Some(template) = template else {
-                    return Err(error.into());
-                };
-                if Instant::now() >= deadline {
-                    let sessions = sessions_in(connection, template).await?;
-                    return Err(CreateError::TemplateInUse {
-                        template: template.to_owned(),
-                        sessions,
-                    });
-                }
-                tokio::time::sleep(pause).await;
-                pause = (pause * 2).min(Duration::from_secs(1));
+            Err(error) if template.is_some() && sqlstate(&error).as_deref() == Some("55006") => {
+                Ok(Look::Held("another session".to_owned()))
             }
-            Err(error) => return Err(error.into()),
+            Err(error) => Err(CreateError::from(error)),
         }
+    })
+    .await?;
+    if made.is_err()
+        && let Some(template) = template
+    {
+        let sessions = sessions_in(connection, template).await?;
+        return Err(CreateError::TemplateInUse {
+            template: template.to_owned(),
+            sessions,
+        });
     }
     let statement = format!(
         "{}; revoke all on database {} from public",

@@ -36,6 +36,7 @@ mod shapes;
 mod spares;
 mod state;
 mod sweep;
+mod wait;
 
 pub use cleanup::{Removed, remove_all};
 pub use context::TestContext;

@@ -1,6 +1,6 @@
 //! File locks, the one way pgtest's processes wait for each other: a lock
 //! file opened without following symbolic links, taken at once or waited
-//! for until a deadline by polling with growing pauses, so that no thread
+//! for until a deadline by polling (see [`crate::wait`]), so that no thread
 //! blocks in the kernel (a tokio runtime's, or one a timeout could not
 //! end) and every wait ends on time. The operating system drops a lock
 //! when its process dies, however it dies.
@@ -9,14 +9,11 @@ use std::fs::{File, OpenOptions, TryLockError};
 use std::io;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::Instant;
 
 use nix::fcntl::OFlag;
 
-/// The first pause between two looks at a lock held by another process.
-const FIRST_PAUSE: Duration = Duration::from_millis(1);
-/// The longest pause between two looks.
-const MAX_PAUSE: Duration = Duration::from_millis(20);
+use crate::wait::{Look, Pace, Wait, wait_until_blocking};
 
 /// How a lock is held.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -82,11 +79,18 @@ impl LockFile {
 
     /// Takes the lock, waiting until `deadline` at most; whether it did.
     pub(crate) async fn lock_until(&self, mode: Mode, deadline: Instant) -> io::Result<bool> {
-        let mut pauses = Pauses::new();
+        // A loop of its own: budgets wait here in futures the gate spawns
+        // (see `Wait`).
+        let what = self.path.display().to_string();
+        let mut wait = Wait::until(deadline, &what, Pace::Local);
         loop {
-            match self.look(mode, deadline, &mut pauses)? {
-                Look::Wait(pause) => tokio::time::sleep(pause).await,
-                Look::Done(taken) => return Ok(taken),
+            match self.look(mode)? {
+                Look::Ready(()) => return Ok(true),
+                Look::Held(holder) => {
+                    if wait.pause(holder).await.is_err() {
+                        return Ok(false);
+                    }
+                }
             }
         }
     }
@@ -94,24 +98,17 @@ impl LockFile {
     /// [`Self::lock_until`] for code that runs outside any runtime (the
     /// embedded server's start).
     pub(crate) fn lock_until_blocking(&self, mode: Mode, deadline: Instant) -> io::Result<bool> {
-        let mut pauses = Pauses::new();
-        loop {
-            match self.look(mode, deadline, &mut pauses)? {
-                Look::Wait(pause) => std::thread::sleep(pause),
-                Look::Done(taken) => return Ok(taken),
-            }
-        }
+        let what = self.path.display().to_string();
+        let taken = wait_until_blocking(deadline, &what, || self.look(mode))?;
+        Ok(taken.is_ok())
     }
 
     /// One look at the lock while waiting for it.
-    fn look(&self, mode: Mode, deadline: Instant, pauses: &mut Pauses) -> io::Result<Look> {
-        if self.try_lock(mode)? {
-            return Ok(Look::Done(true));
-        }
-        if Instant::now() >= deadline {
-            return Ok(Look::Done(false));
-        }
-        Ok(Look::Wait(pauses.next_until(deadline)))
+    fn look(&self, mode: Mode) -> io::Result<Look<()>> {
+        Ok(match self.try_lock(mode)? {
+            true => Look::Ready(()),
+            false => Look::Held("another process".to_owned()),
+        })
     }
 }
 
@@ -128,41 +125,10 @@ pub(crate) fn open_no_follow(path: &Path, mode: u32) -> io::Result<File> {
         .open(path)
 }
 
-/// What one look at a lock found.
-enum Look {
-    /// Taken, or not by the deadline.
-    Done(bool),
-    /// Held: look again after this pause.
-    Wait(Duration),
-}
-
-/// Pauses that double from 1 ms to 20 ms, each give or take a quarter, so
-/// that processes waiting for the same thing spread out.
-pub(crate) struct Pauses {
-    pause: Duration,
-}
-
-impl Pauses {
-    pub(crate) fn new() -> Self {
-        Self { pause: FIRST_PAUSE }
-    }
-
-    /// The next pause, ending by `deadline`.
-    pub(crate) fn next_until(&mut self, deadline: Instant) -> Duration {
-        let nanos = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .unwrap_or_default()
-            .subsec_nanos();
-        let spread = self.pause / 2;
-        let pause = self.pause - self.pause / 4 + spread.mul_f64(f64::from(nanos % 1000) / 1000.0);
-        self.pause = (self.pause * 2).min(MAX_PAUSE);
-        pause.min(deadline.saturating_duration_since(Instant::now()))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     #[test]
     fn a_held_lock_is_waited_for_until_the_deadline_and_no_longer() {

@@ -11,6 +11,7 @@ use crate::config::{Config, Target, URL_VAR, UrlOrigin};
 use crate::error::{DISK_FULL, describe, sqlstate};
 use crate::redact::redact_url;
 use crate::state::StateDir;
+use crate::wait::{Look, Pace, wait_until};
 use crate::{Error, catalog, embedded};
 
 /// The database pgtest connects to for admin work when the URL names none.
@@ -362,24 +363,24 @@ impl Server {
         options: &PgConnectOptions,
         database: &str,
     ) -> Result<Result<PgConnection, sqlx::Error>, Error> {
-        let started = Instant::now();
-        let mut pause = Duration::from_millis(10);
-        loop {
-            match tokio::time::timeout(self.connect_timeout, PgConnection::connect_with(options))
-                .await
-            {
-                Ok(Ok(connection)) => return Ok(Ok(connection)),
+        let deadline = Instant::now() + REFUSED_RETRY;
+        let opened = wait_until(deadline, "a free connection", Pace::Server, async || {
+            let connection = PgConnection::connect_with(options);
+            match tokio::time::timeout(self.connect_timeout, connection).await {
+                Ok(Ok(connection)) => Ok(Look::Ready(Ok(connection))),
                 Ok(Err(error)) if is_refused_for_slots(&error) => {
-                    if started.elapsed() > REFUSED_RETRY {
-                        return Err(self.too_many_clients(started.elapsed()).await);
-                    }
                     tracing::debug!(database, "the server has no free connection; retrying");
-                    tokio::time::sleep(pause).await;
-                    pause = (pause * 2).min(Duration::from_secs(1));
+                    Ok(Look::Held("other clients of the server".to_owned()))
                 }
-                Ok(Err(error)) => return Ok(Err(error)),
-                Err(_) => return Err(self.timeout_error()),
+                Ok(Err(error)) => Ok(Look::Ready(Err(error))),
+                Err(_) => Err(self.timeout_error()),
             }
+        })
+        .await?;
+        match opened {
+            Ok(connection) => Ok(connection),
+            // Who holds the server's connections, as the error says.
+            Err(expired) => Err(self.too_many_clients(expired.after).await),
         }
     }
 

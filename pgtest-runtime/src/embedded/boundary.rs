@@ -38,6 +38,7 @@ use nix::sys::stat::{Mode, SFlag, fstatat};
 use nix::unistd::{Gid, Uid, User};
 
 use crate::config;
+use crate::wait::{Look, wait_until_blocking};
 
 /// The most of a program's output pgtest keeps.
 const MAX_OUTPUT: u64 = 64 * 1024;
@@ -75,12 +76,15 @@ pub(crate) fn output_within(command: &mut Command, limit: Duration) -> io::Resul
             let _ = sender.send((index, bytes));
         });
     }
-    let mut pauses = crate::lock::Pauses::new();
-    let status = loop {
-        if let Some(status) = child.try_wait()? {
-            break status;
-        }
-        if Instant::now() >= deadline {
+    let ended = wait_until_blocking(deadline, "a program to end", || {
+        Ok::<_, io::Error>(match child.try_wait()? {
+            Some(status) => Look::Ready(status),
+            None => Look::Held(format!("pid {}", child.id())),
+        })
+    })?;
+    let status = match ended {
+        Ok(status) => status,
+        Err(_) => {
             let _ = child.kill();
             let _ = child.wait();
             return Err(io::Error::new(
@@ -88,7 +92,6 @@ pub(crate) fn output_within(command: &mut Command, limit: Duration) -> io::Resul
                 format!("it did not end within {} s and was killed", limit.as_secs()),
             ));
         }
-        std::thread::sleep(pauses.next_until(deadline));
     };
     let mut output = Output {
         status,

@@ -21,8 +21,9 @@ use std::time::{Duration, Instant};
 use super::binaries::Binaries;
 use super::boundary::{ServerUser, Unread, dir_identity, output_within, read_server_file};
 use crate::Error;
-use crate::lock::{LockFile, Pauses, open_no_follow};
+use crate::lock::{LockFile, open_no_follow};
 use crate::state::append_no_follow;
+use crate::wait::{Look, wait_until_blocking};
 
 /// The port number in the socket's name; the server listens on no TCP port.
 pub(crate) const PORT: u16 = 5432;
@@ -215,24 +216,22 @@ impl Cluster {
     /// Waits while another process starts or stops the server.
     pub(crate) fn settle(&self) -> Result<State, Error> {
         let deadline = Instant::now() + START_TIMEOUT;
-        let mut pauses = Pauses::new();
-        loop {
-            let state = self.state()?;
-            if state != State::Busy {
-                return Ok(state);
-            }
-            if Instant::now() > deadline {
-                return Err(self.failure(
-                    "settle",
-                    format!(
-                        "it was still starting or stopping after {} s",
-                        START_TIMEOUT.as_secs()
-                    ),
-                    "Stop it with pg_ctl, or remove the directory to start afresh".to_owned(),
-                ));
-            }
-            std::thread::sleep(pauses.next_until(deadline));
-        }
+        let settled = wait_until_blocking(deadline, "the server to start or stop", || {
+            Ok(match self.state()? {
+                State::Busy => Look::Held("the process starting or stopping it".to_owned()),
+                state => Look::Ready(state),
+            })
+        })?;
+        settled.map_err(|expired| {
+            self.failure(
+                "settle",
+                format!(
+                    "it was still starting or stopping after {:.0} s",
+                    expired.after.as_secs_f64()
+                ),
+                "Stop it with pg_ctl, or remove the directory to start afresh".to_owned(),
+            )
+        })
     }
 
     /// Runs `initdb` (as the server's user) into a data directory of a new
@@ -318,9 +317,8 @@ impl Cluster {
         stale_note: &str,
     ) -> Result<(), Error> {
         let deadline = Instant::now() + START_TIMEOUT;
-        let mut pauses = Pauses::new();
         let pid = i32::try_from(postmaster.id()).ok();
-        loop {
+        let started = wait_until_blocking(deadline, "the server to accept connections", || {
             if let Ok(Some(status)) = postmaster.try_wait() {
                 return Err(self.failure(
                     "start",
@@ -328,24 +326,24 @@ impl Cluster {
                     String::new(),
                 ));
             }
-            if self
+            let ready = self
                 .pid_file(data)?
-                .is_some_and(|file| file.ready && file.pid == pid)
-            {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                return Err(self.failure(
-                    "start",
-                    format!(
-                        "it did not accept connections within {} s{stale_note}",
-                        START_TIMEOUT.as_secs()
-                    ),
-                    String::new(),
-                ));
-            }
-            std::thread::sleep(pauses.next_until(deadline));
-        }
+                .is_some_and(|file| file.ready && file.pid == pid);
+            Ok(match ready {
+                true => Look::Ready(()),
+                false => Look::Held(format!("postgres (pid {})", postmaster.id())),
+            })
+        })?;
+        started.map_err(|expired| {
+            self.failure(
+                "start",
+                format!(
+                    "it did not accept connections within {:.0} s{stale_note}",
+                    expired.after.as_secs_f64()
+                ),
+                String::new(),
+            )
+        })
     }
 
     /// Stops the server with `pg_ctl stop`, run as the server's user: root

@@ -32,13 +32,14 @@ use crate::bootstrap::{self, Target};
 use crate::budget::Slots;
 use crate::catalog::Claimed;
 use crate::error::sqlstate;
-use crate::lock::{LockFile, Mode, Pauses, open_no_follow};
+use crate::lock::{LockFile, Mode, open_no_follow};
 use crate::markers::{Kind, Marker, Origin};
 use crate::migrations::Migrations;
 use crate::pool::{self, TestPool};
 use crate::recycle::{PutBack, Reset, Since, Snapshot, Stored};
 use crate::session::Session;
 use crate::state::{COPIERS, Entry};
+use crate::wait::{Look, Pace, wait_until};
 use crate::{Error, Tenant, TestContext, catalog, names, spares};
 use pgtest_core::TestSpec;
 
@@ -76,16 +77,17 @@ pub(super) async fn prepare(
     // a test that puts one back usually takes far less.
     let deadline = Instant::now() + session.config.budget_timeout;
     let mut turn_since = None;
-    let mut pauses = Pauses::new();
     let snapshot = session.dir.entry(Entry::Snapshot(&template));
     let mut stored = Stored::load(&snapshot);
-    let (pool, database, admin) = loop {
+    let what = format!("a turn to copy {template}");
+    let claimed = wait_until(deadline, &what, Pace::Local, async || {
         // Until a copy is made, and its snapshot taken.
         if let Stored::Missing = stored {
             stored = Stored::load(&snapshot);
         }
-        stored = match claim.listed_here(stored).await? {
-            Ok((pool, database)) => break (pool, database, None),
+        let taken = std::mem::replace(&mut stored, Stored::Missing);
+        stored = match claim.listed_here(taken).await? {
+            Ok((pool, database)) => return Ok(Look::Ready((pool, database, None))),
             Err(stored) => stored,
         };
         // Copies enough: its tests take turns on them, unless a turn takes
@@ -99,29 +101,31 @@ pub(super) async fn prepare(
             _ => session.dir.try_copier()?,
         };
         if copier.is_none() && !matches!(stored, Stored::Unrecyclable) {
-            if Instant::now() >= deadline {
-                return Err(Error::CopyTimeout {
-                    template: template.clone(),
-                    after: session.config.budget_timeout,
-                    locks: (0..COPIERS)
-                        .map(|index| {
-                            session
-                                .dir
-                                .entry(Entry::Copier(index))
-                                .display()
-                                .to_string()
-                        })
-                        .collect::<Vec<_>>()
-                        .join(", "),
-                });
-            }
-            tokio::time::sleep(pauses.next_until(deadline)).await;
-            continue;
+            let copiers: Vec<String> = (0..COPIERS)
+                .map(|index| {
+                    session
+                        .dir
+                        .entry(Entry::Copier(index))
+                        .display()
+                        .to_string()
+                })
+                .collect();
+            return Ok(Look::Held(format!(
+                "the tests holding {}",
+                copiers.join(", ")
+            )));
         }
-        let (pool, database, admin) = claim.with_admin(migrations, stored).await?;
+        let taken = std::mem::replace(&mut stored, Stored::Missing);
+        let (pool, database, admin) = claim.with_admin(migrations, taken).await?;
         drop(copier);
-        break (pool, database, Some(admin));
-    };
+        Ok::<_, Error>(Look::Ready((pool, database, Some(admin))))
+    })
+    .await?;
+    let (pool, database, admin) = claimed.map_err(|expired| Error::CopyTimeout {
+        template: template.clone(),
+        after: expired.after,
+        locks: expired.holder,
+    })?;
     let name = database.name.clone();
     let context = TestContext::new(pool.pool, tenant, name, spec.name);
     let teardown = Teardown {
@@ -604,16 +608,13 @@ impl TestDatabase {
         // The test's sessions end as its pool closes; one that stays (a
         // pool the test built itself) may still change it.
         let deadline = Instant::now() + SESSIONS_END;
-        let mut pauses = Pauses::new();
-        let result = loop {
+        let what = format!("the other sessions of {} to end", self.name);
+        let result = wait_until(deadline, &what, Pace::Local, async || {
             let reset = snapshot.reset(&mut connection, &self.since, &back).await;
-            match reset.map_err(failed) {
-                Ok(Reset::Busy) if Instant::now() >= deadline => {
-                    break Ok(Some("a session of the test's outlived it"));
-                }
-                Ok(Reset::Busy) => tokio::time::sleep(pauses.next_until(deadline)).await,
-                Ok(Reset::Retire(why)) => break Ok(Some(why)),
-                Ok(Reset::Done { tables, sequences }) => {
+            Ok(match reset.map_err(failed)? {
+                Reset::Busy => Look::Held("a session of the test's".to_owned()),
+                Reset::Retire(why) => Look::Ready(Some(why)),
+                Reset::Done { tables, sequences } => {
                     tracing::debug!(database = self.name, tables, sequences, "put back");
                     // For this machine's next test to claim without an
                     // admin connection.
@@ -621,11 +622,12 @@ impl TestDatabase {
                     if let Err(error) = open_no_follow(&entry, 0o600) {
                         tracing::warn!(%error, "cannot list a spare database");
                     }
-                    break Ok(None);
+                    Look::Ready(None)
                 }
-                Err(error) => break Err(error),
-            }
-        };
+            })
+        })
+        .await
+        .map(|reset| reset.unwrap_or(Some("a session of the test's outlived it")));
         let _ = connection.close().await;
         result
     }

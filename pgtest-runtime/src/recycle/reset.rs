@@ -13,7 +13,7 @@ use super::snapshot::{FORMATS, Kind, Part, Role, Snapshot, Table, copy_in};
 use super::{PutBack, Reset, Since};
 use crate::catalog;
 use crate::compat::{self, query};
-use crate::lock::Pauses;
+use crate::wait::{Look, Pace, wait_until};
 
 /// The indexes of `table` a reset builds anew: all of the table's (its
 /// rows were deleted and vacuumed: `VACUUM` wrote their statistics), and
@@ -282,18 +282,20 @@ impl Snapshot {
             pages.join(",")
         );
         let deadline = Instant::now() + VACUUM_AGAIN;
-        let mut pauses = Pauses::new();
-        loop {
+        let what = "the deleted rows' pages to be emptied";
+        let waited = wait_until(deadline, what, Pace::Local, async || {
             catalog::run(connection, &vacuum).await?;
             let done: bool = query(&emptied)
                 .fetch_one(&mut *connection)
                 .await?
                 .try_get(0)?;
-            if done || Instant::now() >= deadline {
-                return Ok(());
-            }
-            tokio::time::sleep(pauses.next_until(deadline)).await;
-        }
+            Ok::<_, sqlx::Error>(match done {
+                true => Look::Ready(()),
+                false => Look::Held("a session older than the deletes".to_owned()),
+            })
+        });
+        // Not emptied in time: the fidelity check that follows retires it.
+        waited.await.map(drop)
     }
 
     /// What to put back, by what `changed` says and the tables whose
