@@ -8,7 +8,7 @@ use crate::config::Config;
 use crate::markers::Marker;
 use crate::server::Server;
 use crate::state::StateDir;
-use crate::{Error, catalog};
+use crate::{Error, catalog, helpers};
 
 /// What [`remove_all`] did.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -46,6 +46,7 @@ pub async fn remove_all() -> Result<Removed, Error> {
     let here = std::env::current_dir().unwrap_or_else(|_| Path::new(".").to_owned());
     let config = Config::load(&here)?;
     let server = Server::new(&config, &StateDir::home(&config.home)?)?;
+    helpers::watchdog::ensure(&server, config.embedded_idle);
     remove(&server, false).await
 }
 

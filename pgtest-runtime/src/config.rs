@@ -254,7 +254,7 @@ fn run_id() -> String {
 }
 
 /// The helper's marker, when this process is a helper (see
-/// [`crate::helper`]).
+/// [`crate::helpers`]).
 pub(crate) fn helper_marker() -> Option<OsString> {
     env::var_os(HELPER_VAR)
 }

@@ -21,7 +21,7 @@ use crate::config::{Config, Target};
 use crate::markers::Marker;
 use crate::session::Session;
 use crate::state::StateDir;
-use crate::{Error, catalog, embedded, helper, runner};
+use crate::{Error, catalog, embedded, helpers};
 
 /// Does a pgtest helper's work when this process was started as one (the
 /// embedded server's watchdog, the spares helper): a binary that is not a
@@ -34,7 +34,7 @@ use crate::{Error, catalog, embedded, helper, runner};
 /// }
 /// ```
 pub fn run_helper_if_asked() -> Option<i32> {
-    helper::this_process().map(runner::run_helper)
+    helpers::run_if_asked()
 }
 
 /// What pgtest has for the package at `package` (its `Cargo.toml`'s

@@ -1,7 +1,7 @@
 //! The entry point of generated code: prepare a test's database (see
 //! [`crate::isolation`]), run the test's body, give everything back, and
 //! turn every failure into a panic that names the test. A helper process
-//! (see [`crate::helper`]) does its work here instead.
+//! (see [`crate::helpers`]) does its work here instead.
 
 use std::any::Any;
 use std::future::Future;
@@ -10,12 +10,11 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use crate::embedded::watchdog;
-use crate::helper::{self, Job};
+use crate::helpers;
 use crate::isolation::{self, Prepared};
 use crate::session::Session;
 use crate::shapes::TestFn;
-use crate::{Error, TestContext, pool, spares};
+use crate::{Error, TestContext, pool};
 use pgtest_core::{Flavor, Isolation, MigrationSource, TestSpec, TestTermination};
 
 /// Runs one test: prepares its database, calls the body on a fresh tokio
@@ -44,10 +43,10 @@ type Body<'a> = Box<
 
 /// [`run`] for a body that `needs_database` (see [`TestFn`]).
 fn run_body(spec: TestSpec, needs_database: bool, opens_connections: bool, body: Body<'_>) {
-    if let Some(job) = helper::this_process() {
-        std::process::exit(run_helper(job));
+    if let Some(code) = helpers::run_if_asked() {
+        std::process::exit(code);
     }
-    helper::note_test(spec.name);
+    helpers::note_test(spec.name);
     // A migrator in a `LazyLock` may start a runtime of its own to read its
     // directory: let it, before this thread drives one.
     if let MigrationSource::Migrator(migrator) = spec.migrations {
@@ -186,19 +185,6 @@ fn panic_message(payload: &(dyn Any + Send)) -> Option<&str> {
 async fn prepare(spec: &TestSpec) -> Result<Prepared, Error> {
     let session = Session::get(spec.manifest_dir).await?;
     isolation::prepare(&session, spec).await
-}
-
-/// Does a helper's work (this process was started as a helper, not to run
-/// a test); its exit code.
-pub(crate) fn run_helper(job: Result<Job, std::ffi::OsString>) -> i32 {
-    match job {
-        Ok(Job::Watchdog { cluster, bin, idle }) => watchdog::run(&cluster, &bin, idle),
-        Ok(Job::Spares { budget, limit }) => spares::run_helper(&budget, limit),
-        Err(marker) => {
-            helper::say(&format!("pgtest: unknown helper {marker:?}"));
-            2
-        }
-    }
 }
 
 /// Polls a future, catching a panic so that cleanup runs before the panic

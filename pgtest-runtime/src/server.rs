@@ -97,6 +97,9 @@ pub(crate) struct Server {
     psql_program: PathBuf,
     /// Whether this process started the embedded server.
     pub(crate) started_embedded: bool,
+    /// The embedded server's cluster directory and binaries, for its
+    /// watchdog.
+    pub(crate) embedded_cluster: Option<(PathBuf, PathBuf)>,
     pub(crate) connect_timeout: Duration,
     pub(crate) bootstrap_timeout: Duration,
 }
@@ -114,12 +117,8 @@ impl Server {
                 None,
             ),
             Target::Embedded => {
-                let embedded = embedded::ensure(
-                    home,
-                    &config.binaries,
-                    config.server_user.as_deref(),
-                    config.embedded_idle,
-                )?;
+                let embedded =
+                    embedded::ensure(home, &config.binaries, config.server_user.as_deref())?;
                 (
                     embedded.options.clone(),
                     None,
@@ -149,6 +148,9 @@ impl Server {
                 .map(|embedded| embedded.bin.join("psql"))
                 .filter(|psql| safe_to_run(psql))
                 .unwrap_or_else(|| PathBuf::from("psql")),
+            embedded_cluster: embedded
+                .as_ref()
+                .map(|embedded| (embedded.data_dir.clone(), embedded.bin.clone())),
             started_embedded: embedded.is_some_and(|embedded| embedded.started),
             connect_timeout: config.connect_timeout,
             bootstrap_timeout: config.bootstrap_timeout,

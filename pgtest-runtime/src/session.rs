@@ -12,12 +12,12 @@ use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::OnceCell;
 
-use crate::Error;
 use crate::budget::{self, Budget};
 use crate::config::Config;
 use crate::lock::{LockFile, Mode};
 use crate::server::Server;
 use crate::state::{Entry, ServerDir, StateDir};
+use crate::{Error, helpers};
 
 /// How long a learned capacity is trusted before the server is asked again.
 const CAPACITY_TTL: Duration = Duration::from_secs(600);
@@ -60,6 +60,7 @@ impl Session {
         let config = Config::load(manifest_dir)?;
         let home = StateDir::home(&config.home)?;
         let server = Server::new(&config, &home)?;
+        helpers::watchdog::ensure(&server, config.embedded_idle);
         let dir = home.server(&server.address())?;
         let capacity = capacity(&config, &server, &dir).await?;
         let budget = Budget::new(dir.clone(), capacity, config.budget_timeout);

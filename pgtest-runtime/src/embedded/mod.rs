@@ -7,7 +7,6 @@
 mod binaries;
 mod boundary;
 mod cluster;
-pub(crate) mod watchdog;
 
 use std::path::PathBuf;
 use std::sync::{Mutex, PoisonError};
@@ -16,7 +15,8 @@ use std::time::{Duration, Instant};
 use sqlx::postgres::PgConnectOptions;
 
 use self::boundary::ServerUser;
-use self::cluster::{Cluster, PORT, State};
+use self::cluster::PORT;
+pub(crate) use self::cluster::{Cluster, State};
 use crate::Error;
 use crate::config::BinariesSearch;
 use crate::lock::{LockFile, Mode};
@@ -48,14 +48,13 @@ struct InUse {
 }
 
 /// Starts the embedded server of the binaries `search` finds, its cluster
-/// in `home`, or finds it running; its watchdog stops it after `idle`
-/// without a client. As root, `server_user` (else `postgres`) runs it.
-/// Once per process: later calls reuse the answer.
+/// in `home`, or finds it running (its watchdog, which stops it, is a
+/// helper: see `helpers::watchdog`). As root, `server_user` (else
+/// `postgres`) runs it. Once per process: later calls reuse the answer.
 pub(crate) fn ensure(
     home: &StateDir,
     search: &BinariesSearch,
     server_user: Option<&str>,
-    idle: Duration,
 ) -> Result<Embedded, Error> {
     static IN_USE: Mutex<Option<InUse>> = Mutex::new(None);
     let mut in_use = IN_USE.lock().unwrap_or_else(PoisonError::into_inner);
@@ -77,7 +76,6 @@ pub(crate) fn ensure(
         cluster.start(stale.as_deref())?;
         tracing::debug!(elapsed = ?started.elapsed(), "embedded server started");
     }
-    watchdog::ensure(&cluster, idle);
     drop(start_lock);
     let embedded = Embedded {
         options: PgConnectOptions::new_without_pgpass()
@@ -150,9 +148,10 @@ fn server_user(name: Option<&str>) -> Result<ServerUser, Error> {
         Some(user) => {
             if user.name == "nobody" {
                 // Straight to stderr: the test harness captures eprintln!.
-                crate::helper::say(
-                    "pgtest: warning: the embedded server runs as nobody (PGTEST_SERVER_USER): \
-                     every process of nobody on this machine can read and change its data",
+                let _ = std::io::Write::write_all(
+                    &mut std::io::stderr(),
+                    b"pgtest: warning: the embedded server runs as nobody (PGTEST_SERVER_USER): \
+                     every process of nobody on this machine can read and change its data\n",
                 );
             }
             Ok(user)

@@ -32,6 +32,7 @@ use crate::bootstrap::{self, Target};
 use crate::budget::Slots;
 use crate::catalog::Claimed;
 use crate::error::sqlstate;
+use crate::helpers::spares;
 use crate::lock::{LockFile, Mode, open_no_follow};
 use crate::markers::{Kind, Marker, Origin};
 use crate::migrations::Migrations;
@@ -40,7 +41,7 @@ use crate::recycle::{PutBack, Reset, Since, Snapshot, Stored};
 use crate::session::Session;
 use crate::state::{COPIERS, Entry};
 use crate::wait::{Look, Pace, wait_until};
-use crate::{Error, Tenant, TestContext, catalog, names, spares};
+use crate::{Error, Tenant, TestContext, catalog, names};
 use pgtest_core::TestSpec;
 
 /// How many spares the server lists for a test to try to claim before it
@@ -462,7 +463,13 @@ impl TestDatabase {
     /// not recycled.
     fn new(claim: &Claim<'_>, name: String, stored: Stored, lock: LockFile, since: Since) -> Self {
         if let Stored::Unrecyclable = stored {
-            spares::want(claim.session, claim.template);
+            let Session {
+                dir,
+                server,
+                config,
+                ..
+            } = claim.session;
+            spares::want(dir, server, config, claim.template);
         }
         Self {
             name,
@@ -513,7 +520,7 @@ impl TestDatabase {
         };
         tracing::debug!(database = self.name, why, "retired");
         let _ = open_no_follow(&session.dir.entry(Entry::Passed(&self.name)), 0o600);
-        spares::helper_after_run(session);
+        spares::helper_after_run(&session.dir, &session.server, &session.config);
         None
     }
 

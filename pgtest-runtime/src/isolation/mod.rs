@@ -23,12 +23,13 @@ use sqlx::postgres::PgConnection;
 use sqlx::{PgPool, Postgres};
 use tokio::task::JoinHandle;
 
+use crate::helpers::spares;
 use crate::migrations::Migrations;
 use crate::pool::{self, Cover};
 use crate::server::Server;
 use crate::session::Session;
 use crate::sweep::Sweep;
-use crate::{Error, Tenant, TestContext, spares};
+use crate::{Error, Tenant, TestContext};
 use pgtest_core::{Isolation, Script, TestSpec};
 
 /// How long the end of a test may wait for the sweep started beside it.

@@ -6,7 +6,7 @@
 //! the template (60 to 300 ms, most of it the server writing 8 MB and some
 //! 300 files).
 //!
-//! The work is done by a helper per server (see [`crate::helper`]), started
+//! The work is done by a helper per server (see [`super`]), started
 //! by the first database-mode test that asks for a spare or retires its
 //! database and finds none. Every pgtest process
 //! holds a shared lock on the server's `clients.lock` for as long as it
@@ -32,13 +32,13 @@ use std::time::{Duration, Instant, SystemTime};
 use sqlx::Connection;
 use sqlx::postgres::{PgConnectOptions, PgConnection};
 
+use super::{Job, say};
 use crate::catalog::CreateError;
+use crate::config::Config;
 use crate::error::{DISK_FULL, sqlstate};
-use crate::helper::{self, Job, say};
 use crate::lock::Mode;
 use crate::markers::Marker;
 use crate::server::Server;
-use crate::session::Session;
 use crate::state::{Entry, ServerDir, append_no_follow};
 use crate::{Error, catalog, names};
 
@@ -56,29 +56,28 @@ const MIN_FREE_KEY: &str = "PGTEST_MIN_FREE_DISK";
 
 /// Asks the helper for one more spare of `template` after this run, and
 /// starts the helper if it is not running.
-pub(crate) fn want(session: &Session, template: &str) {
-    let limit = session.config.spare_databases;
+pub(crate) fn want(dir: &ServerDir, server: &Server, config: &Config, template: &str) {
+    let limit = config.spare_databases;
     if limit == 0 {
         return;
     }
-    let path = session.dir.entry(Entry::SparesWanted);
+    let path = dir.entry(Entry::SparesWanted);
     let appended = append_no_follow(&path).and_then(|mut file| writeln!(file, "{template}"));
     if let Err(error) = appended {
         tracing::warn!(%error, path = %path.display(), "cannot ask for a spare database");
         return;
     }
-    if !helper_running(&session.dir) {
-        start_helper(session, limit);
+    if !helper_running(dir) {
+        start_helper(dir, server, config);
     }
 }
 
 /// Starts the helper, if it is not running, for the server work the run
 /// leaves (retired databases to drop); without spares (a limit of 0) the
 /// tests' sweeps drop passed tests' databases as they go.
-pub(crate) fn helper_after_run(session: &Session) {
-    let limit = session.config.spare_databases;
-    if limit > 0 && !helper_running(&session.dir) {
-        start_helper(session, limit);
+pub(crate) fn helper_after_run(dir: &ServerDir, server: &Server, config: &Config) {
+    if config.spare_databases > 0 && !helper_running(dir) {
+        start_helper(dir, server, config);
     }
 }
 
@@ -88,22 +87,22 @@ pub(crate) fn helper_running(dir: &ServerDir) -> bool {
         .is_ok_and(|lock| lock.is_held(Mode::Shared).unwrap_or(false))
 }
 
-fn start_helper(session: &Session, limit: u32) {
+fn start_helper(dir: &ServerDir, server: &Server, config: &Config) {
     let job = Job::Spares {
-        budget: session.dir.path().to_owned(),
-        limit,
+        budget: dir.path().to_owned(),
+        limit: config.spare_databases,
     };
-    let mut settings = session.server.helper_credentials();
-    if let Some(dir) = &session.server.data_dir {
-        settings.push((DATA_DIR_KEY, dir.display().to_string()));
+    let mut settings = server.helper_credentials();
+    if let Some(data) = &server.data_dir {
+        settings.push((DATA_DIR_KEY, data.display().to_string()));
     }
-    settings.push((MIN_FREE_KEY, session.config.min_free_disk.to_string()));
+    settings.push((MIN_FREE_KEY, config.min_free_disk.to_string()));
     let credentials: String = settings
         .into_iter()
         .map(|(key, value)| format!("{key}={value}\n"))
         .collect();
-    let log = session.dir.entry(Entry::SparesLog);
-    match helper::start(&job, &log, Some(&credentials)) {
+    let log = dir.entry(Entry::SparesLog);
+    match super::start(&job, &log, Some(&credentials)) {
         Ok(()) => tracing::debug!("spares helper started"),
         Err(error) => tracing::warn!(%error, "the spares helper did not start"),
     }
@@ -218,7 +217,7 @@ fn plan_copies(
 
 /// The spares helper's work, in its own process (see the module's docs):
 /// returns its exit code.
-pub(crate) fn run_helper(dir: &Path, limit: u32) -> i32 {
+pub(crate) fn run(dir: &Path, limit: u32) -> i32 {
     let mut credentials = String::new();
     if let Err(error) = std::io::stdin().read_to_string(&mut credentials) {
         say(&format!("cannot read its credentials: {error}"));

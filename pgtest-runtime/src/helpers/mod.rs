@@ -1,5 +1,7 @@
-//! Helpers that outlive the test process that starts them (the embedded
-//! server's watchdog, the spares helper): the test binary itself, run again
+//! Helpers: processes that outlive the test process that starts them, the
+//! embedded server's watchdog ([`watchdog`]) and the spares helper
+//! ([`spares`]), and how they are started and recognised (here): the test
+//! binary itself, run again
 //! for one of its pgtest tests with a marker that makes pgtest's runner do
 //! the helper's work instead of the test (the technique of rusty-fork and
 //! of nextest's double spawn). A helper runs in a session and process group
@@ -20,6 +22,9 @@ use std::time::Duration;
 
 use crate::config::{self, HELPER_VAR};
 use crate::state::append_no_follow;
+
+pub(crate) mod spares;
+pub(crate) mod watchdog;
 
 /// A helper's work.
 #[derive(Debug, PartialEq, Eq)]
@@ -90,9 +95,23 @@ static TEST: OnceLock<String> = OnceLock::new();
 
 /// The job of this process when it is a helper: `None` for a test process,
 /// `Some(Err(marker))` for a marker this version cannot read.
-pub(crate) fn this_process() -> Option<Result<Job, OsString>> {
+fn this_process() -> Option<Result<Job, OsString>> {
     let value = config::helper_marker()?;
     Some(value.to_str().and_then(Job::decode).ok_or(value))
+}
+
+/// Does a helper's work if this process was started as one (not to run a
+/// test): its exit code.
+pub(crate) fn run_if_asked() -> Option<i32> {
+    let job = this_process()?;
+    Some(match job {
+        Ok(Job::Watchdog { cluster, bin, idle }) => watchdog::run(&cluster, &bin, idle),
+        Ok(Job::Spares { budget, limit }) => spares::run(&budget, limit),
+        Err(marker) => {
+            say(&format!("pgtest: unknown helper {marker:?}"));
+            2
+        }
+    })
 }
 
 /// Notes that the test `name` (a module path, crate first) runs in this

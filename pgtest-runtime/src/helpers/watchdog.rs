@@ -1,4 +1,4 @@
-//! The watchdog: a helper process (see [`crate::helper`]) that stops the
+//! The watchdog: a helper process (see [`super`]) that stops the
 //! embedded server once no test process has used it for a while.
 //!
 //! Every process that uses the server holds a shared lock on
@@ -8,32 +8,38 @@
 //! so that no process can start using the server during the stop. It holds
 //! `watchdog.lock` while it lives, which is how a test process knows that
 //! one runs. It stops the server with `pg_ctl stop` run as the server's
-//! user, and signals no process itself (see [`super::boundary`]).
+//! user, and signals no process itself (see the embedded server's
+//! `boundary`).
 
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use super::cluster::{Cluster, State};
-use crate::helper::{self, Job, say};
+use super::{Job, say};
+use crate::embedded::{Cluster, State};
 use crate::lock::{LockFile, Mode};
+use crate::server::Server;
 
 /// How often the watchdog looks.
 const TICK: Duration = Duration::from_secs(1);
 
-/// Starts a watchdog for `cluster` unless one is running.
-pub(crate) fn ensure(cluster: &Cluster, idle: Duration) {
-    let running = LockFile::open(&cluster.dir().join("watchdog.lock"), 0o600)
+/// Starts a watchdog for `server`, if it is the embedded one, unless one
+/// is running: it stops the server after `idle` without a client.
+pub(crate) fn ensure(server: &Server, idle: Duration) {
+    let Some((cluster, bin)) = &server.embedded_cluster else {
+        return;
+    };
+    let running = LockFile::open(&cluster.join("watchdog.lock"), 0o600)
         .and_then(|lock| lock.is_held(Mode::Shared))
         .unwrap_or(false);
     if running {
         return;
     }
     let job = Job::Watchdog {
-        cluster: cluster.dir().to_owned(),
-        bin: cluster.binaries().dir.clone(),
+        cluster: cluster.clone(),
+        bin: bin.clone(),
         idle: idle.max(TICK),
     };
-    match helper::start(&job, &cluster.dir().join("watchdog.log"), None) {
+    match super::start(&job, &cluster.join("watchdog.log"), None) {
         Ok(()) => tracing::debug!(?idle, "watchdog started"),
         Err(error) => tracing::warn!(
             %error,
