@@ -22,25 +22,24 @@ mod helpers;
 mod isolation;
 mod lock;
 pub mod manage;
-mod markers;
 mod migrations;
-mod names;
 mod pool;
 mod process;
 mod recycle;
 mod redact;
+mod registry;
 mod runner;
 mod server;
 mod session;
 mod shapes;
 mod state;
-mod sweep;
 mod wait;
 
-pub use cleanup::{Removed, remove_all};
+pub use cleanup::remove_all;
 pub use context::TestContext;
 pub use error::Error;
 pub use pgtest_core::Tenant;
+pub use registry::Removed;
 
 /// Items used by the code that `#[pg_test]` generates. Not a public API.
 #[doc(hidden)]

@@ -16,12 +16,13 @@ use std::sync::Arc;
 
 use sqlx::Connection;
 
-use crate::cleanup::{Removed, remove};
 use crate::config::{Config, Target};
-use crate::markers::Marker;
+use crate::registry::markers::Marker;
+use crate::registry::{self, statements};
+use crate::registry::{Removed, remove};
 use crate::session::Session;
 use crate::state::StateDir;
-use crate::{Error, catalog, embedded, helpers};
+use crate::{Error, embedded, helpers};
 
 /// Does a pgtest helper's work when this process was started as one (the
 /// embedded server's watchdog, the spares helper): a binary that is not a
@@ -68,12 +69,12 @@ pub async fn status(package: &Path) -> Result<String, Error> {
         );
     }
     let _ = writeln!(text, "home: {}", session.home.path().display());
-    let mut admin = server.connect_admin().await?;
-    let (now, marked) = catalog::marked(&mut admin)
+    let mut admin = registry::connect_admin(server).await?;
+    let (now, marked) = statements::marked(&mut admin)
         .await
         .map_err(|error| server.query_error("listing pgtest's databases", &error))?;
     let names: Vec<String> = marked.iter().map(|(name, _)| name.clone()).collect();
-    let sizes = catalog::sizes(&mut admin, &names)
+    let sizes = statements::sizes(&mut admin, &names)
         .await
         .map_err(|error| server.query_error("reading database sizes", &error))?;
     let _ = admin.close().await;
@@ -225,8 +226,8 @@ async fn newest_shared(session: &Session) -> Result<String, Error> {
 
 async fn listed(session: &Session) -> Result<(u64, Vec<(String, Option<Marker>)>), Error> {
     let server = &session.server;
-    let mut admin = server.connect_admin().await?;
-    let marked = catalog::marked(&mut admin)
+    let mut admin = registry::connect_admin(server).await?;
+    let marked = statements::marked(&mut admin)
         .await
         .map_err(|error| server.query_error("listing pgtest's databases", &error));
     let _ = admin.close().await;

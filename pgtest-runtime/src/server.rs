@@ -8,7 +8,7 @@ use sqlx::postgres::{PgConnectOptions, PgConnection};
 use sqlx::{ConnectOptions, Connection};
 
 use crate::config::{Config, Target, URL_VAR, UrlOrigin};
-use crate::error::{DISK_FULL, describe, sqlstate};
+use crate::error::{describe, sqlstate};
 use crate::redact::redact_url;
 use crate::state::StateDir;
 use crate::wait::{Look, Pace, wait_until};
@@ -223,7 +223,12 @@ impl Server {
     /// Asks the server for `max_connections` less
     /// `superuser_reserved_connections`.
     pub(crate) async fn max_client_connections(&self) -> Result<u32, Error> {
-        let mut admin = self.connect_admin().await?;
+        // The URL's database: the lock database may not be made yet.
+        let database = &self.admin_database;
+        let mut admin = match self.open_admin(database).await? {
+            Ok(connection) => connection,
+            Err(error) => return Err(self.connect_error(error, database, None)),
+        };
         let asked = catalog::client_connections(&mut admin).await;
         let _ = admin.close().await;
         let connections =
@@ -309,30 +314,22 @@ impl Server {
         self.options.clone().database(database)
     }
 
-    /// An admin connection: to [`LOCK_DATABASE`], made first if missing
-    /// (from the URL's database), with a search path of `pg_catalog` alone
-    /// (given at connect, it overrides what the database's owner set), so
-    /// that what pgtest runs there means what it says.
-    pub(crate) async fn connect_admin(&self) -> Result<PgConnection, Error> {
-        let options = self.admin_options(LOCK_DATABASE);
-        match self.open(&options, LOCK_DATABASE).await? {
-            Ok(connection) => return Ok(connection),
-            Err(error) if sqlstate(&error).as_deref() == Some("3D000") => {}
-            Err(error) => return Err(self.connect_error(error, LOCK_DATABASE, None)),
-        }
-        let first = self.admin_options(&self.admin_database);
-        let mut first = match self.open(&first, &self.admin_database).await? {
-            Ok(connection) => connection,
-            Err(error) => return Err(self.connect_error(error, &self.admin_database, None)),
-        };
-        tracing::debug!("making the lock database");
-        let made = catalog::create_lock_database(&mut first, LOCK_DATABASE).await;
-        let _ = first.close().await;
-        made.map_err(|error| self.create_error(LOCK_DATABASE, &error.into()))?;
-        match self.open(&options, LOCK_DATABASE).await? {
-            Ok(connection) => Ok(connection),
-            Err(error) => Err(self.connect_error(error, LOCK_DATABASE, None)),
-        }
+    /// A connection to `database` for pgtest's own work (see
+    /// `registry::connect_admin`), with a search path of `pg_catalog`
+    /// alone (given at connect, it overrides what the database's owner
+    /// set), so that what pgtest runs there means what it says. The
+    /// server's refusals are the inner error, for the caller to explain.
+    pub(crate) async fn open_admin(
+        &self,
+        database: &str,
+    ) -> Result<Result<PgConnection, sqlx::Error>, Error> {
+        self.open(&self.admin_options(database), database).await
+    }
+
+    /// The database pgtest connects to when its lock database is missing
+    /// (the URL's, else `postgres`).
+    pub(crate) fn admin_database(&self) -> &str {
+        &self.admin_database
     }
 
     /// How pgtest's own connections to `database` connect.
@@ -477,61 +474,6 @@ impl Server {
             message,
             remedy,
         }
-    }
-
-    /// Explains a failed `CREATE DATABASE` of `database`.
-    /// The error for `database`, found not to be pgtest's.
-    pub(crate) fn foreign_database(&self, database: &str, found: &catalog::Found) -> Error {
-        let why = match found.ours {
-            false => format!("its owner is role {}, not {}", found.owner, self.user()),
-            true => match &found.marker {
-                None => "pgtest did not mark it as its own".to_owned(),
-                Some(marker) => format!("its marker ({marker}) is not what pgtest expects there"),
-            },
-        };
-        Error::ForeignDatabase {
-            database: database.to_owned(),
-            owner: found.owner.clone(),
-            role: self.user().to_owned(),
-            why,
-        }
-    }
-
-    /// The error for a failed `CREATE DATABASE` of `database`.
-    pub(crate) fn create_error(&self, database: &str, error: &catalog::CreateError) -> Error {
-        let error = match error {
-            catalog::CreateError::Sql(error) => error,
-            catalog::CreateError::TemplateInUse { template, sessions } => {
-                return Error::TemplateInUse {
-                    database: database.to_owned(),
-                    template: template.clone(),
-                    waited: catalog::COPY_RETRY,
-                    sessions: match sessions.is_empty() {
-                        true => "none by the time pgtest looked".to_owned(),
-                        false => sessions.join("; "),
-                    },
-                };
-            }
-        };
-        match sqlstate(error).as_deref() {
-            Some("42501") => {}
-            Some(DISK_FULL) => {
-                return Error::DiskFull {
-                    database: database.to_owned(),
-                    url: self.url.clone(),
-                    message: describe(error),
-                };
-            }
-            _ => return self.query_error(format!("creating database {database}"), error),
-        }
-        self.privilege_error(
-            "create databases",
-            describe(error),
-            format!(
-                "Grant it as a superuser: ALTER ROLE \"{}\" CREATEDB",
-                self.user()
-            ),
-        )
     }
 
     pub(crate) fn query_error(&self, action: impl Into<String>, error: &sqlx::Error) -> Error {

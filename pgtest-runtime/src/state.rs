@@ -15,7 +15,6 @@
 //! its helper's queue) and hands out every path and lock in it, by
 //! [`Entry`]: no other module names a file there.
 
-use std::collections::HashSet;
 use std::fs::{self, File, OpenOptions};
 use std::io;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
@@ -278,77 +277,6 @@ impl ServerDir {
         Ok(None)
     }
 
-    /// The spare databases of `template` listed here, in an order of this
-    /// process's (so that processes spread out).
-    pub(crate) fn spares(&self, template: &str) -> Vec<String> {
-        let prefix = format!("spare-{template}_");
-        let names = fs::read_dir(self.path()).into_iter().flatten().flatten();
-        let mut spares: Vec<String> = names
-            .filter_map(|entry| {
-                let name = entry.file_name().into_string().ok()?;
-                Some(name.strip_prefix(&prefix)?.to_owned())
-            })
-            .map(|key| format!("{template}_{key}"))
-            .collect();
-        spares.sort();
-        if !spares.is_empty() {
-            let start = std::process::id() as usize % spares.len();
-            spares.rotate_left(start);
-        }
-        spares
-    }
-
-    /// How many databases of `template` this machine's tests use, have put
-    /// back or are making: those with a lock file here that no test marked
-    /// passed (to be dropped) or failed (kept for inspection).
-    pub(crate) fn databases_of(&self, template: &str) -> usize {
-        let prefix = format!("live-{template}_");
-        let names: HashSet<String> = fs::read_dir(self.path())
-            .into_iter()
-            .flatten()
-            .flatten()
-            .filter_map(|entry| entry.file_name().into_string().ok())
-            .filter(|name| name.starts_with(&prefix))
-            .collect();
-        names
-            .iter()
-            .filter_map(|name| name.strip_suffix(".lock"))
-            .filter(|live| !live[prefix.len()..].contains('_'))
-            .filter(|live| {
-                !names.contains(&format!("{live}.passed"))
-                    && !names.contains(&format!("{live}.failed"))
-            })
-            .count()
-    }
-
-    /// The databases marked passed by their tests.
-    pub(crate) fn passed_databases(&self) -> Vec<String> {
-        self.marked_databases(".passed")
-    }
-
-    /// The failed tests' databases kept here, each with its test.
-    pub(crate) fn failed_databases(&self) -> Vec<(String, String)> {
-        self.marked_databases(".failed")
-            .into_iter()
-            .filter_map(|database| {
-                let test = fs::read_to_string(self.entry(Entry::Failed(&database))).ok()?;
-                Some((database, test))
-            })
-            .collect()
-    }
-
-    /// The databases whose entry here ends with `suffix`.
-    fn marked_databases(&self, suffix: &str) -> Vec<String> {
-        let names = fs::read_dir(self.path()).into_iter().flatten().flatten();
-        names
-            .filter_map(|entry| {
-                let name = entry.file_name().into_string().ok()?;
-                let database = name.strip_prefix("live-")?.strip_suffix(suffix)?;
-                Some(database.to_owned())
-            })
-            .collect()
-    }
-
     /// The error for a file of this directory that could not be used.
     pub(crate) fn error(&self, entry: Entry<'_>, error: &io::Error) -> Error {
         files_error(&self.entry(entry), error)
@@ -474,29 +402,5 @@ fn unusable(path: &Path, reason: &str) -> Error {
     Error::UnsafeDirectory {
         path: path.to_owned(),
         problem: format!("it cannot be made or read: {reason}"),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_templates_databases_are_those_in_play_here() {
-        let home = tempfile::tempdir().unwrap();
-        let dir = ServerDir::unchecked(home.path());
-        let template = "pgtest_app_0123456789ab";
-        let copy = |key: &str| format!("{template}_{key}");
-        for key in ["0000aaaa", "1111bbbb", "2222cccc", "s333dddd", "4444eeee"] {
-            drop(dir.lock(Entry::Live(&copy(key))).unwrap());
-        }
-        // Marked to be dropped, kept for inspection: not in play.
-        fs::write(dir.entry(Entry::Passed(&copy("2222cccc"))), "").unwrap();
-        fs::write(dir.entry(Entry::Failed(&copy("4444eeee"))), "a test").unwrap();
-        // Another template whose name starts with this one's; a run copy.
-        drop(dir.lock(Entry::Live(&copy("x_5555ffff"))).unwrap());
-        drop(dir.lock(Entry::Run(&copy("r666666"))).unwrap());
-        assert_eq!(dir.databases_of(template), 3);
-        assert_eq!(dir.databases_of("pgtest_app_ba9876543210"), 0);
     }
 }

@@ -7,10 +7,11 @@ use sqlx::{Connection, Executor};
 
 use super::{Source, Target, marker, note_template_use};
 use crate::error::{describe, sqlstate};
-use crate::markers::Marker;
 use crate::migrations::Migrations;
+use crate::registry::markers::Marker;
+use crate::registry::{self, names, statements};
 use crate::server::Server;
-use crate::{Error, catalog, names};
+use crate::{Error, catalog};
 use pgtest_core::Script;
 
 /// The cold path: under the advisory lock, build the database unless
@@ -23,7 +24,7 @@ pub(super) async fn build(server: &Server, target: Target<'_>) -> Result<(), Err
 }
 
 async fn build_one(server: &Server, target: Target<'_>) -> Result<(), Error> {
-    let mut admin = server.connect_admin().await?;
+    let mut admin = registry::connect_admin(server).await?;
     lock(server, &mut admin, target.database).await?;
     // The lock is a session lock: closing the connection, or the process
     // dying, releases it.
@@ -54,13 +55,13 @@ async fn build_locked(
     // or not marked at all (a server that crashed lost the marker's commit,
     // not the database's). Anything else under its name is not touched.
     let building = names::building(database);
-    let (_, found) = catalog::lookup(admin, &building)
+    let (_, found) = statements::lookup(admin, &building)
         .await
         .map_err(|error| server.query_error("looking at an unfinished build", &error))?;
     if let Some(found) = found {
         let unfinished = found.marker.is_none() || found.marker == Some(Marker::Building(kind));
         if !found.ours || !unfinished {
-            return Err(server.foreign_database(&building, &found));
+            return Err(registry::foreign_database(server, &building, &found));
         }
         drop_ours(server, admin, &building).await?;
     }
@@ -68,9 +69,9 @@ async fn build_locked(
         Source::Copy { template } => Some(template.database),
         Source::Build { .. } => None,
     };
-    catalog::create(admin, &building, template, &Marker::Building(kind))
+    statements::create(admin, &building, template, &Marker::Building(kind))
         .await
-        .map_err(|error| server.create_error(&building, &error))?;
+        .map_err(|error| registry::create_error(server, &building, &error))?;
     if let Some(template) = template
         && let (now, Some(used)) = marker(server, admin, template).await?
     {
@@ -85,7 +86,7 @@ async fn build_locked(
         drop_ours(server, admin, &building).await?;
         return Err(error);
     }
-    catalog::mark_and_rename(admin, &building, &ready.at(now), database)
+    statements::mark_and_rename(admin, &building, &ready.at(now), database)
         .await
         .map_err(|error| server.query_error(format!("marking {database} ready"), &error))?;
     tracing::debug!(database, "built and ready");
@@ -116,7 +117,7 @@ async fn lock(server: &Server, admin: &mut PgConnection, database: &str) -> Resu
 
 /// Drops `database`, pgtest's unfinished build, whoever is connected to it.
 async fn drop_ours(server: &Server, admin: &mut PgConnection, database: &str) -> Result<(), Error> {
-    catalog::drop_ours(admin, database, true)
+    statements::drop_ours(admin, database, true)
         .await
         .map(drop)
         .map_err(|error| server.query_error(format!("dropping database {database}"), &error))
@@ -150,32 +151,6 @@ async fn fill(
     }
     let _ = connection.close().await;
     result
-}
-
-/// Drops `database`, pgtest's role's, unless another process is building
-/// or dropping it (its advisory lock is taken) or someone is connected to
-/// it; whether it went.
-pub(crate) async fn drop_unclaimed(
-    server: &Server,
-    admin: &mut PgConnection,
-    database: &str,
-) -> Result<bool, Error> {
-    let failed = |action: &str, error: sqlx::Error| {
-        server.query_error(format!("{action} {database}"), &error)
-    };
-    let claimed = catalog::try_advisory_lock(admin, database)
-        .await
-        .map_err(|error| failed("claiming", error))?;
-    if !claimed {
-        return Ok(false);
-    }
-    let dropped = catalog::drop_ours(admin, database, false)
-        .await
-        .map_err(|error| failed("dropping database", error));
-    catalog::advisory_unlock(admin, database)
-        .await
-        .map_err(|error| failed("releasing", error))?;
-    dropped.map(|dropped| dropped == catalog::Dropped::Gone)
 }
 
 async fn migrate(

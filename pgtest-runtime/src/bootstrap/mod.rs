@@ -18,15 +18,15 @@ use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool};
 
 use self::build::build;
-pub(crate) use self::build::drop_unclaimed;
+use crate::Error;
 use crate::error::sqlstate;
 use crate::lock::Mode;
-use crate::markers::{Kind, Marker};
 use crate::migrations::Migrations;
+use crate::registry::markers::{Kind, Marker};
+use crate::registry::{self, statements};
 use crate::server::{Server, is_refused_for_slots};
 use crate::session::Session;
 use crate::state::Entry;
-use crate::{Error, catalog};
 use pgtest_core::Script;
 
 mod build;
@@ -52,7 +52,7 @@ pub(crate) async fn note_template_use(
     if now.saturating_sub(used) < USE_STAMP_EVERY {
         return Ok(());
     }
-    catalog::mark(admin, template, &Marker::TEMPLATE.at(now))
+    statements::mark(admin, template, &Marker::TEMPLATE.at(now))
         .await
         .map_err(|error| server.query_error(format!("stamping {template} as used"), &error))
 }
@@ -65,14 +65,14 @@ pub(crate) async fn marker(
     admin: &mut PgConnection,
     database: &str,
 ) -> Result<(u64, Option<Marker>), Error> {
-    let (now, found) = catalog::lookup(admin, database)
+    let (now, found) = statements::lookup(admin, database)
         .await
         .map_err(|error| server.query_error("reading the ready marker", &error))?;
     match found {
         None => Ok((now, None)),
         Some(found) => match found.pgtest_marker() {
             Some(marker) => Ok((now, Some(marker.clone()))),
-            None => Err(server.foreign_database(database, &found)),
+            None => Err(registry::foreign_database(server, database, &found)),
         },
     }
 }
@@ -228,12 +228,12 @@ async fn ready_connection(
         Err(FirstConnection::Missing) => return Ok(None),
         Err(FirstConnection::Failed(error)) => return Err(error),
     };
-    let found = catalog::this_database(&mut connection)
+    let found = statements::this_database(&mut connection)
         .await
         .map_err(|error| server.query_error("reading the ready marker", &error))?;
     if !found.ours {
         let _ = connection.close().await;
-        return Err(server.foreign_database(database, &found));
+        return Err(registry::foreign_database(server, database, &found));
     }
     if found
         .marker

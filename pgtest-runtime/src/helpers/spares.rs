@@ -33,14 +33,15 @@ use sqlx::Connection;
 use sqlx::postgres::{PgConnectOptions, PgConnection};
 
 use super::{Job, say};
-use crate::catalog::CreateError;
+use crate::Error;
 use crate::config::Config;
 use crate::error::{DISK_FULL, sqlstate};
 use crate::lock::Mode;
-use crate::markers::Marker;
+use crate::registry::markers::Marker;
+use crate::registry::statements::CreateError;
+use crate::registry::{names, statements};
 use crate::server::Server;
 use crate::state::{Entry, ServerDir, append_no_follow};
-use crate::{Error, catalog, names};
 
 /// The most disk a template's spares may take.
 const SPARE_BYTES: u64 = 2 << 30;
@@ -415,7 +416,7 @@ async fn queue_copies(
         let spare = Marker::Spare {
             template: template.clone(),
         };
-        let (spares, size) = catalog::count_and_size(admin, &spare, template)
+        let (spares, size) = statements::count_and_size(admin, &spare, template)
             .await
             .map_err(|error| format!("cannot count the spares of {template}: {error}"))?;
         if size == 0 {
@@ -498,7 +499,7 @@ impl Room {
         let spare = Marker::Spare {
             template: template.to_owned(),
         };
-        let size = match catalog::count_and_size(admin, &spare, template).await {
+        let size = match statements::count_and_size(admin, &spare, template).await {
             Ok((_, size)) => size,
             Err(error) => return Some(format!("cannot read the size of {template}: {error}")),
         };
@@ -511,26 +512,28 @@ impl Room {
 async fn run_job(admin: &mut PgConnection, job: &ServerJob) -> sqlx::Result<bool> {
     match job {
         // Not pgtest's role's any more: nothing to drop.
-        ServerJob::Drop { database } => catalog::drop_ours(admin, database, false)
+        ServerJob::Drop { database } => statements::drop_ours(admin, database, false)
             .await
-            .map(|dropped| dropped != catalog::Dropped::InUse),
+            .map(|dropped| dropped != statements::Dropped::InUse),
         ServerJob::Copy { template, database } => {
             let marker = Marker::Spare {
                 template: template.clone(),
             };
             // The template must be pgtest's role's: not copied otherwise.
-            let (_, template_found) = catalog::lookup(admin, template).await?;
+            let (_, template_found) = statements::lookup(admin, template).await?;
             if template_found.is_none_or(|found| found.pgtest_marker().is_none()) {
                 return Ok(true);
             }
-            match catalog::create(admin, database, Some(template), &marker).await {
+            match statements::create(admin, database, Some(template), &marker).await {
                 Ok(()) => Ok(true),
                 // Made before the helper that queued it was killed: marked
                 // again if it is pgtest's role's.
                 Err(CreateError::Sql(error)) if sqlstate(&error).as_deref() == Some("42P04") => {
-                    match catalog::lookup(admin, database).await? {
+                    match statements::lookup(admin, database).await? {
                         (_, Some(found)) if found.ours => {
-                            catalog::mark(admin, database, &marker).await.map(|()| true)
+                            statements::mark(admin, database, &marker)
+                                .await
+                                .map(|()| true)
                         }
                         _ => Ok(true),
                     }

@@ -26,9 +26,9 @@ use tokio::task::JoinHandle;
 use crate::helpers::spares;
 use crate::migrations::Migrations;
 use crate::pool::{self, Cover};
+use crate::registry::Sweep;
 use crate::server::Server;
 use crate::session::Session;
-use crate::sweep::Sweep;
 use crate::{Error, Tenant, TestContext};
 use pgtest_core::{Isolation, Script, TestSpec};
 

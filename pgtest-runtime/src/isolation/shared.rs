@@ -13,12 +13,13 @@ use tokio::task::JoinHandle;
 
 use super::{Prepared, Teardown, run_scripts_on_pool, sweep_beside};
 use crate::bootstrap::{self, Source, Target};
-use crate::markers::{Kind, Marker, Origin};
 use crate::migrations::Migrations;
 use crate::pool::{self, TestPool};
+use crate::registry::markers::{Kind, Marker, Origin};
+use crate::registry::{self, markers, names};
 use crate::session::Session;
 use crate::state::Entry;
-use crate::{Error, Tenant, TestContext, markers, names};
+use crate::{Error, Tenant, TestContext};
 use pgtest_core::TestSpec;
 
 pub(super) async fn prepare(
@@ -95,7 +96,7 @@ async fn make_ready(
         return Ok(None);
     };
     pool.cover.add(sweeper, 1).await;
-    let admin = session.server.connect_admin().await?;
+    let admin = registry::connect_admin(&session.server).await?;
     Ok(Some(sweep_beside(session, admin)))
 }
 

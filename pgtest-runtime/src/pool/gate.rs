@@ -34,6 +34,7 @@
 //! back could reach them first). The pool hands permits to tasks in the
 //! order they wait, so the gate lends until one stays free.
 
+use std::cell::RefCell;
 use std::future::Future;
 use std::pin::pin;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
@@ -46,7 +47,6 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use tokio::sync::oneshot;
 
 use super::cover::Cover;
-use super::thread;
 use crate::Error;
 
 /// The longest a connection given back counts as on its way to idle.
@@ -115,7 +115,7 @@ impl Gate {
     /// `connect`, behind a gate that lends it its first permit and holds
     /// the others back; the gate watches it until it closes. With
     /// `one_ahead`, the pool keeps a permit ahead once it is handed to the
-    /// test's body ([`thread::before_body`]).
+    /// test's body ([`super::thread::before_body`]).
     pub(super) async fn open(
         options: PgPoolOptions,
         connect: PgConnectOptions,
@@ -150,7 +150,7 @@ impl Gate {
             let _ = holder.acquire().await;
             gate.held().push(holder);
         }
-        thread::add(&gate);
+        add(&gate);
         let pool = gate.pool.clone();
         tokio::spawn(gate.watch(grow_after));
         pool
@@ -426,4 +426,21 @@ fn holder(pool: &PgPool) -> PgPool {
 /// what moves a permit from the test's pool to a holder.
 fn nowhere() -> PgConnectOptions {
     PgConnectOptions::new_without_pgpass().socket("/nonexistent/pgtest-gate")
+}
+
+thread_local! {
+    static GATES: RefCell<Vec<Weak<Gate>>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Counts `gate` among this thread's.
+fn add(gate: &Arc<Gate>) {
+    GATES.with_borrow_mut(|gates| gates.push(Arc::downgrade(gate)));
+}
+
+/// The live gates of this thread (see `thread`).
+pub(super) fn gates() -> Vec<Arc<Gate>> {
+    GATES.with_borrow_mut(|gates| {
+        gates.retain(|gate| gate.strong_count() > 0);
+        gates.iter().filter_map(Weak::upgrade).collect()
+    })
 }

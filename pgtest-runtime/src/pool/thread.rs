@@ -3,39 +3,21 @@
 //! them, as the runtime is about to wait, as the body starts, and as the
 //! body asks for options to build a pool of its own.
 
-use std::cell::RefCell;
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
 
-use super::gate::Gate;
+use super::gate::gates;
 
 /// How long the gates wait for a connection the test was prepared on to
 /// come back to its pool.
 const RETURN_WAIT: Duration = Duration::from_secs(1);
 
-thread_local! {
-    static GATES: RefCell<Vec<Weak<Gate>>> = const { RefCell::new(Vec::new()) };
-}
-
-/// Counts `gate` among this thread's.
-pub(super) fn add(gate: &Arc<Gate>) {
-    GATES.with_borrow_mut(|gates| gates.push(Arc::downgrade(gate)));
-}
-
-/// The live gates of this thread.
-fn gates() -> Vec<Arc<Gate>> {
-    GATES.with_borrow_mut(|gates| {
-        gates.retain(|gate| gate.strong_count() > 0);
-        gates.iter().filter_map(Weak::upgrade).collect()
-    })
-}
-
 /// What the gates do when the test's runtime is about to wait (see
-/// [`Gate::at_park`]). The runner's runtime calls it (tokio's
+/// [`super::gate::Gate::at_park`]). The runner's runtime calls it (tokio's
 /// `on_thread_park`).
 pub(crate) fn at_park() {
     for gate in gates() {
@@ -66,7 +48,7 @@ pub(crate) async fn before_body() {
 }
 
 /// Options for a pool the test builds itself on `pool`'s permits: a child
-/// of it, with the options of its kind (see [`Gate::own_pool`]). `pool`'s
+/// of it, with the options of its kind (see [`super::gate::Gate::own_pool`]). `pool`'s
 /// connections are closed first (idle, or once back), so that their
 /// permits are the new pool's to take.
 pub(crate) async fn own_pool_options(pool: &PgPool) -> PgPoolOptions {

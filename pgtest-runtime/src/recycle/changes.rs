@@ -10,7 +10,8 @@ use sqlx::postgres::{PgConnection, PgRow};
 
 use super::Since;
 use super::fingerprint::{
-    NOT_COUNTED, STATISTICS_CATALOGS, WRITTEN_IN, catalog_written, written_in,
+    NOT_COUNTED, STATISTICS_CATALOGS, STATISTICS_FOUND, WRITTEN_IN, catalog_written, class_of,
+    rows_hash, written_in,
 };
 use super::snapshot::{Kind, Role, Snapshot, Table};
 use crate::catalog;
@@ -26,45 +27,6 @@ pub(super) struct Changed {
     pub(super) sequences: Vec<bool>,
     pub(super) large_objects: i64,
 }
-
-/// The hash of a relation's rows as text with their places, in physical
-/// order.
-pub(super) fn rows_hash(name: &str) -> String {
-    format!(
-        "(select md5(coalesce(string_agg(x.ctid::text || ' ' || x::text, E'\\n' order by x.ctid), \
-         '')) from {name} x)"
-    )
-}
-
-/// The hash of a relation without rows: md5 of the empty string.
-pub(super) const EMPTY_HASH: &str = "d41d8cd98f00b204e9800998ecf8427e";
-
-/// The `pg_class` statistics the planner reads of the relation `alias`, as
-/// text, on a server of version `major` (18 adds `relallfrozen`).
-pub(super) fn class_of(alias: &str, major: u32) -> String {
-    let frozen = match major >= 18 {
-        true => format!(", {alias}.relallfrozen"),
-        false => String::new(),
-    };
-    format!("concat_ws(',', {alias}.relpages, {alias}.reltuples, {alias}.relallvisible{frozen})")
-}
-
-/// Each table's (or materialized view's) statistics rows, its indexes'
-/// and its extended statistics' data, as the md5 of their text, and
-/// whether extended statistics data is among them: `(table oid, hash,
-/// extended)`. Before PostgreSQL 15, an extended statistics object has
-/// its data row from its creation on, empty until an `ANALYZE`: only one
-/// with data counts.
-pub(super) const STATISTICS_FOUND: &str = "select t::int8, \
-        md5(string_agg(r, E'\\n' order by r)), bool_or(extended) from ( \
-        select coalesce(i.indrelid, s.starelid) as t, s::text as r, false as extended \
-            from pg_statistic s left join pg_index i on i.indexrelid = s.starelid \
-            where s.starelid >= 16384 \
-        union all select e.stxrelid, d::text, true from pg_statistic_ext_data d \
-            join pg_statistic_ext e on e.oid = d.stxoid where e.stxrelid >= 16384 \
-            and exists (select from jsonb_each(to_jsonb(d) - 'stxoid' - 'stxdinherit') \
-                where value <> 'null') \
-    ) rows group by t";
 
 /// What empties the extended statistics data of the tables `oids` (an SQL
 /// array) on a server of version `major`: before 15, the rows stay (an

@@ -1,7 +1,48 @@
 //! The catalog's side of a test's database: its fingerprint (what a
-//! schema change alters), and the catalogs whose rows a test writes when
-//! it changes the schema, to tell cheaply whether the fingerprint is worth
-//! computing.
+//! schema change alters), the catalogs whose rows a test writes when it
+//! changes the schema, to tell cheaply whether the fingerprint is worth
+//! computing, and what the planner reads of a table besides its rows (its
+//! rows' places, `pg_class` statistics, statistics rows), as the snapshot
+//! records it and a reset compares it.
+
+/// The hash of a relation's rows as text with their places, in physical
+/// order.
+pub(super) fn rows_hash(name: &str) -> String {
+    format!(
+        "(select md5(coalesce(string_agg(x.ctid::text || ' ' || x::text, E'\\n' order by x.ctid), \
+         '')) from {name} x)"
+    )
+}
+
+/// The hash of a relation without rows: md5 of the empty string.
+pub(super) const EMPTY_HASH: &str = "d41d8cd98f00b204e9800998ecf8427e";
+
+/// The `pg_class` statistics the planner reads of the relation `alias`, as
+/// text, on a server of version `major` (18 adds `relallfrozen`).
+pub(super) fn class_of(alias: &str, major: u32) -> String {
+    let frozen = match major >= 18 {
+        true => format!(", {alias}.relallfrozen"),
+        false => String::new(),
+    };
+    format!("concat_ws(',', {alias}.relpages, {alias}.reltuples, {alias}.relallvisible{frozen})")
+}
+
+/// Each table's (or materialized view's) statistics rows, its indexes'
+/// and its extended statistics' data, as the md5 of their text, and
+/// whether extended statistics data is among them: `(table oid, hash,
+/// extended)`. Before PostgreSQL 15, an extended statistics object has
+/// its data row from its creation on, empty until an `ANALYZE`: only one
+/// with data counts.
+pub(super) const STATISTICS_FOUND: &str = "select t::int8, \
+        md5(string_agg(r, E'\\n' order by r)), bool_or(extended) from ( \
+        select coalesce(i.indrelid, s.starelid) as t, s::text as r, false as extended \
+            from pg_statistic s left join pg_index i on i.indexrelid = s.starelid \
+            where s.starelid >= 16384 \
+        union all select e.stxrelid, d::text, true from pg_statistic_ext_data d \
+            join pg_statistic_ext e on e.oid = d.stxoid where e.stxrelid >= 16384 \
+            and exists (select from jsonb_each(to_jsonb(d) - 'stxoid' - 'stxdinherit') \
+                where value <> 'null') \
+    ) rows group by t";
 
 /// The catalog's fingerprint: every object a schema change makes or
 /// touches (user objects, from `FirstNormalObjectId` on, and the `public`

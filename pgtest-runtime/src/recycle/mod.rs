@@ -75,7 +75,7 @@ use std::path::Path;
 pub(crate) use self::settle::settle;
 pub(crate) use self::snapshot::Snapshot;
 use crate::lock::open_no_follow;
-use crate::markers::Marker;
+use crate::registry::markers::Marker;
 
 /// What is known of a template's snapshot on this machine.
 pub(crate) enum Stored {

@@ -7,12 +7,13 @@ use std::time::{Duration, Instant};
 use sqlx::Row;
 use sqlx::postgres::PgConnection;
 
-use super::changes::{Changed, EMPTY_HASH, no_extended_statistics, rows_hash};
-use super::fingerprint::FINGERPRINT;
+use super::changes::{Changed, no_extended_statistics};
+use super::fingerprint::{EMPTY_HASH, FINGERPRINT, rows_hash};
 use super::snapshot::{FORMATS, Kind, Part, Role, Snapshot, Table, copy_in};
 use super::{PutBack, Reset, Since};
 use crate::catalog;
 use crate::compat::{self, query};
+use crate::registry::statements;
 use crate::wait::{Look, Pace, wait_until};
 
 /// The indexes of `table` a reset builds anew: all of the table's (its
@@ -101,7 +102,7 @@ impl Snapshot {
             "begin; {FORMATS}; {}; select {}, {}, {}, {}, {}",
             catalog::NO_FLUSH_WAIT,
             catalog::OTHER_SESSIONS,
-            catalog::spares_count(),
+            statements::spares_count(),
             self.class_look(),
             self.statistics_look(since),
             self.toast_look()
@@ -168,7 +169,7 @@ impl Snapshot {
             // Counted before the next test's claim reads the counts.
             mark.push_str("select pg_stat_force_next_flush(); ");
         }
-        mark.push_str(&catalog::mark_statement(back.database, back.spare));
+        mark.push_str(&statements::mark_statement(back.database, back.spare));
         mark.push_str("; commit");
         if work.tables.is_empty() && work.views.is_empty() {
             catalog::run(connection, &format!("{last}{mark}")).await?;

@@ -7,8 +7,10 @@ use std::future::poll_fn;
 use sqlx::postgres::{PgConnection, PgRow};
 use sqlx::{Connection, Row};
 
-use super::changes::{STATISTICS_FOUND, class_of, rows_hash};
-use super::fingerprint::{COUNTED_TOO, FINGERPRINT, NOT_COUNTED, STATISTICS_CATALOGS, WRITTEN_IN};
+use super::fingerprint::{
+    COUNTED_TOO, FINGERPRINT, NOT_COUNTED, STATISTICS_CATALOGS, STATISTICS_FOUND, WRITTEN_IN,
+    class_of, rows_hash,
+};
 use crate::catalog;
 use crate::compat::query;
 

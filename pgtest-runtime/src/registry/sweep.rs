@@ -18,8 +18,8 @@ use std::time::Duration;
 use sqlx::Connection;
 use sqlx::postgres::PgConnection;
 
-use crate::bootstrap::drop_unclaimed;
-use crate::markers::{Marker, Origin, host};
+use super::markers::{Marker, Origin, host};
+use super::statements;
 use crate::server::Server;
 use crate::state::{Entry, ServerDir};
 use crate::{Error, catalog};
@@ -62,7 +62,7 @@ impl Sweep<'_> {
     }
 
     async fn run_with(&self, admin: &mut PgConnection) -> Result<(), Error> {
-        let (now, databases) = catalog::marked(admin).await.map_err(|error| {
+        let (now, databases) = statements::marked(admin).await.map_err(|error| {
             self.server
                 .query_error("listing templates and their copies", &error)
         })?;
@@ -172,6 +172,32 @@ fn sweepable(
         Ok(()) | Err(TryLockError::WouldBlock) => None,
         Err(TryLockError::Error(_)) => by_age(),
     }
+}
+
+/// Drops `database`, pgtest's role's, unless another process is building
+/// or dropping it (its advisory lock is taken) or someone is connected to
+/// it; whether it went.
+async fn drop_unclaimed(
+    server: &Server,
+    admin: &mut PgConnection,
+    database: &str,
+) -> Result<bool, Error> {
+    let failed = |action: &str, error: sqlx::Error| {
+        server.query_error(format!("{action} {database}"), &error)
+    };
+    let claimed = catalog::try_advisory_lock(admin, database)
+        .await
+        .map_err(|error| failed("claiming", error))?;
+    if !claimed {
+        return Ok(false);
+    }
+    let dropped = statements::drop_ours(admin, database, false)
+        .await
+        .map_err(|error| failed("dropping database", error));
+    catalog::advisory_unlock(admin, database)
+        .await
+        .map_err(|error| failed("releasing", error))?;
+    dropped.map(|dropped| dropped == statements::Dropped::Gone)
 }
 
 #[cfg(test)]
