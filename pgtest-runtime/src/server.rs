@@ -220,17 +220,13 @@ impl Server {
         self.known_capacity
     }
 
-    /// Asks the server for `max_connections` less
-    /// `superuser_reserved_connections`.
-    pub(crate) async fn max_client_connections(&self) -> Result<u32, Error> {
-        // The URL's database: the lock database may not be made yet.
-        let database = &self.admin_database;
-        let mut admin = match self.open_admin(database).await? {
-            Ok(connection) => connection,
-            Err(error) => return Err(self.connect_error(error, database, None)),
-        };
-        let asked = catalog::client_connections(&mut admin).await;
-        let _ = admin.close().await;
+    /// Asks the server, over the admin connection `admin`, for
+    /// `max_connections` less `superuser_reserved_connections`.
+    pub(crate) async fn max_client_connections(
+        &self,
+        admin: &mut PgConnection,
+    ) -> Result<u32, Error> {
+        let asked = catalog::client_connections(admin).await;
         let connections =
             asked.map_err(|error| self.query_error("reading max_connections", &error))?;
         Ok(u32::try_from(connections).unwrap_or(1).max(1))

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, LazyLock, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
 
+use sqlx::Connection;
 use tokio::sync::OnceCell;
 
 use crate::budget::{self, Budget};
@@ -17,7 +18,7 @@ use crate::config::Config;
 use crate::lock::{LockFile, Mode};
 use crate::server::Server;
 use crate::state::{Entry, ServerDir, StateDir};
-use crate::{Error, helpers};
+use crate::{Error, helpers, registry};
 
 /// How long a learned capacity is trusted before the server is asked again.
 const CAPACITY_TTL: Duration = Duration::from_secs(600);
@@ -133,7 +134,10 @@ async fn capacity(config: &Config, server: &Server, dir: &ServerDir) -> Result<u
     if let Some(connections) = fresh_capacity(&file) {
         return Ok(budget::usable(connections));
     }
-    let connections = server.max_client_connections().await?;
+    let mut admin = registry::connect_admin(server).await?;
+    let connections = server.max_client_connections(&mut admin).await;
+    let _ = admin.close().await;
+    let connections = connections?;
     let partial = file.with_extension("new");
     let written =
         fs::write(&partial, connections.to_string()).and_then(|()| fs::rename(&partial, &file));
