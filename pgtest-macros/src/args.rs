@@ -201,7 +201,11 @@ impl RawArgs {
             "isolation" => set_once(&mut self.isolation, &meta, span, meta.value()?.parse()?),
             "database" => {
                 let mut database = RawDatabase::default();
-                meta.parse_nested_meta(|inner| {
+                let content;
+                syn::parenthesized!(content in meta.input);
+                let group: proc_macro2::TokenStream = content.parse()?;
+                // `database()` is a database of the default migrations.
+                let parser = syn::meta::parser(|inner| {
                     let key = inner
                         .path
                         .get_ident()
@@ -215,7 +219,8 @@ impl RawArgs {
                             path_text(&inner.path)
                         )))
                     })
-                })?;
+                });
+                syn::parse::Parser::parse2(parser, group)?;
                 self.databases.push((span, database));
                 Ok(())
             }

@@ -181,7 +181,8 @@ fn check_transaction_inputs(function: &ItemFn) -> syn::Result<()> {
 /// group. Checked here when every argument's type is one pgtest names
 /// (an alias is left to the runtime, which checks again).
 fn check_database_count(function: &ItemFn, args: &Args) -> syn::Result<()> {
-    if args.databases.is_empty() {
+    // A test without arguments is told it takes no database, below.
+    if args.databases.is_empty() || function.sig.inputs.is_empty() {
         return Ok(());
     }
     let mut pools = 0;
@@ -205,12 +206,8 @@ fn check_database_count(function: &ItemFn, args: &Args) -> syn::Result<()> {
     if pools == groups {
         return Ok(());
     }
-    let span = match function.sig.inputs.is_empty() {
-        true => function.sig.ident.span(),
-        false => function.sig.inputs.span(),
-    };
     Err(syn::Error::new(
-        span,
+        function.sig.inputs.span(),
         format!(
             "this test takes {pools} pool{} but its attribute gives {groups} `database(…)` \
              groups: take one pool (in isolation = \"transaction\", one \
@@ -732,6 +729,104 @@ mod tests {
             ),
         );
         assert!(message.contains("takes no database"), "{message}");
+    }
+
+    #[test]
+    fn database_groups_expand_to_a_spec_per_database() {
+        insta::assert_snapshot!(pretty(
+            quote!(
+                isolation = "transaction",
+                database(migrations = "src"),
+                database(migrator = "crate::AUDIT", fixtures("kinds"), seed = "a.sql"),
+            ),
+            quote! {
+                async fn audited(app: PoolConnection<Postgres>, audit: PoolConnection<Postgres>) {}
+            }
+        ));
+    }
+
+    #[test]
+    fn database_groups_with_fixtures_default_to_databases_of_their_own() {
+        let text = pretty(
+            quote!(database(), database(fixtures("kinds"))),
+            quote!(
+                async fn t(app: PgPool, audit: PgPool, tenant: Tenant) {}
+            ),
+        );
+        assert!(text.contains("Isolation::Database"), "{text}");
+        assert!(
+            text.contains("include_str!(\"fixtures/kinds.sql\")"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn a_database_group_is_checked_as_strictly_as_the_attribute() {
+        let two_pools = quote!(
+            async fn t(app: PgPool, audit: PgPool) {}
+        );
+        for (args, expected) in [
+            (
+                quote!(database(), database(isolation = "shared")),
+                "unknown key `isolation` in `database(…)`; a database takes: migrations, \
+                 migrator, fixtures(…), seed",
+            ),
+            (
+                quote!(database(migrations = "src", migrations = "src"), database()),
+                "`migrations` is given twice",
+            ),
+            (
+                quote!(database(migrations = "src", migrator = "crate::M"), database()),
+                "cannot both be given",
+            ),
+            (
+                quote!(database(), database(migrations = "no/such/dir")),
+                "no migrations directory \"no/such/dir\"",
+            ),
+            (
+                quote!(migrations = "src", database(), database()),
+                "with `database(…)` groups, each database names its own migrations",
+            ),
+            (
+                quote!(database(), database(), seed = "a.sql"),
+                "with `database(…)` groups, each database names its own migrations",
+            ),
+            (
+                quote!(env(migrations = "src"), env()),
+                "pgtest runs every database of a test on one server",
+            ),
+        ] {
+            let message = error(args.clone(), two_pools.clone());
+            assert!(message.contains(expected), "{args}: {message}");
+        }
+    }
+
+    #[test]
+    fn the_pools_must_match_the_database_groups() {
+        let message = error(
+            quote!(database(), database(), database()),
+            quote!(
+                async fn t(app: PgPool, audit: PgPool, tenant: Tenant) {}
+            ),
+        );
+        assert!(
+            message.contains("this test takes 2 pools but its attribute gives 3 `database(…)`"),
+            "{message}"
+        );
+        let message = error(
+            quote!(database(), database()),
+            quote!(
+                async fn t() {}
+            ),
+        );
+        assert!(message.contains("takes no database"), "{message}");
+        // A type pgtest does not know (an alias, say) is left to the runtime.
+        pretty(
+            quote!(database(), database()),
+            quote!(
+                async fn t(app: Db, audit: Db) {}
+            ),
+        );
     }
 
     #[test]
