@@ -29,10 +29,15 @@ sqlx = { version = "0.9", default-features = false, features = ["postgres", "run
 [workspace]
 "#;
 
+/// A row's tenant: the test's, or none in a template's fixtures (in
+/// `isolation = "database"`, fixtures are part of the template).
+const TENANT: &str = "coalesce(nullif(current_setting('pgtest.tenant_id', true), ''), \
+                      '00000000-0000-0000-0000-000000000000')::uuid";
+
 const APP_MIGRATION: &str = "
 create table orgs (
     id bigserial primary key,
-    tenant_id uuid not null default current_setting('pgtest.tenant_id')::uuid,
+    tenant_id uuid not null default {TENANT},
     name text not null,
     unique (tenant_id, name)
 );
@@ -43,7 +48,7 @@ create table kinds (name text primary key);
 insert into kinds values ('fixture'), ('seed'), ('test'), ('tx');
 create table events (
     id bigserial primary key,
-    tenant_id uuid not null default current_setting('pgtest.tenant_id')::uuid,
+    tenant_id uuid not null default {TENANT},
     kind text not null references kinds (name)
 );
 ";
@@ -71,7 +76,7 @@ async fn tenant_of(conn: &mut PgConnection) -> Result<String, sqlx::Error> {
     sqlx::query_scalar("select current_setting('pgtest.tenant_id')").fetch_one(conn).await
 }
 
-async fn count(conn: &mut PgConnection, sql: &str) -> Result<i64, sqlx::Error> {
+async fn count(conn: &mut PgConnection, sql: &'static str) -> Result<i64, sqlx::Error> {
     sqlx::query_scalar(sql).fetch_one(conn).await
 }
 
@@ -227,11 +232,16 @@ fn project() -> tempfile::TempDir {
     )
     .unwrap();
     write(root, "src/lib.rs", "");
-    write(root, "migrations/20250101000000_orgs.sql", APP_MIGRATION);
+    let tenant = |migration: &str| migration.replace("{TENANT}", TENANT);
+    write(
+        root,
+        "migrations/20250101000000_orgs.sql",
+        &tenant(APP_MIGRATION),
+    );
     write(
         root,
         "audit_migrations/20250101000000_events.sql",
-        AUDIT_MIGRATION,
+        &tenant(AUDIT_MIGRATION),
     );
     write(
         root,
