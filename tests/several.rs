@@ -304,7 +304,10 @@ fn assert_rolled_back(cluster: &Cluster) {
             "select (to_regclass('orgs') is not null)::int, (to_regclass('events') is not null)::int",
         );
         if has.starts_with('1') {
-            let left = cluster.psql_in(&database, "select count(*) from orgs where name like 'tx-%'");
+            let left = cluster.psql_in(
+                &database,
+                "select count(*) from orgs where name like 'tx-%'",
+            );
             assert_eq!(left, "0", "orgs rows of transaction tests in {database}");
             checked.0 += 1;
         }
@@ -329,8 +332,7 @@ fn two_database_tests_in_every_mode_pass_under_nextest_at_j16_on_twenty_connecti
     let output = against(&cluster, nextest);
     let printed = text(&output);
     assert!(
-        output.status.success()
-            && printed.contains(&format!("{TESTS} tests run: {TESTS} passed")),
+        output.status.success() && printed.contains(&format!("{TESTS} tests run: {TESTS} passed")),
         "all {TESTS} pass under nextest:\n{printed}"
     );
     assert_eq!(cluster.refusals(), 0, "the server refused no connection");

@@ -776,7 +776,10 @@ mod tests {
                 "`migrations` is given twice",
             ),
             (
-                quote!(database(migrations = "src", migrator = "crate::M"), database()),
+                quote!(
+                    database(migrations = "src", migrator = "crate::M"),
+                    database()
+                ),
                 "cannot both be given",
             ),
             (

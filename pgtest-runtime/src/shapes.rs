@@ -171,7 +171,9 @@ fn pools<const N: usize>(context: Option<TestContext>) -> [PgPool; N] {
 }
 
 /// The connections of a test of `N` databases, in order.
-async fn connections<const N: usize>(context: Option<TestContext>) -> [PoolConnection<Postgres>; N] {
+async fn connections<const N: usize>(
+    context: Option<TestContext>,
+) -> [PoolConnection<Postgres>; N] {
     let mut connections = Vec::with_capacity(N);
     for context in expect_context(context).into_all() {
         connections.push(context.into_connection().await);
