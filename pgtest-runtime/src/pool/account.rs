@@ -127,3 +127,48 @@ impl Account {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::Account;
+    use crate::budget::Budget;
+    use crate::pool::cover::Cover;
+    use crate::state::ServerDir;
+
+    #[test]
+    fn two_pools_of_one_test_grow_into_one_reserve_and_keep_what_it_took_up_front() {
+        let dir = tempfile::tempdir().unwrap();
+        // Six slots: the reserve's four and two free ones.
+        let budget = Budget::new(ServerDir::unchecked(dir.path()), 6, Duration::from_secs(1));
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            // A test of two pools of three: 6 - 4 = 2 slots up front.
+            let upfront = budget.upfront_many(&[(3, 0), (3, 0)]);
+            assert_eq!(upfront, 2);
+            let account = Account::holding(budget.take(upfront, "t").await.unwrap());
+            let (first, second) = account
+                .scope(async { (Cover::new(3), Cover::new(3)) })
+                .await;
+            // No free slot left: the first pool grows into the reserve, and
+            // the second into the same reserve, without waiting for it (a
+            // reserve of its own would wait for the first's, past the
+            // budget's timeout).
+            first.cover(3).await.unwrap();
+            second.cover(3).await.unwrap();
+            assert_eq!(account.slots.lock().await.as_ref().unwrap().count(), 6);
+            // Shrunk as the pools give permits back, never below the two
+            // taken up front.
+            first.trim(1).await;
+            second.trim(0).await;
+            assert_eq!(account.slots.lock().await.as_ref().unwrap().count(), 2);
+            // The slots go back with the last pool.
+            assert_eq!(first.release().await.map(|slots| slots.count()), Some(0));
+            assert_eq!(second.release().await.map(|slots| slots.count()), Some(2));
+        });
+    }
+}
