@@ -67,6 +67,7 @@
 /// | `flavor = "multi_thread"` | the body runs on tokio worker threads (for `tokio::task::block_in_place`), as `#[tokio::test(flavor = "multi_thread")]` | `"current_thread"`, as `#[sqlx::test]` |
 /// | `worker_threads = N` | with `flavor = "multi_thread"`: how many worker threads | tokio's: one per core |
 /// | `crate = "path"` | where pgtest is, for a renamed dependency | `::pgtest` |
+/// | `database(migrations = "dir", fixtures(…), seed = "…")` | one of the test's databases, when it has several: repeat the group, one per pool argument, in order; a group takes `migrations`, `migrator`, `fixtures(…)` and `seed` (then not written outside the groups) | one database |
 ///
 /// Seeds insert rows for the test's tenant through the setting, for example
 /// `insert into notes (tenant_id, body) values (current_setting('pgtest.tenant_id')::uuid, 'hi')`.
@@ -87,6 +88,41 @@
 /// unless the test sends a raw `COMMIT`. Another test's uncommitted rows
 /// are invisible but their locks are not: two such tests writing the same
 /// unique key wait for each other, and after 5 s the second fails saying so.
+///
+/// # Several databases
+///
+/// A test of a service that talks to two databases takes a pool on each:
+/// one `database(…)` group per pool, in the order of the arguments, each
+/// with its own migrations, fixtures and seeds (the keys a test of one
+/// database writes at the top, as sqlx's proposal for `#[sqlx::test]`
+/// groups them). The other arguments are the test's and apply to every
+/// database: the isolation (`shared`: each pool on its migrations' shared
+/// database, with the test's one tenant on every connection; `database`: a
+/// database of its own per pool; `transaction`: a rolled-back transaction
+/// per connection), `max_connections` (per pool: at most 3 each for two
+/// pools unless it says, so that the test needs one slot per pool up
+/// front), `pool`, `role` and `flavor`. The test takes the connection
+/// slots of all its pools at once before it prepares any.
+///
+/// ```no_run
+/// use pgtest::{Tenant, pg_test};
+/// use sqlx::PgPool;
+///
+/// #[pg_test(
+///     database(migrations = false),
+///     database(migrations = false),
+/// )]
+/// async fn writes_to_both(app: PgPool, audit: PgPool, tenant: Tenant) -> Result<(), sqlx::Error> {
+///     let one: i32 = sqlx::query_scalar("select 1").fetch_one(&app).await?;
+///     let two: i32 = sqlx::query_scalar("select 2").fetch_one(&audit).await?;
+///     assert_eq!((one, two), (1, 2));
+///     Ok(())
+/// }
+/// ```
+///
+/// In `isolation = "transaction"` it takes a `PoolConnection<Postgres>` per
+/// database; `(ctx: TestContext)` reaches the further databases through
+/// `TestContext::more_databases`.
 ///
 /// # Example
 ///
@@ -182,7 +218,9 @@ pub use pgtest_core::Tenant;
 /// Used by the code `#[pg_test]` generates. Not a public API.
 #[doc(hidden)]
 pub mod __private {
-    pub use pgtest_core::{Flavor, Isolation, MigrationSource, PoolKind, Script, TestSpec};
+    pub use pgtest_core::{
+        DatabaseSpec, Flavor, Isolation, MigrationSource, PoolKind, Script, TestSpec,
+    };
     use pgtest_core::{Tenant, TestTermination};
 
     /// Runs the test with the runtime of its own sqlx version, chosen by the
@@ -238,7 +276,19 @@ pub mod __private {
         ($rt:ident) => {
             dispatch!($rt: (PgPool), (PgPool, Tenant), (PoolConnection<Postgres>),
                 (PoolConnection<Postgres>, Tenant), (PgPoolOptions, PgConnectOptions),
-                (TestContext));
+                (TestContext),
+                (PgPool, PgPool), (PgPool, PgPool, Tenant),
+                (PgPool, PgPool, PgPool), (PgPool, PgPool, PgPool, Tenant),
+                (PgPool, PgPool, PgPool, PgPool), (PgPool, PgPool, PgPool, PgPool, Tenant),
+                (PoolConnection<Postgres>, PoolConnection<Postgres>),
+                (PoolConnection<Postgres>, PoolConnection<Postgres>, Tenant),
+                (PoolConnection<Postgres>, PoolConnection<Postgres>, PoolConnection<Postgres>),
+                (PoolConnection<Postgres>, PoolConnection<Postgres>, PoolConnection<Postgres>,
+                    Tenant),
+                (PoolConnection<Postgres>, PoolConnection<Postgres>, PoolConnection<Postgres>,
+                    PoolConnection<Postgres>),
+                (PoolConnection<Postgres>, PoolConnection<Postgres>, PoolConnection<Postgres>,
+                    PoolConnection<Postgres>, Tenant));
         };
         ($rt:ident: $(($($arg:ident $(<$param:ident>)?),*)),*) => {$(
             impl<Fut: ::std::future::Future<Output: TestTermination>> Dispatch

@@ -34,6 +34,22 @@ pub struct TestSpec {
     pub pool: PoolKind,
     /// The tokio runtime the body runs on.
     pub flavor: Flavor,
+    /// The test's databases when it has several (`database(…)` groups), in
+    /// the order of its arguments, each with its own migrations, fixtures
+    /// and seeds; empty when it has one, described by the fields above.
+    pub databases: &'static [DatabaseSpec],
+}
+
+/// One of the databases of a test that has several: what a `database(…)`
+/// group of the attribute says.
+#[derive(Debug)]
+pub struct DatabaseSpec {
+    /// Where its migrations come from.
+    pub migrations: MigrationSource,
+    /// sqlx-style fixtures, as [`TestSpec::fixtures`].
+    pub fixtures: &'static [Script],
+    /// Scripts run on it before the body, after the fixtures.
+    pub seeds: &'static [Script],
 }
 
 /// The tokio runtime a test's body runs on, as `#[tokio::test]` names it:

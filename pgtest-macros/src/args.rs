@@ -11,7 +11,10 @@ use syn::spanned::Spanned;
 use syn::{Lit, LitInt, LitStr, Token};
 
 const KEYS: &str = "isolation, migrations, migrator, fixtures(…), max_connections, pool, seed, \
-                    role, flavor, worker_threads, crate";
+                    role, flavor, worker_threads, database(…), crate";
+
+/// The keys of a `database(…)` group.
+const DATABASE_KEYS: &str = "migrations, migrator, fixtures(…), seed";
 
 /// Where the migrations come from.
 pub(crate) enum Migrations {
@@ -67,75 +70,71 @@ pub(crate) struct Args {
     pub(crate) krate: syn::Path,
     /// Whether any argument concerns the database.
     pub(crate) any_database_key: Option<Span>,
+    /// The `database(…)` groups, in order: empty for a test of one
+    /// database (the fields above describe it).
+    pub(crate) databases: Vec<Database>,
 }
 
-/// The arguments as written, before the cross-checks.
+/// One `database(…)` group, checked.
+pub(crate) struct Database {
+    pub(crate) migrations: Migrations,
+    pub(crate) fixtures: Vec<LitStr>,
+    pub(crate) seeds: Vec<LitStr>,
+}
+
+/// What says where a database's schema and rows come from: the attribute's
+/// own keys for a test of one database, or a `database(…)` group's.
 #[derive(Default)]
-pub(crate) struct RawArgs {
-    isolation: Option<(Span, LitStr)>,
+struct RawDatabase {
     fixtures: Vec<(Span, LitStr)>,
     migrations: Option<(Span, Lit)>,
     migrator: Option<(Span, LitStr)>,
-    max_connections: Option<(Span, LitInt)>,
-    pool: Option<(Span, LitStr)>,
     seeds: Vec<(Span, LitStr)>,
-    role: Option<(Span, LitStr)>,
-    flavor: Option<(Span, LitStr)>,
-    worker_threads: Option<(Span, LitInt)>,
-    krate: Option<(Span, LitStr)>,
 }
 
-impl RawArgs {
-    /// Parses one `key = value`; meant for `syn::meta::parser`.
-    pub(crate) fn parse(&mut self, meta: ParseNestedMeta<'_>) -> syn::Result<()> {
-        let key = meta
-            .path
-            .get_ident()
-            .map(ToString::to_string)
-            .unwrap_or_default();
+impl RawDatabase {
+    /// Parses `key` when it is one of a database's; `None` when it is not.
+    fn parse(&mut self, key: &str, meta: &ParseNestedMeta<'_>) -> Option<syn::Result<()>> {
         let span = meta.path.span();
-        match key.as_str() {
-            "isolation" => set_once(&mut self.isolation, &meta, span, meta.value()?.parse()?),
-            "fixtures" => {
+        Some(match key {
+            "fixtures" => (|| {
                 let content;
                 syn::parenthesized!(content in meta.input);
                 let fixtures = parse_fixtures(&content)?;
                 self.fixtures
                     .extend(fixtures.into_iter().map(|path| (span, path)));
                 Ok(())
-            }
-            "migrations" => set_once(&mut self.migrations, &meta, span, meta.value()?.parse()?),
-            "migrator" => set_once(&mut self.migrator, &meta, span, meta.value()?.parse()?),
-            "max_connections" => set_once(
-                &mut self.max_connections,
-                &meta,
-                span,
-                meta.value()?.parse()?,
-            ),
-            "pool" => set_once(&mut self.pool, &meta, span, meta.value()?.parse()?),
-            "role" => set_once(&mut self.role, &meta, span, meta.value()?.parse()?),
-            "flavor" => set_once(&mut self.flavor, &meta, span, meta.value()?.parse()?),
-            "worker_threads" => set_once(
-                &mut self.worker_threads,
-                &meta,
-                span,
-                meta.value()?.parse()?,
-            ),
-            "crate" => set_once(&mut self.krate, &meta, span, meta.value()?.parse()?),
-            "seed" => {
-                self.seeds.push((span, meta.value()?.parse()?));
-                Ok(())
-            }
-            _ => Err(meta.error(format_args!(
-                "unknown #[pg_test] argument `{}`; the arguments are: {KEYS}",
-                path_text(&meta.path)
-            ))),
-        }
+            })(),
+            "migrations" => meta
+                .value()
+                .and_then(|value| value.parse())
+                .and_then(|value| set_once(&mut self.migrations, meta, span, value)),
+            "migrator" => meta
+                .value()
+                .and_then(|value| value.parse())
+                .and_then(|value| set_once(&mut self.migrator, meta, span, value)),
+            "seed" => meta.value().and_then(|value| value.parse()).map(|seed| {
+                self.seeds.push((span, seed));
+            }),
+            _ => return None,
+        })
     }
 
-    /// Checks the arguments together. `manifest_dir` is the directory that
-    /// relative migration paths start from.
-    pub(crate) fn build(self, manifest_dir: Option<&Path>) -> syn::Result<Args> {
+    /// The first key given, if any.
+    fn first_span(&self) -> Option<Span> {
+        [
+            self.migrations.as_ref().map(|(span, _)| *span),
+            self.migrator.as_ref().map(|(span, _)| *span),
+            self.fixtures.first().map(|(span, _)| *span),
+            self.seeds.first().map(|(span, _)| *span),
+        ]
+        .into_iter()
+        .flatten()
+        .next()
+    }
+
+    /// Checks the keys together.
+    fn build(self, manifest_dir: Option<&Path>) -> syn::Result<Database> {
         let migrations = match (self.migrations, self.migrator) {
             (Some(_), Some((span, _))) => {
                 return Err(syn::Error::new(
@@ -162,6 +161,118 @@ impl RawArgs {
             })?),
             (None, None) => Migrations::Default,
         };
+        Ok(Database {
+            migrations,
+            fixtures: self.fixtures.into_iter().map(|(_, path)| path).collect(),
+            seeds: self.seeds.into_iter().map(|(_, seed)| seed).collect(),
+        })
+    }
+}
+
+/// The arguments as written, before the cross-checks.
+#[derive(Default)]
+pub(crate) struct RawArgs {
+    isolation: Option<(Span, LitStr)>,
+    /// The keys of the test's one database, when it has one.
+    top: RawDatabase,
+    /// The `database(…)` groups, when it has several.
+    databases: Vec<(Span, RawDatabase)>,
+    max_connections: Option<(Span, LitInt)>,
+    pool: Option<(Span, LitStr)>,
+    role: Option<(Span, LitStr)>,
+    flavor: Option<(Span, LitStr)>,
+    worker_threads: Option<(Span, LitInt)>,
+    krate: Option<(Span, LitStr)>,
+}
+
+impl RawArgs {
+    /// Parses one `key = value`; meant for `syn::meta::parser`.
+    pub(crate) fn parse(&mut self, meta: ParseNestedMeta<'_>) -> syn::Result<()> {
+        let key = meta
+            .path
+            .get_ident()
+            .map(ToString::to_string)
+            .unwrap_or_default();
+        let span = meta.path.span();
+        if let Some(parsed) = self.top.parse(&key, &meta) {
+            return parsed;
+        }
+        match key.as_str() {
+            "isolation" => set_once(&mut self.isolation, &meta, span, meta.value()?.parse()?),
+            "database" => {
+                let mut database = RawDatabase::default();
+                let content;
+                syn::parenthesized!(content in meta.input);
+                let group: proc_macro2::TokenStream = content.parse()?;
+                // `database()` is a database of the default migrations.
+                let parser = syn::meta::parser(|inner| {
+                    let key = inner
+                        .path
+                        .get_ident()
+                        .map(ToString::to_string)
+                        .unwrap_or_default();
+                    database.parse(&key, &inner).unwrap_or_else(|| {
+                        Err(inner.error(format_args!(
+                            "unknown key `{}` in `database(…)`; a database takes: \
+                             {DATABASE_KEYS} (the other arguments are the test's, for all \
+                             its databases: write them outside the group)",
+                            path_text(&inner.path)
+                        )))
+                    })
+                });
+                syn::parse::Parser::parse2(parser, group)?;
+                self.databases.push((span, database));
+                Ok(())
+            }
+            "max_connections" => set_once(
+                &mut self.max_connections,
+                &meta,
+                span,
+                meta.value()?.parse()?,
+            ),
+            "pool" => set_once(&mut self.pool, &meta, span, meta.value()?.parse()?),
+            "role" => set_once(&mut self.role, &meta, span, meta.value()?.parse()?),
+            "flavor" => set_once(&mut self.flavor, &meta, span, meta.value()?.parse()?),
+            "worker_threads" => set_once(
+                &mut self.worker_threads,
+                &meta,
+                span,
+                meta.value()?.parse()?,
+            ),
+            "crate" => set_once(&mut self.krate, &meta, span, meta.value()?.parse()?),
+            // What sqlx's proposal for several databases (sqlx PR #4050)
+            // names its groups.
+            "env" => Err(meta.error(
+                "unknown #[pg_test] argument `env`: pgtest runs every database of a test on \
+                 one server, so a database names no URL variable; give each its group as \
+                 `database(migrations = \"…\", fixtures(…))`, one per pool argument, in order",
+            )),
+            _ => Err(meta.error(format_args!(
+                "unknown #[pg_test] argument `{}`; the arguments are: {KEYS}",
+                path_text(&meta.path)
+            ))),
+        }
+    }
+
+    /// Checks the arguments together. `manifest_dir` is the directory that
+    /// relative migration paths start from.
+    pub(crate) fn build(self, manifest_dir: Option<&Path>) -> syn::Result<Args> {
+        if let (Some(span), false) = (self.top.first_span(), self.databases.is_empty()) {
+            return Err(syn::Error::new(
+                span,
+                "with `database(…)` groups, each database names its own migrations, fixtures \
+                 and seeds: move this into the group of the database it is for",
+            ));
+        }
+        let database_span = self.databases.first().map(|(span, _)| *span);
+        let first_fixture = self.top.fixtures.first().map(|(span, _)| *span);
+        let first_seed = self.top.seeds.first().map(|(span, _)| *span);
+        let top = self.top.build(manifest_dir)?;
+        let databases = self
+            .databases
+            .into_iter()
+            .map(|(_, database)| database.build(manifest_dir))
+            .collect::<syn::Result<Vec<_>>>()?;
         let max_connections = match &self.max_connections {
             Some((_, lit)) => match lit.base10_parse::<u32>() {
                 Ok(n) if n >= 1 => Some(n),
@@ -249,26 +360,28 @@ impl RawArgs {
         }
         let any_database_key = [
             self.isolation.as_ref().map(|(span, _)| *span),
-            self.fixtures.first().map(|(span, _)| *span),
+            first_fixture,
             self.max_connections.as_ref().map(|(span, _)| *span),
             self.pool.as_ref().map(|(span, _)| *span),
             self.role.as_ref().map(|(span, _)| *span),
-            self.seeds.first().map(|(span, _)| *span),
+            first_seed,
+            database_span,
         ]
         .into_iter()
         .flatten()
         .next();
         Ok(Args {
             isolation,
-            migrations,
-            fixtures: self.fixtures.into_iter().map(|(_, path)| path).collect(),
+            migrations: top.migrations,
+            fixtures: top.fixtures,
             max_connections,
             pool,
-            seeds: self.seeds.into_iter().map(|(_, seed)| seed).collect(),
+            seeds: top.seeds,
             role: self.role.map(|(_, role)| role),
             flavor,
             krate,
             any_database_key,
+            databases,
         })
     }
 }

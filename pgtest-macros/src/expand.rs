@@ -53,7 +53,12 @@ pub(crate) fn expand(
         (Ok(mut args), Ok(())) => {
             let isolation = args.isolation.unwrap_or(match flavour {
                 Flavour::Sqlx => Isolation::Database,
-                Flavour::PgTest if !args.fixtures.is_empty() => Isolation::Database,
+                Flavour::PgTest
+                    if !args.fixtures.is_empty()
+                        || args.databases.iter().any(|db| !db.fixtures.is_empty()) =>
+                {
+                    Isolation::Database
+                }
                 Flavour::PgTest => Isolation::Shared,
             });
             args.isolation = Some(isolation);
@@ -64,6 +69,7 @@ pub(crate) fn expand(
             if isolation == Isolation::Transaction {
                 check_transaction_inputs(&function)?;
             }
+            check_database_count(&function, &args)?;
             args
         }
         (Err(mut first), Err(second)) => {
@@ -171,6 +177,46 @@ fn check_transaction_inputs(function: &ItemFn) -> syn::Result<()> {
     Ok(())
 }
 
+/// A test with `database(…)` groups takes a pool (or a connection) per
+/// group. Checked here when every argument's type is one pgtest names
+/// (an alias is left to the runtime, which checks again).
+fn check_database_count(function: &ItemFn, args: &Args) -> syn::Result<()> {
+    // A test without arguments is told it takes no database, below.
+    if args.databases.is_empty() || function.sig.inputs.is_empty() {
+        return Ok(());
+    }
+    let mut pools = 0;
+    for input in &function.sig.inputs {
+        let FnArg::Typed(typed) = input else {
+            return Ok(());
+        };
+        let syn::Type::Path(path) = &*typed.ty else {
+            return Ok(());
+        };
+        let Some(last) = path.path.segments.last() else {
+            return Ok(());
+        };
+        match last.ident.to_string().as_str() {
+            "PgPool" | "Pool" | "PoolConnection" => pools += 1,
+            "Tenant" => {}
+            _ => return Ok(()),
+        }
+    }
+    let groups = args.databases.len();
+    if pools == groups {
+        return Ok(());
+    }
+    Err(syn::Error::new(
+        function.sig.inputs.span(),
+        format!(
+            "this test takes {pools} pool{} but its attribute gives {groups} `database(…)` \
+             groups: take one pool (in isolation = \"transaction\", one \
+             `PoolConnection<Postgres>`) per group, in the groups' order",
+            if pools == 1 { "" } else { "s" },
+        ),
+    ))
+}
+
 /// `#[test]`, `#[tokio::test]`, `#[sqlx::test]`, `#[pg_test]` and the like,
 /// and the marker the built-in `#[test]` leaves when it expands first.
 fn is_test_attribute(attribute: &Attribute) -> bool {
@@ -199,13 +245,18 @@ fn emit(function: &ItemFn, args: &Args) -> TokenStream {
         FnArg::Typed(typed) => &*typed.ty,
         FnArg::Receiver(_) => unreachable!("check_function rejects receivers"),
     });
-    let migrations = match &args.migrations {
+    let source = |migrations: &Migrations| match migrations {
         Migrations::Default => quote! { #krate::__private::MigrationSource::Default },
         Migrations::Dir(dir) => quote! { #krate::__private::MigrationSource::Dir(#dir) },
         Migrations::Migrator(path) => {
             quote! { #krate::__private::MigrationSource::Migrator(&#path) }
         }
         Migrations::None => quote! { #krate::__private::MigrationSource::None },
+    };
+    // A test of several databases describes each in its group.
+    let migrations = match args.databases.is_empty() {
+        true => source(&args.migrations),
+        false => source(&Migrations::None),
     };
     // The runtime picks the size when the attribute does not say.
     let max_connections = match args.max_connections {
@@ -221,6 +272,18 @@ fn emit(function: &ItemFn, args: &Args) -> TokenStream {
     };
     let seeds = args.seeds.iter().map(script);
     let fixtures = args.fixtures.iter().map(script);
+    let databases = args.databases.iter().map(|database| {
+        let migrations = source(&database.migrations);
+        let fixtures = database.fixtures.iter().map(script);
+        let seeds = database.seeds.iter().map(script);
+        quote! {
+            #krate::__private::DatabaseSpec {
+                migrations: #migrations,
+                fixtures: &[#(#fixtures),*],
+                seeds: &[#(#seeds),*],
+            }
+        }
+    });
     let flavor = match args.flavor {
         Flavor::CurrentThread => quote! { #krate::__private::Flavor::CurrentThread },
         Flavor::MultiThread { worker_threads } => {
@@ -259,6 +322,7 @@ fn emit(function: &ItemFn, args: &Args) -> TokenStream {
                     isolation: #krate::__private::Isolation::#isolation,
                     pool: #krate::__private::PoolKind::#pool,
                     flavor: #flavor,
+                    databases: &[#(#databases),*],
                 },
                 test,
             )
@@ -665,6 +729,107 @@ mod tests {
             ),
         );
         assert!(message.contains("takes no database"), "{message}");
+    }
+
+    #[test]
+    fn database_groups_expand_to_a_spec_per_database() {
+        insta::assert_snapshot!(pretty(
+            quote!(
+                isolation = "transaction",
+                database(migrations = "src"),
+                database(migrator = "crate::AUDIT", fixtures("kinds"), seed = "a.sql"),
+            ),
+            quote! {
+                async fn audited(app: PoolConnection<Postgres>, audit: PoolConnection<Postgres>) {}
+            }
+        ));
+    }
+
+    #[test]
+    fn database_groups_with_fixtures_default_to_databases_of_their_own() {
+        let text = pretty(
+            quote!(database(), database(fixtures("kinds"))),
+            quote!(
+                async fn t(app: PgPool, audit: PgPool, tenant: Tenant) {}
+            ),
+        );
+        assert!(text.contains("Isolation::Database"), "{text}");
+        assert!(
+            text.contains("include_str!(\"fixtures/kinds.sql\")"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn a_database_group_is_checked_as_strictly_as_the_attribute() {
+        let two_pools = quote!(
+            async fn t(app: PgPool, audit: PgPool) {}
+        );
+        for (args, expected) in [
+            (
+                quote!(database(), database(isolation = "shared")),
+                "unknown key `isolation` in `database(…)`; a database takes: migrations, \
+                 migrator, fixtures(…), seed",
+            ),
+            (
+                quote!(database(migrations = "src", migrations = "src"), database()),
+                "`migrations` is given twice",
+            ),
+            (
+                quote!(
+                    database(migrations = "src", migrator = "crate::M"),
+                    database()
+                ),
+                "cannot both be given",
+            ),
+            (
+                quote!(database(), database(migrations = "no/such/dir")),
+                "no migrations directory \"no/such/dir\"",
+            ),
+            (
+                quote!(migrations = "src", database(), database()),
+                "with `database(…)` groups, each database names its own migrations",
+            ),
+            (
+                quote!(database(), database(), seed = "a.sql"),
+                "with `database(…)` groups, each database names its own migrations",
+            ),
+            (
+                quote!(env(migrations = "src"), env()),
+                "pgtest runs every database of a test on one server",
+            ),
+        ] {
+            let message = error(args.clone(), two_pools.clone());
+            assert!(message.contains(expected), "{args}: {message}");
+        }
+    }
+
+    #[test]
+    fn the_pools_must_match_the_database_groups() {
+        let message = error(
+            quote!(database(), database(), database()),
+            quote!(
+                async fn t(app: PgPool, audit: PgPool, tenant: Tenant) {}
+            ),
+        );
+        assert!(
+            message.contains("this test takes 2 pools but its attribute gives 3 `database(…)`"),
+            "{message}"
+        );
+        let message = error(
+            quote!(database(), database()),
+            quote!(
+                async fn t() {}
+            ),
+        );
+        assert!(message.contains("takes no database"), "{message}");
+        // A type pgtest does not know (an alias, say) is left to the runtime.
+        pretty(
+            quote!(database(), database()),
+            quote!(
+                async fn t(app: Db, audit: Db) {}
+            ),
+        );
     }
 
     #[test]

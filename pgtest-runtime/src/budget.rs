@@ -19,12 +19,32 @@
 //! takes all it may still need at once, or the **reserve**, a lock held by
 //! one test at a time that stands for [`RESERVE`] slots kept out of
 //! everyone's reach, which it keeps until it ends. The reserve's holder
-//! never waits again (a pool cannot grow by more than the reserve beyond
-//! what its test took up front), so it finishes and gives the reserve back:
-//! the head of the line waits at most for that, and every other grower for
-//! the head. Tests waiting to start leave freed slots to growers. Taking a
-//! slot ahead waits for nothing, and adds to no pool's growth beyond its
-//! maximum, so the argument holds as it is.
+//! never waits again, so it finishes and gives the reserve back: the head
+//! of the line waits at most for that, and every other grower for the head.
+//! Tests waiting to start leave freed slots to growers. Taking a slot ahead
+//! waits for nothing, and adds to no pool's growth beyond its maximum, so
+//! the argument holds as it is.
+//!
+//! The reserve's holder never waits again because a **test** (not a pool)
+//! grows by at most the reserve beyond what it took up front, whatever the
+//! number of its pools:
+//!
+//! - a test takes up front its other connections' slots and, for its pools,
+//!   their maxima together less the reserve, at least one per pool
+//!   ([`Budget::upfront_many`]): a test of two pools of five takes six, not
+//!   one each, since two pools could otherwise grow by eight;
+//! - its pools share one [`Slots`] (the pool's `Cover`s of one test share
+//!   one account), so that they grow into one reserve, held once: two
+//!   reserves, or a pool waiting for the reserve its sibling holds, would
+//!   each break the argument;
+//! - slots are given back down to what the test took up front, never below
+//!   it ([`Slots::shrink_to`]), so a pool that grew, shrank and grows again
+//!   still needs at most the reserve beyond what it holds.
+//!
+//! A test of several databases takes all its slots at once, before it
+//! prepares any of them (see [`prepaid`]): were it to take them database
+//! by database, tests holding their first database's slots could each wait
+//! for a second database's, and none finish.
 //!
 //! A slot is a locked file: a panicking test drops its guard, a killed
 //! process has its locks released by the operating system.
@@ -44,6 +64,19 @@ use crate::wait::{Look, Pace, Wait, wait_until};
 /// the most a pool grows beyond what its test takes up front.
 const RESERVE: u32 = 4;
 
+tokio::task_local! {
+    /// Set while a test that took all its slots at once prepares its
+    /// databases.
+    static PREPAID: ();
+}
+
+/// Runs `work`, the preparation of a test that has taken its slots for all
+/// its databases at once (see the module's documentation): there,
+/// [`Budget::take`] takes nothing more and waits for nothing.
+pub(crate) async fn prepaid<F: std::future::Future>(work: F) -> F::Output {
+    PREPAID.scope((), work).await
+}
+
 /// The slots of one server.
 #[derive(Clone)]
 pub(crate) struct Budget {
@@ -57,6 +90,9 @@ pub(crate) struct Budget {
 pub(crate) struct Slots {
     budget: Budget,
     holder: String,
+    /// What the test took up front: [`Self::shrink_to`] keeps at least
+    /// these (see the module's documentation).
+    floor: u32,
     /// Free slots taken, each a locked slot file.
     locked: Vec<File>,
     /// Slots grown into the reserve, while `reserve` is held.
@@ -91,7 +127,7 @@ impl Budget {
 
     /// Slots kept for growing (see the module's documentation): none on a
     /// server so small that every slot must be free for the taking.
-    fn reserve(&self) -> u32 {
+    pub(crate) fn reserve(&self) -> u32 {
         RESERVE.min(self.capacity.saturating_sub(2))
     }
 
@@ -105,7 +141,20 @@ impl Budget {
     /// first connection's, and more when the pool could otherwise grow by
     /// more than the reserve.
     pub(crate) fn upfront(&self, pool: u32, others: u32) -> u32 {
-        others + pool.saturating_sub(self.reserve()).max(1)
+        self.upfront_many(&[(pool, others)])
+    }
+
+    /// How many slots a test takes when it starts whose pools open at most
+    /// `max` connections each, beside `others` connections of their own,
+    /// for each `(max, others)`: every other connection's slot, and the
+    /// pools' maxima together less the reserve, at least one per pool, so
+    /// that the test (all its pools together) can grow by the reserve at
+    /// most.
+    pub(crate) fn upfront_many(&self, pools: &[(u32, u32)]) -> u32 {
+        let others: u32 = pools.iter().map(|(_, others)| others).sum();
+        let maxima: u32 = pools.iter().map(|(max, _)| max).sum();
+        let firsts = pools.len() as u32;
+        others + maxima.saturating_sub(self.reserve()).max(firsts)
     }
 
     /// Whether a test may take `count` slots at once on this server.
@@ -128,7 +177,17 @@ impl Budget {
     ///
     /// Waiters queue on a lock file, so that only the first of them polls
     /// the slots while the others look at one file now and then.
+    ///
+    /// Inside [`prepaid`], the test has taken its slots already: none.
     pub(crate) async fn take(&self, count: u32, holder: &str) -> Result<Slots, Error> {
+        if PREPAID.try_with(|()| ()).is_ok() {
+            return Ok(self.empty_slots(holder));
+        }
+        self.take_free(count, holder).await
+    }
+
+    /// [`Self::take`], whether or not the test's slots are prepaid.
+    async fn take_free(&self, count: u32, holder: &str) -> Result<Slots, Error> {
         if !self.fits(count) {
             return Err(Error::BudgetTooSmall {
                 needed: count,
@@ -138,6 +197,7 @@ impl Budget {
         let mut files = SlotFiles::new(self);
         let mut slots = self.empty_slots(holder);
         if files.try_take(count, &mut slots)? {
+            slots.floor = count;
             return Ok(slots);
         }
         let started = Instant::now();
@@ -165,6 +225,7 @@ impl Budget {
         match taken {
             Ok(()) => {
                 tracing::debug!(waited = ?started.elapsed(), count, "took connection slots");
+                slots.floor = count;
                 Ok(slots)
             }
             Err(_) => Err(self.timeout_error(count)),
@@ -175,6 +236,7 @@ impl Budget {
     pub(crate) fn try_take(&self, count: u32, holder: &str) -> Result<Option<Slots>, Error> {
         let mut slots = self.empty_slots(holder);
         let taken = self.fits(count) && SlotFiles::new(self).try_take(count, &mut slots)?;
+        slots.floor = count;
         Ok(taken.then_some(slots))
     }
 
@@ -184,7 +246,7 @@ impl Budget {
     /// one; else free slots.
     pub(crate) async fn take_for_build(&self, count: u32, holder: &str) -> Result<Slots, Error> {
         if count > self.reserve() {
-            return self.take(count, holder).await;
+            return self.take_free(count, holder).await;
         }
         let deadline = Instant::now() + self.timeout;
         let reserve = self
@@ -205,6 +267,7 @@ impl Budget {
         Slots {
             budget: self.clone(),
             holder: holder.to_owned(),
+            floor: 0,
             locked: Vec::new(),
             from_reserve: 0,
             reserve: None,
@@ -248,9 +311,16 @@ impl Budget {
 }
 
 impl Slots {
-    /// Takes over `other`'s slots (free slots only).
+    /// Takes over `other`'s slots (free slots only), and what it took up
+    /// front.
     pub(crate) fn absorb(&mut self, mut other: Slots) {
         self.locked.append(&mut other.locked);
+        self.floor += std::mem::take(&mut other.floor);
+    }
+
+    /// No slots, of the same test.
+    pub(crate) fn none(&self) -> Slots {
+        self.budget.empty_slots(&self.holder)
     }
 
     /// How many slots these are.
@@ -258,9 +328,11 @@ impl Slots {
         self.locked.len() as u32 + self.from_reserve
     }
 
-    /// Gives back slots beyond `count`: free slots first, then slots of
-    /// the reserve (whose lock it keeps, to grow into again).
+    /// Gives back slots beyond `count`, but never those the test took up
+    /// front: free slots first, then slots of the reserve (whose lock it
+    /// keeps, to grow into again).
     pub(crate) fn shrink_to(&mut self, count: u32) {
+        let count = count.max(self.floor);
         while self.count() > count && self.locked.pop().is_some() {}
         if self.count() > count {
             // No free slot left: only the reserve's.

@@ -30,6 +30,8 @@ pub struct TestContext {
     /// The connection inside the test's transaction, in
     /// `isolation = "transaction"`.
     connection: Option<PoolConnection<Postgres>>,
+    /// The contexts of the test's further databases.
+    more: Vec<TestContext>,
 }
 
 impl TestContext {
@@ -45,7 +47,39 @@ impl TestContext {
             database,
             test_name,
             connection: None,
+            more: Vec::new(),
         }
+    }
+
+    /// The context of a test of several databases: this one's, then
+    /// `more`'s.
+    pub(crate) fn with_more(mut self, more: Vec<TestContext>) -> Self {
+        self.more = more;
+        self
+    }
+
+    /// The contexts of the test's further databases, in the order of its
+    /// `database(…)` groups after the first (whose pool is
+    /// [`Self::pool`]); empty for a test of one database.
+    ///
+    /// ```no_run
+    /// use pgtest::{TestContext, pg_test};
+    ///
+    /// #[pg_test(database(migrations = false), database(migrations = false))]
+    /// async fn sees_two_databases(ctx: TestContext) {
+    ///     let audit = &ctx.more_databases()[0];
+    ///     assert_ne!(ctx.database(), audit.database());
+    ///     assert_eq!(ctx.tenant(), audit.tenant());
+    /// }
+    /// ```
+    pub fn more_databases(&self) -> &[TestContext] {
+        &self.more
+    }
+
+    /// This context and its further databases', in order.
+    pub(crate) fn into_all(mut self) -> Vec<TestContext> {
+        let more = std::mem::take(&mut self.more);
+        std::iter::once(self).chain(more).collect()
     }
 
     /// The context of a test that runs inside a transaction on `connection`.

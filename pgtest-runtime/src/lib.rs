@@ -47,7 +47,8 @@ pub mod __private {
     pub use crate::runner::run;
     pub use crate::shapes::TestFn;
     pub use pgtest_core::{
-        Flavor, Isolation, MigrationSource, PoolKind, Script, TestSpec, TestTermination,
+        DatabaseSpec, Flavor, Isolation, MigrationSource, PoolKind, Script, TestSpec,
+        TestTermination,
     };
     /// The sqlx this runtime is built against, for the facade's dispatch.
     pub use sqlx;

@@ -32,7 +32,12 @@ use pgtest_core::{Flavor, Isolation, MigrationSource, TestSpec, TestTermination}
 pub fn run<F: TestFn>(spec: TestSpec, test: F) {
     let body: Body<'_> =
         Box::new(move |context| Box::pin(async move { test.call(context).await.into_result() }));
-    run_body(spec, F::NEEDS_DATABASE, F::OPENS_CONNECTIONS, body);
+    let needs = Needs {
+        database: F::NEEDS_DATABASE,
+        opens_connections: F::OPENS_CONNECTIONS,
+        databases: F::DATABASES,
+    };
+    run_body(spec, needs, body);
 }
 
 /// A test's body, its type erased: called with the test's context, what
@@ -41,16 +46,31 @@ type Body<'a> = Box<
     dyn FnOnce(Option<TestContext>) -> Pin<Box<dyn Future<Output = Result<(), String>> + 'a>> + 'a,
 >;
 
-/// [`run`] for a body that `needs_database` (see [`TestFn`]).
-fn run_body(spec: TestSpec, needs_database: bool, opens_connections: bool, body: Body<'_>) {
+/// What a body's signature asks for (see [`TestFn`]).
+struct Needs {
+    database: bool,
+    opens_connections: bool,
+    databases: Option<usize>,
+}
+
+/// [`run`] for a body that `needs` what it says.
+fn run_body(spec: TestSpec, needs: Needs, body: Body<'_>) {
+    let Needs {
+        database: needs_database,
+        opens_connections,
+        databases,
+    } = needs;
     if let Some(code) = helpers::run_if_asked() {
         std::process::exit(code);
     }
     helpers::note_test(spec.name);
     // A migrator in a `LazyLock` may start a runtime of its own to read its
     // directory: let it, before this thread drives one.
-    if let MigrationSource::Migrator(migrator) = spec.migrations {
-        let _ = crate::migrations::static_migrator(migrator);
+    let sources = spec.databases.iter().map(|database| database.migrations);
+    for source in std::iter::once(spec.migrations).chain(sources) {
+        if let MigrationSource::Migrator(migrator) = source {
+            let _ = crate::migrations::static_migrator(migrator);
+        }
     }
     let mut builder = match spec.flavor {
         Flavor::CurrentThread => tokio::runtime::Builder::new_current_thread(),
@@ -79,6 +99,15 @@ fn run_body(spec: TestSpec, needs_database: bool, opens_connections: bool, body:
                 "pgtest: test `{}` uses isolation = \"transaction\" but takes a way to open \
                  connections of its own (a pool, pool options or a TestContext), whose writes \
                  would escape the transaction. Take `conn: PoolConnection<Postgres>` instead",
+                spec.name
+            );
+        }
+        let groups = spec.databases.len().max(1);
+        if let Some(takes) = databases.filter(|&takes| needs_database && takes != groups) {
+            panic!(
+                "pgtest: test `{}` takes {takes} database(s) but its attribute describes \
+                 {groups}: give one `database(…)` group per pool (or connection) argument, in \
+                 the arguments' order",
                 spec.name
             );
         }

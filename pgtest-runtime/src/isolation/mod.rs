@@ -9,8 +9,12 @@
 //!   transaction that is rolled back;
 //! - [`database`]: a copy of the template (migrations and fixtures) for
 //!   each test.
+//!
+//! A test of several databases has each prepared in its mode
+//! ([`several`]).
 
 mod database;
+mod several;
 mod shared;
 mod transaction;
 
@@ -46,9 +50,21 @@ pub(crate) struct Prepared {
 
 /// Prepares the test `spec` in its isolation mode.
 pub(crate) async fn prepare(session: &Arc<Session>, spec: &TestSpec) -> Result<Prepared, Error> {
+    let tenant = Tenant::new();
+    match spec.databases.is_empty() {
+        true => prepare_one(session, spec, tenant).await,
+        false => several::prepare(session, spec, tenant).await,
+    }
+}
+
+/// Prepares the one database `spec` describes, for `tenant`.
+async fn prepare_one(
+    session: &Arc<Session>,
+    spec: &TestSpec,
+    tenant: Tenant,
+) -> Result<Prepared, Error> {
     let manifest_dir = Path::new(spec.manifest_dir);
     let migrations = Migrations::load(spec.migrations, manifest_dir, &session.home).await?;
-    let tenant = Tenant::new();
     let prepared = match spec.isolation {
         Isolation::Shared => shared::prepare(session, spec, &migrations, tenant).await?,
         Isolation::Transaction => transaction::prepare(session, spec, &migrations, tenant).await?,
@@ -78,6 +94,9 @@ pub(crate) struct Teardown {
     cover: Arc<Cover>,
     sweep: Option<JoinHandle<()>>,
     own: Option<(Arc<Session>, database::TestDatabase)>,
+    /// The test's further databases' pools and teardowns, when it has
+    /// several.
+    more: Vec<(PgPool, Teardown)>,
 }
 
 impl Teardown {
@@ -100,11 +119,18 @@ impl Teardown {
         if let Some(sweep) = self.sweep {
             let _ = tokio::time::timeout(SWEEP_WAIT, sweep).await;
         }
-        let kept = match self.own {
+        let mut kept = match self.own {
             Some((session, database)) => database.finish(passed, &session, kept_connection).await,
             None => None,
         };
         drop(self.cover.release().await);
+        for (pool, teardown) in self.more {
+            let also = Box::pin(teardown.finish(passed, &pool)).await;
+            kept = match (kept, also) {
+                (Some(kept), Some(also)) => Some(format!("{kept}; and {also}")),
+                (kept, also) => kept.or(also),
+            };
+        }
         kept
     }
 }

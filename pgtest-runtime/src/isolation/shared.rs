@@ -57,6 +57,7 @@ pub(super) async fn with_shared_database(
         cover: pool.cover,
         sweep,
         own: None,
+        more: Vec::new(),
     };
     Ok((context, teardown))
 }

@@ -1,23 +1,27 @@
-//! The slots of one test: taken before its connections open, grown by its
-//! pool's gate before it lends the pool a permit, so that every connection
-//! the pool may open has its slot.
+//! The slots that cover one pool of a test: taken before its connections
+//! open, grown by its pool's gate before it lends the pool a permit, so
+//! that every connection the pool may open has its slot. The pools of one
+//! test share their slots (see [`super::account`]).
 
+use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::PoisonError;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 
+use super::account::Account;
 use crate::Error;
 use crate::budget::Slots;
 
-/// The slots of one test, grown by its pool's gate before it lends the
-/// pool a permit, so that every connection the pool may open has its slot.
+/// The slots that cover one pool of a test, grown by its gate before it
+/// lends the pool a permit, so that every connection the pool may open has
+/// its slot.
 pub(crate) struct Cover {
     /// The pool's maximum.
     max: u32,
-    /// Connections the test opens beside the pool (an admin connection).
-    others: AtomicU32,
-    /// `None` before the test takes its slots and after it gives them back.
-    slots: tokio::sync::Mutex<Option<Slots>>,
+    /// The test's slots, shared by its pools.
+    account: Arc<Account>,
+    /// This pool's place in the account.
+    member: usize,
     /// Whether growing ever had to wait for a slot, for the failure message.
     waited: AtomicBool,
     /// Whether a task of the test was seen waiting for a connection while
@@ -28,13 +32,15 @@ pub(crate) struct Cover {
 }
 
 impl Cover {
-    /// The cover of a pool of at most `max` connections, holding no slot
-    /// yet.
+    /// The cover of a pool of at most `max` connections, in the test's
+    /// account (see [`Account::for_new_pool`]).
     pub(super) fn new(max: u32) -> Self {
+        let account = Account::for_new_pool();
+        let member = account.join(max);
         Self {
             max,
-            others: AtomicU32::new(0),
-            slots: tokio::sync::Mutex::new(None),
+            account,
+            member,
             waited: AtomicBool::new(false),
             starved: AtomicBool::new(false),
             failure: Mutex::new(None),
@@ -42,16 +48,21 @@ impl Cover {
     }
 
     /// Holds `slots`, taken with [`crate::budget::Budget::upfront`] for
-    /// this pool and `others` connections beside it.
+    /// this pool and `others` connections beside it (none when the test
+    /// took its slots for all its pools at once).
     pub(crate) async fn hold(&self, slots: Slots, others: u32) {
-        self.others.store(others, Ordering::Release);
-        *self.slots.lock().await = Some(slots);
+        self.account.set_others(self.member, others);
+        let mut held = self.account.slots.lock().await;
+        match held.as_mut() {
+            Some(held) => held.absorb(slots),
+            None => *held = Some(slots),
+        }
     }
 
     /// Adds `more` slots, for `others` more connections beside the pool.
     pub(crate) async fn add(&self, more: Slots, others: u32) {
-        self.others.fetch_add(others, Ordering::AcqRel);
-        if let Some(slots) = self.slots.lock().await.as_mut() {
+        self.account.add_others(self.member, others);
+        if let Some(slots) = self.account.slots.lock().await.as_mut() {
             slots.absorb(more);
         }
     }
@@ -61,9 +72,10 @@ impl Cover {
         self.max
     }
 
-    /// Gives the slots back; the pool opens nothing more once closed.
+    /// Gives the slots back (the test's, once its last pool gives them
+    /// back); the pool opens nothing more once closed.
     pub(crate) async fn release(&self) -> Option<Slots> {
-        self.slots.lock().await.take()
+        self.account.leave(self.member).await
     }
 
     /// Whether growing the pool ever found no slot free at once.
@@ -86,17 +98,22 @@ impl Cover {
     }
 
     /// Makes the slots cover `permits` connections of the pool, beside the
-    /// test's others, growing them as needed (see [`Slots::grow`]).
+    /// test's other pools and connections, growing them as needed (see
+    /// [`Slots::grow`]).
     pub(super) async fn cover(&self, permits: u32) -> Result<(), Error> {
-        let mut slots = self.slots.lock().await;
-        let others = self.others.load(Ordering::Acquire);
-        if let Some(slots) = slots.as_mut() {
-            while slots.count() < others + permits {
-                if let Err(error) = slots.grow(others + self.max, &self.waited).await {
-                    *self.failure.lock().unwrap_or_else(PoisonError::into_inner) =
-                        Some(error.to_string());
-                    return Err(error);
-                }
+        let mut slots = self.account.slots.lock().await;
+        let Some(slots) = slots.as_mut() else {
+            return Ok(());
+        };
+        let before = self.account.permits(self.member);
+        self.account.set_permits(self.member, permits);
+        while slots.count() < self.account.needed() {
+            let ceiling = self.account.ceiling();
+            if let Err(error) = slots.grow(ceiling, &self.waited).await {
+                self.account.set_permits(self.member, before);
+                *self.failure.lock().unwrap_or_else(PoisonError::into_inner) =
+                    Some(error.to_string());
+                return Err(error);
             }
         }
         Ok(())
@@ -106,26 +123,30 @@ impl Cover {
     /// needs no wait (see [`Slots::try_grow`]); whether they do. Slots not
     /// taken yet, or given back, cover nothing.
     pub(super) fn try_cover(&self, permits: u32) -> bool {
-        let Ok(mut slots) = self.slots.try_lock() else {
+        let Ok(mut slots) = self.account.slots.try_lock() else {
             return false;
         };
         let Some(slots) = slots.as_mut() else {
             return false;
         };
-        let others = self.others.load(Ordering::Acquire);
-        while slots.count() < others + permits {
+        let before = self.account.permits(self.member);
+        self.account.set_permits(self.member, permits);
+        while slots.count() < self.account.needed() {
             if !matches!(slots.try_grow(), Ok(true)) {
+                self.account.set_permits(self.member, before);
                 return false;
             }
         }
         true
     }
 
-    /// Gives back the slots beyond `permits` connections of the pool.
+    /// Gives back the slots beyond `permits` connections of the pool (and
+    /// what the test's other pools need, and what it took up front).
     pub(super) async fn trim(&self, permits: u32) {
-        let others = self.others.load(Ordering::Acquire);
-        if let Some(slots) = self.slots.lock().await.as_mut() {
-            slots.shrink_to(others + permits);
+        let mut slots = self.account.slots.lock().await;
+        self.account.set_permits(self.member, permits);
+        if let Some(slots) = slots.as_mut() {
+            slots.shrink_to(self.account.needed());
         }
     }
 }

@@ -21,6 +21,7 @@
 //!   idle connection when the body starts, and every connection's slot
 //!   taken before it opens, one ahead.
 
+mod account;
 mod cover;
 mod gate;
 mod thread;
@@ -37,6 +38,7 @@ use crate::{Error, Tenant};
 use gate::Gate;
 use pgtest_core::{Isolation, PoolKind, TestSpec};
 
+pub(crate) use account::Account;
 pub(crate) use cover::Cover;
 pub(crate) use thread::{at_park, before_body, own_pool_options};
 

@@ -129,6 +129,7 @@ pub(super) async fn prepare(
         cover: pool.cover,
         sweep: admin.map(|admin| sweep_beside(session, admin)),
         own: Some((Arc::clone(session), database)),
+        more: Vec::new(),
     };
     // The fixtures are in the template.
     let seeds: Vec<_> = spec.seeds.iter().collect();
