@@ -90,12 +90,12 @@ impl Budget {
 
     /// Slots kept for growing (see the module's documentation): none on a
     /// server so small that every slot must be free for the taking.
-    fn reserve(&self) -> u32 {
+    pub(crate) fn reserve(&self) -> u32 {
         RESERVE.min(self.capacity.saturating_sub(2))
     }
 
     /// The slots anyone may take.
-    fn free_for_all(&self) -> u32 {
+    pub(crate) fn free_for_all(&self) -> u32 {
         self.capacity - self.reserve()
     }
 
@@ -220,7 +220,13 @@ impl Budget {
         self.capacity
     }
 
-    fn slot(&self, index: u32) -> PathBuf {
+    /// How long a test waits for slots at most.
+    pub(crate) fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    /// The lock file of the slot `index`.
+    pub(crate) fn slot(&self, index: u32) -> PathBuf {
         self.dir.entry(Entry::Slot(index))
     }
 
@@ -406,7 +412,7 @@ fn open(path: &std::path::Path) -> Result<File, Error> {
 }
 
 /// Writes who holds a slot into it, for others' timeout messages.
-fn note_holder(file: &File, holder: &str) {
+pub(crate) fn note_holder(file: &File, holder: &str) {
     let mut file = file;
     let _ = file
         .set_len(0)

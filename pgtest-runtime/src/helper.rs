@@ -34,6 +34,9 @@ pub(crate) enum Job {
     /// Do the server work queued in the budget directory `budget` once no
     /// test uses the server, making at most `limit` spares of a template.
     Spares { budget: PathBuf, limit: u32 },
+    /// Keep this machine's share of the server's `capacity` connections,
+    /// for the budget directory `budget` (see [`crate::share`]).
+    Share { budget: PathBuf, capacity: u32 },
 }
 
 impl Job {
@@ -51,6 +54,11 @@ impl Job {
             }
             Self::Spares { budget, limit } => {
                 let mut value = OsString::from(format!("spares {limit} "));
+                value.push(budget);
+                value
+            }
+            Self::Share { budget, capacity } => {
+                let mut value = OsString::from(format!("share {capacity} "));
                 value.push(budget);
                 value
             }
@@ -77,6 +85,13 @@ impl Job {
                 Some(Self::Spares {
                     budget: PathBuf::from(budget),
                     limit: limit.parse().ok()?,
+                })
+            }
+            "share" => {
+                let (capacity, budget) = rest.split_once(' ')?;
+                Some(Self::Share {
+                    budget: PathBuf::from(budget),
+                    capacity: capacity.parse().ok()?,
                 })
             }
             _ => None,
@@ -162,6 +177,12 @@ mod tests {
         let job = Job::Spares {
             budget: PathBuf::from("/var/tmp/pgtest-root/budget/0123abcd"),
             limit: 256,
+        };
+        let marker = job.encode().into_string().unwrap();
+        assert_eq!(Job::decode(&marker), Some(job));
+        let job = Job::Share {
+            budget: PathBuf::from("/var/tmp/pgtest-root/budget/0123abcd"),
+            capacity: 44,
         };
         let marker = job.encode().into_string().unwrap();
         assert_eq!(Job::decode(&marker), Some(job));

@@ -33,6 +33,7 @@ mod runner;
 mod server;
 mod session;
 mod shapes;
+mod share;
 mod spares;
 mod state;
 mod sweep;

@@ -15,7 +15,7 @@ use crate::helper::{self, Job};
 use crate::isolation::{self, Prepared};
 use crate::session::Session;
 use crate::shapes::TestFn;
-use crate::{Error, TestContext, pool, spares};
+use crate::{Error, TestContext, pool, share, spares};
 use pgtest_core::{Flavor, Isolation, MigrationSource, TestSpec, TestTermination};
 
 /// Runs one test: prepares its database, calls the body on a fresh tokio
@@ -194,6 +194,7 @@ pub(crate) fn run_helper(job: Result<Job, std::ffi::OsString>) -> i32 {
     match job {
         Ok(Job::Watchdog { cluster, bin, idle }) => watchdog::run(&cluster, &bin, idle),
         Ok(Job::Spares { budget, limit }) => spares::run_helper(&budget, limit),
+        Ok(Job::Share { budget, capacity }) => share::run_keeper(&budget, capacity),
         Err(marker) => {
             helper::say(&format!("pgtest: unknown helper {marker:?}"));
             2

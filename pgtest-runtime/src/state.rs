@@ -168,6 +168,11 @@ pub(crate) enum Entry<'a> {
     Spare(&'a str),
     /// Held by a test that copies a template for `isolation = "database"`.
     Copier(u32),
+    /// Held by the share keeper while it lives; held by it once the
+    /// machine has its share of the server (see [`crate::share`]); its log.
+    ShareKeeper,
+    ShareReady,
+    ShareLog,
 }
 
 impl Entry<'_> {
@@ -194,6 +199,9 @@ impl Entry<'_> {
             Self::Snapshot(template) => format!("snapshot-{template}"),
             Self::Spare(database) => format!("spare-{database}"),
             Self::Copier(index) => format!("copier-{index}.lock"),
+            Self::ShareKeeper => "share-keeper.lock".to_owned(),
+            Self::ShareReady => "share-ready.lock".to_owned(),
+            Self::ShareLog => "share-keeper.log".to_owned(),
         }
     }
 }
