@@ -173,6 +173,8 @@ pub(crate) enum Entry<'a> {
     ShareKeeper,
     ShareReady,
     ShareLog,
+    /// Held by the test process that starts the share keeper.
+    ShareStarter,
 }
 
 impl Entry<'_> {
@@ -202,6 +204,7 @@ impl Entry<'_> {
             Self::ShareKeeper => "share-keeper.lock".to_owned(),
             Self::ShareReady => "share-ready.lock".to_owned(),
             Self::ShareLog => "share-keeper.log".to_owned(),
+            Self::ShareStarter => "share-starter.lock".to_owned(),
         }
     }
 }

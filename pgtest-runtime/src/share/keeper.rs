@@ -68,7 +68,12 @@ pub(crate) fn run(dir: &Path, capacity: u32) -> i32 {
             return 1;
         }
     };
-    if !me.try_lock(Mode::Exclusive).unwrap_or(false) {
+    // A keeper that is leaving lets go in a moment; one that stays keeps it.
+    let deadline = Instant::now() + QUIET;
+    if !me
+        .lock_until_blocking(Mode::Exclusive, deadline)
+        .unwrap_or(false)
+    {
         // Another keeper runs.
         return 0;
     }

@@ -91,21 +91,33 @@ pub(super) async fn take_slots(
     if count == 0 {
         return Ok(Vec::new());
     }
-    // The filter is volatile, so it is not pushed below the sort: it runs
-    // on free slots one by one until the limit is reached.
-    let sql = with_ours!(
-        "select free.slot from ( \
-             select g as slot from generate_series(0, $1 - 1) g \
-             where not exists (select 1 from ours where class = $3 and key = g) \
-             order by random()) free \
-         where pg_try_advisory_lock($3::int4, free.slot) limit $2"
-    );
-    sqlx::query_scalar(sql)
-        .bind(i32::try_from(capacity).unwrap_or(i32::MAX))
-        .bind(i64::from(count))
-        .bind(i64::from(SLOT_CLASS))
-        .fetch_all(connection)
-        .await
+    // Locked one by one: a volatile filter under a limit may be run on a
+    // row the query then does not return, and a lock taken that way would
+    // be held by no one's count.
+    let free: Vec<i32> = sqlx::query_scalar(with_ours!(
+        "select g from generate_series(0, $1 - 1) g \
+         where not exists (select 1 from ours where class = $2 and key = g) \
+         order by random()"
+    ))
+    .bind(i32::try_from(capacity).unwrap_or(i32::MAX))
+    .bind(i64::from(SLOT_CLASS))
+    .fetch_all(&mut *connection)
+    .await?;
+    let mut taken = Vec::new();
+    for slot in free {
+        if taken.len() as u32 == count {
+            break;
+        }
+        let locked: bool = sqlx::query_scalar("select pg_try_advisory_lock($1, $2)")
+            .bind(SLOT_CLASS)
+            .bind(slot)
+            .fetch_one(&mut *connection)
+            .await?;
+        if locked {
+            taken.push(slot);
+        }
+    }
+    Ok(taken)
 }
 
 /// Gives back the server slots `slots`.

@@ -85,6 +85,7 @@ pub(crate) async fn join(dir: &ServerDir, server: &Server, budget: &Budget) -> R
         return Ok(());
     }
     let keeper = dir.lock(Entry::ShareKeeper)?;
+    let starter = dir.lock(Entry::ShareStarter)?;
     let started = Instant::now();
     let deadline = started + budget.timeout();
     let mut last_start: Option<Instant> = None;
@@ -98,7 +99,8 @@ pub(crate) async fn join(dir: &ServerDir, server: &Server, budget: &Budget) -> R
             .is_held(Mode::Shared)
             .map_err(|error| dir.error(Entry::ShareKeeper, &error))?;
         let due = last_start.is_none_or(|at| at.elapsed() > KEEPER_START);
-        if !running && due {
+        // One process of the machine starts the keeper; the others wait.
+        if !running && due && starter.try_lock(Mode::Exclusive).unwrap_or(false) {
             if last_start.is_none() {
                 // The lock database, made if missing: once per run.
                 let admin = server.connect_admin().await?;
