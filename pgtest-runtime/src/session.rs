@@ -12,12 +12,12 @@ use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::OnceCell;
 
-use crate::{Error, share};
 use crate::budget::{self, Budget};
 use crate::config::{Config, Target};
 use crate::lock::{LockFile, Mode};
 use crate::server::Server;
 use crate::state::{Entry, ServerDir, StateDir};
+use crate::{Error, share};
 
 /// How long a learned capacity is trusted before the server is asked again.
 const CAPACITY_TTL: Duration = Duration::from_secs(600);

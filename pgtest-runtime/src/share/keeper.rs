@@ -36,7 +36,9 @@ const CONNECT_TRIES: Duration = Duration::from_secs(60);
 pub(crate) fn run(dir: &Path, capacity: u32) -> i32 {
     let mut credentials = String::new();
     if let Err(error) = std::io::stdin().read_to_string(&mut credentials) {
-        say(&format!("share keeper: cannot read its credentials: {error}"));
+        say(&format!(
+            "share keeper: cannot read its credentials: {error}"
+        ));
         return 1;
     }
     let options = match Server::helper_options(&credentials) {

@@ -121,16 +121,19 @@ pub(super) async fn take_slots(
 }
 
 /// Gives back the server slots `slots`.
-pub(super) async fn release_slots(connection: &mut PgConnection, slots: &[i32]) -> sqlx::Result<()> {
+pub(super) async fn release_slots(
+    connection: &mut PgConnection,
+    slots: &[i32],
+) -> sqlx::Result<()> {
     if slots.is_empty() {
         return Ok(());
     }
     sqlx::query("select pg_advisory_unlock($2, s) from unnest($1::int4[]) s")
         .bind(slots)
         .bind(SLOT_CLASS)
-    .execute(connection)
-    .await
-    .map(drop)
+        .execute(connection)
+        .await
+        .map(drop)
 }
 
 /// Takes one free server slot of `capacity` for this session's own

@@ -59,12 +59,12 @@ pub(crate) mod policy;
 
 use std::time::{Duration, Instant};
 
+use crate::Error;
 use crate::budget::Budget;
 use crate::helper::{self, Job};
 use crate::lock::{Mode, Pauses};
 use crate::server::Server;
 use crate::state::{Entry, ServerDir};
-use crate::Error;
 
 pub(crate) use keeper::run as run_keeper;
 pub(crate) use locks::hold_slot_for_self;
