@@ -28,6 +28,17 @@
 //!
 //! A slot is a locked file: a panicking test drops its guard, a killed
 //! process has its locks released by the operating system.
+//!
+//! **Across machines** (see [`crate::share`]), a machine's share keeper
+//! holds the slot files its machine may not use, lent to other runners of
+//! the server, and lets go of one for each server slot it holds. The
+//! argument above holds on each machine as long as its budget keeps the
+//! reserve and one slot: the keeper gives its machine that much (its
+//! minimum) all at once or not at all, takes only slots that are free (a
+//! test never loses one), and never takes the reserve back while the run
+//! lasts. So a machine with its minimum finishes every test on its own and
+//! then gives its share back; a machine without it holds no server slot
+//! while it waits, so machines cannot each hold part of what another needs.
 
 use std::fs::{self, File, TryLockError};
 use std::io::Write;
