@@ -302,11 +302,25 @@ fn a_runner_alone_uses_the_whole_budget() {
     let child = runner(&cluster, home.path(), None)
         .spawn()
         .expect("start the runner");
+    // Its keeper takes every server slot: the whole budget is the machine's.
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while shares(&cluster).0 < BUDGET {
+        assert!(
+            Instant::now() < deadline,
+            "the keeper never held the whole budget: {:?}",
+            shares(&cluster)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     assert_all_passed(&finish(child, Duration::from_secs(600)), 448);
     assert_eq!(cluster.refusals(), 0, "the server refused no connection");
-    assert_eq!(
-        peak(&cluster.log()),
-        BUDGET,
-        "a runner alone peaks at the whole budget"
+    // As on one machine without sharing: every slot open to all in use at
+    // once (the budget less the reserve's 4, which one growing test at a
+    // time uses as far as it needs), and never more than the budget.
+    let peak = peak(&cluster.log());
+    assert!(
+        (BUDGET - 4..=BUDGET).contains(&peak),
+        "a runner alone peaks at {peak} connections, not {} to {BUDGET}",
+        BUDGET - 4
     );
 }
