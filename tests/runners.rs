@@ -241,8 +241,8 @@ fn a_runner_killed_mid_run_gives_its_share_to_the_others_within_seconds() {
         .arg(inner.get_program())
         .args(inner.get_args())
         .current_dir(project())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
+        .stdout(fs::File::create(homes.path().join("doomed.log")).unwrap())
+        .stderr(fs::File::create(homes.path().join("doomed.err")).unwrap());
     for (var, value) in inner.get_envs() {
         match value {
             Some(value) => doomed.env(var, value),
@@ -264,7 +264,15 @@ fn a_runner_killed_mid_run_gives_its_share_to_the_others_within_seconds() {
     // Mid-run: every runner announced, and some hundreds of connections made.
     let deadline = Instant::now() + Duration::from_secs(300);
     while shares(&cluster).1 < 4 || cluster.log().matches("connection authorized").count() < 300 {
-        assert!(Instant::now() < deadline, "the runners never got going");
+        assert!(
+            Instant::now() < deadline,
+            "the runners never got going: {:?}; the runner in a namespace printed:\n{}",
+            shares(&cluster),
+            common::tail(
+                &fs::read_to_string(homes.path().join("doomed.err")).unwrap_or_default(),
+                40
+            )
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     let (before, _) = shares(&cluster);
