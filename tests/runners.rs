@@ -187,8 +187,8 @@ fn shares(cluster: &Cluster) -> (usize, usize) {
     // Asked in `postgres`: `pgtest_locks` may not be there yet, and
     // `pg_locks` shows every database's locks.
     let counts = cluster.psql(
-        "select count(*) filter (where classid::int8 = 1885828913) || ' ' || \
-         count(distinct pid) filter (where classid::int8 = 1885828914) \
+        "select count(*) filter (where classid::int8 = 1885827889) || ' ' || \
+         count(distinct pid) filter (where classid::int8 = 1885827890) \
          from pg_locks where locktype = 'advisory' and granted",
     );
     let (slots, runners) = counts.trim().split_once(' ').expect("two counts");
