@@ -78,7 +78,11 @@ fn two_runners_without_a_shared_budget_still_finish() {
         let mut command = cluster.fixture("fixture_budget_one_at_a_time");
         // 16 each (12 to take, 4 kept for growing): together more than the
         // server's 20.
-        command.arg("--exact").env("PGTEST_MAX_CONNECTIONS", "16");
+        // Unaware of each other: no budget shared through the server.
+        command
+            .arg("--exact")
+            .env("PGTEST_MAX_CONNECTIONS", "16")
+            .env("PGTEST_SHARED_BUDGET", "off");
         if index.is_multiple_of(2) {
             // A second runner: a budget of its own, unaware of the first.
             command.env("PGTEST_HOME", other_tmp.path().join("pgtest"));
@@ -111,6 +115,9 @@ fn a_panicking_test_gives_its_slots_back() {
             "--test-threads=1",
         ])
         .env("PGTEST_MAX_CONNECTIONS", "4")
+        // One machine's budget, every slot of it (a share keeper would
+        // hold one for its own connection).
+        .env("PGTEST_SHARED_BUDGET", "off")
         .env("PGTEST_BUDGET_TIMEOUT", "5"));
     assert_passed(&output, 2);
 }
@@ -120,7 +127,12 @@ fn a_killed_process_gives_its_slots_back_and_a_waiter_is_told_who_holds_them() {
     let cluster = Cluster::start(&[]);
     let with_four_slots = |test: &str| {
         let mut command = cluster.fixture(test);
-        command.arg("--exact").env("PGTEST_MAX_CONNECTIONS", "4");
+        // One machine's budget, every slot of it (a share keeper would
+        // hold one for its own connection).
+        command
+            .arg("--exact")
+            .env("PGTEST_MAX_CONNECTIONS", "4")
+            .env("PGTEST_SHARED_BUDGET", "off");
         command
     };
     let mut holder = with_four_slots("fixture_budget_holds_every_slot")

@@ -48,6 +48,17 @@
 //!
 //! A slot is a locked file: a panicking test drops its guard, a killed
 //! process has its locks released by the operating system.
+//!
+//! **Across machines** (see [`crate::share`]), a machine's share keeper
+//! holds the slot files its machine may not use, lent to other runners of
+//! the server, and lets go of one for each server slot it holds. The
+//! argument above holds on each machine as long as its budget keeps the
+//! reserve and one slot: the keeper gives its machine that much (its
+//! minimum) all at once or not at all, takes only slots that are free (a
+//! test never loses one), and never takes the reserve back while the run
+//! lasts. So a machine with its minimum finishes every test on its own and
+//! then gives its share back; a machine without it holds no server slot
+//! while it waits, so machines cannot each hold part of what another needs.
 
 use std::fs::{self, File, TryLockError};
 use std::io::Write;
@@ -132,7 +143,7 @@ impl Budget {
     }
 
     /// The slots anyone may take.
-    fn free_for_all(&self) -> u32 {
+    pub(crate) fn free_for_all(&self) -> u32 {
         self.capacity - self.reserve()
     }
 
@@ -288,7 +299,13 @@ impl Budget {
         self.capacity
     }
 
-    fn slot(&self, index: u32) -> PathBuf {
+    /// How long a test waits for slots at most.
+    pub(crate) fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    /// The lock file of the slot `index`.
+    pub(crate) fn slot(&self, index: u32) -> PathBuf {
         self.dir.entry(Entry::Slot(index))
     }
 
@@ -484,7 +501,7 @@ fn open(path: &std::path::Path) -> Result<File, Error> {
 }
 
 /// Writes who holds a slot into it, for others' timeout messages.
-fn note_holder(file: &File, holder: &str) {
+pub(crate) fn note_holder(file: &File, holder: &str) {
     let mut file = file;
     let _ = file
         .set_len(0)

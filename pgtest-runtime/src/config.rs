@@ -30,6 +30,10 @@ const IDLE_VAR: &str = "PGTEST_EMBEDDED_IDLE";
 const BUDGET_TIMEOUT_VAR: &str = "PGTEST_BUDGET_TIMEOUT";
 /// Overrides the number of connections the suite may use.
 const MAX_CONNECTIONS_VAR: &str = "PGTEST_MAX_CONNECTIONS";
+/// Whether runners on other machines share the server's budget through
+/// the server (`on`, the default for a server given by URL) or this
+/// machine budgets the server alone (`off`).
+const SHARED_BUDGET_VAR: &str = "PGTEST_SHARED_BUDGET";
 /// Caps the spare databases, all templates together.
 const SPARES_VAR: &str = "PGTEST_SPARE_DATABASES";
 /// How many databases of a template database mode makes before its tests
@@ -148,6 +152,9 @@ pub(crate) struct Config {
     pub(crate) min_free_disk: u32,
     /// The connections the suite may use, when set rather than learned.
     pub(crate) max_connections: Option<u32>,
+    /// Whether the budget is shared with other machines through the server
+    /// (`PGTEST_SHARED_BUDGET`; see [`crate::share`]), for a server given by URL.
+    pub(crate) shared_budget: bool,
     /// pgtest's home on this machine (see [`crate::state`]).
     pub(crate) home: PathBuf,
     /// Where to look for the embedded server's binaries.
@@ -194,6 +201,7 @@ impl Config {
             keep_failed: count(KEEP_FAILED_VAR, DEFAULT_KEEP_FAILED)?,
             min_free_disk: count(MIN_FREE_DISK_VAR, DEFAULT_MIN_FREE_DISK)?,
             max_connections: connections(MAX_CONNECTIONS_VAR)?,
+            shared_budget: switch(SHARED_BUDGET_VAR, true)?,
             home: home(),
             binaries,
             server_user: non_empty_var(SERVER_USER_VAR),
@@ -396,6 +404,21 @@ fn connections(var: &'static str) -> Result<Option<u32>, Error> {
             var,
             value,
             expected: "a whole number of connections, at least 1",
+        }),
+    }
+}
+
+fn switch(var: &'static str, default: bool) -> Result<bool, Error> {
+    let Some(value) = non_empty_var(var) else {
+        return Ok(default);
+    };
+    match value.trim().to_ascii_lowercase().as_str() {
+        "on" | "1" | "true" | "yes" => Ok(true),
+        "off" | "0" | "false" | "no" => Ok(false),
+        _ => Err(Error::InvalidSetting {
+            var,
+            value,
+            expected: "on or off",
         }),
     }
 }

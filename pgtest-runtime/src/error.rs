@@ -313,6 +313,25 @@ pub enum Error {
         holders: String,
     },
 
+    /// The share keeper did not get this machine its share of the server
+    /// in time.
+    #[error(
+        "waited {:.0} s for this machine's share of the server's connections, which pgtest \
+         keeps with the other runners that use the server (see {log} for what the keeper \
+         said): {why}. If other runners hold the whole server, wait for them or set \
+         PGTEST_BUDGET_TIMEOUT (seconds) to wait longer; set PGTEST_SHARED_BUDGET=off to \
+         budget this machine alone",
+        after.as_secs_f64()
+    )]
+    ShareTimeout {
+        /// How long pgtest waited.
+        after: Duration,
+        /// The keeper's log.
+        log: String,
+        /// What was seen: the keeper never started, or started and waits.
+        why: String,
+    },
+
     /// No database came free for `isolation = "database"` in time.
     #[error(
         "waited {:.0} s for a database of template {template}: no test put one back, and other \

@@ -32,6 +32,7 @@ mod runner;
 mod server;
 mod session;
 mod shapes;
+mod share;
 mod state;
 mod wait;
 

@@ -14,7 +14,7 @@ use sqlx::Connection;
 use tokio::sync::OnceCell;
 
 use crate::budget::{self, Budget};
-use crate::config::Config;
+use crate::config::{Config, Target};
 use crate::lock::{LockFile, Mode};
 use crate::server::Server;
 use crate::state::{Entry, ServerDir, StateDir};
@@ -74,8 +74,14 @@ impl Session {
             held: Mutex::default(),
             ready: Mutex::default(),
         };
-        // The spares helper works only while no process holds this.
+        // The spares helper and the share keeper work only while no
+        // process holds this.
         session.hold_while_alive(Entry::Clients).await?;
+        // Runners on other machines may use the server: this machine takes
+        // its share of it (the embedded server is this machine's alone).
+        if session.config.shared_budget && matches!(session.config.target, Target::Url { .. }) {
+            helpers::keeper::join(&session.dir, &session.server, &session.budget).await?;
+        }
         Ok(Arc::new(session))
     }
 

@@ -167,6 +167,13 @@ pub(crate) enum Entry<'a> {
     Spare(&'a str),
     /// Held by a test that copies a template for `isolation = "database"`.
     Copier(u32),
+    /// Held by the share keeper while it lives; held by it once the
+    /// machine has its share of the server (see [`crate::share`]); its log.
+    ShareKeeper,
+    ShareReady,
+    ShareLog,
+    /// Held by the test process that starts the share keeper.
+    ShareStarter,
 }
 
 impl Entry<'_> {
@@ -193,6 +200,10 @@ impl Entry<'_> {
             Self::Snapshot(template) => format!("snapshot-{template}"),
             Self::Spare(database) => format!("spare-{database}"),
             Self::Copier(index) => format!("copier-{index}.lock"),
+            Self::ShareKeeper => "share-keeper.lock".to_owned(),
+            Self::ShareReady => "share-ready.lock".to_owned(),
+            Self::ShareLog => "share-keeper.log".to_owned(),
+            Self::ShareStarter => "share-starter.lock".to_owned(),
         }
     }
 }

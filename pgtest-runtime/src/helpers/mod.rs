@@ -23,6 +23,7 @@ use std::time::Duration;
 use crate::config::{self, HELPER_VAR};
 use crate::state::append_no_follow;
 
+pub(crate) mod keeper;
 pub(crate) mod spares;
 pub(crate) mod watchdog;
 
@@ -39,6 +40,10 @@ pub(crate) enum Job {
     /// Do the server work queued in the budget directory `budget` once no
     /// test uses the server, making at most `limit` spares of a template.
     Spares { budget: PathBuf, limit: u32 },
+    /// Keep this machine's share of the server's `capacity` connections,
+    /// for the budget directory `budget` (see [`crate::share`] and
+    /// [`keeper`]).
+    Share { budget: PathBuf, capacity: u32 },
 }
 
 impl Job {
@@ -56,6 +61,11 @@ impl Job {
             }
             Self::Spares { budget, limit } => {
                 let mut value = OsString::from(format!("spares {limit} "));
+                value.push(budget);
+                value
+            }
+            Self::Share { budget, capacity } => {
+                let mut value = OsString::from(format!("share {capacity} "));
                 value.push(budget);
                 value
             }
@@ -84,6 +94,13 @@ impl Job {
                     limit: limit.parse().ok()?,
                 })
             }
+            "share" => {
+                let (capacity, budget) = rest.split_once(' ')?;
+                Some(Self::Share {
+                    budget: PathBuf::from(budget),
+                    capacity: capacity.parse().ok()?,
+                })
+            }
             _ => None,
         }
     }
@@ -107,6 +124,7 @@ pub(crate) fn run_if_asked() -> Option<i32> {
     Some(match job {
         Ok(Job::Watchdog { cluster, bin, idle }) => watchdog::run(&cluster, &bin, idle),
         Ok(Job::Spares { budget, limit }) => spares::run(&budget, limit),
+        Ok(Job::Share { budget, capacity }) => keeper::run(&budget, capacity),
         Err(marker) => {
             say(&format!("pgtest: unknown helper {marker:?}"));
             2
@@ -181,6 +199,12 @@ mod tests {
         let job = Job::Spares {
             budget: PathBuf::from("/var/tmp/pgtest-root/budget/0123abcd"),
             limit: 256,
+        };
+        let marker = job.encode().into_string().unwrap();
+        assert_eq!(Job::decode(&marker), Some(job));
+        let job = Job::Share {
+            budget: PathBuf::from("/var/tmp/pgtest-root/budget/0123abcd"),
+            capacity: 44,
         };
         let marker = job.encode().into_string().unwrap();
         assert_eq!(Job::decode(&marker), Some(job));

@@ -34,6 +34,7 @@ use sqlx::postgres::{PgConnectOptions, PgConnection};
 
 use super::{Job, say};
 use crate::Error;
+use crate::budget::Budget;
 use crate::config::Config;
 use crate::error::{DISK_FULL, sqlstate};
 use crate::lock::Mode;
@@ -54,10 +55,19 @@ const WORK_TRIES: u32 = 5;
 /// when pgtest can look at its disk, and the room its copies leave there.
 const DATA_DIR_KEY: &str = "PGTEST_DATA_DIR";
 const MIN_FREE_KEY: &str = "PGTEST_MIN_FREE_DISK";
+/// The server slots of a budget shared with other machines (see
+/// [`crate::share`]): the helper's connection holds one of them.
+const SHARE_SLOTS_KEY: &str = "PGTEST_SHARE_SLOTS";
 
 /// Asks the helper for one more spare of `template` after this run, and
 /// starts the helper if it is not running.
-pub(crate) fn want(dir: &ServerDir, server: &Server, config: &Config, template: &str) {
+pub(crate) fn want(
+    dir: &ServerDir,
+    server: &Server,
+    config: &Config,
+    budget: &Budget,
+    template: &str,
+) {
     let limit = config.spare_databases;
     if limit == 0 {
         return;
@@ -69,16 +79,16 @@ pub(crate) fn want(dir: &ServerDir, server: &Server, config: &Config, template: 
         return;
     }
     if !helper_running(dir) {
-        start_helper(dir, server, config);
+        start_helper(dir, server, config, budget);
     }
 }
 
 /// Starts the helper, if it is not running, for the server work the run
 /// leaves (retired databases to drop); without spares (a limit of 0) the
 /// tests' sweeps drop passed tests' databases as they go.
-pub(crate) fn helper_after_run(dir: &ServerDir, server: &Server, config: &Config) {
+pub(crate) fn helper_after_run(dir: &ServerDir, server: &Server, config: &Config, budget: &Budget) {
     if config.spare_databases > 0 && !helper_running(dir) {
-        start_helper(dir, server, config);
+        start_helper(dir, server, config, budget);
     }
 }
 
@@ -88,7 +98,7 @@ pub(crate) fn helper_running(dir: &ServerDir) -> bool {
         .is_ok_and(|lock| lock.is_held(Mode::Shared).unwrap_or(false))
 }
 
-fn start_helper(dir: &ServerDir, server: &Server, config: &Config) {
+fn start_helper(dir: &ServerDir, server: &Server, config: &Config, budget: &Budget) {
     let job = Job::Spares {
         budget: dir.path().to_owned(),
         limit: config.spare_databases,
@@ -98,6 +108,9 @@ fn start_helper(dir: &ServerDir, server: &Server, config: &Config) {
         settings.push((DATA_DIR_KEY, data.display().to_string()));
     }
     settings.push((MIN_FREE_KEY, config.min_free_disk.to_string()));
+    if config.shared_budget && server.data_dir.is_none() {
+        settings.push((SHARE_SLOTS_KEY, budget.capacity().to_string()));
+    }
     let credentials: String = settings
         .into_iter()
         .map(|(key, value)| format!("{key}={value}\n"))
@@ -236,6 +249,10 @@ pub(crate) fn run(dir: &Path, limit: u32) -> i32 {
         }
     };
     let mut room = Room::given(&credentials, &options);
+    let share_slots: Option<u32> = credentials
+        .lines()
+        .find_map(|line| line.strip_prefix(SHARE_SLOTS_KEY)?.strip_prefix('='))
+        .and_then(|slots| slots.parse().ok());
     let opened = ServerDir::reopen(dir).and_then(|dir| {
         let locks = (dir.lock(Entry::SparesHelper)?, dir.lock(Entry::Clients)?);
         Ok((dir, locks))
@@ -273,7 +290,8 @@ pub(crate) fn run(dir: &Path, limit: u32) -> i32 {
         if quiet_since.elapsed() < QUIET {
             continue;
         }
-        match runtime.block_on(work(&dir, limit, &options, &mut room, &idle)) {
+        let pass = work(&dir, limit, &options, &mut room, share_slots, &idle);
+        match runtime.block_on(pass) {
             Ok(true) => return 0,
             // A test came: later.
             Ok(false) => quiet_since = Instant::now(),
@@ -299,6 +317,7 @@ async fn work(
     limit: u32,
     options: &PgConnectOptions,
     room: &mut Room,
+    share_slots: Option<u32>,
     idle: &dyn Fn() -> bool,
 ) -> Result<bool, String> {
     let queue = Queue::open(dir).map_err(|error| format!("cannot open its queue: {error}"))?;
@@ -314,6 +333,14 @@ async fn work(
             options.get_username()
         )
     })?;
+    // Other machines' runners may use the server: this connection counts.
+    if let Some(slots) = share_slots {
+        let held = crate::share::hold_slot_for_self(&mut admin, slots).await;
+        if !held.map_err(|error| format!("cannot take a server slot: {error}"))? {
+            let _ = admin.close().await;
+            return Ok(false);
+        }
+    }
     queue_copies(dir, &queue, &mut admin, limit).await?;
     let mut finished = true;
     // Once the disk is short of room, no copy is made in this pass: the

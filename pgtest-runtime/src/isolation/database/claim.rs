@@ -194,9 +194,10 @@ impl Claim<'_> {
                 dir,
                 server,
                 config,
+                budget,
                 ..
             } = self.session;
-            spares::want(dir, server, config, self.template);
+            spares::want(dir, server, config, budget, self.template);
         }
         TestDatabase {
             name,

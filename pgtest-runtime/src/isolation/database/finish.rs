@@ -136,7 +136,12 @@ impl TestDatabase {
         };
         tracing::debug!(database = self.name, why, "retired");
         session.dir.note_passed(&self.name);
-        spares::helper_after_run(&session.dir, &session.server, &session.config);
+        spares::helper_after_run(
+            &session.dir,
+            &session.server,
+            &session.config,
+            &session.budget,
+        );
         None
     }
 
