@@ -30,54 +30,31 @@ fn modules() -> BTreeMap<String, Vec<(PathBuf, String)>> {
     modules
 }
 
-/// The modules `text` names through `crate::` in code (comments aside),
-/// its re-exported types mapped to the modules that define them.
+/// The modules `text` names through `crate::` in code (comments and unit
+/// tests aside), its re-exported types mapped to the modules that define
+/// them.
 fn imports(text: &str) -> BTreeSet<String> {
-    let code: Vec<&str> = text
-        .lines()
-        .filter(|line| !line.trim_start().starts_with("//"))
-        .collect();
-    let text = code.join("\n");
-    let mut found = BTreeSet::new();
-    for (at, _) in text.match_indices("crate::") {
-        // `my_crate::tests` names another crate.
-        let before = text[..at].chars().next_back();
-        if before.is_some_and(|c| c.is_alphanumeric() || c == '_') {
-            continue;
-        }
-        let rest = &text[at + "crate::".len()..];
-        let names: Vec<&str> = match rest.strip_prefix('{') {
-            Some(group) => group[..group.find('}').unwrap()].split(',').collect(),
-            None => vec![rest],
-        };
-        for name in names {
-            let name: String = name
-                .trim()
-                .chars()
-                .take_while(|c| c.is_alphanumeric() || *c == '_')
-                .collect();
-            let module = match name.as_str() {
-                "Error" => "error",
-                "TestContext" => "context",
-                "Tenant" | "" => continue,
-                module => module,
-            };
-            found.insert(module.to_owned());
-        }
-    }
-    found
+    reached(text, "crate::")
+        .into_iter()
+        .filter_map(|name| match name.as_str() {
+            "Error" => Some("error".to_owned()),
+            "TestContext" => Some("context".to_owned()),
+            "Tenant" | "" => None,
+            _ => Some(name),
+        })
+        .collect()
 }
 
 #[test]
 fn the_runtimes_modules_import_each_other_without_a_cycle() {
     let modules = modules();
-    let graph: BTreeMap<&str, BTreeSet<String>> = modules
+    let graph: BTreeMap<String, BTreeSet<String>> = modules
         .iter()
         .map(|(module, files)| {
             let mut uses: BTreeSet<String> =
                 files.iter().flat_map(|(_, text)| imports(text)).collect();
             uses.remove(module);
-            (module.as_str(), uses)
+            (module.clone(), uses)
         })
         .collect();
     for uses in graph.values() {
@@ -89,32 +66,7 @@ fn the_runtimes_modules_import_each_other_without_a_cycle() {
         graph["runner"].contains("isolation"),
         "the scan reads imports"
     );
-    // Depth-first, keeping the path: a module met again on it is a cycle.
-    fn visit<'a>(
-        graph: &'a BTreeMap<&str, BTreeSet<String>>,
-        module: &'a str,
-        path: &mut Vec<&'a str>,
-        done: &mut BTreeSet<&'a str>,
-    ) {
-        if let Some(start) = path.iter().position(|seen| *seen == module) {
-            panic!(
-                "the runtime's modules import each other in a cycle: {} -> {module}",
-                path[start..].join(" -> ")
-            );
-        }
-        if !done.insert(module) {
-            return;
-        }
-        path.push(module);
-        for next in &graph[module] {
-            visit(graph, next, path, done);
-        }
-        path.pop();
-    }
-    let mut done = BTreeSet::new();
-    for module in graph.keys() {
-        visit(&graph, module, &mut Vec::new(), &mut done);
-    }
+    assert_no_cycle(&graph, "the runtime's modules");
 }
 
 /// The names `text` (code, comments and unit tests aside) reaches through

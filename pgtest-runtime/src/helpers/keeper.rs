@@ -219,7 +219,10 @@ async fn keep(dir: &ServerDir, budget: &Budget, options: &PgConnectOptions) -> R
     let mut connection = connect(options).await?;
     let id = answer(locks::announce(&mut connection)).await?;
     let capacity = budget.capacity();
-    let minimum = (budget.reserve() + 2).min(capacity);
+    // Its own slot, the reserve, one for a test, and one for the sweep the
+    // run's first copy starts beside its test (taken only when free at
+    // once: without it a machine alone would never sweep).
+    let minimum = (budget.reserve() + 3).min(capacity);
     let mut held: Vec<i32> = Vec::new();
     let mut wanting = false;
     let mut ready = false;

@@ -39,7 +39,8 @@
 //! **No deadlock across machines.** Within a machine, the file-lock budget
 //! cannot deadlock as long as its capacity includes the reserve and one
 //! slot (see [`crate::budget`]); the keeper gives its machine at least
-//! that, its **minimum** (its own slot, the reserve and one), all at once or
+//! that, its **minimum** (its own slot, the reserve, one for a test and one
+//! for the sweep a run's first copy starts beside its test), all at once or
 //! not at all, and never takes back a file slot that a test holds (it takes
 //! only slots that are free, as they free up), nor the reserve while the
 //! run lasts. So a machine that has its minimum finishes every test without

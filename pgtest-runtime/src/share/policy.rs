@@ -25,7 +25,7 @@ pub(crate) struct View {
     /// Whether its tests wait for slots.
     pub(crate) hungry: bool,
     /// The least it holds while its run lasts: its keeper's own slot, the
-    /// reserve and one.
+    /// reserve, one for a test and one for a sweep.
     pub(crate) minimum: u32,
 }
 

@@ -193,7 +193,7 @@ impl TestDatabase {
         format!(
             "its database {name} is kept until a later run sweeps it{dropped}; \
              inspect it with: {psql} (or, even once the embedded server has stopped: \
-             cargo pgtest psql {test}, from cargo install cargo-pgtest)",
+             cargo pgtest psql {test}; install it with cargo install --path cargo-pgtest in a clone of pgtest)",
             name = self.name,
             psql = server.psql_command(&self.name),
             test = self.test,
