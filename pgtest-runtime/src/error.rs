@@ -334,9 +334,9 @@ pub enum Error {
 
     /// No database came free for `isolation = "database"` in time.
     #[error(
-        "waited {:.0} s for a database of template {template}: no test put one back, and other \
-         tests of this machine kept copying it (they hold {locks}). If one of those hangs, stop \
-         it (`fuser` on those files finds it); set PGTEST_BUDGET_TIMEOUT (seconds) to wait longer",
+        "waited {:.0} s for a database of template {template}: no test put one back, and {holder}. \
+         If one of those hangs, stop it (`fuser` on those files finds it); set \
+         PGTEST_BUDGET_TIMEOUT (seconds) to wait longer",
         after.as_secs_f64()
     )]
     CopyTimeout {
@@ -344,8 +344,8 @@ pub enum Error {
         template: String,
         /// How long pgtest waited.
         after: Duration,
-        /// The lock files of the tests copying it.
-        locks: String,
+        /// Who held it up, and their lock files.
+        holder: String,
     },
 
     /// The budget's lock files cannot be used.

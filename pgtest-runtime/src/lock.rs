@@ -107,7 +107,10 @@ impl LockFile {
     fn look(&self, mode: Mode) -> io::Result<Look<()>> {
         Ok(match self.try_lock(mode)? {
             true => Look::Ready(()),
-            false => Look::Held("another process".to_owned()),
+            false => Look::Held(format!(
+                "another process (`fuser {}` names it)",
+                self.path.display()
+            )),
         })
     }
 }

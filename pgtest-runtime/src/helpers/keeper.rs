@@ -311,16 +311,17 @@ async fn keep(dir: &ServerDir, budget: &Budget, options: &PgConnectOptions) -> R
 /// The keeper's connection: retried while the server is full (its tests
 /// wait for it), at most [`CONNECT_TRIES`].
 async fn connect(options: &PgConnectOptions) -> Result<PgConnection, String> {
-    let started = Instant::now();
-    loop {
+    let deadline = Instant::now() + CONNECT_TRIES;
+    let what = "a free connection to the lock database";
+    let connected = wait_until(deadline, what, Pace::Server, async || {
         match answer(PgConnection::connect_with(options)).await {
-            Ok(connection) => return Ok(connection),
-            Err(error) if error.contains("53300") && started.elapsed() < CONNECT_TRIES => {
-                tokio::time::sleep(TICK).await;
-            }
-            Err(error) => return Err(format!("cannot connect to the lock database: {error}")),
+            Ok(connection) => Ok(Look::Ready(connection)),
+            Err(error) if error.contains("53300") => Ok(Look::Held(error)),
+            Err(error) => Err(format!("cannot connect to the lock database: {error}")),
         }
-    }
+    })
+    .await?;
+    connected.map_err(|expired| format!("cannot connect to the lock database: {expired}"))
 }
 
 /// The server's answer to `query`, at most [`ANSWER`] later.

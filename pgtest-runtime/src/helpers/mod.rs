@@ -1,6 +1,7 @@
 //! Helpers: processes that outlive the test process that starts them, the
-//! embedded server's watchdog ([`watchdog`]) and the spares helper
-//! ([`spares`]), and how they are started and recognised (here): the test
+//! embedded server's watchdog ([`watchdog`]), the spares helper
+//! ([`spares`]) and the share keeper ([`keeper`]), and how they are started
+//! and recognised (here): the test
 //! binary itself, run again
 //! for one of its pgtest tests with a marker that makes pgtest's runner do
 //! the helper's work instead of the test (the technique of rusty-fork and

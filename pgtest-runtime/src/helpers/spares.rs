@@ -403,8 +403,7 @@ fn queue_drops(dir: &ServerDir, queue: &Queue) -> std::io::Result<()> {
         queue.push(&ServerJob::Drop {
             database: database.clone(),
         })?;
-        let _ = fs::remove_file(dir.entry(Entry::Passed(&database)));
-        let _ = fs::remove_file(dir.entry(Entry::Live(&database)));
+        dir.forget(&database);
     }
     Ok(())
 }

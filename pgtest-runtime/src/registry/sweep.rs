@@ -138,9 +138,10 @@ impl Sweep<'_> {
         tracing::debug!(database = name, test = origin.test, "sweeping");
         let gone = drop_unclaimed(self.server, admin, name).await?;
         if gone {
-            let _ = fs::remove_file(&passed);
-            let _ = fs::remove_file(self.dir.entry(Entry::Failed(name)));
-            let _ = fs::remove_file(self.dir.entry(lock));
+            match lock {
+                Entry::Run(_) => drop(fs::remove_file(self.dir.entry(lock))),
+                _ => self.dir.forget(name),
+            }
         }
         Ok(gone)
     }

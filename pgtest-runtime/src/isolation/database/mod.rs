@@ -107,10 +107,17 @@ pub(super) async fn prepare(
                         .to_string()
                 })
                 .collect();
-            return Ok(Look::Held(format!(
-                "the tests holding {}",
-                copiers.join(", ")
-            )));
+            return Ok(Look::Held(match take_turns {
+                true => format!(
+                    "its {} copies (PGTEST_TEMPLATE_COPIES) were all in use by tests of this \
+                     machine",
+                    session.config.template_copies
+                ),
+                false => format!(
+                    "other tests of this machine kept copying it (they hold {})",
+                    copiers.join(", ")
+                ),
+            }));
         }
         let taken = std::mem::replace(&mut stored, Stored::Missing);
         let (pool, database, admin) = claim.with_admin(migrations, taken).await?;
@@ -121,7 +128,7 @@ pub(super) async fn prepare(
     let (pool, database, admin) = claimed.map_err(|expired| Error::CopyTimeout {
         template: template.clone(),
         after: expired.after,
-        locks: expired.holder,
+        holder: expired.holder,
     })?;
     let name = database.name.clone();
     let context = TestContext::new(pool.pool, tenant, name, spec.name);
