@@ -213,6 +213,7 @@ fn panic_message(payload: &(dyn Any + Send)) -> Option<&str> {
 /// Prepares the test's database and pool in the process's session.
 async fn prepare(spec: &TestSpec) -> Result<Prepared, Error> {
     let session = Session::get(spec.manifest_dir).await?;
+    session.keep_share().await?;
     isolation::prepare(&session, spec).await
 }
 

@@ -77,12 +77,21 @@ impl Session {
         // The spares helper and the share keeper work only while no
         // process holds this.
         session.hold_while_alive(Entry::Clients).await?;
-        // Runners on other machines may use the server: this machine takes
-        // its share of it (the embedded server is this machine's alone).
-        if session.config.shared_budget && matches!(session.config.target, Target::Url { .. }) {
-            helpers::keeper::join(&session.dir, &session.server, &session.budget).await?;
-        }
+        session.keep_share().await?;
         Ok(Arc::new(session))
+    }
+
+    /// Makes sure this machine holds its share of a server that runners on
+    /// other machines may use (the embedded server is this machine's
+    /// alone): one look at a lock file while its share keeper holds it.
+    /// Before each test too, so that a keeper that died mid-run (its lent
+    /// slots then free) is replaced before this process's next test takes
+    /// more than the machine's share.
+    pub(crate) async fn keep_share(&self) -> Result<(), Error> {
+        if self.config.shared_budget && matches!(self.config.target, Target::Url { .. }) {
+            helpers::keeper::join(&self.dir, &self.server, &self.budget).await?;
+        }
+        Ok(())
     }
 
     /// Holds a shared lock on `entry` until the process ends (once per
