@@ -259,7 +259,10 @@ async fn keep(dir: &ServerDir, budget: &Budget, options: &PgConnectOptions) -> R
         let wants = if count < minimum {
             // All or nothing: a runner that waits for its minimum holds
             // no slot while it waits.
-            let need = minimum.max(1 + local.granted()) - count;
+            // Enough to give the reserve back too: a keeper that starts
+            // while tests hold slots (one before it died) counts those as
+            // granted, and the reserve goes back only whole.
+            let need = minimum.max(1 + local.granted() + local.lent_reserve()) - count;
             let taken = answer(locks::take_slots(&mut connection, capacity, need)).await?;
             if (taken.len() as u32) < need {
                 answer(locks::release_slots(&mut connection, &taken)).await?;

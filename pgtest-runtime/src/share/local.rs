@@ -104,6 +104,14 @@ impl Local {
         slots + reserve
     }
 
+    /// The reserve's slots, while the reserve is lent (as the keeper starts).
+    pub(crate) fn lent_reserve(&self) -> u32 {
+        match self.reserve.lent {
+            true => self.reserve_units,
+            false => 0,
+        }
+    }
+
     /// Gives the machine's tests `count` more slots (the reserve first, if
     /// lent and `count` covers it); how many it gave.
     pub(crate) fn grant(&mut self, count: u32) -> u32 {
