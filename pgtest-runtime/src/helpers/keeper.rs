@@ -262,7 +262,10 @@ async fn keep(dir: &ServerDir, budget: &Budget, options: &PgConnectOptions) -> R
             // Enough to give the reserve back too: a keeper that starts
             // while tests hold slots (one before it died) counts those as
             // granted, and the reserve goes back only whole.
-            let need = minimum.max(1 + local.granted() + local.lent_reserve()) - count;
+            let need = minimum
+                .max(1 + local.granted() + local.lent_reserve())
+                .min(capacity)
+                - count;
             let taken = answer(locks::take_slots(&mut connection, capacity, need)).await?;
             if (taken.len() as u32) < need {
                 answer(locks::release_slots(&mut connection, &taken)).await?;
