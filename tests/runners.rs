@@ -204,23 +204,32 @@ fn assert_within_budget(cluster: &Cluster) {
     );
 }
 
-#[test]
-fn four_runners_with_homes_of_their_own_share_one_server_of_fifty() {
-    let cluster = cluster();
-    project();
-    let homes = tempfile::tempdir().unwrap();
-    let children: Vec<Child> = (1..=4)
+/// Runners `indexes` of four, each on partition `index/4` with a home of
+/// its own under `homes` (`m<index>`), started.
+fn spawn_runners(
+    cluster: &Cluster,
+    homes: &Path,
+    indexes: std::ops::RangeInclusive<usize>,
+) -> Vec<Child> {
+    indexes
         .map(|index| {
             runner(
-                &cluster,
-                &homes.path().join(format!("m{index}")),
+                cluster,
+                &homes.join(format!("m{index}")),
                 Some(&format!("{index}/4")),
             )
             .spawn()
             .expect("start a runner")
         })
-        .collect();
-    for child in children {
+        .collect()
+}
+
+#[test]
+fn four_runners_with_homes_of_their_own_share_one_server_of_fifty() {
+    let cluster = cluster();
+    project();
+    let homes = tempfile::tempdir().unwrap();
+    for child in spawn_runners(&cluster, homes.path(), 1..=4) {
         assert_all_passed(&finish(child, Duration::from_secs(600)), 112);
     }
     assert_within_budget(&cluster);
@@ -250,17 +259,7 @@ fn a_runner_killed_mid_run_gives_its_share_to_the_others_within_seconds() {
         };
     }
     let mut doomed = doomed.spawn().expect("start a runner in a namespace");
-    let others: Vec<Child> = (2..=4)
-        .map(|index| {
-            runner(
-                &cluster,
-                &homes.path().join(format!("m{index}")),
-                Some(&format!("{index}/4")),
-            )
-            .spawn()
-            .expect("start a runner")
-        })
-        .collect();
+    let others = spawn_runners(&cluster, homes.path(), 2..=4);
     // Mid-run: every runner announced, and some hundreds of connections made.
     let deadline = Instant::now() + Duration::from_secs(300);
     while shares(&cluster).1 < 4 || cluster.log().matches("connection authorized").count() < 300 {
