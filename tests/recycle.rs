@@ -100,23 +100,7 @@ async fn fixture_recycle_sees_the_template(pool: PgPool) -> anyhow::Result<()> {
         "got {mine}, not the database of the test before: {before}"
     );
     let template = &mine[..mine.rfind('_').expect("a copy's name")];
-    let admin_options = (*pool.connect_options()).clone().database("postgres");
-    let mut admin = PgConnection::connect_with(&admin_options).await?;
-    admin
-        .execute("drop database if exists recycle_fresh")
-        .await?;
-    admin
-        .execute(AssertSqlSafe(format!(
-            "create database recycle_fresh template \"{template}\""
-        )))
-        .await?;
-    let mut fresh =
-        PgConnection::connect_with(&admin_options.clone().database("recycle_fresh")).await?;
-    let expected = dump(&mut fresh).await?;
-    fresh.close().await?;
-    admin
-        .execute("drop database recycle_fresh with (force)")
-        .await?;
+    let expected = on_fresh_copy(&pool, template, dump).await?;
     let mut connection = pool.acquire().await?;
     let found = dump(&mut connection).await?;
     if found != expected {
@@ -520,6 +504,16 @@ async fn planner_view(connection: &mut PgConnection) -> anyhow::Result<Vec<Strin
 
 /// What the planner sees of a copy of `template` made now.
 async fn fresh_planner_view(pool: &PgPool, template: &str) -> anyhow::Result<Vec<String>> {
+    on_fresh_copy(pool, template, planner_view).await
+}
+
+/// What `look` finds in a copy of `template` made now (and dropped after),
+/// on the server of `pool`.
+async fn on_fresh_copy<T>(
+    pool: &PgPool,
+    template: &str,
+    look: impl AsyncFnOnce(&mut PgConnection) -> anyhow::Result<T>,
+) -> anyhow::Result<T> {
     let admin_options = (*pool.connect_options()).clone().database("postgres");
     let mut admin = PgConnection::connect_with(&admin_options).await?;
     admin
@@ -532,12 +526,12 @@ async fn fresh_planner_view(pool: &PgPool, template: &str) -> anyhow::Result<Vec
         .await?;
     let mut fresh =
         PgConnection::connect_with(&admin_options.clone().database("recycle_fresh")).await?;
-    let view = planner_view(&mut fresh).await;
+    let found = look(&mut fresh).await;
     fresh.close().await?;
     admin
         .execute("drop database recycle_fresh with (force)")
         .await?;
-    view
+    found
 }
 
 /// Waits until autovacuum has been through the database of `pool`, from
