@@ -341,9 +341,13 @@ type Outcomes = BTreeMap<String, BTreeMap<String, Vec<String>>>;
 fn outcomes(printed: &str) -> Outcomes {
     let mut outcomes = Outcomes::new();
     for line in printed.lines() {
-        let Some(rest) = line.strip_prefix("oracle ") else {
+        // Anywhere in the line: on threads of one process, libtest may have
+        // written "test … ... " (its result follows on a line of its own)
+        // just before a fixture's line.
+        let Some(at) = line.find("oracle ") else {
             continue;
         };
+        let rest = &line[at + "oracle ".len()..];
         let mut parts = rest.splitn(3, ' ');
         let (Some(scenario), Some(pool), Some(outcome)) =
             (parts.next(), parts.next(), parts.next())
