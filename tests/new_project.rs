@@ -13,20 +13,6 @@ use std::time::Duration;
 
 use common::{Cluster, assert_passed, finish, text};
 
-const MANIFEST: &str = r#"
-[package]
-name = "fresh-app"
-version = "0.1.0"
-edition = "2024"
-publish = false
-
-[dev-dependencies]
-pgtest = { path = "PGTEST_PATH" }
-sqlx = { version = "0.9", default-features = false, features = ["postgres", "runtime-tokio"] }
-
-[workspace]
-"#;
-
 const SUITE: &str = r#"
 use pgtest::{PgPool, pg_test};
 
@@ -101,7 +87,7 @@ fn an_edited_migration_gets_a_new_database_without_a_rebuild() {
     write(
         root,
         "Cargo.toml",
-        &MANIFEST.replace("PGTEST_PATH", env!("CARGO_MANIFEST_DIR")),
+        &common::project_manifest("fresh-app", ""),
     );
     fs::copy(
         Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.lock"),
@@ -284,10 +270,7 @@ fn packages_with_names_of_any_length_pass_twice() {
         write(
             &member,
             "Cargo.toml",
-            &MANIFEST
-                .replace("fresh-app", name)
-                .replace("PGTEST_PATH", env!("CARGO_MANIFEST_DIR"))
-                .replace("\n[workspace]\n", ""),
+            &common::project_manifest(name, "").replace("\n[workspace]\n", ""),
         );
         write(&member, "src/lib.rs", "");
         write(&member, "tests/names.rs", NAMED_SUITE);

@@ -23,21 +23,6 @@ use common::{Cluster, finish, text};
 const MAX_CONNECTIONS: &str = "50";
 const BUDGET: usize = 44;
 
-const MANIFEST: &str = r#"
-[package]
-name = "runners-suite"
-version = "0.1.0"
-edition = "2024"
-publish = false
-
-[dev-dependencies]
-pgtest = { path = "PGTEST_PATH" }
-sqlx = { version = "0.9", default-features = false, features = ["postgres", "runtime-tokio"] }
-tokio = { version = "1", features = ["sync", "rt"] }
-
-[workspace]
-"#;
-
 /// 448 tests in 56 modules of 8, each holding three connections at once.
 fn suite() -> String {
     let mut suite = String::from(
@@ -90,7 +75,10 @@ fn project() -> &'static Path {
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/pgtest-it-projects/runners");
         write(
             &root.join("Cargo.toml"),
-            &MANIFEST.replace("PGTEST_PATH", env!("CARGO_MANIFEST_DIR")),
+            &common::project_manifest(
+                "runners-suite",
+                "tokio = { version = \"1\", features = [\"sync\", \"rt\"] }\n",
+            ),
         );
         write(
             &root.join("Cargo.lock"),

@@ -15,20 +15,6 @@ use std::time::Duration;
 
 use common::{Cluster, finish, text};
 
-const MANIFEST: &str = r#"
-[package]
-name = "two-databases"
-version = "0.1.0"
-edition = "2024"
-publish = false
-
-[dev-dependencies]
-pgtest = { path = "PGTEST_PATH" }
-sqlx = { version = "0.9", default-features = false, features = ["postgres", "runtime-tokio"] }
-
-[workspace]
-"#;
-
 /// A row's tenant: the test's, or none in a template's fixtures (in
 /// `isolation = "database"`, fixtures are part of the template).
 const TENANT: &str = "coalesce(nullif(current_setting('pgtest.tenant_id', true), ''), \
@@ -224,7 +210,7 @@ fn write(root: &Path, path: &str, contents: &str) {
 fn project() -> tempfile::TempDir {
     let project = tempfile::tempdir().unwrap();
     let root = project.path();
-    let manifest = MANIFEST.replace("PGTEST_PATH", env!("CARGO_MANIFEST_DIR"));
+    let manifest = common::project_manifest("two-databases", "");
     write(root, "Cargo.toml", &manifest);
     fs::copy(
         Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.lock"),

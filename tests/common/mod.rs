@@ -527,6 +527,19 @@ fn run_as_server_user(command: &mut Command) {
     );
 }
 
+/// The manifest of a project a test builds: package `name`, with pgtest
+/// from this checkout, sqlx 0.9 and the dev-dependencies `more` (whole
+/// lines), a workspace of its own.
+pub fn project_manifest(name: &str, more: &str) -> String {
+    format!(
+        "\n[package]\nname = \"{name}\"\nversion = \"0.1.0\"\nedition = \"2024\"\n\
+         publish = false\n\n[dev-dependencies]\npgtest = {{ path = \"{}\" }}\n\
+         sqlx = {{ version = \"0.9\", default-features = false, features = \
+         [\"postgres\", \"runtime-tokio\"] }}\n{more}\n[workspace]\n",
+        env!("CARGO_MANIFEST_DIR")
+    )
+}
+
 /// `cargo`, to build a project a test made: every such project shares one
 /// target directory, without incremental caches and with line tables for
 /// debug information, whatever the caller's settings, so that the
