@@ -395,11 +395,14 @@ pub fn run_together(count: usize, make: impl Fn(usize) -> Command) -> Vec<Output
         .collect()
 }
 
-/// Runs a fixture to the end (at most a minute) and returns its output.
+/// Runs a fixture to the end and returns its output. At most four minutes:
+/// longer than the runtime's own limits on one start of the embedded server
+/// (initdb 120 s, then the start 60 s), so that on a loaded machine a slow
+/// fixture fails with the runtime's message rather than this one.
 pub fn run(mut command: impl std::borrow::BorrowMut<Command>) -> Output {
     finish(
         command.borrow_mut().spawn().expect("start the fixture"),
-        Duration::from_secs(60),
+        Duration::from_secs(240),
     )
 }
 
