@@ -448,8 +448,9 @@ const SHOP_UNORDERED: &str = "select c.name, o.total, l.product from customers c
 /// included; and its visibility map's: the free space map's file is the
 /// one thing left out, see README), its `pg_class` statistics, the
 /// `pg_statistic` and extended statistics rows, each table's rows with
-/// their places, the plans of [`SHOP_JOINS`] and the rows of
-/// [`SHOP_UNORDERED`] in the order they come.
+/// their places, the plans of [`SHOP_JOINS`], the rows of
+/// [`SHOP_UNORDERED`] in the order they come, and the place a new row of
+/// a table empty in the template takes.
 async fn planner_view(connection: &mut PgConnection) -> anyhow::Result<Vec<String>> {
     let mut view: Vec<String> = sqlx::query_scalar(
         "with rel as (select c.oid, c.relname::text as name from pg_class c \
@@ -499,6 +500,15 @@ async fn planner_view(connection: &mut PgConnection) -> anyhow::Result<Vec<Strin
     .fetch_all(&mut *connection)
     .await?;
     view.push(format!("unordered join: {}", rows.join(", ")));
+    // Where the next test's first row goes (the template has no payments).
+    let mut transaction = connection.begin().await?;
+    let place: String = sqlx::query_scalar(
+        "insert into payments (order_id, amount) values (2, 1) returning ctid::text",
+    )
+    .fetch_one(&mut *transaction)
+    .await?;
+    transaction.rollback().await?;
+    view.push(format!("a new payment's place: {place}"));
     Ok(view)
 }
 
@@ -637,6 +647,15 @@ async fn fixture_recycle_shop(pool: PgPool) -> anyhow::Result<()> {
     .bind(round)
     .execute(&mut *connection)
     .await?;
+    if round % 3 == 2 {
+        // More payments than the pages the template's table has take: the
+        // reset grows it again.
+        sqlx::query(
+            "insert into payments (order_id, amount) select 2, i from generate_series(1, 600) i",
+        )
+        .execute(&mut *connection)
+        .await?;
+    }
     connection
         .execute(
             "delete from orders where id % 4 = 1 and id <= 40; \

@@ -7,7 +7,9 @@
 //!
 //! A template is readied for this when it is built ([`settle`]): its
 //! tables keep autovacuum out (a setting of each table, copied with it),
-//! and each is laid out as a reset lays it out (below). A [`Snapshot`] of
+//! each is laid out as a reset lays it out (below), and each with no rows
+//! is grown: it gets the pages a test's first rows give it, empty (a
+//! placeholder row put in and rolled back, then vacuumed away). A [`Snapshot`] of
 //! a fresh copy, taken once per template on this machine and kept in the
 //! server's directory, records what a reset compares against: a
 //! fingerprint of the catalog (everything but data: tables, columns,
@@ -27,14 +29,23 @@
 //!    deletes their rows with triggers and foreign keys off
 //!    (`session_replication_role = replica`, which needs a superuser: on a
 //!    server where pgtest's role is not one, databases are not recycled)
-//!    and commits, then `VACUUM`s them to no pages (in a transaction of
-//!    their own: a reset that stops after this retires the database);
-//! 3. in a last transaction, builds their indexes anew (a btree never
-//!    gives pages back), copies the template's rows back where it had
-//!    any, in the fresh copy's order: pages, row places, index pages and
-//!    `pg_class` statistics are then the fresh copy's, as the template was
-//!    laid out the same way; then checks that they are (a `VACUUM` that
-//!    could not free the pages retires the database);
+//!    and commits, then `VACUUM`s them (in a transaction of their own: a
+//!    reset that stops after this retires the database): a grown table
+//!    keeps its pages, emptied, as the template's are; any other is
+//!    truncated to no pages;
+//! 3. in a last transaction, builds the indexes of the tables that are
+//!    not grown anew (a btree never gives pages back), copies the
+//!    template's rows back where it had any, in the fresh copy's order:
+//!    pages, row places, index pages and `pg_class` statistics are then
+//!    the fresh copy's, as the template was laid out the same way; then
+//!    checks that they are. A grown table that a test wrote more rows
+//!    into than its first pages take is grown again (truncated, its
+//!    indexes built anew, the placeholder row put in and vacuumed away);
+//!    any other difference (a `VACUUM` that could not free the pages)
+//!    retires the database. A test that writes a few rows into tables
+//!    with none in the template so costs its reset no index build (each
+//!    waits for a sync of its file to disk before PostgreSQL 17) and no
+//!    truncation (each waits for the write-ahead log to reach the disk);
 //! 4. deletes the statistics rows a test's `ANALYZE` wrote where the
 //!    template had none, and writes the template's back where it had some
 //!    (PostgreSQL 18 on: `pg_restore_attribute_stats`; before, such a

@@ -9,6 +9,7 @@ use sqlx::postgres::PgConnection;
 
 use super::changes::{Changed, no_extended_statistics};
 use super::fingerprint::{EMPTY_HASH, FINGERPRINT, rows_hash};
+use super::settle::grow;
 use super::snapshot::{FORMATS, Kind, Part, Role, Snapshot, Table, copy_in};
 use super::{PutBack, Reset, Since};
 use crate::catalog;
@@ -184,7 +185,9 @@ impl Snapshot {
                 "begin; {FORMATS}; {}; set local session_replication_role = replica; {last}",
                 catalog::NO_FLUSH_WAIT
             );
-            for part in work.tables.iter().flat_map(|table| rebuilt(table, &toasts)) {
+            // A grown table's indexes keep their pages (see `empty`).
+            let full = work.tables.iter().filter(|table| table.grown.is_none());
+            for part in full.flat_map(|table| rebuilt(table, &toasts)) {
                 let _ = write!(last, "reindex index {}; ", part.name);
             }
         }
@@ -234,10 +237,24 @@ impl Snapshot {
                     .try_get(0)?,
             };
             if !differ.is_empty() {
-                return Ok(Reset::Retire(
-                    "a table put back has other pages than a fresh copy's (VACUUM could not \
-                     give them back: a session held rows a test had deleted)",
-                ));
+                let again: Vec<&Table> = work
+                    .tables
+                    .iter()
+                    .copied()
+                    .filter(|table| table.parts.iter().any(|part| differ.contains(&part.oid)))
+                    .collect();
+                if again.iter().any(|table| table.grown.is_none()) {
+                    return Ok(Reset::Retire(
+                        "a table put back has other pages than a fresh copy's (VACUUM could \
+                         not give them back: a session held rows a test had deleted)",
+                    ));
+                }
+                if !self.grow_again(connection, &again, &check).await? {
+                    return Ok(Reset::Retire(
+                        "a table grown again has other pages than a fresh copy's",
+                    ));
+                }
+                mark = format!("begin; {}; {mark}", catalog::NO_FLUSH_WAIT);
             }
         }
         catalog::run(connection, &mark).await?;
@@ -251,12 +268,14 @@ impl Snapshot {
     /// transaction: their rows deleted (triggers and foreign keys off) and
     /// committed, then `VACUUM`, which needs no transaction around it, and
     /// finds the deleted rows dead to every session (none is left in the
-    /// database), removes them from the indexes and truncates each table
-    /// (and its TOAST table) to no pages. A session that began before the
-    /// deletes committed (autovacuum analyzing a catalog, say) keeps them
-    /// alive until it ends: `VACUUM` runs again, for a second at most.
-    /// Until the reset is done, the database is still the test's: a reset
-    /// that stops here retires it.
+    /// database) and removes them, from the indexes too. A grown table
+    /// (see [`Table::grown`]) keeps its pages, as the template's did: a
+    /// test that wrote a few rows into it leaves its pages as they were.
+    /// Any other is truncated (with its TOAST table) to no pages: a session
+    /// that began before the deletes committed (autovacuum analyzing a
+    /// catalog, say) keeps them alive until it ends, so `VACUUM` runs
+    /// again, for a second at most. Until the reset is done, the database
+    /// is still the test's: a reset that stops here retires it.
     async fn empty(&self, connection: &mut PgConnection, tables: &[&Table]) -> sqlx::Result<()> {
         let mut statements = "set local session_replication_role = replica; ".to_owned();
         for table in tables {
@@ -264,14 +283,16 @@ impl Snapshot {
         }
         statements.push_str("set synchronous_commit = off; commit");
         catalog::run(connection, &statements).await?;
-        let names: Vec<&str> = tables.iter().map(|table| table.name.as_str()).collect();
-        let options = match self.major {
-            // The database's frozen ids are not looked at (a scan of pg_class).
-            16.. => "index_cleanup on, truncate on, skip_database_stats on",
-            _ => "index_cleanup on, truncate on",
-        };
-        let vacuum = format!("vacuum ({options}) {}", names.join(", "));
-        let pages: Vec<String> = tables
+        let (grown, full): (Vec<&Table>, Vec<&Table>) =
+            tables.iter().partition(|table| table.grown.is_some());
+        if !grown.is_empty() {
+            catalog::run(connection, &self.vacuum(&grown, false)).await?;
+        }
+        if full.is_empty() {
+            return Ok(());
+        }
+        let vacuum = self.vacuum(&full, true);
+        let pages: Vec<String> = full
             .iter()
             .flat_map(|table| &table.parts)
             .filter(|part| matches!(part.role, Role::Itself | Role::Toast))
@@ -297,6 +318,58 @@ impl Snapshot {
         });
         // Not emptied in time: the fidelity check that follows retires it.
         waited.await.map(drop)
+    }
+
+    /// `VACUUM` of `tables`, their empty pages at the end truncated or not.
+    fn vacuum(&self, tables: &[&Table], truncate: bool) -> String {
+        let names: Vec<&str> = tables.iter().map(|table| table.name.as_str()).collect();
+        let truncate = if truncate { "on" } else { "off" };
+        // From 16 on, the database's frozen ids are not looked at (a scan
+        // of pg_class).
+        let skip = if self.major >= 16 {
+            ", skip_database_stats on"
+        } else {
+            ""
+        };
+        format!(
+            "vacuum (index_cleanup on, truncate {truncate}{skip}) {}",
+            names.join(", ")
+        )
+    }
+
+    /// Grows `tables` again, grown tables whose pages a test left other
+    /// than a fresh copy's (it wrote more rows than their first pages
+    /// take): the reset's transaction committed (unmarked), they are
+    /// truncated to no pages, their indexes built anew and grown as the
+    /// template's were (see [`grow`]); then `check` (their pages against a
+    /// fresh copy's) says whether they are.
+    async fn grow_again(
+        &self,
+        connection: &mut PgConnection,
+        tables: &[&Table],
+        check: &str,
+    ) -> sqlx::Result<bool> {
+        catalog::run(connection, "commit").await?;
+        catalog::run(connection, &self.vacuum(tables, true)).await?;
+        let mut statements = format!(
+            "begin; {FORMATS}; {}; set local session_replication_role = replica; ",
+            catalog::NO_FLUSH_WAIT
+        );
+        for table in tables {
+            let _ = write!(statements, "reindex table {}; ", table.name);
+        }
+        statements.push_str("commit");
+        catalog::run(connection, &statements).await?;
+        let placeholders: Vec<(&str, &str)> = tables
+            .iter()
+            .filter_map(|table| Some((table.name.as_str(), table.grown.as_deref()?)))
+            .collect();
+        let grown = grow(connection, &placeholders).await?;
+        if grown.contains(&false) {
+            return Ok(false);
+        }
+        let differ: Vec<i64> = query(check).fetch_one(&mut *connection).await?.try_get(0)?;
+        Ok(differ.is_empty())
     }
 
     /// What to put back, by what `changed` says and the tables whose

@@ -11,6 +11,7 @@ use super::fingerprint::{
     COUNTED_TOO, FINGERPRINT, NOT_COUNTED, STATISTICS_CATALOGS, STATISTICS_FOUND, WRITTEN_IN,
     class_of, rows_hash,
 };
+use super::settle::placeholder;
 use crate::catalog;
 use crate::compat::query;
 
@@ -71,6 +72,10 @@ pub(super) struct Table {
     pub(super) parts: Vec<Part>,
     /// Its statistics rows, its indexes' and its extended statistics'.
     pub(super) statistics: Option<Statistics>,
+    /// For a table with no rows that has pages (the template's were
+    /// [grown](super::settle::grow)): the statements that put the
+    /// placeholder row in, for a reset that must grow it again.
+    pub(super) grown: Option<String>,
 }
 
 /// What a table of the snapshot is.
@@ -237,6 +242,7 @@ impl Snapshot {
                 rows,
                 parts: Vec::new(),
                 statistics: None,
+                grown: None,
             });
         }
         if bytes > MAX_ROWS_BYTES {
@@ -244,6 +250,11 @@ impl Snapshot {
             return Ok(None);
         }
         take_parts(&mut transaction, &mut tables, major).await?;
+        for table in &mut tables {
+            if table.is_grown_shape() {
+                table.grown = placeholder(&mut transaction, &table.name).await?;
+            }
+        }
         take_statistics(&mut transaction, &mut tables, major).await?;
         transaction.rollback().await?;
         Ok(Some(Self {
@@ -374,6 +385,19 @@ async fn take_statistics(
         }
     }
     Ok(())
+}
+
+impl Table {
+    /// Whether it is a table with no rows that has pages: one the template
+    /// grew (see [`Table::grown`]).
+    fn is_grown_shape(&self) -> bool {
+        self.kind == Kind::Table
+            && self.rows.is_none()
+            && self
+                .parts
+                .iter()
+                .any(|part| part.role == Role::Itself && part.blocks > 0)
+    }
 }
 
 impl Role {

@@ -6,7 +6,7 @@ use std::fmt::Write as _;
 use super::snapshot::{Kind, Part, Role, Rows, Sequence, Snapshot, Statistics, Table};
 
 /// What a template whose copies cannot be recycled stores.
-pub(super) const UNRECYCLABLE: &str = "pgtest snapshot 3 none\n";
+pub(super) const UNRECYCLABLE: &str = "pgtest snapshot 4 none\n";
 
 impl Snapshot {
     /// The snapshot as text.
@@ -16,7 +16,7 @@ impl Snapshot {
             .as_ref()
             .map_or_else(|| "-".to_owned(), |oids| list(oids.iter()));
         let mut text = format!(
-            "pgtest snapshot 3 {} {} {catalogs} {}\n",
+            "pgtest snapshot 4 {} {} {catalogs} {}\n",
             self.fingerprint, self.large_objects, self.major
         );
         for sequence in &self.sequences {
@@ -62,7 +62,8 @@ impl Snapshot {
                 );
                 parts.push_str(&part.name);
             }
-            let texts = [table.name.as_str(), columns, data, &parts, restore];
+            let grown = table.grown.as_deref().unwrap_or_default();
+            let texts = [table.name.as_str(), columns, data, &parts, restore, grown];
             let lengths: Vec<String> = texts.iter().map(|text| text.len().to_string()).collect();
             let _ = writeln!(
                 text,
@@ -82,7 +83,7 @@ impl Snapshot {
         let [
             "pgtest",
             "snapshot",
-            "3",
+            "4",
             fingerprint,
             large_objects,
             catalogs,
@@ -121,12 +122,14 @@ impl Snapshot {
                     data,
                     parts,
                     restore,
+                    grown,
                 ] => {
                     let name = next_text(&mut rest, name)?;
                     let columns = next_text(&mut rest, columns)?;
                     let data = next_text(&mut rest, data)?;
                     let parts = next_text(&mut rest, parts)?;
                     let restore = next_text(&mut rest, restore)?;
+                    let grown = next_text(&mut rest, grown)?;
                     snapshot.tables.push(Table {
                         oid: oid.parse().ok()?,
                         name,
@@ -150,6 +153,7 @@ impl Snapshot {
                                 restore,
                             }),
                         },
+                        grown: (!grown.is_empty()).then_some(grown),
                     });
                 }
                 _ => return None,
@@ -243,8 +247,11 @@ mod tests {
                     name: "public.plain".to_owned(),
                     kind: Kind::Table,
                     rows: None,
-                    parts: vec![part(16390, 0, "0,-1,0,0"), part(16393, 1, "1,0,0,0")],
+                    parts: vec![part(16390, 1, "1,0,1,0"), part(16393, 2, "2,0,0,0")],
                     statistics: None,
+                    grown: Some(
+                        "insert into public.plain (\"id\")\nvalues ('0'::integer)".to_owned(),
+                    ),
                 },
                 Table {
                     oid: 16391,
@@ -261,6 +268,7 @@ mod tests {
                         extended: false,
                         restore: "select pg_restore_attribute_stats('relname', 'x y')".to_owned(),
                     }),
+                    grown: None,
                 },
                 Table {
                     oid: 16392,
@@ -277,6 +285,7 @@ mod tests {
                         extended: true,
                         restore: String::new(),
                     }),
+                    grown: None,
                 },
                 Table {
                     oid: 16394,
@@ -285,6 +294,7 @@ mod tests {
                     rows: None,
                     parts: vec![part(16394, 0, "0,-1,0,0")],
                     statistics: None,
+                    grown: None,
                 },
             ],
             sequences: vec![Sequence {
