@@ -647,6 +647,16 @@ async fn fixture_recycle_shop(pool: PgPool) -> anyhow::Result<()> {
     .bind(round)
     .execute(&mut *connection)
     .await?;
+    if round == 4 {
+        // A few payments, one with a memo long enough for TOAST: the
+        // reset grows the table again, TOAST table included.
+        sqlx::query(
+            "insert into payments (order_id, amount, memo) select 2, 1, \
+                 (select string_agg(md5(j::text), '') from generate_series(1, 250) j)",
+        )
+        .execute(&mut *connection)
+        .await?;
+    }
     if round % 3 == 2 {
         // More payments than the pages the template's table has take: the
         // reset grows it again.
