@@ -13,7 +13,7 @@ use super::fingerprint::{
     NOT_COUNTED, STATISTICS_CATALOGS, STATISTICS_FOUND, WRITTEN_IN, catalog_written, class_of,
     rows_hash, written_in,
 };
-use super::snapshot::{Kind, Role, Snapshot, Table};
+use super::snapshot::{Kind, Part, Role, Snapshot, Table};
 use crate::catalog;
 use crate::compat::query;
 
@@ -52,31 +52,32 @@ fn array_text(values: impl Iterator<Item = i64>) -> String {
     format!("'{{{}}}'", values.join(","))
 }
 
+/// The `pg_class` statistics of `parts` as the literal of a text array
+/// (each is numbers and commas, quoted as an element).
+fn classes<'a>(parts: impl Iterator<Item = &'a Part>) -> String {
+    let elements: Vec<String> = parts.map(|part| format!("\"{}\"", part.class)).collect();
+    catalog::literal(&format!("{{{}}}", elements.join(",")))
+}
+
 impl Snapshot {
     /// An SQL expression: the oids of the tables whose relations' `pg_class`
     /// statistics differ from a fresh copy's.
     pub(super) fn class_look(&self) -> String {
-        let expected: Vec<String> = self
+        let parts: Vec<(&Part, i64)> = self
             .tables
             .iter()
-            .flat_map(|table| {
-                table.parts.iter().map(|part| {
-                    format!(
-                        "({}::oid, {}::int8, {})",
-                        part.oid,
-                        table.oid,
-                        catalog::literal(&part.class)
-                    )
-                })
-            })
+            .flat_map(|table| table.parts.iter().map(|part| (part, table.oid)))
             .collect();
-        if expected.is_empty() {
+        if parts.is_empty() {
             return "'{}'::int8[]".to_owned();
         }
         format!(
-            "(select coalesce(array_agg(distinct e.t), '{{}}') from (values {}) e(oid, t, class) \
+            "(select coalesce(array_agg(distinct e.t), '{{}}') \
+             from unnest({}::oid[], {}::int8[], {}::text[]) e(oid, t, class) \
              join pg_class c on c.oid = e.oid where {} <> e.class)",
-            expected.join(", "),
+            array_text(parts.iter().map(|(part, _)| part.oid)),
+            array_text(parts.iter().map(|(_, table)| *table)),
+            classes(parts.iter().map(|(part, _)| *part)),
             class_of("c", self.major)
         )
     }
@@ -100,63 +101,41 @@ impl Snapshot {
     /// An SQL expression: the oids of the relations of `tables` whose size
     /// in blocks or `pg_class` statistics differ from a fresh copy's.
     pub(super) fn parts_look(&self, tables: &[&Table]) -> String {
-        let expected: Vec<String> = tables
-            .iter()
-            .flat_map(|table| &table.parts)
-            .map(|part| {
-                format!(
-                    "({}::oid, {}::int8, {})",
-                    part.oid,
-                    part.blocks,
-                    catalog::literal(&part.class)
-                )
-            })
-            .collect();
+        let parts: Vec<&Part> = tables.iter().flat_map(|table| &table.parts).collect();
         format!(
-            "(select coalesce(array_agg(e.oid::int8), '{{}}') from (values {}) e(oid, blocks, class) \
+            "(select coalesce(array_agg(e.oid::int8), '{{}}') \
+             from unnest({}::oid[], {}::int8[], {}::text[]) e(oid, blocks, class) \
              left join pg_class c on c.oid = e.oid where c.oid is null \
              or pg_relation_size(e.oid) / 8192 <> e.blocks or {} <> e.class)",
-            expected.join(", "),
+            array_text(parts.iter().map(|part| part.oid)),
+            array_text(parts.iter().map(|part| part.blocks)),
+            classes(parts.iter().copied()),
             class_of("c", self.major)
         )
     }
 
-    /// An SQL expression: the oids of the tables whose statistics rows
-    /// differ from a fresh copy's (see [`STATISTICS_FOUND`]); none, without
-    /// a look at them, when the server's counts of rows written in their
-    /// catalogs did not move since the claim (`since`).
-    pub(super) fn statistics_look(&self, since: &Since) -> String {
-        let look = self.statistics_compared();
-        let (Some(catalogs), Some(counts)) = (&self.catalogs, &since.counts) else {
-            return look;
+    /// Whether the server's counts of rows written in the catalogs of
+    /// statistics rows moved since the claim (`since`), by the row that
+    /// [`Self::counted_statement`] read: only then can a table's
+    /// statistics rows differ from a fresh copy's. Also when the counts
+    /// cannot tell.
+    pub(super) fn statistics_written(&self, row: &PgRow, since: &Since) -> sqlx::Result<bool> {
+        let (Some(catalogs), Some(before)) = (&self.catalogs, &since.counts) else {
+            return Ok(true);
         };
-        // The claim's counts: the reset time first, then the catalogs'.
-        let last = catalogs.len();
-        let (Some(oids), Some(before)) = (
-            catalogs.get(last - STATISTICS_CATALOGS.len()..),
-            counts.get(1 + last - STATISTICS_CATALOGS.len()..=last),
-        ) else {
-            return look;
+        let after: Option<Vec<i64>> = row.try_get(0)?;
+        let Some(after) = after.filter(|after| after.len() == before.len()) else {
+            return Ok(true);
         };
-        let now: Vec<String> = oids
-            .iter()
-            .map(|oid| {
-                format!(
-                    "pg_stat_get_tuples_inserted({oid}) + pg_stat_get_tuples_updated({oid}) \
-                     + pg_stat_get_tuples_deleted({oid})"
-                )
-            })
-            .collect();
-        format!(
-            "(case when array[{}]::int8[] = {}::int8[] then '{{}}'::int8[] else {look} end)",
-            now.join(", "),
-            array_text(before.iter().copied())
-        )
+        // The reset time, then the catalogs, those of statistics rows last.
+        let statistics = 1 + catalogs.len() - STATISTICS_CATALOGS.len()..1 + catalogs.len();
+        Ok(after[0] != before[0] || after[statistics.clone()] != before[statistics])
     }
 
     /// An SQL expression: the oids of the tables whose statistics rows
-    /// differ from a fresh copy's, looking at them all.
-    fn statistics_compared(&self) -> String {
+    /// differ from a fresh copy's (see [`STATISTICS_FOUND`]), looking at
+    /// them all.
+    pub(super) fn statistics_compared(&self) -> String {
         let expected: Vec<String> = self
             .tables
             .iter()
@@ -246,7 +225,7 @@ impl Snapshot {
             return Ok(None);
         };
         // The reset time, then the catalogs (those of statistics rows
-        // last: see `Self::statistics_look`).
+        // last: see `Self::statistics_written`).
         let (catalogs_after, tables_after) = after.split_at(1 + catalogs.len());
         let (catalogs_before, tables_before) = before.split_at(1 + catalogs.len());
         let schema = catalogs_after.len() - STATISTICS_CATALOGS.len();
