@@ -199,8 +199,14 @@ pub(super) async fn placeholder(
             column.try_get(2)?,
             column.try_get(3)?,
         );
+        names.push(column);
+        if !not_null {
+            // Null where it may be: a partial index for rows not deleted
+            // (`where deleted_at is null`) takes the row.
+            values.push("null".to_owned());
+            continue;
+        }
         let literal = match taken.get(&kind) {
-            _ if !not_null => None,
             Some(literal) => literal.clone(),
             None => {
                 let literal = first_taken(connection, &kind, label).await?;
@@ -208,15 +214,10 @@ pub(super) async fn placeholder(
                 literal
             }
         };
-        let value = match literal {
-            // Null where it may be: a partial index for rows not deleted
-            // (`where deleted_at is null`) takes the row.
-            _ if !not_null => "null".to_owned(),
-            Some(literal) => format!("{literal}::{kind}"),
-            None => return Ok(None),
+        let Some(literal) = literal else {
+            return Ok(None);
         };
-        names.push(column);
-        values.push(value);
+        values.push(format!("{literal}::{kind}"));
     }
     let checks: Option<String> = query(&format!(
         "select string_agg(format('drop constraint %I', conname), ', ' order by conname) \
