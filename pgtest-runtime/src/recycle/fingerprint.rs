@@ -5,6 +5,13 @@
 //! rows' places, `pg_class` statistics, statistics rows), as the snapshot
 //! records it and a reset compares it.
 
+/// The session settings every comparison runs under, so that rows and
+/// statistics print the same whatever the test's session had set.
+pub(super) const FORMATS: &str = "set local datestyle = 'ISO, YMD'; set local timezone = 'UTC'; \
+    set local intervalstyle = 'postgres'; set local extra_float_digits = 3; \
+    set local bytea_output = 'hex'; set local lock_timeout = 2000; \
+    set local search_path = pg_catalog";
+
 /// The hash of a relation's rows as text with their places, in physical
 /// order.
 pub(super) fn rows_hash(name: &str) -> String {

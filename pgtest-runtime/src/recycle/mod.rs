@@ -74,6 +74,7 @@
 
 mod changes;
 mod fingerprint;
+mod grow;
 mod reset;
 mod settle;
 mod snapshot;

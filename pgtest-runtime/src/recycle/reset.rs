@@ -8,9 +8,9 @@ use sqlx::Row;
 use sqlx::postgres::PgConnection;
 
 use super::changes::{Changed, no_extended_statistics};
-use super::fingerprint::{EMPTY_HASH, FINGERPRINT, rows_hash};
-use super::settle::grow;
-use super::snapshot::{FORMATS, Kind, Part, Role, Snapshot, Table, copy_in};
+use super::fingerprint::{EMPTY_HASH, FINGERPRINT, FORMATS, rows_hash};
+use super::grow::grow;
+use super::snapshot::{Kind, Part, Role, Snapshot, Table, copy_in};
 use super::{PutBack, Reset, Since};
 use crate::catalog;
 use crate::compat::{self, query};

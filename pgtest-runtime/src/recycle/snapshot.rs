@@ -8,23 +8,16 @@ use sqlx::postgres::{PgConnection, PgRow};
 use sqlx::{Connection, Row};
 
 use super::fingerprint::{
-    COUNTED_TOO, FINGERPRINT, NOT_COUNTED, STATISTICS_CATALOGS, STATISTICS_FOUND, WRITTEN_IN,
-    class_of, rows_hash,
+    COUNTED_TOO, FINGERPRINT, FORMATS, NOT_COUNTED, STATISTICS_CATALOGS, STATISTICS_FOUND,
+    WRITTEN_IN, class_of, rows_hash,
 };
-use super::settle::placeholder;
+use super::grow::{Taken, placeholder};
 use crate::catalog;
 use crate::compat::query;
 
 /// The most bytes of template rows a snapshot keeps: a template with more
 /// is copied for each test, as before.
 pub(super) const MAX_ROWS_BYTES: usize = 16 << 20;
-
-/// The session settings every comparison runs under, so that rows and
-/// statistics print the same whatever the test's session had set.
-pub(super) const FORMATS: &str = "set local datestyle = 'ISO, YMD'; set local timezone = 'UTC'; \
-    set local intervalstyle = 'postgres'; set local extra_float_digits = 3; \
-    set local bytea_output = 'hex'; set local lock_timeout = 2000; \
-    set local search_path = pg_catalog";
 
 /// The relations of the schemas a test's objects live in (`n` is the
 /// relation's `pg_namespace` row): not the system's, TOAST's or temporary
@@ -73,7 +66,7 @@ pub(super) struct Table {
     /// Its statistics rows, its indexes' and its extended statistics'.
     pub(super) statistics: Option<Statistics>,
     /// For a table with no rows that has pages (the template's were
-    /// [grown](super::settle::grow)): the statements that put the
+    /// [grown](super::grow::grow)): the statements that put the
     /// placeholder row in, for a reset that must grow it again.
     pub(super) grown: Option<String>,
 }
@@ -250,9 +243,10 @@ impl Snapshot {
             return Ok(None);
         }
         take_parts(&mut transaction, &mut tables, major).await?;
+        let mut taken = Taken::new();
         for table in &mut tables {
             if table.is_grown_shape() {
-                table.grown = placeholder(&mut transaction, &table.name).await?;
+                table.grown = placeholder(&mut transaction, &table.name, &mut taken).await?;
             }
         }
         take_statistics(&mut transaction, &mut tables, major).await?;
