@@ -640,13 +640,33 @@ async fn fixture_recycle_shop(pool: PgPool) -> anyhow::Result<()> {
     .bind(round)
     .execute(&mut *connection)
     .await?;
-    sqlx::query(
-        "insert into payments (order_id, amount, paid) \
-         select id, total, case when id % 3 = 0 then placed end from orders where id % 2 = $1 % 2",
-    )
-    .bind(round)
-    .execute(&mut *connection)
-    .await?;
+    // A note of its own: the reset empties notes, not the notes of orders
+    // that inherit from them.
+    sqlx::query("insert into notes values (100 + $1, 'a note')")
+        .bind(i32::try_from(round)?)
+        .execute(&mut *connection)
+        .await?;
+    if round == 0 {
+        // The only write to payments an insert that fails (no such order),
+        // with a temporary table that sends the reset to looking at every
+        // table (and no ANALYZE): a dead row is all it leaves.
+        let failed = sqlx::query("insert into payments (order_id, amount) values (-1, 1)")
+            .execute(&mut *connection)
+            .await;
+        anyhow::ensure!(failed.is_err(), "a payment of no order went in");
+        connection
+            .execute("create temporary table scratch (n int)")
+            .await?;
+    } else {
+        sqlx::query(
+            "insert into payments (order_id, amount, paid) \
+             select id, total, case when id % 3 = 0 then placed end from orders \
+             where id % 2 = $1 % 2",
+        )
+        .bind(round)
+        .execute(&mut *connection)
+        .await?;
+    }
     if round == 4 {
         // A few payments, one with a memo long enough for TOAST: the
         // reset grows the table again, TOAST table included.

@@ -17,7 +17,7 @@ pub(super) const FORMATS: &str = "set local datestyle = 'ISO, YMD'; set local ti
 pub(super) fn rows_hash(name: &str) -> String {
     format!(
         "(select md5(coalesce(string_agg(x.ctid::text || ' ' || x::text, E'\\n' order by x.ctid), \
-         '')) from {name} x)"
+         '')) from only {name} x)"
     )
 }
 

@@ -31,11 +31,11 @@ const CANDIDATES: [&str; 10] = [
 /// give it, without a row: the placeholder row goes in, in a transaction
 /// that is rolled back, so that the table gets a page and each index that
 /// takes the row a root page; `VACUUM` then removes the row and keeps the
-/// pages (no truncation), all visible. A reset that deletes a test's few
-/// rows and vacuums the same way finds the same pages and the same
-/// `pg_class` statistics. A table that takes no placeholder row (its
-/// partition's bounds, a domain's check) is left as it was. Which tables
-/// grew.
+/// pages (no truncation), all visible, the page's line pointers truncated
+/// (PostgreSQL 14 on). A reset that deletes a test's few rows and vacuums
+/// the same way finds the same page counts, `pg_class` statistics and free
+/// space. A table that takes no placeholder row (its partition's bounds,
+/// a domain's or an inherited check) is left as it was. Which tables grew.
 pub(super) async fn grow(
     connection: &mut PgConnection,
     tables: &[(&str, &str)],
@@ -163,17 +163,17 @@ async fn first_taken(
     Ok(None)
 }
 
-/// Runs `statements` in a savepoint of the transaction `connection` is in:
-/// whether they ran (an error the server gave is rolled back to it).
+/// Runs `statements` in a savepoint of the transaction `connection` is in,
+/// then rolls back to it (what they wrote to pages stays, their rows and
+/// catalog changes do not: one placeholder cannot change what the next
+/// finds): whether they ran without an error from the server.
 async fn attempt(connection: &mut PgConnection, statements: &str) -> sqlx::Result<bool> {
     catalog::run(connection, "savepoint attempt").await?;
-    match catalog::run(connection, statements).await {
-        Ok(()) => catalog::run(connection, "release savepoint attempt")
-            .await
-            .map(|()| true),
-        Err(sqlx::Error::Database(_)) => catalog::run(connection, "rollback to savepoint attempt")
-            .await
-            .map(|()| false),
-        Err(error) => Err(error),
-    }
+    let ran = match catalog::run(connection, statements).await {
+        Ok(()) => true,
+        Err(sqlx::Error::Database(_)) => false,
+        Err(error) => return Err(error),
+    };
+    catalog::run(connection, "rollback to savepoint attempt").await?;
+    Ok(ran)
 }

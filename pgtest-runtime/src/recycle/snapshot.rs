@@ -277,7 +277,7 @@ async fn take_rows(
     kind: Kind,
     columns: String,
 ) -> sqlx::Result<Result<Option<Rows>, ()>> {
-    let statement = format!("select exists (select from {name})");
+    let statement = format!("select exists (select from only {name})");
     let has_rows: bool = query(&statement)
         .fetch_one(&mut *connection)
         .await?
