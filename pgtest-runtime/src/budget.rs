@@ -44,7 +44,11 @@
 //! A test of several databases takes all its slots at once, before it
 //! prepares any of them (see [`prepaid`]): were it to take them database
 //! by database, tests holding their first database's slots could each wait
-//! for a second database's, and none finish.
+//! for a second database's, and none finish. In shared and transaction
+//! modes it has the run's databases built before it takes any: a test
+//! that had grown into the reserve while it prepared its first database
+//! would otherwise wait for the build of its second, and the builder, who
+//! builds on the reserve, for it.
 //!
 //! A slot is a locked file: a panicking test drops its guard, a killed
 //! process has its locks released by the operating system.

@@ -5,10 +5,12 @@
 //! so that it never holds one database's slots while it waits for
 //! another's (see [`crate::budget`]).
 
+use std::path::Path;
 use std::sync::Arc;
 
-use super::{Prepared, Teardown, prepare_one};
+use super::{Prepared, Teardown, prepare_one, shared};
 use crate::budget::{self, Budget};
+use crate::migrations::Migrations;
 use crate::pool::Account;
 use crate::session::Session;
 use crate::{Error, Tenant};
@@ -38,6 +40,18 @@ pub(super) async fn prepare(
     // In `isolation = "database"`, a pool may have an admin connection
     // beside it while its database is claimed or copied.
     let others = u32::from(spec.isolation == Isolation::Database);
+    // The run's shared databases built first, holding no slots: a test
+    // that waits for a build holding slots (one database's, grown into the
+    // reserve say) would keep the builder, who builds on the reserve,
+    // waiting for it.
+    if spec.isolation != Isolation::Database {
+        for database in spec.databases {
+            let one = one_of(spec, database, max);
+            let migrations =
+                Migrations::load(one.migrations, Path::new(one.manifest_dir), &session.home);
+            shared::build_holding_nothing(session, &one, &migrations.await?).await?;
+        }
+    }
     let upfront = budget.upfront_many(&vec![(max, others); spec.databases.len()]);
     let slots = budget.take(upfront, spec.name).await?;
     let account = Account::holding(slots);

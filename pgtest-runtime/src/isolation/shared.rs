@@ -34,6 +34,26 @@ pub(super) async fn prepare(
     Ok(Prepared { context, teardown })
 }
 
+/// Makes sure the run's shared database of `migrations` is built, holding
+/// no connection slots: a test of several databases does so for each
+/// before it takes its slots (see [`super::several`]), since a test that
+/// waits for a build must not hold slots the build may need.
+pub(super) async fn build_holding_nothing(
+    session: &Arc<Session>,
+    spec: &TestSpec,
+    migrations: &Migrations,
+) -> Result<(), Error> {
+    let template = names::template(spec.package, session.server.user(), &migrations.hash, &[]);
+    let database = names::run_copy(&template, &markers::host(), &session.config.run_id);
+    session.hold_while_alive(Entry::Run(&database)).await?;
+    let ready = Ready {
+        template: &template,
+        database: &database,
+        migrations,
+    };
+    build(session, None, &ready, spec).await.map(drop)
+}
+
 /// The run's shared database, made ready if it is not, and a pool on it.
 pub(super) async fn with_shared_database(
     session: &Arc<Session>,
@@ -87,7 +107,7 @@ async fn make_ready(
     }
     // The test keeps its slots while it waits: its pool may hold a
     // connection already. The builder builds on the reserve.
-    let copied_here = build(session, &pool.pool, &ready, spec).await?;
+    let copied_here = build(session, Some(&pool.pool), &ready, spec).await?;
     // Whoever copied it sweeps older copies beside its body, on one more
     // slot when one is free at once (else a later run sweeps them).
     if !copied_here {
@@ -102,10 +122,11 @@ async fn make_ready(
 }
 
 /// Builds the run's copy (and its template when missing), unless another
-/// test does; whether this one did.
+/// test does; whether this one did. With the test's `pool`, the copy is
+/// then connected to as the test will be (see [`bootstrap::build_once`]).
 async fn build(
     session: &Session,
-    pool: &PgPool,
+    pool: Option<&PgPool>,
     ready: &Ready<'_>,
     spec: &TestSpec,
 ) -> Result<bool, Error> {
@@ -121,5 +142,5 @@ async fn build(
             template: &template,
         },
     };
-    bootstrap::build_once(session, Some(pool), copy, spec.role, spec.name).await
+    bootstrap::build_once(session, pool, copy, spec.role, spec.name).await
 }
