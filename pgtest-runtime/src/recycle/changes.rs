@@ -46,17 +46,57 @@ pub(super) fn no_extended_statistics(oids: &str, major: u32) -> String {
     }
 }
 
-/// `values` as the text of an SQL array.
+/// `values` as the text of an SQL array. Written out by hand, as are the
+/// other lists a test's claim and reset send: in a test binary pgtest is
+/// built without optimisation, where formatting each number costs more
+/// than the server's work on it.
 fn array_text(values: impl Iterator<Item = i64>) -> String {
-    let values: Vec<String> = values.map(|value| value.to_string()).collect();
-    format!("'{{{}}}'", values.join(","))
+    let mut text = String::with_capacity(1024);
+    text.push_str("'{");
+    for (index, value) in values.enumerate() {
+        if index > 0 {
+            text.push(',');
+        }
+        push_number(&mut text, value);
+    }
+    text.push_str("}'");
+    text
+}
+
+/// Appends `value` in decimal to `text`.
+fn push_number(text: &mut String, value: i64) {
+    if value < 0 {
+        text.push('-');
+    }
+    let mut digits = [0u8; 20];
+    let mut rest = value.unsigned_abs();
+    let mut start = digits.len();
+    loop {
+        start -= 1;
+        digits[start] = b'0' + (rest % 10) as u8;
+        rest /= 10;
+        if rest == 0 {
+            break;
+        }
+    }
+    text.push_str(std::str::from_utf8(&digits[start..]).unwrap_or_default());
 }
 
 /// The `pg_class` statistics of `parts` as the literal of a text array
 /// (each is numbers and commas, quoted as an element).
 fn classes<'a>(parts: impl Iterator<Item = &'a Part>) -> String {
-    let elements: Vec<String> = parts.map(|part| format!("\"{}\"", part.class)).collect();
-    catalog::literal(&format!("{{{}}}", elements.join(",")))
+    let mut text = String::with_capacity(1024);
+    text.push('{');
+    for (index, part) in parts.enumerate() {
+        if index > 0 {
+            text.push(',');
+        }
+        text.push('"');
+        text.push_str(&part.class);
+        text.push('"');
+    }
+    text.push('}');
+    catalog::literal(&text)
 }
 
 impl Snapshot {
@@ -163,14 +203,17 @@ impl Snapshot {
     /// never; a reset of one table's counts is the database's too), then
     /// the number of rows written (inserted, updated, deleted, in
     /// transactions committed or not) in each catalog and table this
-    /// snapshot counts, since then; null when the server does not count
-    /// now. `None` when the snapshot does not count.
+    /// snapshot counts, then the number of times each sequence's page was
+    /// read (`nextval` and `setval` read it, even `setval(…, false)`,
+    /// which leaves no other trace), since then; null when the server does
+    /// not count now. `None` when the snapshot does not count.
     pub(crate) fn written_counts(&self) -> Option<String> {
         let catalogs = self.catalogs.as_ref()?;
         let oids = catalogs
             .iter()
             .copied()
             .chain(self.tables.iter().map(|table| table.oid));
+        let sequences = self.sequences.iter().map(|sequence| sequence.oid);
         Some(format!(
             "case when current_setting('track_counts')::bool then \
                  array[coalesce((extract(epoch from pg_stat_get_db_stat_reset_time( \
@@ -178,41 +221,31 @@ impl Snapshot {
                      * 1000000)::int8, 0)] \
                  || (select array_agg(pg_stat_get_tuples_inserted(o) \
                      + pg_stat_get_tuples_updated(o) + pg_stat_get_tuples_deleted(o) order by n) \
+                     from unnest({}::oid[]) with ordinality as u(o, n)) \
+                 || (select array_agg(pg_stat_get_blocks_fetched(o) order by n) \
                      from unnest({}::oid[]) with ordinality as u(o, n)) end",
-            array_text(oids)
+            array_text(oids),
+            array_text(sequences)
         ))
     }
 
-    /// The query that reads the server's counts of rows written, the
-    /// sequences that may have moved (every one that was not called in
-    /// the template: `setval(…, false)` leaves no trace) and whether the
-    /// database's own row changed, for [`Self::counted`]; `None` when this
-    /// snapshot or the claim kept no counts.
+    /// The query that reads the server's counts (see
+    /// [`Self::written_counts`]) and whether the database's own row
+    /// changed, for [`Self::counted`]; `None` when this snapshot or the
+    /// claim kept no counts.
     pub(super) fn counted_statement(&self, since: &Since) -> Option<String> {
         since.counts.as_ref()?;
         let counts = self.written_counts()?;
-        let sequences: Vec<String> = self
-            .sequences
-            .iter()
-            .map(|sequence| match sequence.is_called {
-                true => format!(
-                    "pg_sequence_last_value({}) is distinct from {}",
-                    sequence.oid, sequence.last_value
-                ),
-                false => "true".to_owned(),
-            })
-            .collect();
         let (catalog, rows) = WRITTEN_IN[NOT_COUNTED];
         Some(format!(
-            "select {counts}, array[{}]::bool[], {}",
-            sequences.join(", "),
+            "select {counts}, {}",
             written_in(catalog, rows, since.horizon)
         ))
     }
 
-    /// What changed since the claim by the server's counts of rows written
-    /// (`row`, read by [`Self::counted_statement`]): the tables written in,
-    /// the sequences that may have moved; `None` when the counts cannot
+    /// What changed since the claim by the server's counts (`row`, read by
+    /// [`Self::counted_statement`]): the tables written in, the sequences
+    /// read or written; `None` when the counts cannot
     /// tell (the server does not count now, or a catalog was written: a
     /// truncation, a refresh, a temporary table, DDL).
     pub(super) fn counted(&self, row: &PgRow, since: &Since) -> sqlx::Result<Option<Changed>> {
@@ -220,26 +253,28 @@ impl Snapshot {
             return Ok(None);
         };
         let after: Option<Vec<i64>> = row.try_get(0)?;
-        let written: bool = row.try_get(2)?;
+        let written: bool = row.try_get(1)?;
         let Some(after) = after.filter(|after| after.len() == before.len() && !written) else {
             return Ok(None);
         };
         // The reset time, then the catalogs (those of statistics rows
-        // last: see `Self::statistics_written`).
-        let (catalogs_after, tables_after) = after.split_at(1 + catalogs.len());
-        let (catalogs_before, tables_before) = before.split_at(1 + catalogs.len());
+        // last: see `Self::statistics_written`), the tables, the sequences.
+        let (catalogs_after, others_after) = after.split_at(1 + catalogs.len());
+        let (catalogs_before, others_before) = before.split_at(1 + catalogs.len());
         let schema = catalogs_after.len() - STATISTICS_CATALOGS.len();
         if catalogs_after[..schema] != catalogs_before[..schema] {
             return Ok(None);
         }
+        let moved: Vec<bool> = others_after
+            .iter()
+            .zip(others_before)
+            .map(|(after, before)| after != before)
+            .collect();
+        let (tables, sequences) = moved.split_at(self.tables.len());
         Ok(Some(Changed {
             catalog: false,
-            tables: tables_after
-                .iter()
-                .zip(tables_before)
-                .map(|(after, before)| after != before)
-                .collect(),
-            sequences: row.try_get(1)?,
+            tables: tables.to_vec(),
+            sequences: sequences.to_vec(),
             large_objects: self.large_objects,
         }))
     }
@@ -315,4 +350,20 @@ fn table_differs(table: &Table) -> String {
         return rows;
     }
     format!("({rows} or {})", sizes.join(" or "))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn numbers_read_back_from_their_array_text() {
+        let values = [0, 7, -1, 4_294_967_296, i64::MIN, i64::MAX];
+        let expected: Vec<String> = values.iter().map(i64::to_string).collect();
+        assert_eq!(
+            array_text(values.into_iter()),
+            format!("'{{{}}}'", expected.join(","))
+        );
+        assert_eq!(array_text(std::iter::empty()), "'{}'");
+    }
 }

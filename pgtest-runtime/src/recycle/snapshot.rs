@@ -265,7 +265,12 @@ impl Snapshot {
     /// it yet).
     pub(crate) fn fresh_counts(&self) -> Option<Vec<i64>> {
         let catalogs = self.catalogs.as_ref()?;
-        Some(vec![0; 1 + catalogs.len() + self.tables.len()])
+        Some(vec![
+            0;
+            1 + catalogs.len()
+                + self.tables.len()
+                + self.sequences.len()
+        ])
     }
 }
 
