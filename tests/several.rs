@@ -206,11 +206,15 @@ fn write(root: &Path, path: &str, contents: &str) {
     fs::write(path, contents).unwrap();
 }
 
-/// The project, written and its tests built.
-fn project() -> tempfile::TempDir {
+/// The project, named `name`, written and its tests built. The tests of
+/// this file run at once and build into one target directory: under one
+/// name, cargo would find the second project's tests built already (the
+/// same package, the same sources), with the first's directory, gone once
+/// its test ends, as the migrations' place.
+fn project(name: &str) -> tempfile::TempDir {
     let project = tempfile::tempdir().unwrap();
     let root = project.path();
-    let manifest = common::project_manifest("two-databases", "");
+    let manifest = common::project_manifest(name, "");
     write(root, "Cargo.toml", &manifest);
     fs::copy(
         Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.lock"),
@@ -311,7 +315,7 @@ fn assert_rolled_back(cluster: &Cluster) {
 
 #[test]
 fn two_database_tests_in_every_mode_pass_under_nextest_at_j16_on_twenty_connections() {
-    let project = project();
+    let project = project("two-databases-nextest");
     let cluster = Cluster::start(&[("max_connections", "20")]);
     let mut nextest = cargo(project.path());
     nextest.args(["nextest", "run", "-j", "16", "--no-fail-fast"]);
@@ -327,7 +331,7 @@ fn two_database_tests_in_every_mode_pass_under_nextest_at_j16_on_twenty_connecti
 
 #[test]
 fn two_database_tests_in_every_mode_pass_under_cargo_test_on_16_threads_on_twenty_connections() {
-    let project = project();
+    let project = project("two-databases-cargo-test");
     let cluster = Cluster::start(&[("max_connections", "20")]);
     let mut cargo_test = cargo(project.path());
     cargo_test.args(["test", "--", "--test-threads=16"]);

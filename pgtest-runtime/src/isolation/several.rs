@@ -40,16 +40,19 @@ pub(super) async fn prepare(
     // In `isolation = "database"`, a pool may have an admin connection
     // beside it while its database is claimed or copied.
     let others = u32::from(spec.isolation == Isolation::Database);
-    // The run's shared databases built first, holding no slots: a test
-    // that waits for a build holding slots (one database's, grown into the
-    // reserve say) would keep the builder, who builds on the reserve,
-    // waiting for it.
-    if spec.isolation != Isolation::Database {
-        for database in spec.databases {
-            let one = one_of(spec, database, max);
-            let migrations =
-                Migrations::load(one.migrations, Path::new(one.manifest_dir), &session.home);
-            shared::build_holding_nothing(session, &one, &migrations.await?).await?;
+    // The run's shared databases (or the templates of database mode)
+    // built first, holding no slots: a test that waits for a build holding
+    // slots (one database's, grown into the reserve say) would keep the
+    // builder, who builds on the reserve, waiting for it.
+    for database in spec.databases {
+        let one = one_of(spec, database, max);
+        let migrations =
+            Migrations::load(one.migrations, Path::new(one.manifest_dir), &session.home).await?;
+        match spec.isolation {
+            Isolation::Database => {
+                super::database::build_holding_nothing(session, &one, &migrations).await?;
+            }
+            _ => shared::build_holding_nothing(session, &one, &migrations).await?,
         }
     }
     let upfront = budget.upfront_many(&vec![(max, others); spec.databases.len()]);

@@ -40,8 +40,10 @@ use std::time::{Duration, Instant};
 use self::claim::Claim;
 pub(super) use self::finish::TestDatabase;
 use super::{Prepared, Teardown, run_scripts_on_pool, sweep_beside};
+use crate::bootstrap::{self, Target};
 use crate::migrations::Migrations;
 use crate::recycle::Stored;
+use crate::registry::markers::Marker;
 use crate::registry::names;
 use crate::session::Session;
 use crate::state::{COPIERS, Entry};
@@ -53,6 +55,28 @@ use pgtest_core::TestSpec;
 /// once the template has as many as `PGTEST_TEMPLATE_COPIES`, before it
 /// makes one more (the tests holding them may be slow ones).
 const TURN_WAIT: Duration = Duration::from_secs(1);
+
+/// Makes sure the template of `spec`'s database is built, holding no
+/// connection slots, unless this machine has its snapshot (it was built
+/// then, and its tests claim spares with no admin connection): a test of
+/// several databases does so for each before it takes its slots (see
+/// [`super::several`]), since a test that waits for a build must not hold
+/// slots the build may need.
+pub(super) async fn build_holding_nothing(
+    session: &Session,
+    spec: &TestSpec,
+    migrations: &Migrations,
+) -> Result<(), Error> {
+    let role = session.server.user();
+    let template = names::template(spec.package, role, &migrations.hash, spec.fixtures);
+    if session.dir.entry(Entry::Snapshot(&template)).exists() {
+        return Ok(());
+    }
+    let target = Target::template(&template, &Marker::TEMPLATE, migrations, spec.fixtures);
+    bootstrap::build_once(session, None, target, spec.role, spec.name)
+        .await
+        .map(drop)
+}
 
 pub(super) async fn prepare(
     session: &Arc<Session>,
