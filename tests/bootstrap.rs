@@ -30,6 +30,23 @@ async fn fixture_notes_in_a_database_of_its_own(
     assert_one_seeded_note(pool, tenant).await
 }
 
+/// Two databases, each the run's shared copy of its migrations.
+#[pg_test(
+    database(migrations = "tests/fixtures/notes"),
+    database(migrations = "tests/fixtures/posts")
+)]
+#[ignore = "a fixture, run in its own processes by the tests of this file"]
+async fn fixture_two_databases(notes: PgPool, posts: PgPool) -> Result<(), sqlx::Error> {
+    for (pool, table) in [(notes, "notes"), (posts, "posts")] {
+        let found: bool = sqlx::query_scalar("select to_regclass($1) is not null")
+            .bind(table)
+            .fetch_one(&pool)
+            .await?;
+        assert!(found, "{table} is migrated");
+    }
+    Ok(())
+}
+
 async fn assert_one_seeded_note(pool: PgPool, tenant: Tenant) -> Result<(), sqlx::Error> {
     let mine: i64 = sqlx::query_scalar("select count(*) from notes where tenant_id = $1")
         .bind(tenant.id())
@@ -202,6 +219,54 @@ fn a_warm_run_opens_no_admin_connection() {
     assert!(
         elsewhere.is_empty(),
         "the warm run connected elsewhere: {elsewhere:#?}"
+    );
+}
+
+#[test]
+fn a_warm_run_of_a_two_database_test_opens_no_admin_connection() {
+    let cluster = Cluster::start(&[]);
+    assert_passed(&run(cluster.exact("fixture_two_databases")), 1);
+    let cold_log_len = cluster.log().len();
+    assert_passed(&run(cluster.exact("fixture_two_databases")), 1);
+
+    let warm_log = cluster.log()[cold_log_len..].to_owned();
+    let databases: Vec<String> = warm_log
+        .lines()
+        .filter(|line| line.contains("connection authorized"))
+        .filter_map(|line| {
+            Some(
+                line.split("database=")
+                    .nth(1)?
+                    .split(' ')
+                    .next()?
+                    .to_owned(),
+            )
+        })
+        .collect();
+    let copies: Vec<String> = cluster
+        .pgtest_databases()
+        .into_iter()
+        .filter(|name| {
+            name.rsplit_once('_')
+                .is_some_and(|(_, last)| last.starts_with('r'))
+        })
+        .collect();
+    assert_eq!(
+        copies.len(),
+        2,
+        "the run's two shared databases: {copies:?}"
+    );
+    assert!(
+        copies.iter().all(|copy| databases.contains(copy)),
+        "the warm run connected to both shared databases: {databases:?}"
+    );
+    let elsewhere: Vec<&String> = databases
+        .iter()
+        .filter(|database| !copies.contains(database))
+        .collect();
+    assert!(
+        elsewhere.is_empty(),
+        "the warm run connected elsewhere: {elsewhere:?}"
     );
 }
 

@@ -3,9 +3,13 @@
 //! nextest run, or the `cargo test` that started the process) so that rows
 //! tests leave behind never pile up across runs. Every process of the run
 //! holds a shared lock on the run's lock file while it lives, so that no
-//! sweep drops the copy under the run. Tests tell their rows apart by
-//! their tenant.
+//! sweep drops the copy under the run; the first of its tests to find the
+//! copy ready writes so in that file, for tests of several databases (see
+//! [`build_holding_nothing`]). Tests tell their rows apart by their
+//! tenant.
 
+use std::fs;
+use std::io::Write as _;
 use std::sync::Arc;
 
 use sqlx::PgPool;
@@ -18,7 +22,7 @@ use crate::pool::{self, TestPool};
 use crate::registry::markers::{Kind, Marker, Origin};
 use crate::registry::{self, markers, names};
 use crate::session::Session;
-use crate::state::Entry;
+use crate::state::{Entry, append_no_follow};
 use crate::{Error, Tenant, TestContext};
 use pgtest_core::TestSpec;
 
@@ -37,7 +41,8 @@ pub(super) async fn prepare(
 /// Makes sure the run's shared database of `migrations` is built, holding
 /// no connection slots: a test of several databases does so for each
 /// before it takes its slots (see [`super::several`]), since a test that
-/// waits for a build must not hold slots the build may need.
+/// waits for a build must not hold slots the build may need. Once a test
+/// of this machine found it ready, nothing but a look at its lock file.
 pub(super) async fn build_holding_nothing(
     session: &Arc<Session>,
     spec: &TestSpec,
@@ -46,12 +51,37 @@ pub(super) async fn build_holding_nothing(
     let template = names::template(spec.package, session.server.user(), &migrations.hash, &[]);
     let database = names::run_copy(&template, &markers::host(), &session.config.run_id);
     session.hold_while_alive(Entry::Run(&database)).await?;
+    if ready_here(session, &database) {
+        return Ok(());
+    }
     let ready = Ready {
         template: &template,
         database: &database,
         migrations,
     };
-    build(session, None, &ready, spec).await.map(drop)
+    build(session, None, &ready, spec).await?;
+    note_ready(session, &database);
+    Ok(())
+}
+
+/// Whether a test of this machine found the run's copy `database` ready
+/// (see [`note_ready`]). Only a hint: the test's pool checks the copy
+/// before the test runs in it.
+fn ready_here(session: &Session, database: &str) -> bool {
+    let path = session.dir.entry(Entry::Run(database));
+    fs::symlink_metadata(path).is_ok_and(|meta| meta.is_file() && meta.len() > 0)
+}
+
+/// Writes in the lock file of the run's copy `database` that it is ready.
+fn note_ready(session: &Session, database: &str) {
+    if ready_here(session, database) {
+        return;
+    }
+    let path = session.dir.entry(Entry::Run(database));
+    let noted = append_no_follow(&path).and_then(|mut file| file.write_all(b"ready\n"));
+    if let Err(error) = noted {
+        tracing::debug!(%error, path = %path.display(), "cannot note the run's copy ready");
+    }
 }
 
 /// The run's shared database, made ready if it is not, and a pool on it.
@@ -103,11 +133,13 @@ async fn make_ready(
     let slots = budget.take(budget.upfront(max, 0), spec.name).await?;
     pool.cover.hold(slots, 0).await;
     if bootstrap::is_ready(session, &pool.pool, ready.database, spec.role).await? {
+        note_ready(session, ready.database);
         return Ok(None);
     }
     // The test keeps its slots while it waits: its pool may hold a
     // connection already. The builder builds on the reserve.
     let copied_here = build(session, Some(&pool.pool), &ready, spec).await?;
+    note_ready(session, ready.database);
     // Whoever copied it sweeps older copies beside its body, on one more
     // slot when one is free at once (else a later run sweeps them).
     if !copied_here {
