@@ -37,6 +37,21 @@ async fn fixture_notes_in_a_database_of_its_own(
 )]
 #[ignore = "a fixture, run in its own processes by the tests of this file"]
 async fn fixture_two_databases(notes: PgPool, posts: PgPool) -> Result<(), sqlx::Error> {
+    assert_migrated(notes, posts).await
+}
+
+/// Two databases of its own, copies of each migrations' template.
+#[pg_test(
+    database(migrations = "tests/fixtures/notes"),
+    database(migrations = "tests/fixtures/posts"),
+    isolation = "database"
+)]
+#[ignore = "a fixture, run in its own processes by the tests of this file"]
+async fn fixture_two_databases_of_its_own(notes: PgPool, posts: PgPool) -> Result<(), sqlx::Error> {
+    assert_migrated(notes, posts).await
+}
+
+async fn assert_migrated(notes: PgPool, posts: PgPool) -> Result<(), sqlx::Error> {
     for (pool, table) in [(notes, "notes"), (posts, "posts")] {
         let found: bool = sqlx::query_scalar("select to_regclass($1) is not null")
             .bind(table)
@@ -222,15 +237,16 @@ fn a_warm_run_opens_no_admin_connection() {
     );
 }
 
-#[test]
-fn a_warm_run_of_a_two_database_test_opens_no_admin_connection() {
+/// The databases a second run of `fixture` connected to, and pgtest's
+/// databases named `<template>_<suffix>` whose suffix `copy` accepts,
+/// after the first run.
+fn warm_connections(fixture: &str, copy: fn(&str) -> bool) -> (Vec<String>, Vec<String>) {
     let cluster = Cluster::start(&[]);
-    assert_passed(&run(cluster.exact("fixture_two_databases")), 1);
+    assert_passed(&run(cluster.exact(fixture)), 1);
     let cold_log_len = cluster.log().len();
-    assert_passed(&run(cluster.exact("fixture_two_databases")), 1);
-
+    assert_passed(&run(cluster.exact(fixture)), 1);
     let warm_log = cluster.log()[cold_log_len..].to_owned();
-    let databases: Vec<String> = warm_log
+    let databases = warm_log
         .lines()
         .filter(|line| line.contains("connection authorized"))
         .filter_map(|line| {
@@ -243,14 +259,19 @@ fn a_warm_run_of_a_two_database_test_opens_no_admin_connection() {
             )
         })
         .collect();
-    let copies: Vec<String> = cluster
+    let copies = cluster
         .pgtest_databases()
         .into_iter()
-        .filter(|name| {
-            name.rsplit_once('_')
-                .is_some_and(|(_, last)| last.starts_with('r'))
-        })
+        .filter(|name| name.rsplit_once('_').is_some_and(|(_, last)| copy(last)))
         .collect();
+    (databases, copies)
+}
+
+#[test]
+fn a_warm_run_of_a_two_database_test_opens_no_admin_connection() {
+    let (databases, copies) = warm_connections("fixture_two_databases", |suffix| {
+        suffix.len() == 8 && suffix.starts_with('r')
+    });
     assert_eq!(
         copies.len(),
         2,
@@ -267,6 +288,23 @@ fn a_warm_run_of_a_two_database_test_opens_no_admin_connection() {
     assert!(
         elsewhere.is_empty(),
         "the warm run connected elsewhere: {elsewhere:?}"
+    );
+}
+
+#[test]
+fn a_warm_run_of_a_two_database_test_in_databases_of_its_own_opens_no_admin_connection() {
+    // The first run's two databases were put back as spares.
+    let (databases, spares) = warm_connections("fixture_two_databases_of_its_own", |suffix| {
+        suffix.len() == 8 && !suffix.starts_with('r')
+    });
+    assert_eq!(
+        databases.len(),
+        2,
+        "one connection to each database: {databases:?}"
+    );
+    assert!(
+        databases.iter().all(|database| spares.contains(database)),
+        "the warm run connected only to the spares {spares:?}: {databases:?}"
     );
 }
 
