@@ -100,8 +100,26 @@ async fn fixture_recycle_sees_the_template(pool: PgPool) -> anyhow::Result<()> {
         before.lines().last() == Some(mine.as_str()),
         "got {mine}, not the database of the test before: {before}"
     );
+    is_a_fresh_copy(&pool, &mine).await
+}
+
+/// Checks that it holds what a fresh copy of the template holds, then
+/// records its database.
+#[pg_test(isolation = "database", migrations = "tests/fixtures/recycle")]
+#[ignore = "a fixture, run in its own processes by the tests of this file"]
+async fn fixture_recycle_is_a_fresh_copy(pool: PgPool) -> anyhow::Result<()> {
+    let mine: String = sqlx::query_scalar("select current_database()")
+        .fetch_one(&pool)
+        .await?;
+    is_a_fresh_copy(&pool, &mine).await?;
+    record(&pool).await.map(drop)
+}
+
+/// Whether the database `mine` that `pool` is on holds what a fresh copy
+/// of its template holds.
+async fn is_a_fresh_copy(pool: &PgPool, mine: &str) -> anyhow::Result<()> {
     let template = &mine[..mine.rfind('_').expect("a copy's name")];
-    let expected = on_fresh_copy(&pool, template, dump).await?;
+    let expected = on_fresh_copy(pool, template, dump).await?;
     let mut connection = pool.acquire().await?;
     let found = dump(&mut connection).await?;
     if found != expected {
@@ -280,6 +298,47 @@ fn the_next_test_gets_the_same_database_exactly_as_a_fresh_copy() {
 #[test]
 fn after_changes_to_rows_alone_the_next_test_gets_the_same_database_exactly_as_a_fresh_copy() {
     the_next_test_sees_the_template_after("fixture_recycle_changes_rows", 3);
+}
+
+#[test]
+fn a_template_built_anew_is_snapshot_anew_and_no_test_gets_another_tests_rows() {
+    let home = EmbeddedHome::new();
+    let file = home.path().join("recorded");
+    let changes = || {
+        run(home
+            .exact("fixture_recycle_changes_rows")
+            .env("PGTEST_IT_FILE", &file))
+    };
+    let checks = || {
+        run(home
+            .exact("fixture_recycle_is_a_fresh_copy")
+            .env("PGTEST_IT_FILE", &file))
+    };
+    // This machine's snapshot of the template, and a spare.
+    assert_passed(&changes(), 1);
+    // The server's databases dropped (as a server made anew at the same
+    // address would have none): the template is built again, its tables
+    // get other oids than the snapshot's.
+    for name in home.databases() {
+        if name.starts_with("pgtest_") && name != "pgtest_locks" {
+            home.drop_database(&name);
+        }
+    }
+    assert_passed(&changes(), 1);
+    assert_passed(&checks(), 1);
+    // Recycled again, with a snapshot of the new template.
+    assert_passed(&changes(), 1);
+    assert_passed(&checks(), 1);
+    let names = recorded(&file);
+    assert_eq!(names.len(), 5, "{names:?}");
+    assert_ne!(
+        names[1], names[2],
+        "the test after the rebuild got its rows: {names:?}"
+    );
+    assert_eq!(
+        names[3], names[4],
+        "the next tests share a recycled one: {names:?}"
+    );
 }
 
 #[test]

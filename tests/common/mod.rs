@@ -636,6 +636,28 @@ impl EmbeddedHome {
 
     /// The names of the running server's databases.
     pub fn databases(&self) -> Vec<String> {
+        self.on_server(async |connection| {
+            sqlx::query_scalar("select datname from pg_database")
+                .fetch_all(connection)
+                .await
+                .expect("list the databases")
+        })
+    }
+
+    /// Drops the running server's database `name`, ending its sessions.
+    pub fn drop_database(&self, name: &str) {
+        let statement = format!("drop database \"{name}\" with (force)");
+        self.on_server(async |connection| {
+            sqlx::raw_sql(sqlx::AssertSqlSafe(statement))
+                .execute(connection)
+                .await
+                .expect("drop the database")
+        });
+    }
+
+    /// `work` on a connection to the running server's `postgres` database,
+    /// as its superuser.
+    fn on_server<T>(&self, work: impl AsyncFnOnce(&mut sqlx::PgConnection) -> T) -> T {
         let options = sqlx::postgres::PgConnectOptions::new_without_pgpass()
             .socket(self.server_dir())
             .port(5432)
@@ -649,10 +671,7 @@ impl EmbeddedHome {
             let mut connection = <sqlx::PgConnection as sqlx::Connection>::connect_with(&options)
                 .await
                 .expect("connect to the embedded server");
-            sqlx::query_scalar("select datname from pg_database")
-                .fetch_all(&mut connection)
-                .await
-                .expect("list the databases")
+            work(&mut connection).await
         })
     }
 

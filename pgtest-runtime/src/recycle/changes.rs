@@ -122,6 +122,24 @@ impl Snapshot {
         )
     }
 
+    /// An SQL expression: whether a table of this snapshot is not in the
+    /// database under its oid and name (see [`super::Reset::Stale`]).
+    pub(super) fn stale_look(&self) -> String {
+        if self.tables.is_empty() {
+            return "false".to_owned();
+        }
+        let tables: Vec<String> = self
+            .tables
+            .iter()
+            .map(|table| format!("({}::oid, {})", table.oid, catalog::literal(&table.name)))
+            .collect();
+        format!(
+            "exists (select from (values {}) e(oid, name) left join pg_class c on c.oid = e.oid \
+             where c.oid is null or c.oid::regclass::text <> e.name)",
+            tables.join(", ")
+        )
+    }
+
     /// An SQL expression: the oids of the TOAST tables that have pages.
     pub(super) fn toast_look(&self) -> String {
         let toasts: Vec<String> = self

@@ -113,12 +113,13 @@ impl Snapshot {
             None => self.statistics_compared(),
         };
         let mut look = format!(
-            "begin; {FORMATS}; {}; select {}, {}, {}, {statistics}, {}",
+            "begin; {FORMATS}; {}; select {}, {}, {}, {statistics}, {}, {}",
             catalog::NO_FLUSH_WAIT,
             catalog::OTHER_SESSIONS,
             statements::spares_count(),
             self.class_look(),
-            self.toast_look()
+            self.toast_look(),
+            self.stale_look()
         );
         if let Some(statement) = &counted {
             let _ = write!(look, "; {statement}");
@@ -136,6 +137,7 @@ impl Snapshot {
         }
         let (class, mut statistics): (Vec<i64>, Vec<i64>) = (row.try_get(2)?, row.try_get(3)?);
         let toasts: Vec<i64> = row.try_get(4)?;
+        let stale: bool = row.try_get(5)?;
         let statistics_written = match (&counted, rows.get(1)) {
             (Some(_), Some(counts)) => self.statistics_written(counts, since)?,
             (Some(_), None) => true,
@@ -156,12 +158,17 @@ impl Snapshot {
             Some(changed) => changed,
             None => self.compared(connection, since.horizon).await?,
         };
+        // A test that renamed or dropped a table changed the schema; else
+        // the snapshot is another template's.
+        if stale && !changed.catalog {
+            return Ok(Reset::Stale);
+        }
         if changed.catalog {
             let fingerprint: String = query(FINGERPRINT)
                 .fetch_one(&mut *connection)
                 .await?
                 .try_get(0)?;
-            if fingerprint != self.fingerprint {
+            if fingerprint != self.fingerprint || stale {
                 return Ok(Reset::Retire("its schema or settings changed"));
             }
         }

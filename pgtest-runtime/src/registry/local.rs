@@ -109,6 +109,12 @@ impl ServerDir {
         let _ = fs::remove_file(self.entry(Entry::Spare(database)));
     }
 
+    /// Forgets the snapshot of `template`, which is another template's
+    /// (see [`crate::recycle::Reset::Stale`]): the next copy takes it anew.
+    pub(crate) fn forget_snapshot(&self, template: &str) {
+        let _ = fs::remove_file(self.entry(Entry::Snapshot(template)));
+    }
+
     /// Marks `database` as its test's, passed and retired: the spares
     /// helper or a sweep drops it.
     pub(crate) fn note_passed(&self, database: &str) {

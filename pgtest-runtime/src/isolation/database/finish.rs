@@ -239,6 +239,12 @@ impl TestDatabase {
             Ok(match reset.map_err(failed)? {
                 Reset::Busy => Look::Held("a session of the test's".to_owned()),
                 Reset::Retire(why) => Look::Ready(Some(why)),
+                Reset::Stale => {
+                    session.dir.forget_snapshot(&self.template);
+                    Look::Ready(Some(
+                        "its template was built anew since this machine took its snapshot",
+                    ))
+                }
                 Reset::Done { tables, sequences } => {
                     tracing::debug!(database = self.name, tables, sequences, "put back");
                     // For this machine's next test to claim without an
