@@ -122,22 +122,28 @@ impl Snapshot {
         )
     }
 
-    /// An SQL expression: whether a table of this snapshot is not in the
-    /// database under its oid and name (see [`super::Reset::Stale`]).
+    /// An SQL expression: whether the relations of this snapshot with the
+    /// lowest and the highest oid are not in the database under those oids
+    /// and their names (see [`super::Reset::Stale`]). A template built
+    /// anew from the same migrations gets its oids in the same order: the
+    /// same first and last oid mean that every one is the same (two casts,
+    /// where comparing every table costs a new session a millisecond).
     pub(super) fn stale_look(&self) -> String {
-        if self.tables.is_empty() {
+        let parts = self.tables.iter().flat_map(|table| &table.parts);
+        let (Some(first), Some(last)) = (
+            parts.clone().min_by_key(|part| part.oid),
+            parts.max_by_key(|part| part.oid),
+        ) else {
             return "false".to_owned();
-        }
-        let tables: Vec<String> = self
-            .tables
-            .iter()
-            .map(|table| format!("({}::oid, {})", table.oid, catalog::literal(&table.name)))
-            .collect();
-        format!(
-            "exists (select from (values {}) e(oid, name) left join pg_class c on c.oid = e.oid \
-             where c.oid is null or c.oid::regclass::text <> e.name)",
-            tables.join(", ")
-        )
+        };
+        let differs = |part: &Part| {
+            format!(
+                "{}::oid::regclass::text <> {}",
+                part.oid,
+                catalog::literal(&part.name)
+            )
+        };
+        format!("({} or {})", differs(first), differs(last))
     }
 
     /// An SQL expression: the oids of the TOAST tables that have pages.

@@ -149,9 +149,9 @@ pub(crate) enum Reset {
     Busy,
     /// It cannot be put back: retire the database.
     Retire(&'static str),
-    /// A table of the snapshot is not in the database under its oid and
-    /// name: the template was built anew since the snapshot was taken (a
-    /// server made anew at the same address, or its databases dropped).
+    /// A relation of the snapshot is not in the database under its oid
+    /// and name: the template was built anew since the snapshot was taken
+    /// (a server made anew at the same address, or its databases dropped).
     /// Retire the database, and take the snapshot again.
     Stale,
 }
