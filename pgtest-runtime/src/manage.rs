@@ -161,7 +161,16 @@ pub async fn psql(package: &Path, target: Option<&str>, args: &[String]) -> Resu
 /// When the server cannot be reached or a database cannot be dropped.
 pub async fn clean(package: &Path, dry_run: bool) -> Result<Removed, Error> {
     let session = session(package).await?;
-    remove(&session.server, dry_run).await
+    let removed = remove(&session.server, dry_run).await?;
+    if !dry_run {
+        // The snapshots of the templates dropped: the next copy of one
+        // built anew takes its own.
+        removed
+            .dropped
+            .iter()
+            .for_each(|name| session.dir.forget_snapshot(name));
+    }
+    Ok(removed)
 }
 
 /// Stops the embedded server of the package at `package`, if it is the

@@ -646,9 +646,12 @@ impl EmbeddedHome {
 
     /// Drops the running server's database `name`, ending its sessions.
     pub fn drop_database(&self, name: &str) {
-        let statement = format!("drop database \"{name}\" with (force)");
+        // 'static, as sqlx 0.9 wants a statement it cannot see is safe
+        // (this file is built on 0.8 too, which has no `AssertSqlSafe`).
+        let statement: &'static str =
+            Box::leak(format!("drop database \"{name}\" with (force)").into_boxed_str());
         self.on_server(async |connection| {
-            sqlx::raw_sql(sqlx::AssertSqlSafe(statement))
+            sqlx::raw_sql(statement)
                 .execute(connection)
                 .await
                 .expect("drop the database")

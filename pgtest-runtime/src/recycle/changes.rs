@@ -122,28 +122,33 @@ impl Snapshot {
         )
     }
 
-    /// An SQL expression: whether the relations of this snapshot with the
-    /// lowest and the highest oid are not in the database under those oids
-    /// and their names (see [`super::Reset::Stale`]). A template built
-    /// anew from the same migrations gets its oids in the same order: the
-    /// same first and last oid mean that every one is the same (two casts,
-    /// where comparing every table costs a new session a millisecond).
+    /// An SQL expression: whether a relation of this snapshot (a table, its
+    /// indexes and TOAST table, a sequence) is not in the database under
+    /// its oid and name (see [`super::Reset::Stale`]). Every one: a
+    /// template built anew while other work took oids can have the same
+    /// first and last oids and others between them.
     pub(super) fn stale_look(&self) -> String {
-        let parts = self.tables.iter().flat_map(|table| &table.parts);
-        let (Some(first), Some(last)) = (
-            parts.clone().min_by_key(|part| part.oid),
-            parts.max_by_key(|part| part.oid),
-        ) else {
-            return "false".to_owned();
-        };
-        let differs = |part: &Part| {
-            format!(
-                "{}::oid::regclass::text <> {}",
-                part.oid,
-                catalog::literal(&part.name)
-            )
-        };
-        format!("({} or {})", differs(first), differs(last))
+        let relations = self
+            .tables
+            .iter()
+            .flat_map(|table| &table.parts)
+            .map(|part| (part.oid, &part.name))
+            .chain(
+                self.sequences
+                    .iter()
+                    .map(|sequence| (sequence.oid, &sequence.name)),
+            );
+        let (mut found, mut expected) = (String::new(), String::new());
+        for (index, (oid, name)) in relations.enumerate() {
+            if index > 0 {
+                found.push_str(", ");
+                expected.push_str(", ");
+            }
+            push_number(&mut found, oid);
+            found.push_str("::oid::regclass::text");
+            expected.push_str(&catalog::literal(name));
+        }
+        format!("array[{found}]::text[] is distinct from array[{expected}]::text[]")
     }
 
     /// An SQL expression: the oids of the TOAST tables that have pages.

@@ -10,7 +10,7 @@
 pub(super) const FORMATS: &str = "set local datestyle = 'ISO, YMD'; set local timezone = 'UTC'; \
     set local intervalstyle = 'postgres'; set local extra_float_digits = 3; \
     set local bytea_output = 'hex'; set local lock_timeout = 2000; \
-    set local search_path = pg_catalog";
+    set local search_path = pg_catalog; set local quote_all_identifiers = off";
 
 /// The hash of a relation's rows as text with their places, in physical
 /// order.

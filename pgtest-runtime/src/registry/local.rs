@@ -109,7 +109,7 @@ impl ServerDir {
         let _ = fs::remove_file(self.entry(Entry::Spare(database)));
     }
 
-    /// Forgets the snapshot of `template`, which is another template's
+    /// Forgets the snapshot of `template`, dropped or another template's
     /// (see [`crate::recycle::Reset::Stale`]): the next copy takes it anew.
     pub(crate) fn forget_snapshot(&self, template: &str) {
         let _ = fs::remove_file(self.entry(Entry::Snapshot(template)));

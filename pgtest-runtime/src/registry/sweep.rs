@@ -111,7 +111,11 @@ impl Sweep<'_> {
                     return Ok(false);
                 }
                 tracing::debug!(database = name, "sweeping a template unused for a week");
-                return drop_unclaimed(self.server, admin, name).await;
+                let gone = drop_unclaimed(self.server, admin, name).await?;
+                if gone {
+                    self.dir.forget_snapshot(name);
+                }
+                return Ok(gone);
             }
             Some(Marker::Spare { template }) => {
                 let used = templates.get(template.as_str()).copied().unwrap_or(0);
