@@ -341,6 +341,103 @@ fn a_template_built_anew_is_snapshot_anew_and_no_test_gets_another_tests_rows() 
     );
 }
 
+/// Makes `audit` anew in `database` (the same name, columns and rows, another
+/// oid): as a copy of another build of the template would have it.
+fn make_audit_anew(home: &EmbeddedHome, database: &str) {
+    home.execute(
+        database,
+        "create table audit_anew (like audit including all); \
+         insert into audit_anew select * from audit; \
+         drop table audit; alter table audit_anew rename to audit",
+    );
+}
+
+/// The path of this machine's snapshot of `template` in `home`.
+fn snapshot_file(home: &Path, template: &str) -> std::path::PathBuf {
+    let wanted = format!("snapshot-{template}");
+    let mut dirs = vec![home.to_path_buf()];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if entry.file_name().to_str() == Some(wanted.as_str()) {
+                return path;
+            }
+            if entry.file_type().is_ok_and(|kind| kind.is_dir()) {
+                dirs.push(path);
+            }
+        }
+    }
+    panic!("no {wanted} under {}", home.display());
+}
+
+#[test]
+fn a_spare_is_looked_at_anew_when_its_database_or_the_snapshot_is_not_the_one_it_was_put_back_with()
+{
+    let home = EmbeddedHome::new();
+    let file = home.path().join("recorded");
+    let changes = || {
+        run(home
+            .exact("fixture_recycle_changes_rows")
+            .env("PGTEST_IT_FILE", &file))
+    };
+    let checks = || {
+        run(home
+            .exact("fixture_recycle_is_a_fresh_copy")
+            .env("PGTEST_IT_FILE", &file))
+    };
+    assert_passed(&changes(), 1);
+    let spare = recorded(&file)[0].clone();
+    let template = &spare[..spare.rfind('_').expect("a copy's name")];
+    // Another database under the spare's name, its marker and owner as
+    // pgtest's, whose `audit` is not the snapshot's.
+    home.execute(
+        "postgres",
+        &format!("create database pgtest_it_anew template \"{template}\""),
+    );
+    make_audit_anew(&home, "pgtest_it_anew");
+    home.execute(
+        "postgres",
+        &format!(
+            "do $$ begin execute format('comment on database pgtest_it_anew is %L', \
+             (select shobj_description(oid, 'pg_database') from pg_database \
+             where datname = '{spare}')); end $$"
+        ),
+    );
+    home.drop_database(&spare);
+    home.execute(
+        "postgres",
+        &format!("alter database pgtest_it_anew rename to \"{spare}\""),
+    );
+    assert_passed(&changes(), 1);
+    assert_passed(&checks(), 1);
+    // The spare put back, then its `audit` made anew as the snapshot is
+    // taken anew (its id changed).
+    assert_passed(&changes(), 1);
+    let put_back = recorded(&file)[3].clone();
+    make_audit_anew(&home, &put_back);
+    let path = snapshot_file(home.path(), template);
+    let text = std::fs::read_to_string(&path).unwrap();
+    let mut words: Vec<&str> = text.splitn(5, ' ').collect();
+    assert_eq!(words[..3], ["pgtest", "snapshot", "5"], "{path:?}");
+    words[3] = "0000";
+    std::fs::write(&path, words.join(" ")).unwrap();
+    assert_passed(&changes(), 1);
+    assert_passed(&checks(), 1);
+    let names = recorded(&file);
+    assert_eq!(names.len(), 6, "{names:?}");
+    assert_eq!(names[1], spare, "{names:?}");
+    assert_ne!(
+        names[1], names[2],
+        "the test after the one on a database made anew got it: {names:?}"
+    );
+    assert_eq!(names[2], names[3], "{names:?}");
+    assert_eq!(names[3], names[4], "{names:?}");
+    assert_ne!(
+        names[4], names[5],
+        "the test after the snapshot was taken anew got a database of the old one: {names:?}"
+    );
+}
+
 #[test]
 fn fixed_ids_and_whole_table_counts_pass_with_many_tests_per_database() {
     let home = EmbeddedHome::new();

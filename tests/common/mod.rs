@@ -646,26 +646,40 @@ impl EmbeddedHome {
 
     /// Drops the running server's database `name`, ending its sessions.
     pub fn drop_database(&self, name: &str) {
+        self.execute("postgres", &format!("drop database \"{name}\" with (force)"));
+    }
+
+    /// Runs `sql` in the running server's `database`, as its superuser.
+    pub fn execute(&self, database: &str, sql: &str) {
         // 'static, as sqlx 0.9 wants a statement it cannot see is safe
         // (this file is built on 0.8 too, which has no `AssertSqlSafe`).
-        let statement: &'static str =
-            Box::leak(format!("drop database \"{name}\" with (force)").into_boxed_str());
-        self.on_server(async |connection| {
+        let statement: &'static str = Box::leak(sql.to_owned().into_boxed_str());
+        self.on_database(database, async |connection| {
             sqlx::raw_sql(statement)
                 .execute(connection)
                 .await
-                .expect("drop the database")
+                .unwrap_or_else(|error| panic!("{sql}: {error}"))
         });
     }
 
     /// `work` on a connection to the running server's `postgres` database,
     /// as its superuser.
     fn on_server<T>(&self, work: impl AsyncFnOnce(&mut sqlx::PgConnection) -> T) -> T {
+        self.on_database("postgres", work)
+    }
+
+    /// `work` on a connection to the running server's `database`, as its
+    /// superuser.
+    fn on_database<T>(
+        &self,
+        database: &str,
+        work: impl AsyncFnOnce(&mut sqlx::PgConnection) -> T,
+    ) -> T {
         let options = sqlx::postgres::PgConnectOptions::new_without_pgpass()
             .socket(self.server_dir())
             .port(5432)
             .username("postgres")
-            .database("postgres");
+            .database(database);
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()

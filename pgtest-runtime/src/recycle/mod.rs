@@ -136,6 +136,10 @@ pub(crate) struct Since {
     /// The counts of rows written in each counted relation (see
     /// [`Snapshot::written_counts`]), when the snapshot counts.
     pub(crate) counts: Option<Vec<i64>>,
+    /// What this machine noted of the database when it was put back
+    /// here ([`Snapshot::checked_mark`]), when the test claimed it from
+    /// this machine's spares.
+    pub(crate) checked: Option<String>,
 }
 
 /// What a reset did.
@@ -143,8 +147,13 @@ pub(crate) struct Since {
 pub(crate) enum Reset {
     /// The database is what a fresh copy is again and is marked spare;
     /// what it put back (tables truncated and filled again, sequences),
-    /// for the log.
-    Done { tables: usize, sequences: usize },
+    /// for the log, and what this machine notes of it with the spare
+    /// ([`Snapshot::checked_mark`]).
+    Done {
+        tables: usize,
+        sequences: usize,
+        checked: String,
+    },
     /// Another session is still connected to it: nothing was done.
     Busy,
     /// It cannot be put back: retire the database.

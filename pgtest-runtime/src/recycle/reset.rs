@@ -112,14 +112,21 @@ impl Snapshot {
             Some(_) => "'{}'::int8[]".to_owned(),
             None => self.statistics_compared(),
         };
+        // A spare of this machine's whose relations a reset found as the
+        // snapshot has them is looked at again only if the database or
+        // the snapshot is not the same, or a catalog was written.
+        let stale_look = match since.checked {
+            Some(_) => "false".to_owned(),
+            None => self.stale_look(),
+        };
         let mut look = format!(
-            "begin; {FORMATS}; {}; select {}, {}, {}, {statistics}, {}, {}",
+            "begin; {FORMATS}; {}; select {}, {}, {}, {statistics}, {}, {stale_look}, \
+             (select oid from pg_database where datname = current_database())::int8",
             catalog::NO_FLUSH_WAIT,
             catalog::OTHER_SESSIONS,
             statements::spares_count(),
             self.class_look(),
             self.toast_look(),
-            self.stale_look()
         );
         if let Some(statement) = &counted {
             let _ = write!(look, "; {statement}");
@@ -138,6 +145,7 @@ impl Snapshot {
         let (class, mut statistics): (Vec<i64>, Vec<i64>) = (row.try_get(2)?, row.try_get(3)?);
         let toasts: Vec<i64> = row.try_get(4)?;
         let stale: bool = row.try_get(5)?;
+        let checked = self.checked_mark(row.try_get(6)?);
         let statistics_written = match (&counted, rows.get(1)) {
             (Some(_), Some(counts)) => self.statistics_written(counts, since)?,
             (Some(_), None) => true,
@@ -157,6 +165,13 @@ impl Snapshot {
         let changed = match changed {
             Some(changed) => changed,
             None => self.compared(connection, since.horizon).await?,
+        };
+        let stale = match &since.checked {
+            Some(noted) if *noted != checked || changed.catalog => {
+                let look = format!("select {}", self.stale_look());
+                query(&look).fetch_one(&mut *connection).await?.try_get(0)?
+            }
+            _ => stale,
         };
         // A test that renamed or dropped a table changed the schema; else
         // the snapshot is another template's.
@@ -207,6 +222,7 @@ impl Snapshot {
             return Ok(Reset::Done {
                 tables: 0,
                 sequences: changed.sequences.iter().filter(|changed| **changed).count(),
+                checked,
             });
         }
         if !work.tables.is_empty() {
@@ -291,6 +307,7 @@ impl Snapshot {
         Ok(Reset::Done {
             tables: work.tables.len() + work.views.len(),
             sequences: changed.sequences.iter().filter(|changed| **changed).count(),
+            checked,
         })
     }
 

@@ -35,6 +35,10 @@ const SETTLED: &str = "not exists (select from pg_class c join pg_namespace n \
 /// What a fresh copy of a template holds (see the module's documentation).
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) struct Snapshot {
+    /// Names this snapshot among those this machine takes: a database's
+    /// relations found under the snapshot's oids and names are noted with
+    /// it (see [`Self::checked_mark`]).
+    pub(super) id: String,
     pub(super) fingerprint: String,
     pub(super) large_objects: i64,
     /// The catalogs of [`WRITTEN_IN`] (less the one [`NOT_COUNTED`]),
@@ -252,6 +256,7 @@ impl Snapshot {
         take_statistics(&mut transaction, &mut tables, major).await?;
         transaction.rollback().await?;
         Ok(Some(Self {
+            id: uuid::Uuid::new_v4().simple().to_string(),
             fingerprint,
             large_objects,
             catalogs,
@@ -259,6 +264,16 @@ impl Snapshot {
             tables,
             sequences,
         }))
+    }
+
+    /// What this machine notes of a spare whose relations a reset found
+    /// under this snapshot's oids and names, the spare's database oid
+    /// `database` with it (so that a database made anew under the same
+    /// name is not taken for it): the next reset of the spare, finding
+    /// the same and no catalog written, need not look again (see
+    /// [`super::Reset::Stale`]).
+    pub(crate) fn checked_mark(&self, database: i64) -> String {
+        format!("{} {database}", self.id)
     }
 
     /// The counts a new copy starts with (never reset, nothing written in

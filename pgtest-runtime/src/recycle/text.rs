@@ -16,8 +16,8 @@ impl Snapshot {
             .as_ref()
             .map_or_else(|| "-".to_owned(), |oids| list(oids.iter()));
         let mut text = format!(
-            "pgtest snapshot 4 {} {} {catalogs} {}\n",
-            self.fingerprint, self.large_objects, self.major
+            "pgtest snapshot 5 {} {} {} {catalogs} {}\n",
+            self.id, self.fingerprint, self.large_objects, self.major
         );
         for sequence in &self.sequences {
             let name = &sequence.name;
@@ -83,7 +83,8 @@ impl Snapshot {
         let [
             "pgtest",
             "snapshot",
-            "4",
+            "5",
+            id,
             fingerprint,
             large_objects,
             catalogs,
@@ -93,6 +94,7 @@ impl Snapshot {
             return None;
         };
         let mut snapshot = Self {
+            id: id.to_owned(),
             fingerprint: fingerprint.to_owned(),
             large_objects: large_objects.parse().ok()?,
             catalogs: parse_list(catalogs)?,
@@ -237,6 +239,7 @@ mod tests {
             class: class.to_owned(),
         };
         let snapshot = Snapshot {
+            id: "5f0e".to_owned(),
             fingerprint: "0123abcd".to_owned(),
             large_objects: 0,
             catalogs: Some(vec![1259, 2613]),

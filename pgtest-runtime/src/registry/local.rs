@@ -7,6 +7,7 @@
 
 use std::collections::HashSet;
 use std::fs;
+use std::io::Write as _;
 
 use crate::Error;
 use crate::lock::{LockFile, Mode, open_no_follow};
@@ -96,11 +97,22 @@ impl ServerDir {
             .then_some(lock))
     }
 
-    /// Lists `database`, put back, as a spare of this machine's.
-    pub(crate) fn note_spare(&self, database: &str) {
-        if let Err(error) = open_no_follow(&self.entry(Entry::Spare(database)), 0o600) {
+    /// Lists `database`, put back, as a spare of this machine's, with
+    /// what its reset `checked` (see [`crate::recycle::Snapshot::checked_mark`]).
+    pub(crate) fn note_spare(&self, database: &str, checked: &str) {
+        let noted = open_no_follow(&self.entry(Entry::Spare(database)), 0o600).and_then(|mut file| {
+            file.set_len(0)?;
+            file.write_all(checked.as_bytes())
+        });
+        if let Err(error) = noted {
             tracing::warn!(%error, database, "cannot list a spare database");
         }
+    }
+
+    /// What the reset that listed the spare `database` here checked, when
+    /// it is listed.
+    pub(crate) fn spare_checked(&self, database: &str) -> Option<String> {
+        fs::read_to_string(self.entry(Entry::Spare(database))).ok()
     }
 
     /// Forgets that `database` is a spare here (a test claims it, or it is

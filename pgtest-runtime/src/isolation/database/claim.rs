@@ -57,12 +57,14 @@ impl Claim<'_> {
             let Some(lock) = self.session.dir.hold(&name)? else {
                 continue;
             };
+            let checked = self.session.dir.spare_checked(&name);
             let slots = budget.take(budget.upfront(max, 0), self.spec.name).await?;
             // On failure the slots are given back: the cold path takes its
             // own, for an admin connection too.
             if let Ok((pool, lock, since)) =
                 self.try_claim(&name, lock, max, slots, 0, &stored).await?
             {
+                let since = Since { checked, ..since };
                 let database = self.database(name, stored, lock, since);
                 return Ok(Ok((pool, database)));
             }
@@ -129,6 +131,7 @@ impl Claim<'_> {
         let since = Since {
             horizon,
             counts: stored.snapshot().and_then(Snapshot::fresh_counts),
+            checked: None,
         };
         let pool = pool::test_pool(self.session, &name, self.tenant, self.spec, max).await;
         pool.cover.hold(slots, 1).await;
@@ -165,7 +168,12 @@ impl Claim<'_> {
         session.dir.forget_spare(name);
         match claimed {
             Ok(Claimed::Ours { horizon, counts }) => {
-                Ok(Ok((pool, lock, Since { horizon, counts })))
+                let since = Since {
+                    horizon,
+                    counts,
+                    checked: None,
+                };
+                Ok(Ok((pool, lock, since)))
             }
             Ok(Claimed::NotOurs(owner)) => {
                 give_up(pool).await;

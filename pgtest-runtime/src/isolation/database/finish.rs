@@ -245,11 +245,15 @@ impl TestDatabase {
                         "its template was built anew since this machine took its snapshot",
                     ))
                 }
-                Reset::Done { tables, sequences } => {
+                Reset::Done {
+                    tables,
+                    sequences,
+                    checked,
+                } => {
                     tracing::debug!(database = self.name, tables, sequences, "put back");
                     // For this machine's next test to claim without an
                     // admin connection.
-                    session.dir.note_spare(&self.name);
+                    session.dir.note_spare(&self.name, &checked);
                     Look::Ready(None)
                 }
             })
