@@ -352,6 +352,14 @@ fn make_audit_anew(home: &EmbeddedHome, database: &str) {
     );
 }
 
+/// The id of the snapshot in `path` (see `snapshot_file`).
+fn snapshot_id(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap();
+    let words: Vec<&str> = text.splitn(5, ' ').collect();
+    assert_eq!(words[..3], ["pgtest", "snapshot", "5"], "{path:?}");
+    words[3].to_owned()
+}
+
 /// The path of this machine's snapshot of `template` in `home`.
 fn snapshot_file(home: &Path, template: &str) -> std::path::PathBuf {
     let wanted = format!("snapshot-{template}");
@@ -388,6 +396,8 @@ fn a_spare_is_looked_at_anew_when_its_database_or_the_snapshot_is_not_the_one_it
     assert_passed(&changes(), 1);
     let spare = recorded(&file)[0].clone();
     let template = &spare[..spare.rfind('_').expect("a copy's name")];
+    let snapshot = snapshot_file(home.path(), template);
+    let first = snapshot_id(&snapshot);
     // Another database under the spare's name, its marker and owner as
     // pgtest's, whose `audit` is not the snapshot's.
     home.execute(
@@ -410,19 +420,19 @@ fn a_spare_is_looked_at_anew_when_its_database_or_the_snapshot_is_not_the_one_it
     );
     assert_passed(&changes(), 1);
     assert_passed(&checks(), 1);
+    // Found not to be the snapshot's: forgotten and taken again.
+    let second = snapshot_id(&snapshot);
+    assert_ne!(first, second, "the snapshot was not taken anew");
     // The spare put back, then its `audit` made anew as the snapshot is
     // taken anew (its id changed).
     assert_passed(&changes(), 1);
     let put_back = recorded(&file)[3].clone();
     make_audit_anew(&home, &put_back);
-    let path = snapshot_file(home.path(), template);
-    let text = std::fs::read_to_string(&path).unwrap();
-    let mut words: Vec<&str> = text.splitn(5, ' ').collect();
-    assert_eq!(words[..3], ["pgtest", "snapshot", "5"], "{path:?}");
-    words[3] = "0000";
-    std::fs::write(&path, words.join(" ")).unwrap();
+    let text = std::fs::read_to_string(&snapshot).unwrap();
+    std::fs::write(&snapshot, text.replacen(&second, "0000", 1)).unwrap();
     assert_passed(&changes(), 1);
     assert_passed(&checks(), 1);
+    assert_ne!(snapshot_id(&snapshot), "0000", "the snapshot was not taken anew");
     let names = recorded(&file);
     assert_eq!(names.len(), 6, "{names:?}");
     assert_eq!(names[1], spare, "{names:?}");
@@ -498,6 +508,8 @@ fn a_test_that_changes_the_schema_never_hands_its_database_on() {
         "alter database \"{db}\" set work_mem = '8MB'",
         "comment on table teams is 'changed'",
         "grant select on teams to public",
+        "drop table events",
+        "drop trigger members_audit on members",
     ];
     for sql in statements {
         let output = run(home

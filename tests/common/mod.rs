@@ -636,7 +636,7 @@ impl EmbeddedHome {
 
     /// The names of the running server's databases.
     pub fn databases(&self) -> Vec<String> {
-        self.on_server(async |connection| {
+        self.on_database("postgres", async |connection| {
             sqlx::query_scalar("select datname from pg_database")
                 .fetch_all(connection)
                 .await
@@ -660,12 +660,6 @@ impl EmbeddedHome {
                 .await
                 .unwrap_or_else(|error| panic!("{sql}: {error}"))
         });
-    }
-
-    /// `work` on a connection to the running server's `postgres` database,
-    /// as its superuser.
-    fn on_server<T>(&self, work: impl AsyncFnOnce(&mut sqlx::PgConnection) -> T) -> T {
-        self.on_database("postgres", work)
     }
 
     /// `work` on a connection to the running server's `database`, as its

@@ -10,7 +10,7 @@ use sqlx::postgres::{PgConnection, PgRow};
 
 use super::Since;
 use super::fingerprint::{
-    NOT_COUNTED, STATISTICS_CATALOGS, STATISTICS_FOUND, WRITTEN_IN, catalog_written, class_of,
+    NOT_COUNTED, STATISTICS_CATALOGS, STATISTICS_FOUND, WRITTEN_IN, class_of,
     rows_hash, written_in,
 };
 use super::snapshot::{Kind, Part, Role, Snapshot, Table};
@@ -308,15 +308,12 @@ impl Snapshot {
         }))
     }
 
-    /// What changed since the transaction `horizon` by looking at it all:
-    /// whether a catalog the fingerprint reads holds a newer row, each
-    /// table's rows (with their places) and its relations' sizes against
-    /// the template's, each sequence's state, the count of large objects.
-    pub(super) async fn compared(
-        &self,
-        connection: &mut PgConnection,
-        horizon: u32,
-    ) -> sqlx::Result<Changed> {
+    /// What changed, by looking at it all: each table's rows (with their
+    /// places) and its relations' sizes against the template's, each
+    /// sequence's state, the count of large objects; the catalogs as
+    /// written (a row deleted, a trigger dropped, leaves no newer row
+    /// behind: the fingerprint decides).
+    pub(super) async fn compared(&self, connection: &mut PgConnection) -> sqlx::Result<Changed> {
         let tables: Vec<String> = self.tables.iter().map(table_differs).collect();
         let sequences: Vec<String> = self
             .sequences
@@ -329,18 +326,17 @@ impl Snapshot {
             })
             .collect();
         let statement = format!(
-            "select ({}), array[{}]::bool[], array[{}]::bool[], \
+            "select array[{}]::bool[], array[{}]::bool[], \
              (select count(*) from pg_largeobject_metadata)",
-            catalog_written(horizon),
             tables.join(", "),
             sequences.join(", ")
         );
         let row = query(&statement).fetch_one(connection).await?;
         Ok(Changed {
-            catalog: row.try_get(0)?,
-            tables: row.try_get(1)?,
-            sequences: row.try_get(2)?,
-            large_objects: row.try_get(3)?,
+            catalog: true,
+            tables: row.try_get(0)?,
+            sequences: row.try_get(1)?,
+            large_objects: row.try_get(2)?,
         })
     }
 }

@@ -138,18 +138,6 @@ pub(super) const WRITTEN_IN: [(&str, &str); 24] = [
     ("pg_database", "datname = current_database()"),
 ];
 
-/// Whether a catalog the fingerprint reads holds a row written after the
-/// transaction `horizon` (its low 32 bits): far cheaper than the
-/// fingerprint, which runs only when this says yes (a test's truncation or
-/// refresh writes `pg_class` without changing the schema).
-pub(super) fn catalog_written(horizon: u32) -> String {
-    let checks: Vec<String> = WRITTEN_IN
-        .iter()
-        .map(|(catalog, rows)| written_in(catalog, rows, horizon))
-        .collect();
-    checks.join(" or ")
-}
-
 /// Whether the rows `rows` of `catalog` hold one written after the
 /// transaction `horizon`.
 pub(super) fn written_in(catalog: &str, rows: &str, horizon: u32) -> String {

@@ -136,10 +136,10 @@ pub(crate) struct Since {
     /// The counts of rows written in each counted relation (see
     /// [`Snapshot::written_counts`]), when the snapshot counts.
     pub(crate) counts: Option<Vec<i64>>,
-    /// What this machine noted of the database when it was put back
-    /// here ([`Snapshot::checked_mark`]), when the test claimed it from
+    /// What this machine listed with the database when it was put back
+    /// here ([`Snapshot::spare_note`]), when the test claimed it from
     /// this machine's spares.
-    pub(crate) checked: Option<String>,
+    pub(crate) noted: Option<String>,
 }
 
 /// What a reset did.
@@ -147,12 +147,12 @@ pub(crate) struct Since {
 pub(crate) enum Reset {
     /// The database is what a fresh copy is again and is marked spare;
     /// what it put back (tables truncated and filled again, sequences),
-    /// for the log, and what this machine notes of it with the spare
-    /// ([`Snapshot::checked_mark`]).
+    /// for the log, and what this machine lists with the spare
+    /// ([`Snapshot::spare_note`]).
     Done {
         tables: usize,
         sequences: usize,
-        checked: String,
+        note: String,
     },
     /// Another session is still connected to it: nothing was done.
     Busy,
@@ -160,8 +160,9 @@ pub(crate) enum Reset {
     Retire(&'static str),
     /// A relation of the snapshot is not in the database under its oid
     /// and name: the template was built anew since the snapshot was taken
-    /// (a server made anew at the same address, or its databases dropped).
-    /// Retire the database, and take the snapshot again.
+    /// (a server made anew at the same address, or its databases
+    /// dropped), or the test dropped or renamed it. Retire the database,
+    /// and take the snapshot again.
     Stale,
 }
 

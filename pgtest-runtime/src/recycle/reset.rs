@@ -86,7 +86,10 @@ impl Snapshot {
 
     /// [`Self::reset`], from a transaction it begins. Three round trips
     /// when no table is put back (one begins, looks for other sessions,
-    /// reads the counts and compares what the planner reads; one writes
+    /// reads the counts, compares what the planner reads and, for a
+    /// database not listed here as found with this snapshot's relations,
+    /// looks for them: a round trip of its own when a listed one's note
+    /// is not the same, or the counts do not tell; one writes
     /// statistics and sequences back; one marks and commits), and one more
     /// where the counts say statistics rows were written (they are
     /// compared); when some are, their rows are deleted in the first
@@ -114,8 +117,9 @@ impl Snapshot {
         };
         // A spare of this machine's whose relations a reset found as the
         // snapshot has them is looked at again only if the database or
-        // the snapshot is not the same, or a catalog was written.
-        let stale_look = match since.checked {
+        // the snapshot is not the same, or the server's counts do not
+        // show the schema's catalogs unwritten (below).
+        let stale_look = match since.noted {
             Some(_) => "false".to_owned(),
             None => self.stale_look(),
         };
@@ -145,7 +149,7 @@ impl Snapshot {
         let (class, mut statistics): (Vec<i64>, Vec<i64>) = (row.try_get(2)?, row.try_get(3)?);
         let toasts: Vec<i64> = row.try_get(4)?;
         let stale: bool = row.try_get(5)?;
-        let checked = self.checked_mark(row.try_get(6)?);
+        let note = self.spare_note(row.try_get(6)?);
         let statistics_written = match (&counted, rows.get(1)) {
             (Some(_), Some(counts)) => self.statistics_written(counts, since)?,
             (Some(_), None) => true,
@@ -158,24 +162,27 @@ impl Snapshot {
                 .await?
                 .try_get(0)?;
         }
-        let changed = match rows.get(1).map(|row| self.counted(row, since)) {
+        let counted = match rows.get(1).map(|row| self.counted(row, since)) {
             Some(changed) => changed?,
             None => None,
         };
-        let changed = match changed {
+        // The counts include the catalog rows deleted, which a comparison
+        // (by the rows written since the claim) does not see.
+        let unwritten = counted.is_some();
+        let changed = match counted {
             Some(changed) => changed,
-            None => self.compared(connection, since.horizon).await?,
+            None => self.compared(connection).await?,
         };
-        let stale = match &since.checked {
-            Some(noted) if *noted != checked || changed.catalog => {
+        let stale = match &since.noted {
+            Some(noted) if *noted != note || !unwritten => {
                 let look = format!("select {}", self.stale_look());
                 query(&look).fetch_one(&mut *connection).await?.try_get(0)?
             }
             _ => stale,
         };
-        // A test that renamed or dropped a table changed the schema; else
-        // the snapshot is another template's.
-        if stale && !changed.catalog {
+        // The snapshot is another template's, or the test renamed or
+        // dropped a table: taken again either way.
+        if stale {
             return Ok(Reset::Stale);
         }
         if changed.catalog {
@@ -183,7 +190,7 @@ impl Snapshot {
                 .fetch_one(&mut *connection)
                 .await?
                 .try_get(0)?;
-            if fingerprint != self.fingerprint || stale {
+            if fingerprint != self.fingerprint {
                 return Ok(Reset::Retire("its schema or settings changed"));
             }
         }
@@ -222,7 +229,7 @@ impl Snapshot {
             return Ok(Reset::Done {
                 tables: 0,
                 sequences: changed.sequences.iter().filter(|changed| **changed).count(),
-                checked,
+                note,
             });
         }
         if !work.tables.is_empty() {
@@ -307,7 +314,7 @@ impl Snapshot {
         Ok(Reset::Done {
             tables: work.tables.len() + work.views.len(),
             sequences: changed.sequences.iter().filter(|changed| **changed).count(),
-            checked,
+            note,
         })
     }
 

@@ -35,9 +35,9 @@ const SETTLED: &str = "not exists (select from pg_class c join pg_namespace n \
 /// What a fresh copy of a template holds (see the module's documentation).
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) struct Snapshot {
-    /// Names this snapshot among those this machine takes: a database's
-    /// relations found under the snapshot's oids and names are noted with
-    /// it (see [`Self::checked_mark`]).
+    /// Names this snapshot among those this machine takes: a spare whose
+    /// relations a reset found under the snapshot's oids and names is
+    /// listed with it (see [`Self::spare_note`]).
     pub(super) id: String,
     pub(super) fingerprint: String,
     pub(super) large_objects: i64,
@@ -266,13 +266,13 @@ impl Snapshot {
         }))
     }
 
-    /// What this machine notes of a spare whose relations a reset found
-    /// under this snapshot's oids and names, the spare's database oid
-    /// `database` with it (so that a database made anew under the same
-    /// name is not taken for it): the next reset of the spare, finding
-    /// the same and no catalog written, need not look again (see
-    /// [`super::Reset::Stale`]).
-    pub(crate) fn checked_mark(&self, database: i64) -> String {
+    /// What this machine lists with a spare whose relations a reset
+    /// found under this snapshot's oids and names: the snapshot's id and
+    /// the spare's database oid `database` (so that a database made anew
+    /// under the same name is not taken for it). The next reset of the
+    /// spare, finding the same and the server's counts of the schema's
+    /// catalogs unmoved, need not look again (see [`super::Reset::Stale`]).
+    pub(crate) fn spare_note(&self, database: i64) -> String {
         format!("{} {database}", self.id)
     }
 

@@ -6,7 +6,7 @@ use std::fmt::Write as _;
 use super::snapshot::{Kind, Part, Role, Rows, Sequence, Snapshot, Statistics, Table};
 
 /// What a template whose copies cannot be recycled stores.
-pub(super) const UNRECYCLABLE: &str = "pgtest snapshot 4 none\n";
+pub(super) const UNRECYCLABLE: &str = "pgtest snapshot 5 none\n";
 
 impl Snapshot {
     /// The snapshot as text.

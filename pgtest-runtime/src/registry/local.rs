@@ -98,21 +98,24 @@ impl ServerDir {
     }
 
     /// Lists `database`, put back, as a spare of this machine's, with
-    /// what its reset `checked` (see [`crate::recycle::Snapshot::checked_mark`]).
-    pub(crate) fn note_spare(&self, database: &str, checked: &str) {
+    /// what its reset found (`note`: see
+    /// [`crate::recycle::Snapshot::spare_note`]).
+    pub(crate) fn note_spare(&self, database: &str, note: &str) {
         let noted = open_no_follow(&self.entry(Entry::Spare(database)), 0o600).and_then(|mut file| {
             file.set_len(0)?;
-            file.write_all(checked.as_bytes())
+            // Ended, so that a note cut short is never taken for another.
+            file.write_all(format!("{note}\n").as_bytes())
         });
         if let Err(error) = noted {
             tracing::warn!(%error, database, "cannot list a spare database");
         }
     }
 
-    /// What the reset that listed the spare `database` here checked, when
-    /// it is listed.
-    pub(crate) fn spare_checked(&self, database: &str) -> Option<String> {
-        fs::read_to_string(self.entry(Entry::Spare(database))).ok()
+    /// What the reset that listed the spare `database` here found, when
+    /// it is listed with a whole note.
+    pub(crate) fn spare_note(&self, database: &str) -> Option<String> {
+        let text = fs::read_to_string(self.entry(Entry::Spare(database))).ok()?;
+        text.strip_suffix('\n').map(str::to_owned)
     }
 
     /// Forgets that `database` is a spare here (a test claims it, or it is

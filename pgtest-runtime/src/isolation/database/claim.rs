@@ -57,14 +57,14 @@ impl Claim<'_> {
             let Some(lock) = self.session.dir.hold(&name)? else {
                 continue;
             };
-            let checked = self.session.dir.spare_checked(&name);
+            let noted = self.session.dir.spare_note(&name);
             let slots = budget.take(budget.upfront(max, 0), self.spec.name).await?;
             // On failure the slots are given back: the cold path takes its
             // own, for an admin connection too.
             if let Ok((pool, lock, since)) =
                 self.try_claim(&name, lock, max, slots, 0, &stored).await?
             {
-                let since = Since { checked, ..since };
+                let since = Since { noted, ..since };
                 let database = self.database(name, stored, lock, since);
                 return Ok(Ok((pool, database)));
             }
@@ -131,7 +131,7 @@ impl Claim<'_> {
         let since = Since {
             horizon,
             counts: stored.snapshot().and_then(Snapshot::fresh_counts),
-            checked: None,
+            noted: None,
         };
         let pool = pool::test_pool(self.session, &name, self.tenant, self.spec, max).await;
         pool.cover.hold(slots, 1).await;
@@ -171,7 +171,7 @@ impl Claim<'_> {
                 let since = Since {
                     horizon,
                     counts,
-                    checked: None,
+                    noted: None,
                 };
                 Ok(Ok((pool, lock, since)))
             }

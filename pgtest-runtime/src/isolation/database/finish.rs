@@ -242,18 +242,19 @@ impl TestDatabase {
                 Reset::Stale => {
                     session.dir.forget_snapshot(&self.template);
                     Look::Ready(Some(
-                        "its template was built anew since this machine took its snapshot",
+                        "its relations are not those of this machine's snapshot (its template \
+                         built anew, or a relation dropped or renamed)",
                     ))
                 }
                 Reset::Done {
                     tables,
                     sequences,
-                    checked,
+                    note,
                 } => {
                     tracing::debug!(database = self.name, tables, sequences, "put back");
                     // For this machine's next test to claim without an
                     // admin connection.
-                    session.dir.note_spare(&self.name, &checked);
+                    session.dir.note_spare(&self.name, &note);
                     Look::Ready(None)
                 }
             })
