@@ -98,6 +98,11 @@ pub(super) const FINGERPRINT: &str = "with hidden as (select oid from pg_namespa
     union all select 'description ' || d::text from pg_description d \
         where (objoid >= 16384 or objoid = 2200) \
         and (classoid <> 'pg_class'::regclass or objoid in (select oid from rel)) \
+    union all select 'depend ' || (classid, objid, objsubid, refclassid, refobjid, refobjsubid, \
+        deptype)::text from pg_depend where objid >= 16384 \
+        and (classid <> 'pg_class'::regclass or objid in (select oid from rel)) \
+        and (classid <> 'pg_type'::regclass or objid not in (select oid from pg_type \
+        where typnamespace in (select oid from hidden))) \
     union all select 'settings ' || s::text from pg_db_role_setting s, pg_database d \
         where s.setdatabase = d.oid and d.datname = current_database() \
     union all select 'database ' || (datdba, encoding, datallowconn, datconnlimit, datacl)::text \
@@ -108,7 +113,7 @@ pub(super) const FINGERPRINT: &str = "with hidden as (select oid from pg_namespa
 /// user objects' (from `FirstNormalObjectId` on, found by the catalog's
 /// index; temporary ones included, a cost only), the `public` schema's
 /// (its fixed oid, 2200), and the database's own (last: see [`NOT_COUNTED`]).
-pub(super) const WRITTEN_IN: [(&str, &str); 24] = [
+pub(super) const WRITTEN_IN: [(&str, &str); 25] = [
     ("pg_class", "oid >= 16384"),
     ("pg_attribute", "attrelid >= 16384"),
     ("pg_namespace", "(oid >= 16384 or oid = 2200)"),
@@ -131,6 +136,10 @@ pub(super) const WRITTEN_IN: [(&str, &str); 24] = [
     ("pg_event_trigger", "oid >= 16384"),
     ("pg_statistic_ext", "oid >= 16384"),
     ("pg_description", "(objoid >= 16384 or objoid = 2200)"),
+    // Every object made or dropped (a text search configuration, an
+    // operator class, a foreign server: catalogs the fingerprint does not
+    // read row by row) depends on something.
+    ("pg_depend", "objid >= 16384"),
     (
         "pg_db_role_setting",
         "setdatabase = (select oid from pg_database where datname = current_database())",
