@@ -64,10 +64,8 @@ pub(super) const FINGERPRINT: &str = "with hidden as (select oid from pg_namespa
         reltablespace, relpersistence, relkind, relnatts, relchecks, relrowsecurity, \
         relforcerowsecurity, relispopulated, relreplident, relispartition, relacl, reloptions, \
         relpartbound)::text as part from pg_class c where c.oid in (select oid from rel) \
-    union all select 'attribute ' || (attrelid, attname, atttypid, attlen, attnum, atttypmod, \
-        attndims, attnotnull, atthasdef, attidentity, attgenerated, attisdropped, attislocal, \
-        attinhcount, attcollation, attacl, attoptions, attfdwoptions)::text \
-        from pg_attribute where attrelid >= 16384 and attrelid in (select oid from rel) \
+    union all select 'attribute ' || a::text \
+        from pg_attribute a where attrelid >= 16384 and attrelid in (select oid from rel) \
     union all select 'namespace ' || n::text from pg_namespace n \
         where (oid >= 16384 or nspname = 'public') and oid not in (select oid from hidden) \
     union all select 'type ' || t::text from pg_type t \
@@ -78,9 +76,8 @@ pub(super) const FINGERPRINT: &str = "with hidden as (select oid from pg_namespa
     union all select 'index ' || i::text from pg_index i where indrelid >= 16384 and indrelid in (select oid from rel) \
     union all select 'attrdef ' || (adrelid, adnum, pg_get_expr(adbin, adrelid))::text \
         from pg_attrdef where adrelid >= 16384 and adrelid in (select oid from rel) \
-    union all select 'trigger ' || (tgrelid, tgname, tgfoid, tgtype, tgenabled, tgisinternal, \
-        tgconstraint, tgdeferrable, tginitdeferred, tgnargs, tgattr, tgargs)::text \
-        from pg_trigger where tgrelid >= 16384 and tgrelid in (select oid from rel) \
+    union all select 'trigger ' || t::text \
+        from pg_trigger t where tgrelid >= 16384 and tgrelid in (select oid from rel) \
     union all select 'rewrite ' || (ev_class, rulename, ev_type, ev_enabled, is_instead, \
         ev_qual, ev_action)::text from pg_rewrite where ev_class >= 16384 and ev_class in (select oid from rel) \
     union all select 'policy ' || p::text from pg_policy p where polrelid >= 16384 and polrelid in (select oid from rel) \
@@ -93,8 +90,8 @@ pub(super) const FINGERPRINT: &str = "with hidden as (select oid from pg_namespa
     union all select 'collation ' || c::text from pg_collation c where oid >= 16384 \
     union all select 'default acl ' || d::text from pg_default_acl d \
     union all select 'event trigger ' || e::text from pg_event_trigger e \
-    union all select 'statistics ' || (stxrelid, stxname, stxnamespace, stxkeys, stxkind)::text \
-        from pg_statistic_ext where stxrelid >= 16384 and stxrelid in (select oid from rel) \
+    union all select 'statistics ' || s::text \
+        from pg_statistic_ext s where stxrelid >= 16384 and stxrelid in (select oid from rel) \
     union all select 'description ' || d::text from pg_description d \
         where (objoid >= 16384 or objoid = 2200) \
         and (classoid <> 'pg_class'::regclass or objoid in (select oid from rel)) \
@@ -105,15 +102,41 @@ pub(super) const FINGERPRINT: &str = "with hidden as (select oid from pg_namespa
         where typnamespace in (select oid from hidden))) \
     union all select 'settings ' || s::text from pg_db_role_setting s, pg_database d \
         where s.setdatabase = d.oid and d.datname = current_database() \
-    union all select 'database ' || (datdba, encoding, datallowconn, datconnlimit, datacl)::text \
+    union all select 'ts config ' || c::text from pg_ts_config c \
+    union all select 'ts config map ' || m::text from pg_ts_config_map m \
+    union all select 'ts dictionary ' || d::text from pg_ts_dict d \
+    union all select 'ts parser ' || p::text from pg_ts_parser p where oid >= 16384 \
+    union all select 'ts template ' || t::text from pg_ts_template t where oid >= 16384 \
+    union all select 'language ' || l::text from pg_language l \
+    union all select 'access method ' || a::text from pg_am a \
+    union all select 'operator class ' || o::text from pg_opclass o where oid >= 16384 \
+    union all select 'operator family ' || o::text from pg_opfamily o where oid >= 16384 \
+    union all select 'amop ' || o::text from pg_amop o where oid >= 16384 \
+    union all select 'amproc ' || p::text from pg_amproc p where oid >= 16384 \
+    union all select 'aggregate ' || a::text from pg_aggregate a where aggfnoid >= 16384 \
+    union all select 'conversion ' || c::text from pg_conversion c where oid >= 16384 \
+    union all select 'transform ' || t::text from pg_transform t \
+    union all select 'range ' || r::text from pg_range r where rngtypid >= 16384 \
+    union all select 'partitioned ' || p::text from pg_partitioned_table p where partrelid >= 16384 \
+    union all select 'wrapper ' || w::text from pg_foreign_data_wrapper w \
+    union all select 'server ' || f::text from pg_foreign_server f \
+    union all select 'foreign table ' || f::text from pg_foreign_table f \
+    union all select 'user mapping ' || u::text from pg_user_mapping u \
+    union all select 'publication ' || p::text from pg_publication p \
+    union all select 'publication rel ' || p::text from pg_publication_rel p \
+    union all select 'init privs ' || i::text from pg_init_privs i where objoid >= 16384 \
+    union all select 'database ' || (datdba, encoding, datistemplate, datallowconn, datconnlimit, \
+        datacl)::text \
         from pg_database where datname = current_database() \
     ) parts";
 
-/// The catalogs the fingerprint reads, each with which of its rows count:
-/// user objects' (from `FirstNormalObjectId` on, found by the catalog's
-/// index; temporary ones included, a cost only), the `public` schema's
-/// (its fixed oid, 2200), and the database's own (last: see [`NOT_COUNTED`]).
-pub(super) const WRITTEN_IN: [(&str, &str); 25] = [
+/// The catalogs the fingerprint reads, whose counts a reset reads, each
+/// with which of its rows the fingerprint reads: user objects' (from
+/// `FirstNormalObjectId` on), the `public` schema's (its fixed oid, 2200),
+/// all of those a test may alter in place (text search, languages, access
+/// methods, foreign data, publications), and the database's own (last,
+/// the one whose rows are looked at: see [`NOT_COUNTED`]).
+pub(super) const WRITTEN_IN: [(&str, &str); 48] = [
     ("pg_class", "oid >= 16384"),
     ("pg_attribute", "attrelid >= 16384"),
     ("pg_namespace", "(oid >= 16384 or oid = 2200)"),
@@ -140,6 +163,29 @@ pub(super) const WRITTEN_IN: [(&str, &str); 25] = [
     // operator class, a foreign server: catalogs the fingerprint does not
     // read row by row) depends on something.
     ("pg_depend", "objid >= 16384"),
+    ("pg_ts_config", "true"),
+    ("pg_ts_config_map", "true"),
+    ("pg_ts_dict", "true"),
+    ("pg_ts_parser", "oid >= 16384"),
+    ("pg_ts_template", "oid >= 16384"),
+    ("pg_language", "true"),
+    ("pg_am", "true"),
+    ("pg_opclass", "oid >= 16384"),
+    ("pg_opfamily", "oid >= 16384"),
+    ("pg_amop", "oid >= 16384"),
+    ("pg_amproc", "oid >= 16384"),
+    ("pg_aggregate", "aggfnoid >= 16384"),
+    ("pg_conversion", "oid >= 16384"),
+    ("pg_transform", "true"),
+    ("pg_range", "rngtypid >= 16384"),
+    ("pg_partitioned_table", "partrelid >= 16384"),
+    ("pg_foreign_data_wrapper", "true"),
+    ("pg_foreign_server", "true"),
+    ("pg_foreign_table", "true"),
+    ("pg_user_mapping", "true"),
+    ("pg_publication", "true"),
+    ("pg_publication_rel", "true"),
+    ("pg_init_privs", "objoid >= 16384"),
     (
         "pg_db_role_setting",
         "setdatabase = (select oid from pg_database where datname = current_database())",

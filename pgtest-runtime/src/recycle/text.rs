@@ -6,7 +6,7 @@ use std::fmt::Write as _;
 use super::snapshot::{Kind, Part, Role, Rows, Sequence, Snapshot, Statistics, Table};
 
 /// What a template whose copies cannot be recycled stores.
-pub(super) const UNRECYCLABLE: &str = "pgtest snapshot 6 none\n";
+pub(super) const UNRECYCLABLE: &str = "pgtest snapshot 7 none\n";
 
 impl Snapshot {
     /// The snapshot as text.
@@ -16,7 +16,7 @@ impl Snapshot {
             .as_ref()
             .map_or_else(|| "-".to_owned(), |oids| list(oids.iter()));
         let mut text = format!(
-            "pgtest snapshot 6 {} {} {} {catalogs} {}\n",
+            "pgtest snapshot 7 {} {} {} {catalogs} {}\n",
             self.id, self.fingerprint, self.large_objects, self.major
         );
         for sequence in &self.sequences {
@@ -83,7 +83,7 @@ impl Snapshot {
         let [
             "pgtest",
             "snapshot",
-            "6",
+            "7",
             id,
             fingerprint,
             large_objects,
