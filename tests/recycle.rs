@@ -300,22 +300,20 @@ fn after_changes_to_rows_alone_the_next_test_gets_the_same_database_exactly_as_a
     the_next_test_sees_the_template_after("fixture_recycle_changes_rows", 3);
 }
 
+/// Runs the fixture `test` alone in `home`, recording its database in
+/// `file`; it passes.
+fn passes_recorded(home: &EmbeddedHome, test: &str, file: &Path) {
+    assert_passed(&run(home.exact(test).env("PGTEST_IT_FILE", file)), 1);
+}
+
 #[test]
 fn a_template_built_anew_is_snapshot_anew_and_no_test_gets_another_tests_rows() {
     let home = EmbeddedHome::new();
     let file = home.path().join("recorded");
-    let changes = || {
-        run(home
-            .exact("fixture_recycle_changes_rows")
-            .env("PGTEST_IT_FILE", &file))
-    };
-    let checks = || {
-        run(home
-            .exact("fixture_recycle_is_a_fresh_copy")
-            .env("PGTEST_IT_FILE", &file))
-    };
+    let changes = || passes_recorded(&home, "fixture_recycle_changes_rows", &file);
+    let checks = || passes_recorded(&home, "fixture_recycle_is_a_fresh_copy", &file);
     // This machine's snapshot of the template, and a spare.
-    assert_passed(&changes(), 1);
+    changes();
     // The server's databases dropped (as a server made anew at the same
     // address would have none): the template is built again, its tables
     // get other oids than the snapshot's.
@@ -324,11 +322,11 @@ fn a_template_built_anew_is_snapshot_anew_and_no_test_gets_another_tests_rows() 
             home.drop_database(&name);
         }
     }
-    assert_passed(&changes(), 1);
-    assert_passed(&checks(), 1);
+    changes();
+    checks();
     // Recycled again, with a snapshot of the new template.
-    assert_passed(&changes(), 1);
-    assert_passed(&checks(), 1);
+    changes();
+    checks();
     let names = recorded(&file);
     assert_eq!(names.len(), 5, "{names:?}");
     assert_ne!(
@@ -383,17 +381,9 @@ fn a_spare_is_looked_at_anew_when_its_database_or_the_snapshot_is_not_the_one_it
 {
     let home = EmbeddedHome::new();
     let file = home.path().join("recorded");
-    let changes = || {
-        run(home
-            .exact("fixture_recycle_changes_rows")
-            .env("PGTEST_IT_FILE", &file))
-    };
-    let checks = || {
-        run(home
-            .exact("fixture_recycle_is_a_fresh_copy")
-            .env("PGTEST_IT_FILE", &file))
-    };
-    assert_passed(&changes(), 1);
+    let changes = || passes_recorded(&home, "fixture_recycle_changes_rows", &file);
+    let checks = || passes_recorded(&home, "fixture_recycle_is_a_fresh_copy", &file);
+    changes();
     let spare = recorded(&file)[0].clone();
     let template = &spare[..spare.rfind('_').expect("a copy's name")];
     let snapshot = snapshot_file(home.path(), template);
@@ -418,21 +408,25 @@ fn a_spare_is_looked_at_anew_when_its_database_or_the_snapshot_is_not_the_one_it
         "postgres",
         &format!("alter database pgtest_it_anew rename to \"{spare}\""),
     );
-    assert_passed(&changes(), 1);
-    assert_passed(&checks(), 1);
+    changes();
+    checks();
     // Found not to be the snapshot's: forgotten and taken again.
     let second = snapshot_id(&snapshot);
     assert_ne!(first, second, "the snapshot was not taken anew");
     // The spare put back, then its `audit` made anew as the snapshot is
     // taken anew (its id changed).
-    assert_passed(&changes(), 1);
+    changes();
     let put_back = recorded(&file)[3].clone();
     make_audit_anew(&home, &put_back);
     let text = std::fs::read_to_string(&snapshot).unwrap();
     std::fs::write(&snapshot, text.replacen(&second, "0000", 1)).unwrap();
-    assert_passed(&changes(), 1);
-    assert_passed(&checks(), 1);
-    assert_ne!(snapshot_id(&snapshot), "0000", "the snapshot was not taken anew");
+    changes();
+    checks();
+    assert_ne!(
+        snapshot_id(&snapshot),
+        "0000",
+        "the snapshot was not taken anew"
+    );
     let names = recorded(&file);
     assert_eq!(names.len(), 6, "{names:?}");
     assert_eq!(names[1], spare, "{names:?}");

@@ -646,7 +646,10 @@ impl EmbeddedHome {
 
     /// Drops the running server's database `name`, ending its sessions.
     pub fn drop_database(&self, name: &str) {
-        self.execute("postgres", &format!("drop database \"{name}\" with (force)"));
+        self.execute(
+            "postgres",
+            &format!("drop database \"{name}\" with (force)"),
+        );
     }
 
     /// Runs `sql` in the running server's `database`, as its superuser.

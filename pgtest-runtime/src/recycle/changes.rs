@@ -10,8 +10,7 @@ use sqlx::postgres::{PgConnection, PgRow};
 
 use super::Since;
 use super::fingerprint::{
-    NOT_COUNTED, STATISTICS_CATALOGS, STATISTICS_FOUND, WRITTEN_IN, class_of,
-    rows_hash, written_in,
+    NOT_COUNTED, STATISTICS_CATALOGS, STATISTICS_FOUND, WRITTEN_IN, class_of, rows_hash, written_in,
 };
 use super::snapshot::{Kind, Part, Role, Snapshot, Table};
 use crate::catalog;

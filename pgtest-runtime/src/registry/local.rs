@@ -101,11 +101,12 @@ impl ServerDir {
     /// what its reset found (`note`: see
     /// [`crate::recycle::Snapshot::spare_note`]).
     pub(crate) fn note_spare(&self, database: &str, note: &str) {
-        let noted = open_no_follow(&self.entry(Entry::Spare(database)), 0o600).and_then(|mut file| {
-            file.set_len(0)?;
-            // Ended, so that a note cut short is never taken for another.
-            file.write_all(format!("{note}\n").as_bytes())
-        });
+        let noted =
+            open_no_follow(&self.entry(Entry::Spare(database)), 0o600).and_then(|mut file| {
+                file.set_len(0)?;
+                // Ended, so that a note cut short is never taken for another.
+                file.write_all(format!("{note}\n").as_bytes())
+            });
         if let Err(error) = noted {
             tracing::warn!(%error, database, "cannot list a spare database");
         }
