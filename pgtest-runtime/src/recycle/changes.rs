@@ -18,7 +18,9 @@ use crate::compat::query;
 
 /// What a test may have changed, found by a reset.
 pub(super) struct Changed {
-    /// A catalog the fingerprint reads was written.
+    /// A catalog the fingerprint reads may have been written: the server's
+    /// counts of its rows moved, or they cannot tell. The fingerprint
+    /// decides.
     pub(super) catalog: bool,
     /// For each table, whether its rows or their pages differ.
     pub(super) tables: Vec<bool>,
@@ -309,9 +311,8 @@ impl Snapshot {
 
     /// What changed, by looking at it all: each table's rows (with their
     /// places) and its relations' sizes against the template's, each
-    /// sequence's state, the count of large objects; the catalogs as
-    /// written (a row deleted, a trigger dropped, leaves no newer row
-    /// behind: the fingerprint decides).
+    /// sequence's state, the count of large objects; the catalogs as maybe
+    /// written (a row deleted, a trigger dropped, leaves no trace here).
     pub(super) async fn compared(&self, connection: &mut PgConnection) -> sqlx::Result<Changed> {
         let tables: Vec<String> = self.tables.iter().map(table_differs).collect();
         let sequences: Vec<String> = self
