@@ -936,6 +936,42 @@ fn shop_rounds(cluster: &Cluster, file: &Path, rounds: std::ops::Range<usize>) {
     }
 }
 
+/// Leaves a prepared transaction that inserted a team, then records its
+/// database.
+#[pg_test(isolation = "database", migrations = "tests/fixtures/recycle")]
+#[ignore = "a fixture, run in its own processes by the tests of this file"]
+async fn fixture_recycle_prepares_a_transaction(pool: PgPool) -> anyhow::Result<()> {
+    let mut connection = pool.acquire().await?;
+    connection
+        .execute(
+            "begin; insert into teams (name) values ('prepared'); \
+             prepare transaction 'pgtest_it'",
+        )
+        .await?;
+    drop(connection);
+    record(&pool).await.map(drop)
+}
+
+#[test]
+fn a_database_left_with_a_prepared_transaction_is_never_handed_on() {
+    let cluster = Cluster::start(&[("max_prepared_transactions", "2")]);
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("recorded");
+    for fixture in [
+        "fixture_recycle_reads",
+        "fixture_recycle_prepares_a_transaction",
+        "fixture_recycle_is_a_fresh_copy",
+    ] {
+        assert_passed(&run(cluster.exact(fixture).env("PGTEST_IT_FILE", &file)), 1);
+    }
+    let names = recorded(&file);
+    assert_eq!(names[0], names[1], "recycled before: {names:?}");
+    assert_ne!(
+        names[1], names[2],
+        "the database with a prepared transaction was handed on: {names:?}"
+    );
+}
+
 #[test]
 fn a_recycled_database_is_what_the_planner_sees_of_a_fresh_copy_at_each_claim() {
     let cluster = Cluster::start(&[]);

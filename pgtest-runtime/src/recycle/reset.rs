@@ -125,7 +125,8 @@ impl Snapshot {
         };
         let mut look = format!(
             "begin; {FORMATS}; {}; select {}, {}, {}, {statistics}, {}, {stale_look}, \
-             (select oid from pg_database where datname = current_database())::int8",
+             (select oid from pg_database where datname = current_database())::int8, \
+             (select count(*) from pg_prepared_xacts where database = current_database())",
             catalog::NO_FLUSH_WAIT,
             catalog::OTHER_SESSIONS,
             statements::spares_count(),
@@ -140,6 +141,12 @@ impl Snapshot {
         let (others, spares): (i64, i64) = (row.try_get(0)?, row.try_get(1)?);
         if others > 0 {
             return Ok(Reset::Busy);
+        }
+        // Its locks and rows stay until someone commits or rolls it back.
+        if row.try_get::<i64, _>(7)? > 0 {
+            return Ok(Reset::Retire(
+                "a transaction the test prepared (PREPARE TRANSACTION) is still open in it",
+            ));
         }
         if spares >= i64::from(back.limit) {
             return Ok(Reset::Retire(
