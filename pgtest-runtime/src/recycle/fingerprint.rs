@@ -67,7 +67,13 @@ pub(super) const FINGERPRINT: &str = "with hidden as (select oid from pg_namespa
     union all select 'attribute ' || a::text \
         from pg_attribute a where attrelid >= 16384 and attrelid in (select oid from rel) \
     union all select 'namespace ' || n::text from pg_namespace n \
-        where (oid >= 16384 or nspname = 'public') and oid not in (select oid from hidden) \
+        where oid not in (select oid from hidden) \
+    union all select 'built-in class ' || (oid, relacl, reloptions)::text from pg_class \
+        where oid < 16384 and (relacl is not null or reloptions is not null) \
+    union all select 'built-in function ' || (oid, proacl, proconfig)::text from pg_proc \
+        where oid < 16384 and (proacl is not null or proconfig is not null) \
+    union all select 'built-in type ' || (oid, typacl)::text from pg_type \
+        where oid < 16384 and typacl is not null \
     union all select 'type ' || t::text from pg_type t \
         where oid >= 16384 and typnamespace not in (select oid from hidden) \
     union all select 'proc ' || p::text from pg_proc p where oid >= 16384 \
@@ -132,14 +138,15 @@ pub(super) const FINGERPRINT: &str = "with hidden as (select oid from pg_namespa
 
 /// The catalogs the fingerprint reads, whose counts a reset reads, each
 /// with which of its rows the fingerprint reads: user objects' (from
-/// `FirstNormalObjectId` on), the `public` schema's (its fixed oid, 2200),
-/// all of those a test may alter in place (text search, languages, access
-/// methods, foreign data, publications), and the database's own (last,
-/// the one whose rows are looked at: see [`NOT_COUNTED`]).
+/// `FirstNormalObjectId` on; of built-in ones, their privileges and
+/// settings), all of those a test may alter in place (schemas, text
+/// search, languages, access methods, foreign data, publications), and
+/// the database's own (last, the one whose rows are looked at: see
+/// [`NOT_COUNTED`]).
 pub(super) const WRITTEN_IN: [(&str, &str); 48] = [
     ("pg_class", "oid >= 16384"),
     ("pg_attribute", "attrelid >= 16384"),
-    ("pg_namespace", "(oid >= 16384 or oid = 2200)"),
+    ("pg_namespace", "true"),
     ("pg_type", "oid >= 16384"),
     ("pg_proc", "oid >= 16384"),
     ("pg_constraint", "oid >= 16384"),
