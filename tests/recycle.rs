@@ -34,6 +34,7 @@ async fn record(pool: &PgPool) -> anyhow::Result<String> {
 #[ignore = "a fixture, run in its own processes by the tests of this file"]
 async fn fixture_recycle_changes_everything(pool: PgPool) -> anyhow::Result<()> {
     let mut connection = pool.acquire().await?;
+    connection.execute("vacuum full teams").await?;
     connection
         .execute(
             "insert into teams (name) values ('violet');
@@ -971,6 +972,16 @@ fn a_database_left_with_a_prepared_transaction_is_never_handed_on() {
     assert_ne!(
         names[1], names[2],
         "the database with a prepared transaction was handed on: {names:?}"
+    );
+    // Its prepared transaction rolled back, the spares helper can drop it.
+    let gone = format!(
+        "select (not exists (select from pg_database where datname = '{}'))::text",
+        names[1]
+    );
+    wait_for(
+        "the spares helper to drop the retired database",
+        Duration::from_secs(60),
+        || on_cluster(&cluster, &[&gone]).as_deref() == Some("true"),
     );
 }
 

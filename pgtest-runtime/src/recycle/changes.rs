@@ -10,7 +10,7 @@ use sqlx::postgres::{PgConnection, PgRow};
 
 use super::Since;
 use super::fingerprint::{
-    NOT_COUNTED, STATISTICS_CATALOGS, STATISTICS_FOUND, WRITTEN_IN, class_of, rows_hash, written_in,
+    DATABASE_ROW, STATISTICS_CATALOGS, STATISTICS_FOUND, class_of, rows_hash, written_in,
 };
 use super::snapshot::{Kind, Part, Role, Snapshot, Table};
 use crate::catalog;
@@ -266,7 +266,7 @@ impl Snapshot {
     pub(super) fn counted_statement(&self, since: &Since) -> Option<String> {
         since.counts.as_ref()?;
         let counts = self.written_counts()?;
-        let (catalog, rows) = WRITTEN_IN[NOT_COUNTED];
+        let (catalog, rows) = DATABASE_ROW;
         Some(format!(
             "select {counts}, {}",
             written_in(catalog, rows, since.horizon)

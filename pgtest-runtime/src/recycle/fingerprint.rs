@@ -1,7 +1,6 @@
 //! The catalog's side of a test's database: its fingerprint (what a
-//! schema change alters), the catalogs whose rows a test writes when it
-//! changes the schema, to tell cheaply whether the fingerprint is worth
-//! computing, and what the planner reads of a table besides its rows (its
+//! schema change alters), the catalogs whose counts of rows written tell
+//! whether the fingerprint is worth computing, and what the planner reads of a table besides its rows (its
 //! rows' places, `pg_class` statistics, statistics rows), as the snapshot
 //! records it and a reset compares it.
 
@@ -52,9 +51,13 @@ pub(super) const STATISTICS_FOUND: &str = "select t::int8, \
     ) rows group by t";
 
 /// The catalog's fingerprint: every object a schema change makes or
-/// touches (user objects, from `FirstNormalObjectId` on, and the `public`
-/// schema), in every schema but temporary ones and TOAST's (whose tables a
-/// refresh or truncation makes anew), without what changes on its own.
+/// touches (user objects, from `FirstNormalObjectId` on, with their
+/// dependencies; every schema; what a test may alter in place: text
+/// search, languages, access methods, foreign data, publications, the
+/// privileges and settings of built-in objects), in every schema but
+/// temporary ones and TOAST's (whose tables a refresh or truncation makes
+/// anew), without what changes on its own (statistics; the missing values
+/// of columns added with a default, which a table's rewrite clears).
 pub(super) const FINGERPRINT: &str = "with hidden as (select oid from pg_namespace where nspname = 'pg_toast' \
         or nspname like 'pg\\_temp\\_%' or nspname like 'pg\\_toast\\_temp\\_%'), \
     rel as (select oid from pg_class where oid >= 16384 \
@@ -64,8 +67,11 @@ pub(super) const FINGERPRINT: &str = "with hidden as (select oid from pg_namespa
         reltablespace, relpersistence, relkind, relnatts, relchecks, relrowsecurity, \
         relforcerowsecurity, relispopulated, relreplident, relispartition, relacl, reloptions, \
         relpartbound)::text as part from pg_class c where c.oid in (select oid from rel) \
-    union all select 'attribute ' || a::text \
-        from pg_attribute a where attrelid >= 16384 and attrelid in (select oid from rel) \
+    union all select 'attribute ' || (attrelid, attname, atttypid, attstattarget, attlen, attnum, \
+        attndims, attbyval, attalign, attstorage, atttypmod, attnotnull, atthasdef, attidentity, \
+        attgenerated, attisdropped, attislocal, attinhcount, attcollation, attacl, attoptions, \
+        attfdwoptions)::text \
+        from pg_attribute where attrelid >= 16384 and attrelid in (select oid from rel) \
     union all select 'namespace ' || n::text from pg_namespace n \
         where oid not in (select oid from hidden) \
     union all select 'built-in class ' || (oid, relacl, reloptions)::text from pg_class \
@@ -136,80 +142,72 @@ pub(super) const FINGERPRINT: &str = "with hidden as (select oid from pg_namespa
         from pg_database where datname = current_database() \
     ) parts";
 
-/// The catalogs the fingerprint reads, whose counts a reset reads, each
-/// with which of its rows the fingerprint reads: user objects' (from
-/// `FirstNormalObjectId` on; of built-in ones, their privileges and
-/// settings), all of those a test may alter in place (schemas, text
-/// search, languages, access methods, foreign data, publications), and
-/// the database's own (last, the one whose rows are looked at: see
-/// [`NOT_COUNTED`]).
-pub(super) const WRITTEN_IN: [(&str, &str); 48] = [
-    ("pg_class", "oid >= 16384"),
-    ("pg_attribute", "attrelid >= 16384"),
-    ("pg_namespace", "true"),
-    ("pg_type", "oid >= 16384"),
-    ("pg_proc", "oid >= 16384"),
-    ("pg_constraint", "oid >= 16384"),
-    ("pg_index", "indexrelid >= 16384"),
-    ("pg_attrdef", "oid >= 16384"),
-    ("pg_trigger", "oid >= 16384"),
-    ("pg_rewrite", "oid >= 16384"),
-    ("pg_policy", "oid >= 16384"),
-    ("pg_sequence", "seqrelid >= 16384"),
-    ("pg_inherits", "inhrelid >= 16384"),
-    ("pg_enum", "oid >= 16384"),
-    ("pg_extension", "oid >= 16384"),
-    ("pg_cast", "oid >= 16384"),
-    ("pg_operator", "oid >= 16384"),
-    ("pg_collation", "oid >= 16384"),
-    ("pg_default_acl", "oid >= 16384"),
-    ("pg_event_trigger", "oid >= 16384"),
-    ("pg_statistic_ext", "oid >= 16384"),
-    ("pg_description", "(objoid >= 16384 or objoid = 2200)"),
-    // Every object made or dropped (a text search configuration, an
-    // operator class, a foreign server: catalogs the fingerprint does not
-    // read row by row) depends on something.
-    ("pg_depend", "objid >= 16384"),
-    ("pg_ts_config", "true"),
-    ("pg_ts_config_map", "true"),
-    ("pg_ts_dict", "true"),
-    ("pg_ts_parser", "oid >= 16384"),
-    ("pg_ts_template", "oid >= 16384"),
-    ("pg_language", "true"),
-    ("pg_am", "true"),
-    ("pg_opclass", "oid >= 16384"),
-    ("pg_opfamily", "oid >= 16384"),
-    ("pg_amop", "oid >= 16384"),
-    ("pg_amproc", "oid >= 16384"),
-    ("pg_aggregate", "aggfnoid >= 16384"),
-    ("pg_conversion", "oid >= 16384"),
-    ("pg_transform", "true"),
-    ("pg_range", "rngtypid >= 16384"),
-    ("pg_partitioned_table", "partrelid >= 16384"),
-    ("pg_foreign_data_wrapper", "true"),
-    ("pg_foreign_server", "true"),
-    ("pg_foreign_table", "true"),
-    ("pg_user_mapping", "true"),
-    ("pg_publication", "true"),
-    ("pg_publication_rel", "true"),
-    ("pg_init_privs", "objoid >= 16384"),
-    (
-        "pg_db_role_setting",
-        "setdatabase = (select oid from pg_database where datname = current_database())",
-    ),
-    ("pg_database", "datname = current_database()"),
+/// The catalogs whose counts of rows inserted, updated and deleted a
+/// reset reads: those the fingerprint reads. `pg_db_role_setting` is the
+/// whole server's: an `ALTER … SET` anywhere moves its counts, and the
+/// next reset computes the fingerprint.
+pub(super) const COUNTED: [&str; 47] = [
+    "pg_class",
+    "pg_attribute",
+    "pg_namespace",
+    "pg_type",
+    "pg_proc",
+    "pg_constraint",
+    "pg_index",
+    "pg_attrdef",
+    "pg_trigger",
+    "pg_rewrite",
+    "pg_policy",
+    "pg_sequence",
+    "pg_inherits",
+    "pg_enum",
+    "pg_extension",
+    "pg_cast",
+    "pg_operator",
+    "pg_collation",
+    "pg_default_acl",
+    "pg_event_trigger",
+    "pg_statistic_ext",
+    "pg_description",
+    // Every object made or dropped depends on something, whatever its
+    // catalog.
+    "pg_depend",
+    "pg_ts_config",
+    "pg_ts_config_map",
+    "pg_ts_dict",
+    "pg_ts_parser",
+    "pg_ts_template",
+    "pg_language",
+    "pg_am",
+    "pg_opclass",
+    "pg_opfamily",
+    "pg_amop",
+    "pg_amproc",
+    "pg_aggregate",
+    "pg_conversion",
+    "pg_transform",
+    "pg_range",
+    "pg_partitioned_table",
+    "pg_foreign_data_wrapper",
+    "pg_foreign_server",
+    "pg_foreign_table",
+    "pg_user_mapping",
+    "pg_publication",
+    "pg_publication_rel",
+    "pg_init_privs",
+    "pg_db_role_setting",
 ];
+
+/// The database's own row, in the whole server's `pg_database`, which
+/// every copy of a template writes: its counts cannot tell, the row is
+/// looked at instead (whether it was written since the claim).
+pub(super) const DATABASE_ROW: (&str, &str) = ("pg_database", "datname = current_database()");
 
 /// Whether the rows `rows` of `catalog` hold one written after the
 /// transaction `horizon`.
 pub(super) fn written_in(catalog: &str, rows: &str, horizon: u32) -> String {
     format!("exists (select from {catalog} where {rows} and age(xmin) < age('{horizon}'::xid))")
 }
-
-/// The catalog of [`WRITTEN_IN`] whose counts cannot tell: the whole
-/// server's (it is shared), which every copy of a template writes. Its
-/// row is looked at instead.
-pub(super) const NOT_COUNTED: usize = WRITTEN_IN.len() - 1;
 
 /// The catalogs a test may write outside the catalog's fingerprint that
 /// still change what the next test sees: large objects.

@@ -85,20 +85,22 @@ impl Snapshot {
     }
 
     /// [`Self::reset`], from a transaction it begins. Three round trips
-    /// when no table is put back (one begins, looks for other sessions,
-    /// reads the counts, compares what the planner reads and, for a
-    /// database not listed here as found with this snapshot's relations,
-    /// looks for them: a round trip of its own when a listed one's note
-    /// is not the same, or the counts do not tell; one writes
-    /// statistics and sequences back; one marks and commits), and one more
-    /// where the counts say statistics rows were written (they are
-    /// compared); when some are, their rows are deleted in the first
-    /// transaction, which commits, then a `VACUUM` of its own (two: grown
-    /// tables and others), then a last transaction builds the indexes of
-    /// tables that are not grown, fills them again (a round trip per table
-    /// with rows), checks their pages and marks; grown tables a test filled
-    /// past their pages are grown again before the mark (see
-    /// [`Self::grow_again`]).
+    /// when no table is put back and the server's counts tell: one begins,
+    /// looks for other sessions and prepared transactions, reads the
+    /// counts and compares what the planner reads (and, for a database
+    /// not listed here as found with this snapshot's relations, looks for
+    /// them); one writes statistics and sequences back; one marks and
+    /// commits. One more where a listed database's note is not the same or
+    /// the counts do not tell (its relations looked for), two more where
+    /// the counts do not tell (the tables compared, the fingerprint), one
+    /// more where the counts say statistics rows were written (they are
+    /// compared). When tables are put back, their rows are deleted in the
+    /// first transaction, which commits, then a `VACUUM` of its own (two:
+    /// grown tables and others), then a last transaction builds the
+    /// indexes of tables that are not grown, fills them again (a round
+    /// trip per table with rows), checks their pages and marks; grown
+    /// tables a test filled past their pages are grown again before the
+    /// mark (see [`Self::grow_again`]).
     async fn reset_in_transaction(
         &self,
         connection: &mut PgConnection,
@@ -118,15 +120,16 @@ impl Snapshot {
         // A spare of this machine's whose relations a reset found as the
         // snapshot has them is looked at again only if the database or
         // the snapshot is not the same, or the server's counts do not
-        // show the schema's catalogs unwritten (below).
-        let stale_look = match since.noted {
-            Some(_) => "false".to_owned(),
-            None => self.stale_look(),
+        // show the catalogs unwritten (below).
+        let casts_skipped = since.noted.is_some() && counted.is_some();
+        let stale_look = match casts_skipped {
+            true => "false".to_owned(),
+            false => self.stale_look(),
         };
         let mut look = format!(
             "begin; {FORMATS}; {}; select {}, {}, {}, {statistics}, {}, {stale_look}, \
              (select oid from pg_database where datname = current_database())::int8, \
-             (select count(*) from pg_prepared_xacts where database = current_database())",
+             array(select gid from pg_prepared_xacts where database = current_database())",
             catalog::NO_FLUSH_WAIT,
             catalog::OTHER_SESSIONS,
             statements::spares_count(),
@@ -142,10 +145,17 @@ impl Snapshot {
         if others > 0 {
             return Ok(Reset::Busy);
         }
-        // Its locks and rows stay until someone commits or rolls it back.
-        if row.try_get::<i64, _>(7)? > 0 {
+        // Its rows and locks would stay, and the database could not be
+        // dropped.
+        let prepared: Vec<String> = row.try_get(7)?;
+        if !prepared.is_empty() {
+            catalog::run(connection, "rollback").await?;
+            for gid in &prepared {
+                let rollback = format!("rollback prepared {}", catalog::literal(gid));
+                catalog::run(connection, &rollback).await?;
+            }
             return Ok(Reset::Retire(
-                "a transaction the test prepared (PREPARE TRANSACTION) is still open in it",
+                "the test left a prepared transaction (PREPARE TRANSACTION) in it: rolled back",
             ));
         }
         if spares >= i64::from(back.limit) {
@@ -169,29 +179,29 @@ impl Snapshot {
                 .await?
                 .try_get(0)?;
         }
-        let counted = match rows.get(1).map(|row| self.counted(row, since)) {
+        let by_counts = match rows.get(1).map(|row| self.counted(row, since)) {
             Some(changed) => changed?,
             None => None,
         };
-        // The counts include the catalog rows deleted, which a comparison
-        // (by the rows written since the claim) does not see.
-        let unwritten = counted.is_some();
-        let changed = match counted {
-            Some(changed) => changed,
-            None => self.compared(connection).await?,
-        };
+        // Skipped where the note is the same and the counts show no
+        // catalog row inserted, updated or deleted (nothing else sees a
+        // row deleted): the relations are as the note found them.
         let stale = match &since.noted {
-            Some(noted) if *noted != note || !unwritten => {
+            Some(noted) if casts_skipped && (*noted != note || by_counts.is_none()) => {
                 let look = format!("select {}", self.stale_look());
                 query(&look).fetch_one(&mut *connection).await?.try_get(0)?
             }
             _ => stale,
         };
         // The snapshot is another template's, or the test renamed or
-        // dropped a table: taken again either way.
+        // dropped a relation: taken again either way.
         if stale {
             return Ok(Reset::Stale);
         }
+        let changed = match by_counts {
+            Some(changed) => changed,
+            None => self.compared(connection).await?,
+        };
         if changed.catalog {
             let fingerprint: String = query(FINGERPRINT)
                 .fetch_one(&mut *connection)

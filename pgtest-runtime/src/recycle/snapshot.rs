@@ -8,8 +8,8 @@ use sqlx::postgres::{PgConnection, PgRow};
 use sqlx::{Connection, Row};
 
 use super::fingerprint::{
-    COUNTED_TOO, FINGERPRINT, FORMATS, NOT_COUNTED, STATISTICS_CATALOGS, STATISTICS_FOUND,
-    WRITTEN_IN, class_of, rows_hash,
+    COUNTED, COUNTED_TOO, FINGERPRINT, FORMATS, STATISTICS_CATALOGS, STATISTICS_FOUND, class_of,
+    rows_hash,
 };
 use super::grow::{Taken, placeholder};
 use crate::catalog;
@@ -41,11 +41,10 @@ pub(crate) struct Snapshot {
     pub(super) id: String,
     pub(super) fingerprint: String,
     pub(super) large_objects: i64,
-    /// The catalogs of [`WRITTEN_IN`] (less the one [`NOT_COUNTED`]),
-    /// [`COUNTED_TOO`] and [`STATISTICS_CATALOGS`] (last), by oid, when
-    /// the server counts each row its
-    /// sessions write (PostgreSQL 15 on, with `track_counts`): a reset
-    /// then looks only at what the counts say changed.
+    /// The catalogs of [`COUNTED`], [`COUNTED_TOO`] and
+    /// [`STATISTICS_CATALOGS`] (last), by oid, when the server counts each
+    /// row its sessions write (PostgreSQL 15 on, with `track_counts`): a
+    /// reset then looks only at what the counts say changed.
     pub(super) catalogs: Option<Vec<i64>>,
     /// The server's major version: from 18 on, statistics are written
     /// back.
@@ -166,9 +165,8 @@ impl Snapshot {
         let large_objects: i64 = sqlx::query_scalar("select count(*) from pg_largeobject_metadata")
             .fetch_one(&mut *transaction)
             .await?;
-        let names: Vec<&str> = WRITTEN_IN[..NOT_COUNTED]
-            .iter()
-            .map(|(catalog, _)| *catalog)
+        let names: Vec<&str> = COUNTED
+            .into_iter()
             .chain([COUNTED_TOO])
             .chain(STATISTICS_CATALOGS)
             .collect();
