@@ -18,10 +18,6 @@ use crate::compat::query;
 
 /// What a test may have changed, found by a reset.
 pub(super) struct Changed {
-    /// A catalog the fingerprint reads may have been written: the server's
-    /// counts of its rows moved, or they cannot tell. The fingerprint
-    /// decides.
-    pub(super) catalog: bool,
     /// For each table, whether its rows or their pages differ.
     pub(super) tables: Vec<bool>,
     /// For each sequence, whether it is to be set back.
@@ -302,7 +298,6 @@ impl Snapshot {
             .collect();
         let (tables, sequences) = moved.split_at(self.tables.len());
         Ok(Some(Changed {
-            catalog: false,
             tables: tables.to_vec(),
             sequences: sequences.to_vec(),
             large_objects: self.large_objects,
@@ -311,8 +306,8 @@ impl Snapshot {
 
     /// What changed, by looking at it all: each table's rows (with their
     /// places) and its relations' sizes against the template's, each
-    /// sequence's state, the count of large objects; the catalogs as maybe
-    /// written (a row deleted, a trigger dropped, leaves no trace here).
+    /// sequence's state, the count of large objects. Not the catalogs: a
+    /// row deleted (a trigger dropped) leaves no trace but in the counts.
     pub(super) async fn compared(&self, connection: &mut PgConnection) -> sqlx::Result<Changed> {
         let tables: Vec<String> = self.tables.iter().map(table_differs).collect();
         let sequences: Vec<String> = self
@@ -333,7 +328,6 @@ impl Snapshot {
         );
         let row = query(&statement).fetch_one(connection).await?;
         Ok(Changed {
-            catalog: true,
             tables: row.try_get(0)?,
             sequences: row.try_get(1)?,
             large_objects: row.try_get(2)?,

@@ -183,11 +183,14 @@ impl Snapshot {
             Some(changed) => changed?,
             None => None,
         };
+        // Where the counts do not tell, a catalog may have been written:
+        // the fingerprint decides (below).
+        let counts_tell = by_counts.is_some();
         // Skipped where the note is the same and the counts show no
         // catalog row inserted, updated or deleted (nothing else sees a
         // row deleted): the relations are as the note found them.
         let stale = match &since.noted {
-            Some(noted) if casts_skipped && (*noted != note || by_counts.is_none()) => {
+            Some(noted) if casts_skipped && (*noted != note || !counts_tell) => {
                 let look = format!("select {}", self.stale_look());
                 query(&look).fetch_one(&mut *connection).await?.try_get(0)?
             }
@@ -202,7 +205,7 @@ impl Snapshot {
             Some(changed) => changed,
             None => self.compared(connection).await?,
         };
-        if changed.catalog {
+        if !counts_tell {
             let fingerprint: String = query(FINGERPRINT)
                 .fetch_one(&mut *connection)
                 .await?
