@@ -290,7 +290,18 @@ async fn start_server(
     Ok((server, admin))
 }
 
+/// Cargo in `suite_dir`, building as a new project would: cargo's own
+/// settings for its profiles, whatever this shell's environment says
+/// (`CARGO_PROFILE_DEV_DEBUG`, `RUSTFLAGS` and the like change what is
+/// measured: line tables alone halve the build of a test binary).
 fn cargo(suite_dir: &Path, work: &Path, args: &[&str]) -> Command {
+    const BUILD_SETTINGS: [&str; 5] = [
+        "RUSTFLAGS",
+        "CARGO_ENCODED_RUSTFLAGS",
+        "CARGO_BUILD_RUSTFLAGS",
+        "RUSTC_WRAPPER",
+        "CARGO_BUILD_RUSTC_WRAPPER",
+    ];
     let mut command = Command::new(env!("CARGO"));
     command
         .args(args)
@@ -298,6 +309,12 @@ fn cargo(suite_dir: &Path, work: &Path, args: &[&str]) -> Command {
         .env("CARGO_TARGET_DIR", work.join("target"))
         .env_remove("DATABASE_URL")
         .env_remove("PGTEST_DATABASE_URL");
+    for (key, _) in std::env::vars_os() {
+        let name = key.to_string_lossy();
+        if name.starts_with("CARGO_PROFILE_") || BUILD_SETTINGS.contains(&name.as_ref()) {
+            command.env_remove(&key);
+        }
+    }
     command
 }
 
