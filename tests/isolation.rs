@@ -389,6 +389,11 @@ fn remove_all_drops_what_pgtest_made_and_nothing_else() {
     assert_passed(&run(cluster.exact("fixture_transaction_commits")), 1);
     cluster.psql("create database mine");
     let made = cluster.pgtest_databases();
+    let template = made
+        .iter()
+        .find(|name| common::snapshot_file(&cluster.home(), name).is_some())
+        .expect("the template's snapshot, taken by the passed test")
+        .clone();
     assert_eq!(
         made.len(),
         4,
@@ -403,6 +408,8 @@ fn remove_all_drops_what_pgtest_made_and_nothing_else() {
         cluster.psql("select count(*) from pg_database where datname = 'mine'"),
         "1"
     );
+    // The template is gone: its next build takes a snapshot of its own.
+    assert_eq!(common::snapshot_file(&cluster.home(), &template), None);
 }
 
 #[pg_test(migrations = "tests/fixtures/notes")]

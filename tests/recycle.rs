@@ -351,30 +351,12 @@ fn make_audit_anew(home: &EmbeddedHome, database: &str) {
     );
 }
 
-/// The id of the snapshot in `path` (see `snapshot_file`).
+/// The id of the snapshot in `path` (see `common::snapshot_file`).
 fn snapshot_id(path: &Path) -> String {
     let text = std::fs::read_to_string(path).unwrap();
     let words: Vec<&str> = text.splitn(5, ' ').collect();
     assert_eq!(words[..3], ["pgtest", "snapshot", "7"], "{path:?}");
     words[3].to_owned()
-}
-
-/// The path of this machine's snapshot of `template` in `home`.
-fn snapshot_file(home: &Path, template: &str) -> std::path::PathBuf {
-    let wanted = format!("snapshot-{template}");
-    let mut dirs = vec![home.to_path_buf()];
-    while let Some(dir) = dirs.pop() {
-        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
-            let path = entry.path();
-            if entry.file_name().to_str() == Some(wanted.as_str()) {
-                return path;
-            }
-            if entry.file_type().is_ok_and(|kind| kind.is_dir()) {
-                dirs.push(path);
-            }
-        }
-    }
-    panic!("no {wanted} under {}", home.display());
 }
 
 #[test]
@@ -387,7 +369,8 @@ fn a_spare_is_looked_at_anew_when_its_database_or_the_snapshot_is_not_the_one_it
     changes();
     let spare = recorded(&file)[0].clone();
     let template = &spare[..spare.rfind('_').expect("a copy's name")];
-    let snapshot = snapshot_file(home.path(), template);
+    let snapshot = common::snapshot_file(home.path(), template)
+        .unwrap_or_else(|| panic!("no snapshot of {template} under {}", home.path().display()));
     let first = snapshot_id(&snapshot);
     // Another database under the spare's name, its marker and owner as
     // pgtest's, whose `audit` is not the snapshot's.

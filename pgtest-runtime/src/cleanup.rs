@@ -2,11 +2,8 @@
 
 use std::path::Path;
 
-use crate::config::Config;
-use crate::registry::{Removed, remove};
-use crate::server::Server;
-use crate::state::StateDir;
-use crate::{Error, helpers};
+use crate::Error;
+use crate::registry::Removed;
 
 /// Drops every database pgtest made on the server the tests use
 /// (`PGTEST_DATABASE_URL`, `DATABASE_URL` or the embedded server, found
@@ -33,8 +30,5 @@ use crate::{Error, helpers};
 /// dropped; the error says what to do.
 pub async fn remove_all() -> Result<Removed, Error> {
     let here = std::env::current_dir().unwrap_or_else(|_| Path::new(".").to_owned());
-    let config = Config::load(&here)?;
-    let server = Server::new(&config, &StateDir::home(&config.home)?)?;
-    helpers::watchdog::ensure(&server, config.embedded_idle);
-    remove(&server, false).await
+    crate::manage::clean(&here, false).await
 }

@@ -741,3 +741,22 @@ pub async fn hold_together(pool: &sqlx::PgPool, count: usize) -> Result<(), sqlx
     }
     Ok(())
 }
+
+/// The path of the machine's snapshot of `template` under the pgtest
+/// home `home`, if there is one.
+pub fn snapshot_file(home: &Path, template: &str) -> Option<PathBuf> {
+    let wanted = format!("snapshot-{template}");
+    let mut dirs = vec![home.to_path_buf()];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if entry.file_name().to_str() == Some(wanted.as_str()) {
+                return Some(path);
+            }
+            if entry.file_type().is_ok_and(|kind| kind.is_dir()) {
+                dirs.push(path);
+            }
+        }
+    }
+    None
+}
