@@ -76,6 +76,7 @@ mod changes;
 mod fingerprint;
 mod grow;
 mod reset;
+mod restore;
 mod settle;
 mod snapshot;
 mod text;
