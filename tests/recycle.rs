@@ -355,7 +355,7 @@ fn make_audit_anew(home: &EmbeddedHome, database: &str) {
 fn snapshot_id(path: &Path) -> String {
     let text = std::fs::read_to_string(path).unwrap();
     let words: Vec<&str> = text.splitn(5, ' ').collect();
-    assert_eq!(words[..3], ["pgtest", "snapshot", "7"], "{path:?}");
+    assert_eq!(words[..3], ["pgtest", "snapshot", "8"], "{path:?}");
     words[3].to_owned()
 }
 
@@ -924,6 +924,62 @@ fn shop_rounds(cluster: &Cluster, file: &Path, rounds: std::ops::Range<usize>) {
 
 /// Leaves a prepared transaction that inserted a team, then records its
 /// database.
+/// Writes into the template's large object, or only reads it (with
+/// `PGTEST_IT_SQL` unset), then records its database.
+#[pg_test(
+    isolation = "database",
+    migrations = "tests/fixtures/recycle/large_objects"
+)]
+#[ignore = "a fixture, run in its own processes by the tests of this file"]
+async fn fixture_recycle_large_object(pool: PgPool) -> anyhow::Result<()> {
+    record(&pool).await?;
+    let body: String =
+        sqlx::query_scalar("select convert_from(lo_get(body), 'UTF8') from documents")
+            .fetch_one(&pool)
+            .await?;
+    anyhow::ensure!(
+        body == "first draft",
+        "the template's large object reads {body:?}"
+    );
+    if let Ok(sql) = std::env::var("PGTEST_IT_SQL") {
+        pool.execute(AssertSqlSafe(sql)).await?;
+    }
+    Ok(())
+}
+
+#[test]
+fn a_test_that_changes_the_templates_large_objects_never_hands_its_database_on() {
+    let home = EmbeddedHome::new();
+    let file = home.path().join("recorded");
+    let test = "fixture_recycle_large_object";
+    let reads = || run(home.exact(test).env("PGTEST_IT_FILE", &file));
+    assert_passed(&reads(), 1);
+    assert_passed(&reads(), 1);
+    let names = recorded(&file);
+    assert_eq!(names[0], names[1], "a reading test's database is recycled");
+    for sql in [
+        "select lo_put(body, 0, convert_to('FIRST', 'UTF8')) from documents",
+        "select lo_truncate(lo_open(body, 131072), 5) from documents",
+        "do $$ begin execute format('grant select on large object %s to public', \
+             (select body from documents)); end $$",
+    ] {
+        assert_passed(
+            &run(home
+                .exact(test)
+                .env("PGTEST_IT_FILE", &file)
+                .env("PGTEST_IT_SQL", sql)),
+            1,
+        );
+        // The next test reads the template's large object as it is.
+        assert_passed(&reads(), 1);
+        let names = recorded(&file);
+        let [.., changed, next] = &names[..] else {
+            unreachable!()
+        };
+        assert_ne!(changed, next, "handed on after `{sql}`");
+    }
+}
+
 #[pg_test(isolation = "database", migrations = "tests/fixtures/recycle")]
 #[ignore = "a fixture, run in its own processes by the tests of this file"]
 async fn fixture_recycle_prepares_a_transaction(pool: PgPool) -> anyhow::Result<()> {

@@ -10,7 +10,8 @@ use sqlx::postgres::{PgConnection, PgRow};
 
 use super::Since;
 use super::fingerprint::{
-    DATABASE_ROW, STATISTICS_CATALOGS, STATISTICS_FOUND, class_of, rows_hash, written_in,
+    ANY_LARGE_OBJECTS, DATABASE_ROW, LARGE_OBJECTS, NO_LARGE_OBJECTS, STATISTICS_CATALOGS,
+    STATISTICS_FOUND, class_of, rows_hash, written_in,
 };
 use super::snapshot::{Kind, Part, Role, Snapshot, Table};
 use crate::catalog;
@@ -22,7 +23,9 @@ pub(super) struct Changed {
     pub(super) tables: Vec<bool>,
     /// For each sequence, whether it is to be set back.
     pub(super) sequences: Vec<bool>,
-    pub(super) large_objects: i64,
+    /// What [`LARGE_OBJECTS`] reads (where a fresh copy has none, whether
+    /// there are some).
+    pub(super) large_objects: String,
 }
 
 /// What empties the extended statistics data of the tables `oids` (an SQL
@@ -300,13 +303,13 @@ impl Snapshot {
         Ok(Some(Changed {
             tables: tables.to_vec(),
             sequences: sequences.to_vec(),
-            large_objects: self.large_objects,
+            large_objects: self.large_objects.clone(),
         }))
     }
 
     /// What changed, by looking at it all: each table's rows (with their
     /// places) and its relations' sizes against the template's, each
-    /// sequence's state, the count of large objects. Not the catalogs: a
+    /// sequence's state, the large objects. Not the catalogs: a
     /// row deleted (a trigger dropped) leaves no trace but in the counts.
     pub(super) async fn compared(&self, connection: &mut PgConnection) -> sqlx::Result<Changed> {
         let tables: Vec<String> = self.tables.iter().map(table_differs).collect();
@@ -320,9 +323,12 @@ impl Snapshot {
                 )
             })
             .collect();
+        let large_objects = match self.large_objects == NO_LARGE_OBJECTS {
+            true => ANY_LARGE_OBJECTS,
+            false => LARGE_OBJECTS,
+        };
         let statement = format!(
-            "select array[{}]::bool[], array[{}]::bool[], \
-             (select count(*) from pg_largeobject_metadata)",
+            "select array[{}]::bool[], array[{}]::bool[], ({large_objects})",
             tables.join(", "),
             sequences.join(", ")
         );

@@ -210,8 +210,24 @@ pub(super) fn written_in(catalog: &str, rows: &str, horizon: u32) -> String {
 }
 
 /// The catalogs a test may write outside the catalog's fingerprint that
-/// still change what the next test sees: large objects.
-pub(super) const COUNTED_TOO: &str = "pg_largeobject_metadata";
+/// still change what the next test sees: large objects (their owners and
+/// privileges, and their contents).
+pub(super) const COUNTED_TOO: [&str; 2] = ["pg_largeobject_metadata", "pg_largeobject"];
+
+/// What a database's large objects are, as text: `-` when it has none,
+/// else a hash of each one's owner, privileges and pages (reading them
+/// needs a superuser, as recycling does).
+pub(super) const LARGE_OBJECTS: &str = "select coalesce(md5(string_agg(concat_ws(' ', \
+        m.oid, m.lomowner, m.lomacl, d.pageno, encode(d.data, 'hex')), ',' \
+        order by m.oid, d.pageno)), '-') \
+    from pg_largeobject_metadata m left join pg_largeobject d on d.loid = m.oid";
+
+/// [`LARGE_OBJECTS`] where a fresh copy has none: whether there are any.
+pub(super) const ANY_LARGE_OBJECTS: &str =
+    "select case when exists (select from pg_largeobject_metadata) then 'some' else '-' end";
+
+/// What [`LARGE_OBJECTS`] reads of a database with none.
+pub(super) const NO_LARGE_OBJECTS: &str = "-";
 
 /// The catalogs of statistics rows, counted apart: written (an `ANALYZE`)
 /// without the schema changing, they only tell whether the statistics

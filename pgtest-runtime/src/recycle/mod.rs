@@ -16,7 +16,8 @@
 //! constraints, indexes, functions, types, extensions, ACLs, comments, the
 //! database's settings), each table's rows (a hash of them with their
 //! places, and their `COPY` text where it has any), each sequence's state,
-//! the number of large objects, and what the planner reads: each table's,
+//! the large objects (a hash of their owners, privileges and pages), and
+//! what the planner reads: each table's,
 //! index's and TOAST relation's size in blocks and `pg_class` statistics
 //! (`relpages`, `reltuples`, `relallvisible`), and the `pg_statistic` and
 //! extended statistics rows. The reset:
@@ -56,7 +57,7 @@
 //!
 //! A materialized view whose contents or statistics changed is refreshed,
 //! and retires the database if it then differs from the template's; large
-//! objects retire it when the template has some, and so do extended
+//! objects that differ retire it when the template has some, and so do extended
 //! statistics the template has and a test changed (no version writes them
 //! back). Temporary objects (schemas `pg_temp_N`), the free space map's
 //! file (a vacuumed table keeps one, empty), TOAST tables' names (a

@@ -8,7 +8,7 @@ use std::fmt::Write as _;
 use sqlx::Row;
 use sqlx::postgres::PgConnection;
 
-use super::fingerprint::{FINGERPRINT, FORMATS};
+use super::fingerprint::{FINGERPRINT, FORMATS, NO_LARGE_OBJECTS};
 use super::snapshot::Snapshot;
 use super::{PutBack, Reset, Since};
 use crate::catalog;
@@ -176,8 +176,8 @@ impl Snapshot {
                 return Ok(Reset::Retire("its schema or settings changed"));
             }
         }
-        let large_objects = changed.large_objects;
-        if large_objects != self.large_objects && self.large_objects > 0 {
+        // Where a fresh copy has none, those the test made are unlinked.
+        if changed.large_objects != self.large_objects && self.large_objects != NO_LARGE_OBJECTS {
             return Ok(Reset::Retire("its large objects changed"));
         }
         let work = match self.work(&changed, &class, &statistics) {

@@ -70,7 +70,6 @@ impl Snapshot {
         back: &PutBack<'_>,
         note: String,
     ) -> sqlx::Result<Reset> {
-        let large_objects = changed.large_objects;
         // What the last transaction writes before the mark.
         let mut last = String::new();
         self.write_statistics(work, &mut last);
@@ -83,7 +82,7 @@ impl Snapshot {
                 );
             }
         }
-        if large_objects > 0 && self.large_objects == 0 {
+        if changed.large_objects != self.large_objects {
             last.push_str("select lo_unlink(oid) from pg_largeobject_metadata; ");
         }
         let mut mark = String::new();

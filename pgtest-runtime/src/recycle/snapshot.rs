@@ -8,8 +8,8 @@ use sqlx::postgres::{PgConnection, PgRow};
 use sqlx::{Connection, Row};
 
 use super::fingerprint::{
-    COUNTED, COUNTED_TOO, FINGERPRINT, FORMATS, STATISTICS_CATALOGS, STATISTICS_FOUND, class_of,
-    rows_hash,
+    COUNTED, COUNTED_TOO, FINGERPRINT, FORMATS, LARGE_OBJECTS, STATISTICS_CATALOGS,
+    STATISTICS_FOUND, class_of, rows_hash,
 };
 use super::grow::{Taken, placeholder};
 use crate::catalog;
@@ -40,7 +40,8 @@ pub(crate) struct Snapshot {
     /// listed with it (see [`Self::spare_note`]).
     pub(super) id: String,
     pub(super) fingerprint: String,
-    pub(super) large_objects: i64,
+    /// What [`LARGE_OBJECTS`] reads of a fresh copy.
+    pub(super) large_objects: String,
     /// The catalogs of [`COUNTED`], [`COUNTED_TOO`] and
     /// [`STATISTICS_CATALOGS`] (last), by oid, when the server counts each
     /// row its sessions write (PostgreSQL 15 on, with `track_counts`): a
@@ -162,12 +163,12 @@ impl Snapshot {
         let fingerprint: String = sqlx::query_scalar(FINGERPRINT)
             .fetch_one(&mut *transaction)
             .await?;
-        let large_objects: i64 = sqlx::query_scalar("select count(*) from pg_largeobject_metadata")
+        let large_objects: String = sqlx::query_scalar(LARGE_OBJECTS)
             .fetch_one(&mut *transaction)
             .await?;
         let names: Vec<&str> = COUNTED
             .into_iter()
-            .chain([COUNTED_TOO])
+            .chain(COUNTED_TOO)
             .chain(STATISTICS_CATALOGS)
             .collect();
         let catalogs: Option<Vec<i64>> = sqlx::query_scalar(

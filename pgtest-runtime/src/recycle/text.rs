@@ -6,7 +6,7 @@ use std::fmt::Write as _;
 use super::snapshot::{Kind, Part, Role, Rows, Sequence, Snapshot, Statistics, Table};
 
 /// What a template whose copies cannot be recycled stores.
-pub(super) const UNRECYCLABLE: &str = "pgtest snapshot 7 none\n";
+pub(super) const UNRECYCLABLE: &str = "pgtest snapshot 8 none\n";
 
 impl Snapshot {
     /// The snapshot as text.
@@ -16,7 +16,7 @@ impl Snapshot {
             .as_ref()
             .map_or_else(|| "-".to_owned(), |oids| list(oids.iter()));
         let mut text = format!(
-            "pgtest snapshot 7 {} {} {} {catalogs} {}\n",
+            "pgtest snapshot 8 {} {} {} {catalogs} {}\n",
             self.id, self.fingerprint, self.large_objects, self.major
         );
         for sequence in &self.sequences {
@@ -83,7 +83,7 @@ impl Snapshot {
         let [
             "pgtest",
             "snapshot",
-            "7",
+            "8",
             id,
             fingerprint,
             large_objects,
@@ -96,7 +96,7 @@ impl Snapshot {
         let mut snapshot = Self {
             id: id.to_owned(),
             fingerprint: fingerprint.to_owned(),
-            large_objects: large_objects.parse().ok()?,
+            large_objects: large_objects.to_owned(),
             catalogs: parse_list(catalogs)?,
             major: major.parse().ok()?,
             tables: Vec::new(),
@@ -224,6 +224,7 @@ mod tests {
     use std::fs;
 
     use super::super::Stored;
+    use super::super::fingerprint::NO_LARGE_OBJECTS;
     use super::*;
 
     #[test]
@@ -241,7 +242,7 @@ mod tests {
         let snapshot = Snapshot {
             id: "5f0e".to_owned(),
             fingerprint: "0123abcd".to_owned(),
-            large_objects: 0,
+            large_objects: NO_LARGE_OBJECTS.to_owned(),
             catalogs: Some(vec![1259, 2613]),
             major: 18,
             tables: vec![
