@@ -292,15 +292,19 @@ async fn start_server(
 
 /// Cargo in `suite_dir`, building as a new project would: cargo's own
 /// settings for its profiles, whatever this shell's environment says
-/// (`CARGO_PROFILE_DEV_DEBUG`, `RUSTFLAGS` and the like change what is
-/// measured: line tables alone halve the build of a test binary).
+/// (`CARGO_PROFILE_DEV_DEBUG`, `RUSTFLAGS`, compiler wrappers and the like
+/// change what is measured: line tables alone halve the build of a test
+/// binary). The machine's cargo configuration files still apply.
 fn cargo(suite_dir: &Path, work: &Path, args: &[&str]) -> Command {
-    const BUILD_SETTINGS: [&str; 5] = [
+    const BUILD_SETTINGS: [&str; 8] = [
         "RUSTFLAGS",
         "CARGO_ENCODED_RUSTFLAGS",
         "CARGO_BUILD_RUSTFLAGS",
+        "CARGO_BUILD_INCREMENTAL",
         "RUSTC_WRAPPER",
         "CARGO_BUILD_RUSTC_WRAPPER",
+        "RUSTC_WORKSPACE_WRAPPER",
+        "CARGO_BUILD_RUSTC_WORKSPACE_WRAPPER",
     ];
     let mut command = Command::new(env!("CARGO"));
     command
@@ -311,7 +315,11 @@ fn cargo(suite_dir: &Path, work: &Path, args: &[&str]) -> Command {
         .env_remove("PGTEST_DATABASE_URL");
     for (key, _) in std::env::vars_os() {
         let name = key.to_string_lossy();
-        if name.starts_with("CARGO_PROFILE_") || BUILD_SETTINGS.contains(&name.as_ref()) {
+        let target_flags = name.starts_with("CARGO_TARGET_") && name.ends_with("_RUSTFLAGS");
+        if name.starts_with("CARGO_PROFILE_")
+            || target_flags
+            || BUILD_SETTINGS.contains(&name.as_ref())
+        {
             command.env_remove(&key);
         }
     }

@@ -215,11 +215,13 @@ pub(super) fn written_in(catalog: &str, rows: &str, horizon: u32) -> String {
 pub(super) const COUNTED_TOO: [&str; 2] = ["pg_largeobject_metadata", "pg_largeobject"];
 
 /// What a database's large objects are, as text: `-` when it has none,
-/// else a hash of each one's owner, privileges and pages (reading them
-/// needs a superuser, as recycling does).
+/// else a hash of each one's owner, privileges, comment and pages, each
+/// page hashed on its own (reading them needs a superuser, as recycling
+/// does). Comments: the fingerprint's leave out objects with oids below
+/// those made after initdb, which a large object may have.
 pub(super) const LARGE_OBJECTS: &str = "select coalesce(md5(string_agg(concat_ws(' ', \
-        m.oid, m.lomowner, m.lomacl, d.pageno, encode(d.data, 'hex')), ',' \
-        order by m.oid, d.pageno)), '-') \
+        m.oid, m.lomowner, m.lomacl, quote_nullable(obj_description(m.oid, 'pg_largeobject')), \
+        d.pageno, md5(d.data)), ',' order by m.oid, d.pageno)), '-') \
     from pg_largeobject_metadata m left join pg_largeobject d on d.loid = m.oid";
 
 /// [`LARGE_OBJECTS`] where a fresh copy has none: whether there are any.

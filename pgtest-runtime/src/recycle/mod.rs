@@ -16,7 +16,8 @@
 //! constraints, indexes, functions, types, extensions, ACLs, comments, the
 //! database's settings), each table's rows (a hash of them with their
 //! places, and their `COPY` text where it has any), each sequence's state,
-//! the large objects (a hash of their owners, privileges and pages), and
+//! the large objects (a hash of their owners, privileges, comments and
+//! pages), and
 //! what the planner reads: each table's,
 //! index's and TOAST relation's size in blocks and `pg_class` statistics
 //! (`relpages`, `reltuples`, `relallvisible`), and the `pg_statistic` and
