@@ -17,9 +17,8 @@
 //! database's settings), each table's rows (a hash of them with their
 //! places, and their `COPY` text where it has any), each sequence's state,
 //! the large objects (a hash of their owners, privileges, comments and
-//! pages), and
-//! what the planner reads: each table's,
-//! index's and TOAST relation's size in blocks and `pg_class` statistics
+//! pages), and what the planner reads: each table's, index's and TOAST
+//! relation's size in blocks and `pg_class` statistics
 //! (`relpages`, `reltuples`, `relallvisible`), and the `pg_statistic` and
 //! extended statistics rows. The reset:
 //!
