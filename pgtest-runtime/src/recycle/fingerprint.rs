@@ -1,8 +1,9 @@
 //! The catalog's side of a test's database: its fingerprint (what a
 //! schema change alters), the catalogs whose counts of rows written tell
-//! whether the fingerprint is worth computing, and what the planner reads of a table besides its rows (its
-//! rows' places, `pg_class` statistics, statistics rows), as the snapshot
-//! records it and a reset compares it.
+//! whether the fingerprint is worth computing, the large objects, and what
+//! the planner reads of a table besides its rows (its rows' places,
+//! `pg_class` statistics, statistics rows), as the snapshot records it and
+//! a reset compares it.
 
 /// The session settings every comparison runs under, so that rows and
 /// statistics print the same whatever the test's session had set.
