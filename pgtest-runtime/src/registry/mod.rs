@@ -22,8 +22,8 @@
 //! | [`admin`] | the admin connection, to the one lock database, and the errors of databases not pgtest's |
 //!
 //! The lifecycle of a test's own database (claim, put back, retire, keep
-//! a failure, spares) is database mode's, in [`crate::database`], on top
-//! of this.
+//! a failure, spares) is database mode's, in `crate::isolation::database`,
+//! on top of this.
 
 mod admin;
 mod local;
