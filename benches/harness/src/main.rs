@@ -17,7 +17,7 @@ mod rusage;
 mod server;
 mod suite;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -44,6 +44,8 @@ usage: cargo run -p pgtest-bench --release -- [options]
   --compile N        first, the build, rebuild and expanded size of N tests per
                      attribute (#[pg_test], #[pgtest::sqlx_test], #[sqlx::test]), --runs times
   --server NAME=VALUE  a setting of the server (repeatable), e.g. fsync=off
+  --pgtest DIR       the pgtest to measure: a checkout of another revision, say
+                     (this one's by default); the work goes in its target/
   --smoke            4 tests per flavour, one run of each runner, 6 tests per
                      attribute compiled once: checks the harness
 ";
@@ -60,6 +62,8 @@ pub(crate) struct Options {
     pub(crate) compile: Option<usize>,
     /// Settings of the server, `NAME=VALUE`.
     pub(crate) server: Vec<String>,
+    /// The checkout of pgtest the suite depends on (this one by default).
+    pub(crate) pgtest: Option<PathBuf>,
 }
 
 /// One flavour's run.
@@ -99,6 +103,7 @@ fn parse_options() -> anyhow::Result<Options> {
         new_server: false,
         compile: None,
         server: Vec::new(),
+        pgtest: None,
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -117,6 +122,7 @@ fn parse_options() -> anyhow::Result<Options> {
             "--via-library" => options.via_library = true,
             "--new-server" => options.new_server = true,
             "--compile" => options.compile = Some(value()?.parse()?),
+            "--pgtest" => options.pgtest = Some(PathBuf::from(value()?).canonicalize()?),
             "--server" => {
                 let setting = value()?;
                 if !setting.contains('=') || setting.contains(char::is_whitespace) {
@@ -160,6 +166,7 @@ fn parse_options() -> anyhow::Result<Options> {
                     new_server: options.new_server,
                     compile: Some(6),
                     server: options.server.clone(),
+                    pgtest: options.pgtest.clone(),
                 }
             }
             other => bail!("unknown argument {other}\n{USAGE}"),
@@ -178,9 +185,12 @@ fn main() -> anyhow::Result<()> {
 
 async fn bench() -> anyhow::Result<()> {
     let options = parse_options()?;
-    let repo = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../..")
-        .canonicalize()?;
+    let repo = match &options.pgtest {
+        Some(checkout) => checkout.clone(),
+        None => Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../..")
+            .canonicalize()?,
+    };
     let work = repo.join("target/pgtest-bench");
     let compiled = match options.compile {
         Some(tests) => Some(compile::measure(&repo, &work, tests, options.runs).await?),
@@ -307,6 +317,14 @@ fn cargo(suite_dir: &Path, work: &Path, args: &[&str]) -> Command {
         "CARGO_BUILD_RUSTC_WORKSPACE_WRAPPER",
     ];
     let mut command = Command::new(env!("CARGO"));
+    // The rustc beside the cargo this harness was built with: run directly
+    // (not under `cargo run`, which names its toolchain to its children),
+    // rustup's `rustc` would follow a dependency's own `rust-toolchain.toml`
+    // (atoi's names 1.57).
+    let rustc = Path::new(env!("CARGO")).with_file_name("rustc");
+    if rustc.is_file() && std::env::var_os("RUSTC").is_none() {
+        command.env("RUSTC", rustc);
+    }
     command
         .args(args)
         .current_dir(suite_dir)
