@@ -173,6 +173,97 @@ fn a_killed_process_gives_its_slots_back_and_a_waiter_is_told_who_holds_them() {
     assert_passed(&output, 1);
 }
 
+/// The context switches a process has made, all its threads together
+/// (each time one slept, or was made to wait for a CPU).
+#[cfg(target_os = "linux")]
+fn switches(pid: u32) -> u64 {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).expect("the process's threads");
+    tasks
+        .flatten()
+        .filter_map(|task| std::fs::read_to_string(task.path().join("status")).ok())
+        .flat_map(|status| {
+            status
+                .lines()
+                .filter(|line| line.contains("ctxt_switches:"))
+                .filter_map(|line| line.split_whitespace().last()?.parse::<u64>().ok())
+                .collect::<Vec<_>>()
+        })
+        .sum()
+}
+
+/// Whether one of `pid`'s threads is named `name`.
+#[cfg(target_os = "linux")]
+fn has_thread(pid: u32, name: &str) -> bool {
+    std::fs::read_dir(format!("/proc/{pid}/task")).is_ok_and(|tasks| {
+        tasks.flatten().any(|task| {
+            std::fs::read_to_string(task.path().join("comm")).is_ok_and(|comm| comm.trim() == name)
+        })
+    })
+}
+
+/// A suite of hundreds of processes spends most of its time waiting for
+/// slots: a waiting test must not wake. Each of three tests waits while
+/// another holds every slot: the first in line looks for free slots, the
+/// two behind it sleep in the kernel until the line moves. Their pools,
+/// made before the wait, do not wake them either (their gates' watch ticked
+/// every 5 ms: four runners of a 448-test suite ran four times as long).
+#[cfg(target_os = "linux")]
+#[test]
+fn tests_waiting_in_line_for_slots_do_not_wake_until_it_moves() {
+    let cluster = Cluster::start(&[]);
+    let with_four_slots = |test: &str| {
+        let mut command = cluster.exact(test);
+        command
+            .env("PGTEST_MAX_CONNECTIONS", "4")
+            .env("PGTEST_SHARED_BUDGET", "off")
+            .env("PGTEST_BUDGET_TIMEOUT", "120");
+        command
+    };
+    let mut holder = with_four_slots("fixture_budget_holds_every_slot")
+        .spawn()
+        .unwrap();
+    cluster.wait_until(
+        "select exists (select from pg_stat_activity where application_name like '%fixture_budget_holds_every_slot' \
+         and query like '%pg_sleep%')",
+        Duration::from_secs(60),
+    );
+    let waiters: Vec<_> = (0..3)
+        .map(|_| {
+            with_four_slots("fixture_budget_2_needs_every_slot")
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    // Behind the first: a thread of each waits for the line's lock.
+    let in_line = || -> Vec<u32> {
+        let pids = waiters.iter().map(std::process::Child::id);
+        pids.filter(|&pid| has_thread(pid, "pgtest-waiter"))
+            .collect()
+    };
+    common::wait_for("two tests waiting in line", Duration::from_secs(60), || {
+        in_line().len() == 2
+    });
+    let behind = in_line();
+    let before: Vec<u64> = behind.iter().map(|&pid| switches(pid)).collect();
+    // The window the switches are counted in: polling every 20 ms, or a
+    // watch every 5 ms, makes hundreds of them in it.
+    std::thread::sleep(Duration::from_secs(3));
+    let during: Vec<u64> = behind
+        .iter()
+        .zip(&before)
+        .map(|(&pid, before)| switches(pid) - before)
+        .collect();
+    holder.kill().expect("SIGKILL the holder");
+    let _ = holder.wait();
+    for waiter in waiters {
+        assert_passed(&common::finish(waiter, Duration::from_secs(120)), 1);
+    }
+    assert!(
+        during.iter().all(|&switches| switches < 30),
+        "tests waiting in line made {during:?} context switches in 3 s"
+    );
+}
+
 /// Runs its queries one after another, on the default pool, some of them
 /// far slower than the gate's wait (10 ms).
 #[pg_test(migrations = false)]

@@ -1,9 +1,18 @@
 //! File locks, the one way pgtest's processes wait for each other: a lock
 //! file opened without following symbolic links, taken at once or waited
-//! for until a deadline by polling (see [`crate::wait`]), so that no thread
-//! blocks in the kernel (a tokio runtime's, or one a timeout could not
-//! end) and every wait ends on time. The operating system drops a lock
-//! when its process dies, however it dies.
+//! for until a deadline. The operating system drops a lock when its process
+//! dies, however it dies.
+//!
+//! **How a test waits.** In a runtime, a thread of the wait's own blocks in
+//! the kernel for the lock while the test's task waits for it until the
+//! deadline: a suite of hundreds of processes waiting in line for the
+//! connection budget spends no CPU until the lock is let go. Polling did:
+//! a look every 20 ms per waiting process took the CPU of a 2-core machine
+//! from the server, and a suite ran twice as long. No runtime's thread
+//! blocks, and every wait ends on time: a waiter thread that is no longer
+//! waited for lets go of the lock as soon as it gets it, and ends. Outside
+//! a runtime (the embedded server's start, a few processes), the wait polls
+//! (see [`crate::wait`]).
 
 use std::fs::{File, OpenOptions, TryLockError};
 use std::io;
@@ -13,7 +22,9 @@ use std::time::Instant;
 
 use nix::fcntl::OFlag;
 
-use crate::wait::{Look, Pace, Wait, wait_until_blocking};
+use tokio::sync::oneshot;
+
+use crate::wait::{Look, wait_until_blocking};
 
 /// How a lock is held.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -78,21 +89,40 @@ impl LockFile {
     }
 
     /// Takes the lock, waiting until `deadline` at most; whether it did.
+    /// The wait blocks a thread of its own, not the runtime's (see the
+    /// module's documentation).
     pub(crate) async fn lock_until(&self, mode: Mode, deadline: Instant) -> io::Result<bool> {
-        // A loop of its own: budgets wait here in futures the gate spawns
-        // (see `Wait`).
-        let what = self.path.display().to_string();
-        let mut wait = Wait::until(deadline, &what, Pace::Local);
-        loop {
-            match self.look(mode)? {
-                Look::Ready(()) => return Ok(true),
-                Look::Held(holder) => {
-                    if wait.pause(holder).await.is_err() {
-                        return Ok(false);
-                    }
-                }
-            }
+        if self.try_lock(mode)? {
+            return Ok(true);
         }
+        // The same open file: the lock the waiter takes is this one's.
+        let file = self.file.try_clone()?;
+        let (taken, mut answer) = oneshot::channel();
+        std::thread::Builder::new()
+            .name("pgtest-waiter".to_owned())
+            .spawn(move || {
+                let locked = match mode {
+                    Mode::Exclusive => file.lock(),
+                    Mode::Shared => file.lock_shared(),
+                };
+                // Nobody waits any more (the deadline passed, or the test
+                // gave up): let go at once.
+                if let Err(Ok(())) = taken.send(locked) {
+                    let _ = file.unlock();
+                }
+            })?;
+        let answered =
+            tokio::time::timeout_at(tokio::time::Instant::from_std(deadline), &mut answer).await;
+        let locked = match answered {
+            Ok(answered) => answered.ok(),
+            // Past the deadline: taken if the waiter got it before the
+            // answer closed; else it lets go when it does.
+            Err(_) => {
+                answer.close();
+                answer.try_recv().ok()
+            }
+        };
+        locked.map_or(Ok(false), |locked| locked.map(|()| true))
     }
 
     /// [`Self::lock_until`] for code that runs outside any runtime (the
@@ -153,6 +183,59 @@ mod tests {
         assert!(
             waiter
                 .lock_until_blocking(Mode::Shared, Instant::now())
+                .unwrap()
+        );
+    }
+
+    #[test]
+    fn in_a_runtime_a_lock_is_waited_for_until_let_go_or_the_deadline_and_a_late_waiter_lets_go() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.lock");
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        let holder = LockFile::open(&path, 0o600).unwrap();
+        assert!(holder.try_lock(Mode::Exclusive).unwrap());
+
+        // Held past the deadline: not taken, on time.
+        let late = LockFile::open(&path, 0o600).unwrap();
+        let started = Instant::now();
+        let deadline = started + Duration::from_millis(200);
+        assert!(
+            !runtime
+                .block_on(late.lock_until(Mode::Exclusive, deadline))
+                .unwrap()
+        );
+        let waited = started.elapsed();
+        assert!(
+            waited >= Duration::from_millis(200) && waited < Duration::from_secs(1),
+            "{waited:?}"
+        );
+
+        // Let go mid-wait: taken, and held by the waiter's file.
+        let waiter = LockFile::open(&path, 0o600).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let taken = runtime.block_on(async {
+            let wait = waiter.lock_until(Mode::Exclusive, deadline);
+            let let_go = async {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                holder.unlock();
+            };
+            tokio::join!(wait, let_go).0
+        });
+        assert!(taken.unwrap());
+        let third = LockFile::open(&path, 0o600).unwrap();
+        assert!(third.is_held(Mode::Shared).unwrap(), "the waiter holds it");
+
+        // The waiter whose deadline passed took it once it was free, and
+        // let go at once: a third process gets it.
+        waiter.unlock();
+        drop(late);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        assert!(
+            third
+                .lock_until_blocking(Mode::Exclusive, deadline)
                 .unwrap()
         );
     }

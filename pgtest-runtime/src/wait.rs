@@ -1,15 +1,16 @@
 //! Waiting: every wait of the runtime for something another process or the
-//! server holds is one loop here. It looks, pauses (growing pauses, each
+//! server holds is one loop here, but a test's wait for a lock file, which
+//! blocks a thread of its own instead (see [`crate::lock`]). It looks, pauses (growing pauses, each
 //! give or take a quarter so that waiters spread out, never past the
 //! deadline), and looks again, until what it waits for is there or the
 //! deadline passes; then it says what it waited for and who held it at
 //! its last look, for the caller's error.
 //!
 //! ```text
-//! let taken = wait_until(deadline, "the start line", Pace::Local, async || {
-//!     Ok::<_, Error>(match lock.try_lock(Mode::Exclusive)? {
+//! let taken = wait_until(deadline, "free slots", Pace::Local, async || {
+//!     Ok::<_, Error>(match files.try_take(count, &mut slots)? {
 //!         true => Look::Ready(()),
-//!         false => Look::Held(format!("the process holding {}", lock.path().display())),
+//!         false => Look::Held("other tests".to_owned()),
 //!     })
 //! })
 //! .await?;

@@ -44,7 +44,7 @@ use std::time::{Duration, Instant};
 
 use sqlx::PgPool;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use tokio::sync::oneshot;
+use tokio::sync::{Notify, oneshot};
 
 use super::cover::Cover;
 use crate::Error;
@@ -96,6 +96,8 @@ struct Counts {
     /// When the last connection was given back, in ms since `since`.
     last_release: AtomicU64,
     since: Instant,
+    /// Told when a connection opens.
+    connected: Notify,
 }
 
 impl Counts {
@@ -132,6 +134,7 @@ impl Gate {
             reused: AtomicU64::new(0),
             last_release: AtomicU64::new(0),
             since: Instant::now(),
+            connected: Notify::new(),
         });
         let gate = Arc::new_cyclic(|gate: &Weak<Self>| Self {
             max: options.get_max_connections(),
@@ -181,6 +184,19 @@ impl Gate {
         let mut last = self.counts.handouts.load(Ordering::Acquire);
         let mut quiet_since = Instant::now();
         while self.lent() < self.max && !pool.is_closed() {
+            // While a permit lent has no connection, a task that asks opens
+            // one: nothing to watch until one opens. So a test that waits
+            // for its slots, its pool made, does not wake (hundreds of
+            // processes waiting in line took the CPU from the server).
+            if !self.own_pool.load(Ordering::Acquire) && pool.size() < self.lent() {
+                tokio::select! {
+                    () = self.counts.connected.notified() => {}
+                    () = pool.close_event() => break,
+                }
+                (last, quiet_since) =
+                    (self.counts.handouts.load(Ordering::Acquire), Instant::now());
+                continue;
+            }
             // Twice per wait: a test has one of these per process, and on
             // a busy machine every wake-up costs.
             tokio::time::sleep((grow_after / 2).max(Duration::from_millis(1))).await;
@@ -357,6 +373,7 @@ fn with_hooks(
             if let Some(counts) = &new_counts {
                 counts.handouts.fetch_add(1, Ordering::AcqRel);
                 counts.opened.fetch_add(1, Ordering::AcqRel);
+                counts.connected.notify_one();
             }
             top_up(&on_new);
             Box::pin(async { Ok(()) })
