@@ -12,11 +12,11 @@ mod common;
 use std::collections::HashSet;
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use common::{Cluster, finish, text};
+use common::{Cluster, Running, finish, start, text};
 
 /// The server's connections: 47 for clients that are not superusers, of
 /// which pgtest's budget is 44 (a margin of 3 for others).
@@ -108,7 +108,15 @@ fn project() -> &'static Path {
 fn runner(cluster: &Cluster, home: &Path, partition: Option<&str>) -> Command {
     let mut command = common::project_cargo();
     command
-        .args(["nextest", "run", "--offline", "--no-fail-fast", "-j", "64"])
+        // A failure's output last, where the harness's tail shows it.
+        .args([
+            "nextest",
+            "run",
+            "--offline",
+            "--no-fail-fast",
+            "--failure-output=final",
+        ])
+        .args(["-j", "64"])
         .args(partition.map(|partition| format!("--partition=count:{partition}")))
         .current_dir(project())
         .env_remove("DATABASE_URL")
@@ -133,7 +141,7 @@ fn assert_all_passed(output: &Output, count: usize) {
     assert!(
         output.status.success() && printed.contains(&format!("{count} tests run: {count} passed")),
         "expected {count} passed tests:\n{}",
-        common::tail(&printed, 60)
+        common::tail(&printed, 120)
     );
 }
 
@@ -201,21 +209,20 @@ fn assert_within_budget(cluster: &Cluster, machines: usize) {
 }
 
 /// Runners `indexes` of four, each on partition `index/4` with a home of
-/// its own under `homes` (`m<index>`), started.
+/// its own under `homes` (`m<index>`), started, their output read as they
+/// print (the harness waits for one at a time).
 fn spawn_runners(
     cluster: &Cluster,
     homes: &Path,
     indexes: std::ops::RangeInclusive<usize>,
-) -> Vec<Child> {
+) -> Vec<Running> {
     indexes
         .map(|index| {
-            runner(
+            start(&mut runner(
                 cluster,
                 &homes.join(format!("m{index}")),
                 Some(&format!("{index}/4")),
-            )
-            .spawn()
-            .expect("start a runner")
+            ))
         })
         .collect()
 }

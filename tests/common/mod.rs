@@ -317,9 +317,12 @@ pub fn fixture(filter: &str, url: &str) -> Command {
 
 /// Waits for a child, at most `limit`, killing it when it takes longer.
 /// Its output is read while it runs, so that a full pipe cannot stall it.
-pub fn finish(mut child: Child, limit: Duration) -> Output {
-    let stdout = drain(child.stdout.take());
-    let stderr = drain(child.stderr.take());
+pub fn finish(child: impl Into<Running>, limit: Duration) -> Output {
+    let Running {
+        mut child,
+        stdout,
+        stderr,
+    } = child.into();
     let deadline = Instant::now() + limit;
     let status = loop {
         if let Some(status) = child.try_wait().expect("poll the child") {
@@ -338,6 +341,31 @@ pub fn finish(mut child: Child, limit: Duration) -> Output {
         stdout: collect(stdout).into_bytes(),
         stderr: collect(stderr).into_bytes(),
     }
+}
+
+/// A child whose output is read as it prints: one that prints more than a
+/// pipe holds (64 KiB) while nobody reads would stop until it is read.
+pub struct Running {
+    child: Child,
+    stdout: thread::JoinHandle<Vec<u8>>,
+    stderr: thread::JoinHandle<Vec<u8>>,
+}
+
+impl From<Child> for Running {
+    fn from(mut child: Child) -> Self {
+        let stdout = drain(child.stdout.take());
+        let stderr = drain(child.stderr.take());
+        Self {
+            child,
+            stdout,
+            stderr,
+        }
+    }
+}
+
+/// Starts `command`, reading its output from now on (see [`Running`]).
+pub fn start(command: &mut Command) -> Running {
+    command.spawn().expect("start a child").into()
 }
 
 fn drain(pipe: Option<impl Read + Send + 'static>) -> thread::JoinHandle<Vec<u8>> {
@@ -386,9 +414,7 @@ pub fn run_at_most(
 /// Starts `count` commands at once (`make` gets each one's index) and waits
 /// for them all (at most two minutes each), returning their outputs.
 pub fn run_together(count: usize, make: impl Fn(usize) -> Command) -> Vec<Output> {
-    let children: Vec<Child> = (0..count)
-        .map(|index| make(index).spawn().expect("start a fixture"))
-        .collect();
+    let children: Vec<Running> = (0..count).map(|index| start(&mut make(index))).collect();
     children
         .into_iter()
         .map(|child| finish(child, Duration::from_secs(120)))
