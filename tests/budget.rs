@@ -4,6 +4,7 @@
 
 mod common;
 
+use std::process::{Child, Command};
 use std::time::Duration;
 
 use common::{Cluster, assert_failed_without_password, assert_passed, run, run_together, text};
@@ -122,20 +123,20 @@ fn a_panicking_test_gives_its_slots_back() {
     assert_passed(&output, 2);
 }
 
-#[test]
-fn a_killed_process_gives_its_slots_back_and_a_waiter_is_told_who_holds_them() {
-    let cluster = Cluster::start(&[]);
-    let with_four_slots = |test: &str| {
-        let mut command = cluster.fixture(test);
-        // One machine's budget, every slot of it (a share keeper would
-        // hold one for its own connection).
-        command
-            .arg("--exact")
-            .env("PGTEST_MAX_CONNECTIONS", "4")
-            .env("PGTEST_SHARED_BUDGET", "off");
-        command
-    };
-    let mut holder = with_four_slots("fixture_budget_holds_every_slot")
+/// `test` alone against `cluster`, on one machine's budget of four slots,
+/// every slot of it (a share keeper would hold one for its own connection).
+fn with_four_slots(cluster: &Cluster, test: &str) -> Command {
+    let mut command = cluster.exact(test);
+    command
+        .env("PGTEST_MAX_CONNECTIONS", "4")
+        .env("PGTEST_SHARED_BUDGET", "off");
+    command
+}
+
+/// A test process that holds every one of the four slots (see
+/// [`with_four_slots`]), once it holds them.
+fn every_slot_held(cluster: &Cluster) -> Child {
+    let holder = with_four_slots(cluster, "fixture_budget_holds_every_slot")
         .spawn()
         .unwrap();
     cluster.wait_until(
@@ -143,10 +144,19 @@ fn a_killed_process_gives_its_slots_back_and_a_waiter_is_told_who_holds_them() {
          and query like '%pg_sleep%')",
         Duration::from_secs(60),
     );
+    holder
+}
+
+#[test]
+fn a_killed_process_gives_its_slots_back_and_a_waiter_is_told_who_holds_them() {
+    let cluster = Cluster::start(&[]);
+    let mut holder = every_slot_held(&cluster);
 
     let started = std::time::Instant::now();
-    let refused =
-        run(with_four_slots("fixture_budget_2_needs_every_slot").env("PGTEST_BUDGET_TIMEOUT", "1"));
+    let refused = run(
+        with_four_slots(&cluster, "fixture_budget_2_needs_every_slot")
+            .env("PGTEST_BUDGET_TIMEOUT", "1"),
+    );
     // The timeout and a second, and a second for the process to start: not
     // whenever the holder lets go.
     let took = started.elapsed();
@@ -168,7 +178,8 @@ fn a_killed_process_gives_its_slots_back_and_a_waiter_is_told_who_holds_them() {
     holder.kill().expect("SIGKILL the holder");
     let _ = holder.wait();
     let output = run(
-        with_four_slots("fixture_budget_2_needs_every_slot").env("PGTEST_BUDGET_TIMEOUT", "20")
+        with_four_slots(&cluster, "fixture_budget_2_needs_every_slot")
+            .env("PGTEST_BUDGET_TIMEOUT", "20"),
     );
     assert_passed(&output, 1);
 }
@@ -211,25 +222,11 @@ fn has_thread(pid: u32, name: &str) -> bool {
 #[test]
 fn tests_waiting_in_line_for_slots_do_not_wake_until_it_moves() {
     let cluster = Cluster::start(&[]);
-    let with_four_slots = |test: &str| {
-        let mut command = cluster.exact(test);
-        command
-            .env("PGTEST_MAX_CONNECTIONS", "4")
-            .env("PGTEST_SHARED_BUDGET", "off")
-            .env("PGTEST_BUDGET_TIMEOUT", "120");
-        command
-    };
-    let mut holder = with_four_slots("fixture_budget_holds_every_slot")
-        .spawn()
-        .unwrap();
-    cluster.wait_until(
-        "select exists (select from pg_stat_activity where application_name like '%fixture_budget_holds_every_slot' \
-         and query like '%pg_sleep%')",
-        Duration::from_secs(60),
-    );
+    let mut holder = every_slot_held(&cluster);
     let waiters: Vec<_> = (0..3)
         .map(|_| {
-            with_four_slots("fixture_budget_2_needs_every_slot")
+            with_four_slots(&cluster, "fixture_budget_2_needs_every_slot")
+                .env("PGTEST_BUDGET_TIMEOUT", "120")
                 .spawn()
                 .unwrap()
         })
